@@ -1,0 +1,164 @@
+"""The ``raysmooth`` command line.
+
+User mistakes end in one line on stderr and exit status 2; a traceback means a bug in raysmooth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import __version__
+
+__all__ = ["main", "UserError", "parse_range", "parse_floats"]
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for; printed as one line."""
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(np.isfinite(values)):
+        raise UserError(f"{what} must be finite numbers, got {text!r}")
+    return values
+
+
+def parse_range(text: str, what: str) -> np.ndarray:
+    """``START:STOP:STEP`` (STOP included when the grid lands on it) or a single value."""
+    parts = text.split(":")
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"{what} must be START:STOP:STEP or a number, got {text!r}") from None
+    if len(nums) == 1:
+        return np.asarray(nums)
+    if len(nums) != 3:
+        raise UserError(f"{what} must be START:STOP:STEP or a number, got {text!r}")
+    start, stop, step = nums
+    if step <= 0 or stop < start:
+        raise UserError(f"{what}: need STEP > 0 and STOP >= START, got {text!r}")
+    count = int(np.floor((stop - start) / step + 1e-9)) + 1
+    return np.round(start + step * np.arange(count), 12)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise UserError(f"--alpha must lie in (0, 1), got {alpha:g}")
+
+
+def _check_p0(p0: np.ndarray) -> None:
+    bad = p0[(p0 < 0.5) | (p0 >= 1.0)]
+    if len(bad):
+        raise UserError(f"--p0 values must lie in [0.5, 1), got {bad[0]:g}")
+
+
+def _radii(text: str | None) -> list[float]:
+    from .analysis import DEFAULT_RADII
+
+    if text is None:
+        return list(DEFAULT_RADII)
+    radii = parse_floats(text, "--radii")
+    if any(r < 0 for r in radii):
+        raise UserError("--radii must be non-negative")
+    return radii
+
+
+# ---- analyze -------------------------------------------------------------------------------------
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import format_csv, format_markdown, load_curves, plot_curves
+
+    radii = _radii(args.radii)
+    curves = []
+    for path in args.paths:
+        prefix = f"{Path(path).name}: " if len(args.paths) > 1 else ""
+        curves += load_curves(path, prefix)
+    print(format_csv(curves, radii) if args.format == "csv" else format_markdown(curves, radii), end="\n" if args.format == "markdown" else "")
+    if args.plot:
+        plot_curves(curves, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+# ---- sweep ---------------------------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .analysis import curves_from_certificates, format_markdown
+    from .certificates import counts_view, sweep_certificates
+    from .store import RunStore, append_table, config_hash
+
+    p0 = parse_range(args.p0, "--p0")
+    _check_p0(p0)
+    alphas = parse_floats(args.alpha, "--alpha") if args.alpha else None
+    store = RunStore.open(args.run_dir)
+    radii = _radii(args.radii)
+    started = time.perf_counter()
+    counts = store.read_counts()
+    if alphas is None:  # the α the run was certified at
+        alphas = sorted(set(counts.column("alpha").to_pylist())) or [0.001]
+    for a in alphas:
+        _check_alpha(a)
+    view = counts_view(counts)
+    table = sweep_certificates(view, p0, alphas, args.policy)
+    elapsed = time.perf_counter() - started
+    params = {"p0": p0.tolist(), "alpha": alphas, "policy": args.policy}
+    sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(params)[:8]}"
+    out_dir = Path(args.run_dir) / "sweeps" / sweep_id
+    append_table(out_dir, table)
+    (out_dir / "sweep.json").write_text(json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids),
+                                                    "sigmas": view.sigmas}, indent=2))
+    print(format_markdown(curves_from_certificates(table), radii))
+    print(f"\n{len(p0) * len(alphas)} settings × {len(view.image_ids)} images from stored counts in {elapsed:.2f} s", file=sys.stderr)
+    print(f"sweep certificates: {out_dir}", file=sys.stderr)
+    return 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysmooth", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"raysmooth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("analyze", help="certified accuracy, ACR and abstention of runs or reference TSV files")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="run directory, sweep directory or certify TSV")
+    p.add_argument("--radii", help="comma-separated radii (default 0,0.25,...,2)")
+    p.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw certified accuracy against radius")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("sweep", help="cascade certificates for a grid of p0 from stored counts (no sampling)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--p0", required=True, help="START:STOP:STEP, e.g. 0.5:0.95:0.05")
+    p.add_argument("--alpha", help="failure probability, or several comma-separated (default: the run's)")
+    p.add_argument("--policy", choices=("strict", "reference"), default="strict")
+    p.add_argument("--radii", help="comma-separated radii for the summary table")
+    p.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .analysis import AnalysisError
+    from .store import StoreError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, AnalysisError, StoreError, FileNotFoundError, PermissionError) as exc:
+        print(f"raysmooth {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raysmooth {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

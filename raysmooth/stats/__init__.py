@@ -1,0 +1,30 @@
+"""Pure statistics of randomized smoothing: bounds, CERTIFY/PREDICT, the cascade, sweeps.
+
+numpy and scipy only (no torch, no ray), so certificates can be recomputed anywhere from stored counts.
+"""
+
+from .bounds import binomial_test_pvalue, cp_lower, cp_upper, goodman_upper, min_samples_to_certify
+from .cascade import POLICIES, CascadeSweep, Level, cascade_certify, cascade_sweep, prepare_levels
+from .certify import ABSTAIN, Certificates, Reason, certify, predict
+from .counts import SparseCounts, reference_groups
+
+__all__ = [
+    "ABSTAIN",
+    "POLICIES",
+    "CascadeSweep",
+    "Certificates",
+    "Level",
+    "Reason",
+    "SparseCounts",
+    "binomial_test_pvalue",
+    "cascade_certify",
+    "cascade_sweep",
+    "certify",
+    "cp_lower",
+    "cp_upper",
+    "goodman_upper",
+    "min_samples_to_certify",
+    "predict",
+    "prepare_levels",
+    "reference_groups",
+]
