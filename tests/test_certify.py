@@ -1,0 +1,85 @@
+"""CERTIFY and PREDICT: against an independent per-image reference, and against a linear classifier
+whose smoothed probability Φ(d/σ) and certified radius d are known in closed form."""
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, norm
+from statsmodels.stats.proportion import proportion_confint
+
+from raysmooth.stats import ABSTAIN, SparseCounts, certify, predict
+
+
+def _two_class(k1: np.ndarray, n: int) -> SparseCounts:
+    return SparseCounts.from_dense(np.stack([n - k1, k1], axis=1))
+
+
+def test_certify_matches_a_per_image_reference():
+    rng = np.random.default_rng(7)
+    probs = rng.dirichlet(np.full(10, 0.2), size=400)
+    sel = rng.multinomial(100, probs)
+    est = rng.multinomial(2000, probs)
+    sigma, alpha = 0.5, 0.001
+    cert = certify(SparseCounts.from_dense(sel), SparseCounts.from_dense(est), sigma, alpha)
+    for i in range(len(probs)):
+        c = int(sel[i].argmax())
+        lo = proportion_confint(est[i, c], 2000, alpha=2 * alpha, method="beta")[0]
+        if lo < 0.5:
+            assert cert.prediction[i] == ABSTAIN and cert.radius[i] == 0
+        else:
+            assert cert.prediction[i] == c
+            assert cert.radius[i] == pytest.approx(sigma * norm.ppf(lo), rel=1e-9, abs=1e-12)
+
+
+def test_predict_matches_a_per_image_binomial_test():
+    rng = np.random.default_rng(8)
+    probs = rng.dirichlet(np.full(6, 0.5), size=300)
+    est = rng.multinomial(200, probs)
+    out = predict(SparseCounts.from_dense(est), 0.01)
+    for i in range(len(est)):
+        top = np.argsort(-est[i], kind="stable")[:2]
+        n1, n2 = est[i, top[0]], est[i, top[1]]
+        expect = top[0] if binomtest(int(n1), int(n1 + n2), 0.5).pvalue <= 0.01 else ABSTAIN
+        assert out.prediction[i] == expect
+
+
+def test_predict_abstains_on_a_tie():
+    out = predict(SparseCounts.from_dense(np.array([[500, 500, 0]])), 0.001)
+    assert out.prediction[0] == ABSTAIN
+
+
+def test_linear_classifier_lower_bound_covers_the_true_probability_at_rate_one_minus_alpha():
+    # f(x) = 1[w·x + b > 0] under N(0, σ²I): P[f = 1] = Φ(d/σ) with d the signed distance.
+    rng = np.random.default_rng(9)
+    sigma, alpha, n, trials = 0.5, 0.05, 500, 40_000
+    d = 0.3
+    p = norm.cdf(d / sigma)
+    k_sel = rng.binomial(100, p, size=trials)
+    k_est = rng.binomial(n, p, size=trials)
+    cert = certify(_two_class(k_sel, 100), _two_class(k_est, n), sigma, alpha)
+    # A certificate is wrong when it names class 0 or a radius beyond the distance d.
+    wrong = (cert.prediction == 0) | ((cert.prediction == 1) & (cert.radius > d))
+    slack = 4 * np.sqrt(alpha * (1 - alpha) / trials)
+    assert wrong.mean() <= alpha + slack
+    # ... and Clopper–Pearson is not needlessly loose: the failure rate is of the order of alpha.
+    assert wrong.mean() >= alpha / 3
+
+
+def test_linear_classifier_radius_approaches_the_distance_from_below_as_n_grows():
+    rng = np.random.default_rng(10)
+    sigma, d = 0.25, 0.4
+    p = norm.cdf(d / sigma)
+    medians = []
+    for n in (100, 10_000, 1_000_000):
+        k = rng.binomial(n, p, size=2_000)
+        cert = certify(_two_class(np.full(2_000, 100), 100), _two_class(k, n), sigma, 0.001)
+        medians.append(np.median(cert.radius))
+    assert medians[0] < medians[1] < medians[2] < d
+    assert medians[2] > 0.97 * d
+
+
+def test_certify_refuses_bad_parameters():
+    s = SparseCounts.from_dense(np.array([[3, 1]]))
+    with pytest.raises(ValueError):
+        certify(s, s, 0.5, 1.5)
+    with pytest.raises(ValueError):
+        certify(s, s, -0.5, 0.01)

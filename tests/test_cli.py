@@ -1,0 +1,146 @@
+"""The analyze and sweep commands: numbers, formats, and one-line errors for user mistakes."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from raysmooth.cli import main
+from raysmooth.stats import cascade_sweep
+
+from helpers import random_levels, write_run
+
+COHEN_TSV = (
+    "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+    "0\t1\t1\t0.5\t1\t0:00:01.1\n"
+    "1\t2\t2\t1.2\t1\t0:00:01.0\n"
+    "2\t3\t-1\t0.0\t0\t0:00:01.2\n"
+    "3\t4\t5\t0.8\t0\t0:00:00.9\n"
+)
+
+
+@pytest.fixture
+def tsv(tmp_path):
+    path = tmp_path / "cohen_sigma_0.50.tsv"
+    path.write_text(COHEN_TSV)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    rng = np.random.default_rng(20)
+    levels, _ = random_levels(rng, 120, [0.25, 0.5, 1.0], 10, concentration=0.15)
+    labels = np.array([lv for lv in levels[0].selection.argmax()])  # mostly "correct" labels
+    labels[::5] = (labels[::5] + 1) % 10
+    root = tmp_path_factory.mktemp("runs") / "run"
+    write_run(root, levels, labels, alpha=0.001)
+    return root, levels, labels
+
+
+def test_analyze_csv_prints_exactly_the_documented_columns(tsv, capsys):
+    assert main(["analyze", str(tsv), "--radii", "0,0.5,1", "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        "source,radius,certified_accuracy",
+        "cohen_sigma_0.50,0,0.500000",
+        "cohen_sigma_0.50,0.5,0.500000",
+        "cohen_sigma_0.50,1,0.250000",
+    ]
+
+
+def test_analyze_markdown_reports_acr_and_abstention(tsv, capsys):
+    assert main(["analyze", str(tsv), "--radii", "0,1"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row == "| cohen_sigma_0.50 | 4 | 50.0 | 25.0 | 0.425 | 25.0% |"
+
+
+def test_analyze_detects_a_running_total_in_correct(tmp_path, capsys):
+    path = tmp_path / "dds.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\tx\n1\t2\t2\t0.4\t2\tx\n2\t3\t0\t0.1\t2\tx\n")
+    assert main(["analyze", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "running total" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("label\tpredict\tradius\n1\t1\t0.5\n", "missing column"),
+        ("idx\tlabel\tpredict\tradius\tcorrect\n", "no rows"),
+        ("0\t1\t1\t0.5\t1\n", "missing column"),  # rRCM writes no header
+    ],
+)
+def test_analyze_rejects_malformed_tables_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    assert main(["analyze", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_analyze_missing_path_is_one_line(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "nope.tsv")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_analyze_of_a_run_draws_a_plot(run_dir, tmp_path, capsys):
+    from raysmooth.certificates import counts_view, derive_certificates
+    from raysmooth.store import RunStore
+
+    root, _, _ = run_dir
+    store = RunStore.open(root)
+    if store.read_certificates().num_rows == 0:
+        store.append_certificates(derive_certificates(counts_view(store.read_counts()), alpha=0.001))
+    png = tmp_path / "curves.png"
+    assert main(["analyze", str(root), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "certify σ=0.25" in out and "cascade strict p0=0.5" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
+    root, levels, labels = run_dir
+    assert main(["sweep", str(root), "--p0", "0.5:0.9:0.1", "--policy", "strict"]) == 0
+    out = capsys.readouterr()
+    assert "cascade strict p0=0.9" in out.out
+    sweep_dirs = sorted((root / "sweeps").iterdir())
+    table = pq.read_table(next(sweep_dirs[-1].glob("part-*.parquet")))
+    expect = cascade_sweep(levels, [0.5, 0.6, 0.7, 0.8, 0.9], 0.001, "strict")
+    assert table.num_rows == 5 * len(labels)
+    for i, p0 in enumerate(expect.p0):
+        rows = table.filter(pc.equal(table["p0"], p0))
+        assert np.array_equal(rows.column("prediction").to_numpy(), expect.prediction[i])
+        np.testing.assert_allclose(rows.column("radius").to_numpy(), expect.radius[i])
+        assert np.array_equal(rows.column("correct").to_numpy(zero_copy_only=False),
+                              (expect.prediction[i] == labels) & (expect.prediction[i] >= 0))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--p0", "0.3:0.9:0.1"], "[0.5, 1)"),
+        (["--p0", "0.5:1.0:0.1"], "[0.5, 1)"),
+        (["--p0", "0.5", "--alpha", "1.5"], "(0, 1)"),
+        (["--p0", "a:b:c"], "START:STOP:STEP"),
+    ],
+)
+def test_sweep_rejects_bad_parameters_in_one_line(run_dir, capsys, args, message):
+    root, _, _ = run_dir
+    assert main(["sweep", str(root), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_sweep_of_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path), "--p0", "0.5"]) == 2
+    assert "not a raysmooth run directory" in capsys.readouterr().err
+
+
+def test_the_console_script_prints_no_traceback_for_a_user_mistake(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "raysmooth.cli", "analyze", str(tmp_path / "x.tsv")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

@@ -1,0 +1,100 @@
+"""The run store: append-only, crash-safe, resumable, and honest about what it holds."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raysmooth.store import COUNTS_SCHEMA, CountsRecord, RunStore, StoreError, append_table, read_table
+
+
+def _records(image_ids, sigma=0.5, phase="estimation", num_classes=1000):
+    out = []
+    for i in image_ids:
+        c = np.zeros(num_classes, dtype=np.int64)
+        c[i % num_classes] = 90
+        c[(i + 7) % num_classes] = 10
+        out.append(CountsRecord(i, i % 10, sigma, phase, c))
+    return out
+
+
+def test_counts_round_trip_sparsely(tmp_path):
+    store = RunStore.create(tmp_path / "run", {"a": 1})
+    store.append_counts(_records(range(20)), model_id="m", seed=3, alpha=0.001)
+    table = store.read_counts()
+    assert table.num_rows == 20
+    assert table.column("classes")[4].as_py() == [4, 11]  # only the nonzero classes are stored
+    assert table.column("counts")[4].as_py() == [90, 10]
+    assert set(table.column("n").to_pylist()) == {100}
+    assert set(table.column("num_classes").to_pylist()) == {1000}
+    assert table.column("seed")[0].as_py() == 3
+
+
+def test_every_append_is_a_new_file_and_nothing_is_rewritten(tmp_path):
+    store = RunStore.create(tmp_path / "run", {"a": 1})
+    first = store.append_counts(_records(range(5)), model_id="m", seed=0, alpha=0.001)
+    before = first.read_bytes()
+    second = store.append_counts(_records(range(5, 10)), model_id="m", seed=0, alpha=0.001)
+    assert first != second and first.read_bytes() == before
+    assert store.read_counts().num_rows == 10
+
+
+def test_a_half_written_staging_file_is_never_read(tmp_path):
+    store = RunStore.create(tmp_path / "run", {"a": 1})
+    store.append_counts(_records(range(5)), model_id="m", seed=0, alpha=0.001)
+    # A crash in the middle of a write leaves a truncated staging file behind.
+    good = next((tmp_path / "run" / "counts").glob("part-*.parquet")).read_bytes()
+    (tmp_path / "run" / "counts" / "_staging-dead.parquet.tmp").write_bytes(good[: len(good) // 2])
+    assert store.read_counts().num_rows == 5
+
+
+def test_a_damaged_committed_file_is_an_error_not_silent_data_loss(tmp_path):
+    d = tmp_path / "t"
+    append_table(d, COUNTS_SCHEMA.empty_table())
+    (d / "part-99999999999999999999-bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(StoreError, match="cannot be read"):
+        read_table(d, COUNTS_SCHEMA)
+
+
+def test_a_key_committed_twice_is_read_once(tmp_path):
+    store = RunStore.create(tmp_path / "run", {"a": 1})
+    store.append_counts(_records(range(5)), model_id="m", seed=0, alpha=0.001)
+    store.append_counts(_records(range(3, 8)), model_id="m", seed=0, alpha=0.001)  # 3 and 4 again
+    table = store.read_counts()
+    assert sorted(table.column("image_id").to_pylist()) == list(range(8))
+    assert store.completed_keys() >= {(3, 0.5, "estimation"), (7, 0.5, "estimation")}
+
+
+def test_resuming_with_the_same_config_keeps_the_rows(tmp_path):
+    RunStore.create(tmp_path / "run", {"a": 1, "b": [1, 2]}).append_counts(_records(range(5)), model_id="m", seed=0, alpha=0.001)
+    again = RunStore.create(tmp_path / "run", {"b": [1, 2], "a": 1})  # same config, other key order
+    assert again.read_counts().num_rows == 5
+
+
+def test_another_config_into_the_same_directory_is_refused(tmp_path):
+    RunStore.create(tmp_path / "run", {"a": 1})
+    with pytest.raises(StoreError, match="another config"):
+        RunStore.create(tmp_path / "run", {"a": 2})
+
+
+def test_a_foreign_non_empty_directory_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty"):
+        RunStore.create(tmp_path, {"a": 1})
+
+
+def test_the_manifest_records_the_config_and_its_hash(tmp_path):
+    store = RunStore.create(tmp_path / "run", {"smoothing": {"alpha": 0.001}}, model_ids=["toy"])
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"] == {"smoothing": {"alpha": 0.001}}
+    assert manifest["config_hash"] == store.manifest["config_hash"]
+    assert manifest["model_ids"] == ["toy"]
+
+
+def test_files_are_zstd_parquet_readable_without_raysmooth(tmp_path):
+    store = RunStore.create(tmp_path / "run", {"a": 1})
+    path = store.append_counts(_records(range(3)), model_id="m", seed=0, alpha=0.001)
+    meta = pq.ParquetFile(path).metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert pq.read_table(path).num_rows == 3
