@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from .errors import RaySmoothError
 from .store import CERTIFICATES_SCHEMA, RunStore, StoreError, read_table
 
 __all__ = [
@@ -34,7 +35,7 @@ DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct")
 
 
-class AnalysisError(ValueError):
+class AnalysisError(RaySmoothError, ValueError):
     """Input that cannot be analysed (missing, malformed, empty)."""
 
 

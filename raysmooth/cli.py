@@ -15,12 +15,13 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
+from .errors import RaySmoothError
 
 __all__ = ["main", "UserError", "parse_range", "parse_floats"]
 
 
-class UserError(ValueError):
-    """A mistake in what the user asked for; printed as one line."""
+class UserError(RaySmoothError, ValueError):
+    """A mistake in what the user asked for on the command line; printed as one line."""
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -145,14 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .analysis import AnalysisError
-    from .store import StoreError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, AnalysisError, StoreError, FileNotFoundError, PermissionError) as exc:
+    except (RaySmoothError, FileNotFoundError, PermissionError) as exc:
         print(f"raysmooth {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

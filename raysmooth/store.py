@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from .errors import RaySmoothError
+
 __all__ = [
     "COUNTS_SCHEMA",
     "CERTIFICATES_SCHEMA",
@@ -82,7 +84,7 @@ CERTIFICATES_SCHEMA = pa.schema(
 )
 
 
-class StoreError(RuntimeError):
+class StoreError(RaySmoothError):
     """A run directory that cannot be used as asked (missing, foreign config, damaged)."""
 
 

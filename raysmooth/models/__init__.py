@@ -1,0 +1,46 @@
+"""Models: diffusion denoisers (diffusers), classifiers (timm) and the base classifiers built from them.
+
+Nothing here knows about Ray or about how samples are batched.
+"""
+
+from .base import (
+    BaseClassifier,
+    DenoiseThenClassify,
+    DiffSmoothBase,
+    LinearBase,
+    OneStepBase,
+    PlainBase,
+    create_base_classifier,
+    list_base_classifiers,
+    register_base_classifier,
+)
+from .classifier import ClassifierConfig, InputContract, NormalizedClassifier, load_classifier
+from .denoiser import DenoiserConfig, DiffusionDenoiser, load_denoiser
+from .onestep import NoiseConditionedClassifier, OneStepConfig, load_onestep
+from .schedule import alphas_cumprod, cosine_betas, linear_betas, timestep_for_sigma
+
+__all__ = [
+    "BaseClassifier",
+    "ClassifierConfig",
+    "DenoiseThenClassify",
+    "DenoiserConfig",
+    "DiffSmoothBase",
+    "DiffusionDenoiser",
+    "InputContract",
+    "LinearBase",
+    "NoiseConditionedClassifier",
+    "NormalizedClassifier",
+    "OneStepBase",
+    "OneStepConfig",
+    "PlainBase",
+    "alphas_cumprod",
+    "cosine_betas",
+    "create_base_classifier",
+    "linear_betas",
+    "list_base_classifiers",
+    "load_classifier",
+    "load_denoiser",
+    "load_onestep",
+    "register_base_classifier",
+    "timestep_for_sigma",
+]

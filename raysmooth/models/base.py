@@ -1,0 +1,196 @@
+"""Base classifiers f: noisy image in [0,1] and its σ ↦ class. A registry of named builders.
+
+The smoothed classifier is g(x) = argmax_c P[f(x + σε) = c]; everything between the noisy input and
+the class (denoising, local smoothing, noise conditioning) is part of f. Adding a method is adding one
+``@register_base_classifier`` function, as timm registers models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .classifier import ClassifierConfig, NormalizedClassifier, load_classifier
+from .denoiser import DenoiserConfig, DiffusionDenoiser, load_denoiser
+from .onestep import NoiseConditionedClassifier, OneStepConfig, load_onestep
+
+__all__ = [
+    "BaseClassifier",
+    "PlainBase",
+    "DenoiseThenClassify",
+    "DiffSmoothBase",
+    "OneStepBase",
+    "LinearBase",
+    "register_base_classifier",
+    "create_base_classifier",
+    "list_base_classifiers",
+]
+
+_REGISTRY: dict[str, Callable[..., "BaseClassifier"]] = {}
+
+
+def register_base_classifier(fn: Callable[..., "BaseClassifier"]) -> Callable[..., "BaseClassifier"]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_base_classifiers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_base_classifier(name: str, **kwargs: Any) -> "BaseClassifier":
+    """Build the base classifier registered as ``name`` from config data."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"model.base: unknown base classifier {name!r}; choose one of {', '.join(list_base_classifiers())}")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.base={name}: {exc}") from None
+
+
+class BaseClassifier(nn.Module):
+    """The composite f. ``classify`` returns one class per sample; ``num_classes`` and
+    ``input_shape`` (C, H, W) state what it certifies, so inputs can be checked before sampling."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    aux_noise_per_sample: int = 0  # extra noise images per sample (stochastic multi-step denoising)
+
+    def logits(self, z: torch.Tensor, sigma: torch.Tensor, aux_noise: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def classify(self, z: torch.Tensor, sigma: torch.Tensor, aux_noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(z, sigma, aux_noise).argmax(dim=1)
+
+    @property
+    def model_id(self) -> str:
+        parts = [getattr(m, "model_id", None) for m in self.children()]
+        return type(self).__name__ + ":" + "+".join(p for p in parts if p)
+
+
+class PlainBase(BaseClassifier):
+    """Cohen et al.: classify the noisy input."""
+
+    def __init__(self, classifier: NormalizedClassifier, input_shape: tuple[int, int, int]):
+        super().__init__()
+        self.classifier = classifier
+        self.num_classes = classifier.num_classes
+        self.input_shape = tuple(input_shape)
+
+    def logits(self, z, sigma, aux_noise=None):
+        return self.classifier(z)
+
+
+class DenoiseThenClassify(BaseClassifier):
+    """Carlini et al. / Jeong & Shin: one-shot (or multi-step) diffusion denoising, then classify."""
+
+    def __init__(self, denoiser: DiffusionDenoiser, classifier: NormalizedClassifier, input_shape: tuple[int, int, int]):
+        super().__init__()
+        self.denoiser = denoiser
+        self.classifier = classifier
+        self.num_classes = classifier.num_classes
+        self.input_shape = tuple(input_shape)
+        self.aux_noise_per_sample = denoiser.aux_noise_per_sample
+
+    def logits(self, z, sigma, aux_noise=None):
+        return self.classifier(self.denoiser(z, sigma, aux_noise))
+
+
+class DiffSmoothBase(BaseClassifier):
+    """DiffSmooth: denoise, add m *fixed* local noises, soft-vote over the mean softmax.
+
+    The local noises are drawn once from ``local_seed`` and reused for every sample, so f stays a
+    deterministic function and Cohen's certificate applies with the global σ.
+    """
+
+    def __init__(self, denoiser: DiffusionDenoiser, classifier: NormalizedClassifier, input_shape: tuple[int, int, int],
+                 local_sigma: float = 0.25, local_samples: int = 5, local_seed: int = 42):
+        super().__init__()
+        if local_samples < 1 or local_sigma < 0:
+            raise ConfigError("diffsmooth needs local_samples >= 1 and local_sigma >= 0")
+        self.denoiser = denoiser
+        self.classifier = classifier
+        self.num_classes = classifier.num_classes
+        self.input_shape = tuple(input_shape)
+        self.aux_noise_per_sample = denoiser.aux_noise_per_sample
+        gen = torch.Generator().manual_seed(int(local_seed))
+        eta = torch.randn((local_samples, *input_shape), generator=gen) * float(local_sigma)
+        self.register_buffer("local_noise", eta, persistent=False)
+
+    def logits(self, z, sigma, aux_noise=None):
+        x = self.denoiser(z, sigma, aux_noise)  # (B, C, H, W) in [0,1]
+        b, m = x.shape[0], self.local_noise.shape[0]
+        local = (x[:, None] + self.local_noise[None].to(x.dtype)).reshape(b * m, *x.shape[1:])
+        probs = self.classifier(local).float().softmax(dim=1).view(b, m, -1).mean(dim=1)
+        return probs  # the vote; argmax of the mean softmax
+
+
+class OneStepBase(BaseClassifier):
+    """rRCM-style: a noise-conditioned classifier sees the noisy input and σ; one forward per sample."""
+
+    def __init__(self, model: NoiseConditionedClassifier, input_shape: tuple[int, int, int]):
+        super().__init__()
+        self.model = model
+        self.num_classes = model.num_classes
+        self.input_shape = tuple(input_shape)
+
+    def logits(self, z, sigma, aux_noise=None):
+        return self.model(z, sigma)
+
+
+class LinearBase(BaseClassifier):
+    """f(z) = argmax(W·vec(z) + b). With two classes and rows (0, w), P[f(x+σε) = 1] = Φ((w·x+b)/(σ‖w‖)),
+    so smoothed probabilities and true radii are known in closed form."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, input_shape: tuple[int, int, int]):
+        super().__init__()
+        weight = torch.as_tensor(np.asarray(weight), dtype=torch.float32)
+        bias = torch.as_tensor(np.asarray(bias), dtype=torch.float32)
+        if weight.ndim != 2 or weight.shape[1] != int(np.prod(input_shape)) or bias.shape != (weight.shape[0],):
+            raise ConfigError("linear: weight must be (classes, C·H·W) and bias (classes,)")
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.num_classes = int(weight.shape[0])
+        self.input_shape = tuple(input_shape)
+
+    def logits(self, z, sigma, aux_noise=None):
+        return z.flatten(1).float() @ self.weight.T + self.bias
+
+
+# ---- registered builders (config data in, module out) --------------------------------------------
+def _shape(input_shape) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3:
+        raise ConfigError(f"model.input_shape must be (C, H, W), got {input_shape}")
+    return shape  # type: ignore[return-value]
+
+
+@register_base_classifier
+def plain(classifier: dict | ClassifierConfig, input_shape) -> PlainBase:
+    return PlainBase(load_classifier(classifier), _shape(input_shape))
+
+
+@register_base_classifier
+def dds(denoiser: dict | DenoiserConfig, classifier: dict | ClassifierConfig, input_shape) -> DenoiseThenClassify:
+    return DenoiseThenClassify(load_denoiser(denoiser), load_classifier(classifier), _shape(input_shape))
+
+
+@register_base_classifier
+def diffsmooth(denoiser: dict | DenoiserConfig, classifier: dict | ClassifierConfig, input_shape,
+               local_sigma: float = 0.25, local_samples: int = 5, local_seed: int = 42) -> DiffSmoothBase:
+    return DiffSmoothBase(load_denoiser(denoiser), load_classifier(classifier), _shape(input_shape),
+                          local_sigma, local_samples, local_seed)
+
+
+@register_base_classifier
+def onestep(model: dict | OneStepConfig, input_shape) -> OneStepBase:
+    return OneStepBase(load_onestep(model), _shape(input_shape))
+
+
+@register_base_classifier
+def linear(weight, bias, input_shape) -> LinearBase:
+    return LinearBase(np.asarray(weight), np.asarray(bias), _shape(input_shape))

@@ -1,0 +1,106 @@
+"""timm classifiers that carry their input contract (size, interpolation, mean, std).
+
+Callers hand them images in [0,1] at any size; the classifier resizes (antialiased) and normalises
+the way its pretrained config says, unless the config overrides it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelLoadError
+from .checkpoints import load_state_dict_file, unwrap_state_dict
+from .denoiser import load_strict
+
+__all__ = ["ClassifierConfig", "InputContract", "NormalizedClassifier", "create_timm_model", "load_classifier"]
+
+
+@dataclass
+class ClassifierConfig:
+    """A timm model and how to feed it. ``checkpoint`` is a local safetensors or weights-only torch file;
+    ``pretrained`` asks timm for its published weights (a download unless cached or overlaid)."""
+
+    name: str = "resnet18"
+    num_classes: int = 10
+    in_chans: int = 3
+    pretrained: bool = False
+    checkpoint: str | None = None
+    input_size: Sequence[int] | None = None  # (H, W); default: the model's pretrained config
+    interpolation: str | None = None  # bicubic | bilinear | nearest
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a classifier expects after we hand it an image in [0,1]."""
+
+    input_size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class NormalizedClassifier(nn.Module):
+    """Resize and normalise images in [0,1], then classify: returns logits."""
+
+    def __init__(self, model: nn.Module, contract: InputContract, num_classes: int, model_id: str = "classifier"):
+        super().__init__()
+        self.model = model
+        self.contract = contract
+        self.num_classes = num_classes
+        self.model_id = model_id
+        self.register_buffer("mean", torch.tensor(contract.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(contract.std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(self.contract.input_size)
+        if tuple(x.shape[-2:]) != size:
+            mode = self.contract.interpolation
+            if mode in ("bicubic", "bilinear"):
+                x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+            else:
+                x = F.interpolate(x, size=size, mode="nearest")
+        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+
+def create_timm_model(cfg: ClassifierConfig) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=cfg.num_classes,
+                                 in_chans=cfg.in_chans, **cfg.model_kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ModelLoadError(f"classifier.name: timm has no model {cfg.name!r}") from None
+        raise
+
+
+def contract_for(model: nn.Module, cfg: ClassifierConfig) -> InputContract:
+    import timm.data
+
+    data_cfg = timm.data.resolve_model_data_config(model)
+    size = tuple(cfg.input_size) if cfg.input_size else tuple(data_cfg["input_size"][1:])
+    mean = tuple(cfg.mean) if cfg.mean is not None else tuple(data_cfg["mean"])
+    std = tuple(cfg.std) if cfg.std is not None else tuple(data_cfg["std"])
+    if len(mean) != cfg.in_chans:  # a grey model with an RGB default: repeat the first entry
+        mean, std = (mean[0],) * cfg.in_chans, (std[0],) * cfg.in_chans
+    return InputContract((int(size[0]), int(size[1])), cfg.interpolation or data_cfg.get("interpolation", "bicubic"), mean, std)
+
+
+def load_classifier(cfg: ClassifierConfig | dict) -> NormalizedClassifier:
+    """``timm.create_model`` plus our local checkpoint (loaded without executing pickles)."""
+    if isinstance(cfg, dict):
+        cfg = ClassifierConfig(**cfg)
+    model = create_timm_model(cfg)
+    if cfg.checkpoint:
+        state = unwrap_state_dict(load_state_dict_file(cfg.checkpoint), cfg.checkpoint)
+        load_strict(model, state, cfg.checkpoint)
+    model.eval().requires_grad_(False)
+    return NormalizedClassifier(model, contract_for(model, cfg), cfg.num_classes, model_id=cfg.checkpoint or cfg.name)

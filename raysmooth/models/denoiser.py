@@ -1,0 +1,203 @@
+"""One-shot (and optional multi-step) diffusion denoising around ``diffusers.UNet2DModel``.
+
+Noise is added exactly (algorithms.md decision 2): the engine adds σ·ε in [0,1] space, and the
+denoiser maps z ↦ u = 2z − 1, scales by √ᾱ_{t*} and predicts x̂₀ — it never q-samples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from .checkpoints import load_state_dict_file
+from .schedule import alphas_cumprod as _acp
+from .schedule import cosine_betas, noise_ratio
+
+__all__ = ["DenoiserConfig", "DiffusionDenoiser", "load_denoiser", "schedule_from_config"]
+
+
+@dataclass
+class DenoiserConfig:
+    """Where a denoiser comes from and how it denoises.
+
+    Either ``path`` (a diffusers folder or hub id, read with ``from_pretrained``; the UNet in
+    ``subfolder`` and the noise schedule in ``scheduler_subfolder``) or ``weights`` (our own
+    safetensors) with ``unet`` (the ``UNet2DModel`` config) and ``scheduler`` (``DDPMScheduler``
+    arguments).
+    """
+
+    path: str | None = None
+    subfolder: str | None = "unet"
+    scheduler_subfolder: str | None = "scheduler"
+    weights: str | None = None
+    unet: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    timestep_scale: float = 1.0  # improved-diffusion's rescale_timesteps feeds t·1000/T
+    steps: int = 1  # 1 = one-shot; more = that many reverse steps from t* to 0
+    eta: float = 0.0  # multi-step only: 0 = DDIM (deterministic), 1 = DDPM-like ancestral steps
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def schedule_from_config(cfg: dict[str, Any]) -> np.ndarray:
+    """ᾱ in float64 from ``DDPMScheduler`` arguments (or a saved ``scheduler_config.json``)."""
+    t = int(cfg.get("num_train_timesteps", 1000))
+    kind = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is not None:
+        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
+    elif kind == "linear":
+        betas = np.linspace(cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), t, dtype=np.float64)
+    elif kind == "squaredcos_cap_v2":
+        betas = cosine_betas(t)
+    elif kind == "scaled_linear":
+        betas = np.linspace(cfg.get("beta_start", 1e-4) ** 0.5, cfg.get("beta_end", 0.02) ** 0.5, t, dtype=np.float64) ** 2
+    else:
+        raise ModelLoadError(f"unsupported beta_schedule {kind!r} (linear, scaled_linear, squaredcos_cap_v2)")
+    return _acp(betas)
+
+
+class DiffusionDenoiser(nn.Module):
+    """x̂₀ of a noisy image in [0,1] at smoothing noise σ, per sample (one UNet call per step)."""
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: np.ndarray, *, timestep_scale: float = 1.0,
+                 steps: int = 1, eta: float = 0.0, model_id: str = "denoiser"):
+        super().__init__()
+        if steps < 1:
+            raise ValueError("steps must be at least 1")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError("eta must lie in [0, 1]")
+        self.unet = unet
+        acp = np.asarray(alphas_cumprod, dtype=np.float64)
+        self.register_buffer("acp", torch.from_numpy(acp), persistent=False)
+        self.register_buffer("ratio", torch.from_numpy(noise_ratio(acp)), persistent=False)
+        self.timestep_scale = float(timestep_scale)
+        self.steps = int(steps)
+        self.eta = float(eta)
+        self.model_id = model_id
+        self.in_channels = int(getattr(unet.config, "in_channels", 3)) if hasattr(unet, "config") else 3
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.acp)
+
+    @property
+    def aux_noise_per_sample(self) -> int:
+        """How many extra noise images each sample needs (stochastic multi-step only)."""
+        return self.steps - 1 if self.eta > 0 else 0
+
+    def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        """t* for every sample: the first t with r_t ≥ 2σ (on the device, no host sync)."""
+        t = torch.searchsorted(self.ratio, 2.0 * sigma.to(self.ratio.dtype), right=False)
+        return t.clamp_(max=self.num_timesteps - 1)
+
+    def _x0(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.acp[t].to(torch.float32).view(-1, 1, 1, 1)
+        t_in = t.to(torch.float32) * self.timestep_scale if self.timestep_scale != 1.0 else t
+        out = self.unet(x_t, t_in).sample
+        eps = out[:, : x_t.shape[1]].float()  # learned-variance models output [ε, v]; x̂₀ needs ε
+        return ((x_t.float() - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1.0, 1.0)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, aux_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise z = x + σε (in [0,1] space); returns x̂₀ in [0,1]."""
+        t = self.timesteps(sigma)
+        x_t = self.acp[t].sqrt().to(z.dtype).view(-1, 1, 1, 1) * (2.0 * z - 1.0)
+        x0 = self._x0(x_t, t)
+        t_star = t
+        for k in range(1, self.steps):
+            # Next timestep on a per-sample linear grid from t* towards 0.
+            t_next = torch.div(t_star * (self.steps - k), self.steps, rounding_mode="floor")
+            a_t = self.acp[t].float().view(-1, 1, 1, 1)
+            a_n = self.acp[t_next].float().view(-1, 1, 1, 1)
+            eps = (x_t.float() - a_t.sqrt() * x0) / (1 - a_t).clamp_min(1e-12).sqrt()
+            std = self.eta * ((1 - a_n) / (1 - a_t) * (1 - a_t / a_n)).clamp_min(0).sqrt()
+            x_t = a_n.sqrt() * x0 + (1 - a_n - std**2).clamp_min(0).sqrt() * eps
+            if self.eta > 0:
+                if aux_noise is None:
+                    raise ValueError("stochastic multi-step denoising needs aux_noise")
+                x_t = x_t + std * aux_noise[:, k - 1]
+            x_t = x_t.to(z.dtype)
+            t = t_next
+            x0 = self._x0(x_t, t)
+        return (x0 + 1.0) / 2.0
+
+
+def _scheduler_config(cfg: DenoiserConfig) -> dict[str, Any]:
+    if cfg.scheduler is not None:
+        return dict(cfg.scheduler)
+    if cfg.path is None:
+        raise ModelLoadError("a denoiser from weights needs its noise schedule (denoiser.scheduler)")
+    from diffusers import DDPMScheduler
+
+    try:
+        sched = DDPMScheduler.from_pretrained(cfg.path, subfolder=cfg.scheduler_subfolder)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{cfg.path}: no noise schedule in {cfg.scheduler_subfolder or '.'} ({_first_line(exc)})") from None
+    return dict(sched.config)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
+    """Build a denoiser from a diffusers folder / hub id, or from our own safetensors + config."""
+    if isinstance(cfg, dict):
+        cfg = DenoiserConfig(**cfg)
+    from diffusers import UNet2DModel
+
+    if cfg.path is not None and cfg.weights is None:
+        local = Path(cfg.path)
+        if (local.is_absolute() or str(cfg.path).startswith(".")) and not local.exists():
+            raise ModelLoadError(f"{cfg.path}: no such denoiser folder")
+        try:
+            unet = UNet2DModel.from_pretrained(cfg.path, subfolder=cfg.subfolder)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ModelLoadError(f"{cfg.path}: cannot load a UNet2DModel from {cfg.subfolder or '.'} ({_first_line(exc)})") from None
+        model_id = str(cfg.path)
+    elif cfg.weights is not None:
+        if cfg.unet is None:
+            config_file = Path(cfg.weights).with_name("config.json")
+            if not config_file.is_file():
+                raise ModelLoadError(f"{cfg.weights}: no UNet config given (denoiser.unet) and no {config_file.name} beside it")
+            cfg.unet = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
+        try:
+            unet = UNet2DModel(**cfg.unet)
+        except TypeError as exc:
+            raise ModelLoadError(f"denoiser.unet is not a UNet2DModel config ({exc})") from None
+        state = load_state_dict_file(cfg.weights)
+        _load_strict(unet, state, cfg.weights)
+        model_id = str(cfg.weights)
+    else:
+        raise ModelLoadError("a denoiser needs either denoiser.path (diffusers folder or hub id) or denoiser.weights")
+    acp = schedule_from_config(_scheduler_config(cfg))
+    unet.eval().requires_grad_(False)
+    return DiffusionDenoiser(unet, acp, timestep_scale=cfg.timestep_scale, steps=cfg.steps, eta=cfg.eta, model_id=model_id)
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a one-line error that names the first mismatches."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
+        raise ModelLoadError(f"{source}: checkpoint does not fit the model: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)
+
+
+# Re-exported for the classifier loader.
+load_strict = _load_strict

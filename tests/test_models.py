@@ -1,0 +1,227 @@
+"""Denoisers, classifiers and base classifiers: the rules of algorithms.md §3 and safe loading."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from raysmooth.errors import ConfigError, ModelLoadError
+from raysmooth.models import (
+    DiffusionDenoiser,
+    alphas_cumprod,
+    cosine_betas,
+    create_base_classifier,
+    linear_betas,
+    list_base_classifiers,
+    load_classifier,
+    load_denoiser,
+    timestep_for_sigma,
+)
+from raysmooth.models.classifier import ClassifierConfig
+from raysmooth.models.denoiser import DenoiserConfig
+
+from tiny_models import TINY_SCHEDULER, TINY_UNET, save_denoiser_folder, tiny_classifier_config, tiny_unet
+
+
+# ---- σ → t* ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "betas,expected",
+    [
+        (linear_betas(1000), {0.12: 70, 0.25: 145, 0.5: 259, 1.0: 396}),  # guided-diffusion ImageNet
+        (cosine_betas(4000), {0.12: 573, 0.25: 1158, 0.5: 1984, 1.0: 2809}),  # improved-diffusion CIFAR-10
+    ],
+)
+def test_timestep_for_sigma_matches_the_reference_codebases(betas, expected):
+    acp = alphas_cumprod(betas)
+    for sigma, t in expected.items():
+        got, sqrt_abar = timestep_for_sigma(acp, sigma)
+        assert got == t
+        assert sqrt_abar == pytest.approx(np.sqrt(acp[t]))
+        # t* is the first step whose noise-to-signal ratio reaches 2σ.
+        r = np.sqrt((1 - acp) / acp)
+        assert r[t] >= 2 * sigma > r[t - 1]
+
+
+def test_the_denoiser_picks_the_same_timesteps_on_the_device():
+    acp = alphas_cumprod(linear_betas(1000))
+    den = DiffusionDenoiser(torch.nn.Identity(), acp)
+    sigmas = torch.tensor([0.12, 0.25, 0.5, 1.0, 500.0])
+    assert den.timesteps(sigmas).tolist() == [70, 145, 259, 396, 999]  # beyond the schedule: the last t
+
+
+class _FixedEps(torch.nn.Module):
+    """A stand-in UNet that predicts a given ε (optionally with a learned-variance half)."""
+
+    def __init__(self, eps, extra_channels=0):
+        super().__init__()
+        self.eps, self.extra = eps, extra_channels
+        self.seen_t = None
+
+    def forward(self, x, t):
+        self.seen_t = t
+        out = self.eps.expand_as(x)
+        if self.extra:
+            out = torch.cat([out, torch.full_like(out, 123.0)], dim=1)
+        return type("Out", (), {"sample": out})()
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_one_shot_x0_follows_the_formula_and_ignores_learned_variance(extra):
+    acp = alphas_cumprod(linear_betas(1000))
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    eps = torch.randn(1, 1, 8, 8)
+    sigma = torch.full((4,), 0.25)
+    unet = _FixedEps(eps, extra)
+    den = DiffusionDenoiser(unet, acp)
+    z = x + 0.25 * torch.randn(4, 1, 8, 8)
+    got = den(z, sigma)
+    a = acp[145]
+    x_t = np.sqrt(a) * (2 * z - 1)  # exact noise: scale, never q-sample
+    expect = ((x_t - np.sqrt(1 - a) * eps) / np.sqrt(a)).clamp(-1, 1)
+    torch.testing.assert_close(got, (expect + 1) / 2, rtol=1e-5, atol=1e-6)
+    assert unet.seen_t.tolist() == [145] * 4
+
+
+def test_rescaled_timesteps_are_fed_as_floats():
+    acp = alphas_cumprod(cosine_betas(4000))
+    unet = _FixedEps(torch.zeros(1, 1, 8, 8))
+    den = DiffusionDenoiser(unet, acp, timestep_scale=1000 / 4000)
+    den(torch.rand(2, 1, 8, 8), torch.full((2,), 0.5))
+    assert unet.seen_t.dtype == torch.float32 and unet.seen_t.tolist() == [1984 / 4] * 2
+
+
+def test_multi_step_ddim_runs_the_configured_number_of_unet_calls(tmp_path):
+    calls = []
+    unet = tiny_unet()
+    unet.register_forward_hook(lambda m, i, o: calls.append(i[1].clone()))
+    den = DiffusionDenoiser(unet, alphas_cumprod(linear_betas(1000)), steps=4)
+    out = den(torch.rand(3, 1, 8, 8), torch.tensor([0.25, 0.5, 1.0]))
+    assert len(calls) == 4 and out.shape == (3, 1, 8, 8)
+    assert calls[0].tolist() == [145, 259, 396]
+    assert calls[-1].tolist() == [145 // 4, 259 // 4, 396 // 4]
+    assert float(out.detach().min()) >= 0 and float(out.detach().max()) <= 1
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def test_a_diffusers_folder_loads_with_from_pretrained(tmp_path):
+    folder = save_denoiser_folder(tmp_path / "den")
+    den = load_denoiser(DenoiserConfig(path=str(folder)))
+    ref = tiny_unet()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    torch.testing.assert_close(den.unet(x, t).sample, ref(x, t).sample)
+    np.testing.assert_allclose(den.acp.numpy(), alphas_cumprod(linear_betas(1000)), rtol=1e-12)
+
+
+def test_our_own_safetensors_load_with_a_config(tmp_path):
+    unet = tiny_unet(seed=3)
+    save_file(unet.state_dict(), str(tmp_path / "w.safetensors"))
+    den = load_denoiser(DenoiserConfig(weights=str(tmp_path / "w.safetensors"), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    torch.testing.assert_close(den.unet(x, t).sample, unet(x, t).sample)
+
+
+def test_a_mismatched_checkpoint_names_the_file_and_the_mismatch(tmp_path):
+    other = tiny_unet(block_out_channels=(8, 32))
+    save_file(other.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"w\.safetensors.*shape mismatch"):
+        load_denoiser(DenoiserConfig(weights=str(tmp_path / "w.safetensors"), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
+
+
+def test_a_missing_checkpoint_is_one_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such checkpoint file"):
+        load_denoiser(DenoiserConfig(weights=str(tmp_path / "nope.safetensors"), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
+    with pytest.raises(ModelLoadError, match="no such denoiser folder"):
+        load_denoiser(DenoiserConfig(path=str(tmp_path / "nope")))
+
+
+class _Payload:
+    pass
+
+
+def test_a_checkpoint_that_needs_arbitrary_pickles_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": tiny_unet().state_dict(), "extra": _Payload()}, path)
+    with pytest.raises(ModelLoadError, match="refused"):
+        load_denoiser(DenoiserConfig(weights=str(path), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
+
+
+def test_a_weights_only_torch_checkpoint_loads(tmp_path):
+    unet = tiny_unet(seed=5)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in unet.state_dict().items()}}, tmp_path / "ok.pt")
+    den = load_denoiser(DenoiserConfig(weights=str(tmp_path / "ok.pt"), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
+    torch.testing.assert_close(den.unet(x, t).sample, unet(x, t).sample)
+
+
+def test_timm_classifier_loads_a_local_checkpoint_and_carries_its_input_contract(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_efficientnet", num_classes=10, in_chans=1)
+    save_file(net.state_dict(), str(tmp_path / "clf.safetensors"))
+    clf = load_classifier(tiny_classifier_config(checkpoint=str(tmp_path / "clf.safetensors")))
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(clf(x), net.eval()((x - 0.5) / 0.5))
+    # Without overrides the contract comes from timm's pretrained config.
+    default = load_classifier(ClassifierConfig(name="test_efficientnet", num_classes=10, in_chans=3))
+    assert default.contract.input_size == (160, 160) and default.contract.interpolation == "bicubic"
+
+
+def test_classifier_resizes_bicubic_with_antialiasing():
+    clf = load_classifier(tiny_classifier_config(input_size=(4, 4)))
+    seen = []
+    clf.model.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = torch.rand(1, 1, 8, 8)
+    clf(x)
+    expect = torch.nn.functional.interpolate(x, size=(4, 4), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(seen[0], (expect - 0.5) / 0.5)
+
+
+def test_an_unknown_timm_model_is_one_clear_error():
+    with pytest.raises(ModelLoadError, match="no model 'nonexistent_net'"):
+        load_classifier(ClassifierConfig(name="nonexistent_net"))
+
+
+# ---- base classifiers --------------------------------------------------------------------------
+def test_the_registry_names_every_method():
+    assert set(list_base_classifiers()) >= {"plain", "dds", "diffsmooth", "onestep", "linear"}
+    with pytest.raises(ConfigError, match="unknown base classifier"):
+        create_base_classifier("nope")
+
+
+def test_dds_is_denoise_then_classify(tmp_path):
+    den_cfg = DenoiserConfig(path=str(save_denoiser_folder(tmp_path / "d")))
+    base = create_base_classifier("dds", denoiser=den_cfg, classifier=tiny_classifier_config(), input_shape=(1, 8, 8))
+    z, sigma = torch.rand(5, 1, 8, 8), torch.full((5,), 0.5)
+    with torch.no_grad():
+        expect = base.classifier(base.denoiser(z, sigma)).argmax(1)
+    assert torch.equal(base.classify(z, sigma), expect)
+
+
+def test_diffsmooth_soft_votes_over_fixed_local_noise(tmp_path):
+    den_cfg = DenoiserConfig(path=str(save_denoiser_folder(tmp_path / "d")))
+    kw = dict(denoiser=den_cfg, classifier=tiny_classifier_config(), input_shape=(1, 8, 8), local_sigma=0.25, local_samples=3)
+    a = create_base_classifier("diffsmooth", **kw)
+    b = create_base_classifier("diffsmooth", **kw)
+    assert torch.equal(a.local_noise, b.local_noise)  # fixed by the seed: f is deterministic
+    z, sigma = torch.rand(4, 1, 8, 8), torch.full((4,), 0.25)
+    with torch.no_grad():
+        x = a.denoiser(z, sigma)
+        probs = torch.stack([a.classifier(x + a.local_noise[i]).softmax(1) for i in range(3)]).mean(0)
+        torch.testing.assert_close(a.logits(z, sigma), probs)
+        assert torch.equal(a.classify(z, sigma), probs.argmax(1))
+
+
+def test_onestep_is_conditioned_on_sigma():
+    base = create_base_classifier("onestep", model=dict(name="test_efficientnet", num_classes=10, in_chans=1), input_shape=(1, 8, 8))
+    z = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        lo = base.logits(z, torch.full((2,), 0.25))
+        hi = base.logits(z, torch.full((2,), 1.0))
+    assert not torch.allclose(lo, hi)
+
+
+def test_linear_base_rejects_weights_of_the_wrong_shape():
+    with pytest.raises(ConfigError):
+        create_base_classifier("linear", weight=np.zeros((2, 10)), bias=np.zeros(2), input_shape=(1, 8, 8))
