@@ -34,20 +34,32 @@ class CountsView:
         return [lv.sigma for lv in self.levels]
 
 
-def _sparse_column(table: pa.Table, num_classes: int) -> stats.SparseCounts:
+def _sparse_rows(table: pa.Table, positions: np.ndarray, num_rows: int, num_classes: int) -> stats.SparseCounts:
+    """The list columns of ``table`` as a SparseCounts of ``num_rows`` rows, row i of the table landing
+    at ``positions[i]`` (other rows empty)."""
     classes = table.column("classes").combine_chunks()
     counts = table.column("counts").combine_chunks()
     offsets = classes.offsets.to_numpy()
-    return stats.SparseCounts.from_flat(
-        offsets - offsets[0],
-        classes.values.to_numpy()[offsets[0] : offsets[-1]],
-        counts.values.to_numpy()[offsets[0] : offsets[-1]],
-        num_classes,
-    )
+    flat_c = classes.values.to_numpy()[offsets[0] : offsets[-1]]
+    flat_n = counts.values.to_numpy()[offsets[0] : offsets[-1]]
+    lengths = np.zeros(num_rows, dtype=np.int64)
+    lengths[positions] = np.diff(offsets)
+    # Reorder entries so that rows appear in position order.
+    order = np.argsort(positions, kind="stable")
+    starts = (offsets[:-1] - offsets[0])[order]
+    lens = np.diff(offsets)[order]
+    idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
+    new_offsets = np.zeros(num_rows + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    return stats.SparseCounts.from_flat(new_offsets, flat_c[idx], flat_n[idx], num_classes)
 
 
-def counts_view(table: pa.Table) -> CountsView:
-    """Align the rows of a counts table by image; every image must have every (σ, phase)."""
+def counts_view(table: pa.Table, allow_missing: bool = False) -> CountsView:
+    """Align the rows of a counts table by image.
+
+    Every image must have every (σ, phase) unless ``allow_missing`` (a lazy-cascade run), in which
+    case levels carry a ``present`` mask and the cascade refuses thresholds that need what is absent.
+    """
     if table.num_rows == 0:
         raise StoreError("the counts table is empty")
     for col in ("model_id", "num_classes", "run_id"):
@@ -55,32 +67,29 @@ def counts_view(table: pa.Table) -> CountsView:
         if len(values) != 1:
             raise StoreError(f"the counts table mixes several values of {col}: {values[:5]}")
     num_classes = int(table.column("num_classes")[0].as_py())
-    image_ids = np.unique(table.column("image_id").to_numpy())
+    image_col = table.column("image_id").to_numpy()
+    image_ids = np.unique(image_col)
+    m = len(image_ids)
     sigma_col = table.column("sigma").to_numpy()
     phase_col = np.asarray(table.column("phase").to_pylist())
-    image_col = table.column("image_id").to_numpy()
-    label_col = table.column("label").to_numpy()
-    labels = np.full(len(image_ids), -1, dtype=np.int64)
-    labels[np.searchsorted(image_ids, image_col)] = label_col
+    labels = np.full(m, -1, dtype=np.int64)
+    labels[np.searchsorted(image_ids, image_col)] = table.column("label").to_numpy()
 
-    levels = []
-    missing = []
+    levels, missing = [], []
     for sigma in np.unique(sigma_col):
-        parts = {}
+        parts, have = {}, np.ones(m, bool)
         for phase in PHASES:
-            mask = (sigma_col == sigma) & (phase_col == phase)
-            rows = np.flatnonzero(mask)
-            ids = image_col[rows]
-            order = np.argsort(ids, kind="stable")
-            rows, ids = rows[order], ids[order]
-            if len(ids) != len(image_ids) or not np.array_equal(ids, image_ids):
-                missing.append((float(sigma), phase, len(image_ids) - len(np.unique(ids))))
-                continue
-            parts[phase] = _sparse_column(table.take(rows), num_classes)
-        if len(parts) == 2:
-            levels.append(stats.Level(float(sigma), parts["selection"], parts["estimation"]))
-    if missing:
-        desc = ", ".join(f"σ={s} {p}: {k} images" for s, p, k in missing[:4])
+            rows = np.flatnonzero((sigma_col == sigma) & (phase_col == phase))
+            positions = np.searchsorted(image_ids, image_col[rows])
+            mask = np.zeros(m, bool)
+            mask[positions] = True
+            have &= mask
+            if not mask.all():
+                missing.append((float(sigma), phase, int(m - mask.sum())))
+            parts[phase] = _sparse_rows(table.take(rows), positions, m, num_classes)
+        levels.append(stats.Level(float(sigma), parts["selection"], parts["estimation"], present=None if have.all() else have))
+    if missing and not allow_missing:
+        desc = ", ".join(f"σ={s:g} {p}: {k} images" for s, p, k in missing[:4])
         raise StoreError(
             f"the counts are incomplete ({desc}); certificates need every σ and phase for every image "
             "(finish or resume the run; a cascade-mode run only covers its own p0)"
@@ -99,8 +108,11 @@ def _constant(value: str, m: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(np.zeros(m, dtype=np.int32), pa.array([value]))
 
 
-def _rows(view: CountsView, cert: stats.Certificates, *, method: str, sigma: float, policy: str, p0: float, alpha: float) -> pa.Table:
-    m = len(view.image_ids)
+def _rows(view: CountsView, cert: stats.Certificates, *, method: str, sigma: float, policy: str, p0: float, alpha: float,
+          subset: np.ndarray | None = None) -> pa.Table:
+    image_ids = view.image_ids if subset is None else view.image_ids[subset]
+    labels = view.labels if subset is None else view.labels[subset]
+    m = len(image_ids)
     sigmas = np.asarray(view.sigmas)
     answered = cert.level >= 0
     if method == "cascade":
@@ -110,8 +122,8 @@ def _rows(view: CountsView, cert: stats.Certificates, *, method: str, sigma: flo
     columns = {
         "run_id": _constant(view.run_id, m),
         "model_id": _constant(view.model_id, m),
-        "image_id": view.image_ids,
-        "label": view.labels.astype(np.int32),
+        "image_id": image_ids,
+        "label": labels.astype(np.int32),
         "method": _constant(method, m),
         "sigma": np.full(m, sigma),
         "policy": _constant(policy, m),
@@ -120,7 +132,7 @@ def _rows(view: CountsView, cert: stats.Certificates, *, method: str, sigma: flo
         "prediction": cert.prediction.astype(np.int64),
         "abstain_reason": pa.DictionaryArray.from_arrays(cert.reason.astype(np.int32), pa.array(stats.Reason.NAMES)),
         "radius": cert.radius.astype(np.float64),
-        "correct": (cert.prediction == view.labels) & (cert.prediction >= 0),
+        "correct": (cert.prediction == labels) & (cert.prediction >= 0),
         "sigma_answered": sigma_answered,
     }
     return pa.table({f.name: pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], pa.Array) else columns[f.name] for f in CERTIFICATES_SCHEMA}, schema=CERTIFICATES_SCHEMA)
@@ -143,13 +155,17 @@ def derive_certificates(
     """Single-σ CERTIFY and PREDICT at every σ, and the cascade at every (policy, p0) when K ≥ 2."""
     parts = []
     for level in view.levels:
+        # A lazy cascade samples lower σ only for some images: single-σ certificates cover those.
+        subset = None if level.present is None else np.flatnonzero(level.present)
+        sel = level.selection if subset is None else level.selection.take(subset)
+        est = level.estimation if subset is None else level.estimation.take(subset)
         if "certify" in methods:
-            cert = stats.certify(level.selection, level.estimation, level.sigma, alpha)
-            parts.append(_rows(view, cert, method="certify", sigma=level.sigma, policy="", p0=np.nan, alpha=alpha))
+            cert = stats.certify(sel, est, level.sigma, alpha)
+            parts.append(_rows(view, cert, method="certify", sigma=level.sigma, policy="", p0=np.nan, alpha=alpha, subset=subset))
         if "predict" in methods:
             # PREDICT draws its own n samples; the estimation counts are exactly such a draw.
-            cert = stats.predict(level.estimation, alpha)
-            parts.append(_rows(view, cert, method="predict", sigma=level.sigma, policy="", p0=np.nan, alpha=alpha))
+            cert = stats.predict(est, alpha)
+            parts.append(_rows(view, cert, method="predict", sigma=level.sigma, policy="", p0=np.nan, alpha=alpha, subset=subset))
     if "cascade" in methods and len(view.levels) >= 2:
         prepared = stats.prepare_levels(view.levels, policies)
         for policy in policies:

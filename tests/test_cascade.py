@@ -249,3 +249,27 @@ def test_reference_cascade_exceeds_alpha_at_a_tie_on_the_top_level():
     probs = [np.array([0.05, 0.9, 0.05]), np.array([0.5, 0.3, 0.2])]
     rate = _wrong_rate(probs, sigmas, p0, alpha, "reference", rng, trials, n0=100, n=1000)
     assert rate > alpha + 3 * np.sqrt(alpha / trials)
+
+
+@pytest.mark.parametrize("policy", ["strict", "reference"])
+def test_a_lazy_cascade_certifies_exactly_as_the_full_one_at_its_own_threshold(policy):
+    from raysmooth.stats import MissingLevelError, level_stops
+
+    rng = np.random.default_rng(17)
+    levels, _ = random_levels(rng, 400, [0.25, 0.5, 1.0], 10, concentration=0.15)
+    p0, alpha = 0.6, 0.001
+    # Sample top-down and go on only where the level leaves the image open, as the lazy driver does.
+    open_ = np.ones(400, bool)
+    lazy = [None] * 3
+    for k in (2, 1, 0):
+        lv = levels[k]
+        lazy[k] = Level(lv.sigma, lv.selection, lv.estimation, present=open_.copy())
+        stops = level_stops(lv.selection, lv.estimation, p0=p0, alpha=alpha, policy=policy, num_levels=3, level=k)
+        open_ &= ~stops
+    full = cascade_certify(levels, p0, alpha, policy)
+    got = cascade_certify(lazy, p0, alpha, policy)
+    assert np.array_equal(got.prediction, full.prediction)
+    assert np.array_equal(got.radius, full.radius)
+    assert (~lazy[0].present).sum() > 0  # some images were never sampled at the smallest σ
+    with pytest.raises(MissingLevelError, match="full mode"):
+        cascade_certify(lazy, 0.9, alpha, policy)

@@ -4,7 +4,16 @@ numpy and scipy only (no torch, no ray), so certificates can be recomputed anywh
 """
 
 from .bounds import binomial_test_pvalue, cp_lower, cp_upper, goodman_upper, min_samples_to_certify
-from .cascade import POLICIES, CascadeSweep, Level, cascade_certify, cascade_sweep, prepare_levels
+from .cascade import (
+    POLICIES,
+    CascadeSweep,
+    Level,
+    MissingLevelError,
+    cascade_certify,
+    cascade_sweep,
+    level_stops,
+    prepare_levels,
+)
 from .certify import ABSTAIN, Certificates, Reason, certify, predict
 from .counts import SparseCounts, reference_groups
 
@@ -14,6 +23,7 @@ __all__ = [
     "CascadeSweep",
     "Certificates",
     "Level",
+    "MissingLevelError",
     "Reason",
     "SparseCounts",
     "binomial_test_pvalue",
@@ -23,6 +33,7 @@ __all__ = [
     "cp_lower",
     "cp_upper",
     "goodman_upper",
+    "level_stops",
     "min_samples_to_certify",
     "predict",
     "prepare_levels",

@@ -33,7 +33,16 @@ from .bounds import cp_lower, cp_upper, goodman_upper
 from .certify import ABSTAIN, Certificates, Reason
 from .counts import SparseCounts, reference_groups
 
-__all__ = ["Level", "CascadeSweep", "POLICIES", "cascade_certify", "cascade_sweep", "prepare_levels"]
+__all__ = [
+    "Level",
+    "CascadeSweep",
+    "MissingLevelError",
+    "POLICIES",
+    "cascade_certify",
+    "cascade_sweep",
+    "level_stops",
+    "prepare_levels",
+]
 
 POLICIES = ("strict", "reference")
 _REFERENCE_RADIUS_CAP = 50.0  # the reference clips its off-class radius at 100 in [-1,1] units
@@ -41,11 +50,21 @@ _REFERENCE_RADIUS_CAP = 50.0  # the reference clips its off-class radius at 100 
 
 @dataclass(frozen=True)
 class Level:
-    """Counts of every image at one σ: the n0 selection samples and the n estimation samples."""
+    """Counts of every image at one σ: the n0 selection samples and the n estimation samples.
+
+    ``present`` marks the images that were sampled at this σ (``None``: all). A lazy cascade run
+    samples a lower σ only for images that the levels above left open.
+    """
 
     sigma: float
     selection: SparseCounts
     estimation: SparseCounts
+    present: np.ndarray | None = None
+
+
+class MissingLevelError(ValueError):
+    """The certificate needs a level that was not sampled for some images (a lazy-cascade run asked
+    for another p0, α or policy than it was run with)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +88,9 @@ class _Prepared:
     sigmas: np.ndarray  # (K,)
     num_classes: int
     c_hat: np.ndarray  # (K, M) selected class per level
-    n: np.ndarray  # (K, M) estimation samples
+    n: np.ndarray  # (K, M) estimation samples (1 where not sampled)
     n_a: np.ndarray  # (K, M) estimation count of the selected class
+    present: np.ndarray  # (K, M) bool: sampled at this level
     other: dict  # (j, k) with j > k -> (M,) largest count at level j over classes != c_hat[k]
     groups: dict  # (j, k) with j > k -> (cells, largest group) of the reference's reduction
 
@@ -91,19 +111,22 @@ def prepare_levels(levels: Sequence[Level], policies: Sequence[str] = POLICIES) 
                 raise ValueError("every level must hold counts for the same images")
             if counts.num_classes != num_classes:
                 raise ValueError("every level must use the same number of classes")
+    present = np.stack([np.ones(m, bool) if lv.present is None else np.asarray(lv.present, bool) for lv in levels])
     c_hat = np.stack([lv.selection.argmax() for lv in levels])
     n = np.stack([lv.estimation.totals() for lv in levels])
-    if np.any(n < 1):
-        raise ValueError("every image needs at least one estimation sample at every level")
-    n_a = np.stack([lv.estimation.count_of(c) for lv, c in zip(levels, c_hat)])
+    if np.any(n[present] < 1):
+        raise ValueError("every sampled image needs at least one estimation sample")
+    n = np.where(present, n, 1)
+    n_a = np.where(present, np.stack([lv.estimation.count_of(c) for lv, c in zip(levels, c_hat)]), 0)
     other, groups = {}, {}
     for j in range(len(levels)):
         for k in range(j):
             if "strict" in policies:
-                other[j, k] = levels[j].estimation.max_excluding(c_hat[k])
+                other[j, k] = np.where(present[j], levels[j].estimation.max_excluding(c_hat[k]), 0)
             if "reference" in policies:
-                groups[j, k] = reference_groups(levels[j].estimation, c_hat[k])
-    return _Prepared(sigmas, num_classes, c_hat, n, n_a, other, groups)
+                cells, largest = reference_groups(levels[j].estimation, c_hat[k])
+                groups[j, k] = (np.where(present[j], cells, 1), np.where(present[j], largest, 0))
+    return _Prepared(sigmas, num_classes, c_hat, n, n_a, present, other, groups)
 
 
 def _check(p0s: np.ndarray, alpha: float, policy: str) -> None:
@@ -137,6 +160,31 @@ def cascade_certify(levels: Sequence[Level] | _Prepared, p0: float, alpha: float
     return cascade_sweep(levels, [p0], alpha, policy).at(0)
 
 
+def _require(prep: _Prepared, k: int, open_: np.ndarray, p0s: np.ndarray) -> None:
+    """Refuse to decide on a level that was not sampled for an image still open there."""
+    needed = open_ & ~prep.present[k][None, :]
+    if needed.any():
+        rows, cols = np.nonzero(needed)
+        raise MissingLevelError(
+            f"σ={prep.sigmas[k]:g} was not sampled for {len(np.unique(cols))} image(s) that p0={p0s[rows[0]]:g} "
+            "leaves open there; certificates at other thresholds need a run in full mode"
+        )
+
+
+def level_stops(selection: SparseCounts, estimation: SparseCounts, *, p0: float, alpha: float, policy: str,
+                num_levels: int, level: int) -> np.ndarray:
+    """Whether the cascade stops at ``level`` (index into ascending σ) for each image, from that level's
+    counts alone: the lazy cascade samples the next σ down only where this is False."""
+    _check(np.atleast_1d(np.float64(p0)), alpha, policy)
+    c_hat = selection.argmax()
+    n = estimation.totals()
+    n_a = estimation.count_of(c_hat)
+    if policy == "strict":
+        return cp_lower(n_a, n, alpha / (2 * num_levels - 1)) >= p0
+    alpha_k = alpha / (num_levels - level)
+    return (cp_lower(n_a, n, alpha_k) >= p0) | (cp_upper(n_a, n, alpha_k) >= p0)
+
+
 def _finish(p0s, chosen, radius, reason_if_chosen_abstains, abstain_reason, c_hat) -> CascadeSweep:
     """Gather the chosen level's class; turn non-positive results into abstentions."""
     k_levels, m = c_hat.shape
@@ -168,6 +216,7 @@ def _strict(prep: _Prepared, p0s: np.ndarray, alpha: float) -> CascadeSweep:
     chosen = np.full((len(p0s), m), -1, dtype=np.int64)
     radius = np.zeros((len(p0s), m))
     for k in range(k_levels - 1, -1, -1):
+        _require(prep, k, chosen < 0, p0s)
         stop = (chosen < 0) & (lb[k][None, :] >= p0s[:, None])
         r = prep.sigmas[k] * (z_lb[k][None, :] - z0)
         for j in range(k + 1, k_levels):
@@ -188,6 +237,7 @@ def _reference(prep: _Prepared, p0s: np.ndarray, alpha: float) -> CascadeSweep:
         lo = cp_lower(prep.n_a[k], prep.n[k], alpha_k)
         hi = cp_upper(prep.n_a[k], prep.n[k], alpha_k)
         open_ = (chosen < 0) & ~undecided
+        _require(prep, k, open_, p0s)
         stop = open_ & (lo[None, :] >= p0s[:, None])
         undecided |= open_ & ~stop & (hi[None, :] >= p0s[:, None])
         r = prep.sigmas[k] * (norm.ppf(lo)[None, :] - z0)
