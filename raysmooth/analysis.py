@@ -102,8 +102,16 @@ def curves_from_certificates(table: pa.Table, prefix: str = "") -> list[Curve]:
     several_alphas = len(np.unique(cols["alpha"])) > 1
     order = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[order], np.arange(len(first) + 1))
+    method_rank = {"certify": 0, "cascade": 1, "predict": 2}
+
+    def sort_key(g: int):
+        row = first[g]
+        return (str(cols["model_id"][row]), method_rank.get(cols["method"][row], 3), np.nan_to_num(cols["sigma"][row]),
+                str(cols["policy"][row]), np.nan_to_num(cols["p0"][row]), cols["alpha"][row])
+
     curves = []
-    for g, row in enumerate(first):
+    for g in sorted(range(len(first)), key=sort_key):
+        row = first[g]
         idx = order[bounds[g] : bounds[g + 1]]
         label = _label(cols["method"][row], cols["sigma"][row], cols["policy"][row], cols["p0"][row], cols["alpha"][row],
                        several_alphas, cols["model_id"][row] if several_models else None)

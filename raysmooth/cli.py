@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raysmooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("certify", help="certify a test set on Ray (hydra overrides: key=value …)", add_help=False)
+    p.add_argument("overrides", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("raysmooth.jobs", fromlist=["certify_main"]).certify_main(a.overrides))
+
     p = sub.add_parser("analyze", help="certified accuracy, ACR and abstention of runs or reference TSV files")
     p.add_argument("paths", nargs="+", metavar="PATH", help="run directory, sweep directory or certify TSV")
     p.add_argument("--radii", help="comma-separated radii (default 0,0.25,...,2)")

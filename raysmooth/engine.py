@@ -154,7 +154,7 @@ class Replica:
                 raise InputError(f"unit {unit.key}: image {unit.image_id} was not provided")
         ids = sorted({u.image_id for u in units})
         row_of = {i: r for r, i in enumerate(ids)}
-        stack = torch.stack([torch.as_tensor(np.asarray(images[i]) if not isinstance(images[i], torch.Tensor) else images[i])
+        stack = torch.stack([images[i] if isinstance(images[i], torch.Tensor) else torch.from_numpy(np.array(images[i], dtype=np.float32))
                              for i in ids]).to(self.device, torch.float32)
         unit_row = torch.tensor([row_of[u.image_id] for u in units], device=self.device)
         unit_sigma = torch.tensor([u.sigma_index for u in units], device=self.device)

@@ -1,0 +1,169 @@
+"""Ray actors that each hold one engine Replica, and the driver loop that feeds them.
+
+Ray does what it does well: actors that are restarted when they die (``max_restarts``), ``ray.wait``
+for backpressure. The driver does the rest: a task whose actor died is handed to any healthy actor
+(``max_task_retries=0`` plus re-queueing, ecosystem.md §1.2), results are keyed by unit so a unit that
+runs twice never counts twice, and finished rows go to a callback (the store) as they complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import RaySmoothError
+from ..units import WorkUnit
+from .planner import FinishedRow, Planner
+
+__all__ = ["ReplicaActor", "ActorSpec", "start_actors", "Driver", "DistributedError"]
+
+log = logging.getLogger("raysmooth")
+
+
+class DistributedError(RaySmoothError):
+    """The run cannot go on: no healthy actor left, or an actor reported a user error."""
+
+
+class ReplicaActor:
+    """Holds one base classifier on one device (wrapped with ``ray.remote`` by ``start_actors``)."""
+
+    def __init__(self, model: Mapping[str, Any], sigmas: Sequence[float], run_seed: int, engine: Mapping[str, Any],
+                 threads: int | None = None):
+        import torch
+
+        from ..engine import EngineConfig, Replica
+        from ..models import create_base_classifier
+
+        engine = dict(engine)
+        device = engine.pop("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if threads:
+            torch.set_num_threads(int(threads))
+        model = dict(model)
+        base = create_base_classifier(model.pop("base"), **model)
+        self.replica = Replica(base, sigmas, run_seed, EngineConfig(**engine), device=device)
+        self.device = device
+
+    def describe(self) -> dict:
+        base = self.replica.base
+        return {"num_classes": base.num_classes, "input_shape": list(base.input_shape), "model_id": base.model_id,
+                "device": str(self.device), "pid": os.getpid()}
+
+    def run(self, units: list[WorkUnit], images: dict[int, np.ndarray]) -> tuple[list[tuple], list[np.ndarray], float]:
+        start = time.perf_counter()
+        counts = self.replica.run(units, images)
+        return [u.key for u in units], [counts[u.key] for u in units], time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+    max_restarts: int
+
+
+def start_actors(spec: ActorSpec, *args: Any, **kwargs: Any) -> list:
+    """Create the replica actors; Ray restarts a dead one, the driver never waits for it."""
+    import ray
+
+    remote = ray.remote(ReplicaActor).options(
+        num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=spec.max_restarts, max_task_retries=0
+    )
+    return [remote.remote(*args, **kwargs) for _ in range(spec.num_actors)]
+
+
+class Driver:
+    """Feeds actors from a Planner with bounded in-flight work; survives actor loss."""
+
+    def __init__(self, actors: list, images: Mapping[int, np.ndarray], planner: Planner, *,
+                 on_rows: Callable[[list[FinishedRow]], None], max_in_flight_per_actor: int = 2,
+                 samples_per_task: int = 4000, task_timeout_s: float | None = None,
+                 progress: Callable[[Planner, float], None] | None = None, max_failures: int = 20):
+        self.actors = list(actors)
+        self.images = images
+        self.planner = planner
+        self.on_rows = on_rows
+        self.max_in_flight = max(1, max_in_flight_per_actor)
+        self.samples_per_task = max(1, samples_per_task)
+        self.task_timeout_s = task_timeout_s
+        self.progress = progress
+        self.max_failures = max_failures
+        self.failures = 0
+        self.retried_units = 0
+
+    def _submit(self, actor, in_flight: dict, load: dict) -> bool:
+        units = self.planner.take(self.samples_per_task)
+        if not units:
+            return False
+        imgs = {u.image_id: self.images[u.image_id] for u in units}
+        ref = actor.run.remote(units, imgs)
+        in_flight[ref] = (actor, units, time.monotonic())
+        load[actor] = load.get(actor, 0) + 1
+        return True
+
+    def _fill(self, in_flight: dict, load: dict) -> None:
+        # Round-robin: give every actor one task before any gets a second.
+        for depth in range(self.max_in_flight):
+            for actor in self.actors:
+                if load.get(actor, 0) <= depth and self.planner.has_work():
+                    self._submit(actor, in_flight, load)
+
+    def run(self) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        in_flight: dict = {}
+        load: dict = {}
+        started = time.monotonic()
+        self._fill(in_flight, load)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            now = time.monotonic()
+            if not ready and self.task_timeout_s:
+                for ref, (actor, units, t0) in list(in_flight.items()):
+                    if now - t0 > self.task_timeout_s:
+                        log.warning("task of %d units ran over %.0f s; handing it to another actor", len(units), self.task_timeout_s)
+                        ray.cancel(ref, force=False)
+                        self._lost(ref, in_flight, load)
+            for ref in ready:
+                actor, units, _t0 = in_flight[ref]
+                try:
+                    keys, counts, _seconds = ray.get(ref)
+                except RayActorError as exc:
+                    log.warning("actor died (%s); re-queueing %d units", type(exc).__name__, len(units))
+                    self._lost(ref, in_flight, load)
+                    continue
+                except RayTaskError as exc:
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    if isinstance(cause, RaySmoothError):
+                        raise DistributedError(str(cause)) from None
+                    raise
+                except GetTimeoutError:  # pragma: no cover - ray.wait said ready
+                    continue
+                del in_flight[ref]
+                load[actor] -= 1
+                finished = []
+                for unit, c in zip(units, counts):
+                    finished += self.planner.complete(unit, c)
+                if finished:
+                    self.on_rows(finished)
+                self.failures = 0
+            self._fill(in_flight, load)
+            if self.progress:
+                self.progress(self.planner, time.monotonic() - started)
+
+    def _lost(self, ref, in_flight: dict, load: dict) -> None:
+        actor, units, _ = in_flight.pop(ref)
+        load[actor] -= 1
+        self.planner.requeue(units)
+        self.retried_units += len(units)
+        self.failures += 1
+        if self.failures > self.max_failures:
+            raise DistributedError(f"{self.failures} task failures in a row; no healthy actor is left to run the work")

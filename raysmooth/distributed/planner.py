@@ -1,0 +1,135 @@
+"""Which work units to run next: the whole grid (``full``) or the lazy cascade, and what is finished.
+
+Pure Python and numpy: no Ray, no torch, no formulas. The cascade's stop rule arrives as a callback,
+so this layer never needs to know how a certificate is computed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..units import PHASES, WorkUnit, split_budget
+
+__all__ = ["Planner", "RowKey", "FinishedRow", "StopRule"]
+
+RowKey = tuple[int, int, str]  # (image_id, sigma_index, phase)
+# Given an image and a σ index with both phases complete, does the cascade stop there?
+StopRule = Callable[[int, int, np.ndarray, np.ndarray], bool]
+
+
+@dataclass(frozen=True)
+class FinishedRow:
+    image_id: int
+    sigma_index: int
+    phase: str
+    counts: np.ndarray
+
+
+class Planner:
+    """Issues units incrementally and assembles their chunk counts into finished rows.
+
+    ``existing`` holds rows already in the store (a resumed run): they are never planned again, and
+    in cascade mode they still drive the decisions about lower σ.
+    """
+
+    def __init__(self, image_ids: Sequence[int], num_sigmas: int, n0: int, n: int, chunk: int, *,
+                 mode: str = "full", stop_rule: StopRule | None = None,
+                 existing: Mapping[RowKey, np.ndarray] | None = None):
+        if mode not in ("full", "cascade"):
+            raise ValueError(f"mode must be full or cascade, got {mode!r}")
+        if mode == "cascade" and stop_rule is None:
+            raise ValueError("cascade mode needs a stop rule")
+        self.mode = mode
+        self.num_sigmas = num_sigmas
+        self.budget = {"selection": n0, "estimation": n}
+        self.chunk = chunk
+        self.stop_rule = stop_rule
+        self.rows: dict[RowKey, np.ndarray] = dict(existing or {})
+        self._parts: dict[RowKey, dict[int, np.ndarray]] = {}
+        self._chunks = {p: len(split_budget(self.budget[p], chunk)) for p in PHASES}
+        self._queue: deque[WorkUnit] = deque()
+        self._done_units: set[tuple] = set()
+        self._open_levels: dict[int, int] = {}  # image -> σ index being sampled (cascade)
+        self.finished_images: set[int] = set()
+        self.samples_planned = 0
+        self.samples_done = 0
+        for image in image_ids:
+            if mode == "full":
+                for s in range(num_sigmas):
+                    self._plan_level(image, s)
+                if all((image, s, p) in self.rows for s in range(num_sigmas) for p in PHASES):
+                    self.finished_images.add(image)
+            else:
+                self._advance_cascade(image, num_sigmas - 1)
+
+    # ---- planning ---------------------------------------------------------------------------
+    def _plan_level(self, image: int, s: int) -> None:
+        for phase in PHASES:
+            if (image, s, phase) in self.rows:
+                continue
+            for c, size in enumerate(split_budget(self.budget[phase], self.chunk)):
+                self._queue.append(WorkUnit(image, s, phase, c, size))
+                self.samples_planned += size
+
+    def _advance_cascade(self, image: int, s: int) -> None:
+        """Walk down from σ index ``s`` through levels already stored; plan the first missing one."""
+        while s >= 0:
+            sel, est = self.rows.get((image, s, "selection")), self.rows.get((image, s, "estimation"))
+            if sel is None or est is None:
+                self._open_levels[image] = s
+                self._plan_level(image, s)
+                return
+            if self.stop_rule(image, s, sel, est) or s == 0:
+                self.finished_images.add(image)
+                self._open_levels.pop(image, None)
+                return
+            s -= 1
+
+    # ---- the driver's side ---------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def take(self, max_samples: int) -> list[WorkUnit]:
+        """Units from the front of the queue, about ``max_samples`` samples in all (at least one unit)."""
+        out, total = [], 0
+        while self._queue and (not out or total + self._queue[0].n_samples <= max_samples):
+            unit = self._queue.popleft()
+            out.append(unit)
+            total += unit.n_samples
+        return out
+
+    def requeue(self, units: Iterable[WorkUnit]) -> None:
+        """Put units whose task failed back at the front."""
+        for unit in reversed(list(units)):
+            if unit.key not in self._done_units:
+                self._queue.appendleft(unit)
+
+    def complete(self, unit: WorkUnit, counts: np.ndarray) -> list[FinishedRow]:
+        """Record a unit's counts (idempotent); return the rows this completes."""
+        if unit.key in self._done_units:
+            return []
+        self._done_units.add(unit.key)
+        self.samples_done += unit.n_samples
+        row = (unit.image_id, unit.sigma_index, unit.phase)
+        parts = self._parts.setdefault(row, {})
+        parts[unit.chunk_index] = np.asarray(counts)
+        if len(parts) < self._chunks[unit.phase]:
+            return []
+        total = np.sum([parts[c] for c in sorted(parts)], axis=0)
+        del self._parts[row]
+        self.rows[row] = total
+        finished = [FinishedRow(unit.image_id, unit.sigma_index, unit.phase, total)]
+        image, s = unit.image_id, unit.sigma_index
+        both = all((image, s, p) in self.rows for p in PHASES)
+        if self.mode == "cascade" and both and self._open_levels.get(image) == s:
+            self._advance_cascade(image, s)
+        elif self.mode == "full" and all((image, k, p) in self.rows for k in range(self.num_sigmas) for p in PHASES):
+            self.finished_images.add(image)
+        return finished

@@ -1,0 +1,98 @@
+"""Entry points of the jobs: compose the hydra config, run, and turn user mistakes into one line.
+
+``jobs/certify.py`` and ``raysmooth certify`` are the same job: both take hydra overrides
+(``key=value``, ``group=option``) and run under ``ray job submit`` unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, RaySmoothError
+
+__all__ = ["compose", "certify_main", "CONFIG_DIR"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+log = logging.getLogger("raysmooth")
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra's message and, where it wraps one, OmegaConf's reason, on one line."""
+    text = _first_sentence(exc)
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and type(cause).__module__.startswith(("omegaconf", "hydra")):
+        text = f"{text.rstrip('.')}: {_first_sentence(cause)}"
+    return text
+
+
+def _first_sentence(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    # OmegaConf puts the useful sentence first and the key path in a 'full_key:' line.
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    head = next((ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type", "To append"))), type(exc).__name__)
+    return f"{head} (key: {key})" if key and key not in head else head
+
+
+def compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """The resolved config as a plain dict; a wrong key or value is a ConfigError naming it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (OmegaConfBaseException, ValueError, KeyError) as exc:  # hydra's own errors are ValueError/ConfigCompositionException
+        raise ConfigError(_one_line(exc)) from None
+    except Exception as exc:  # hydra.errors.* (missing group option, bad override syntax)
+        if type(exc).__module__.startswith("hydra"):
+            raise ConfigError(_one_line(exc)) from None
+        raise
+    return resolved  # type: ignore[return-value]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s raysmooth %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def certify_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/certify.py [--print-config] key=value …``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show = "--print-config" in argv
+    overrides = [a for a in argv if a != "--print-config"]
+    _setup_logging()
+    try:
+        cfg = compose("certify", overrides)
+        if show:
+            import yaml
+
+            print(yaml.safe_dump(cfg, sort_keys=False))
+            return 0
+        from .runner import certify
+
+        result = certify(cfg)
+    except RaySmoothError as exc:
+        print(f"raysmooth certify: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raysmooth certify: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(result.markdown)
+    print()
+    print(f"images: {result.images}, new counts rows: {result.rows_written}, time: {result.seconds:.1f} s")
+    print(f"output directory: {result.out_dir}")
+    print(f"counts table: {result.counts_dir}")
+    print(f"certificates table: {result.certificates_dir}")
+    if result.plot:
+        print(f"plot: {result.plot}")
+    return 0

@@ -1,0 +1,323 @@
+"""The certify job: data → plan → Ray actors → counts in the store → certificates → report.
+
+Called by ``jobs/certify.py`` (hydra) and ``raysmooth certify``. Resuming is running the same config
+into the same output directory: only the missing rows are planned.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import stats
+from .certificates import counts_view, derive_certificates
+from .data import TestSet, load_dataset, subsample
+from .distributed import ActorSpec, Driver, FinishedRow, Planner, start_actors
+from .engine import validate_sampling
+from .errors import ConfigError, InputError
+from .store import CERTIFICATES_SCHEMA, CountsRecord, RunStore
+
+__all__ = ["certify", "CertifyResult", "counts_relevant_config", "model_kwargs", "load_test_set", "resolve_path"]
+
+log = logging.getLogger("raysmooth")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CertifyResult:
+    out_dir: Path
+    counts_dir: Path
+    certificates_dir: Path
+    images: int
+    rows_written: int
+    seconds: float
+    markdown: str
+    plot: Path | None
+
+
+def resolve_path(path: str | None) -> str | None:
+    """A model or data path: absolute, relative to the working directory, or to the raysmooth checkout
+    (so the committed embedded models are found from anywhere, also in a Ray job's working_dir)."""
+    if path is None or "://" in path or Path(path).is_absolute():
+        return path
+    if Path(path).exists():
+        return str(Path(path).resolve())
+    candidate = REPO_ROOT / path
+    return str(candidate) if candidate.exists() else path
+
+
+def model_kwargs(model: dict[str, Any]) -> dict[str, Any]:
+    """Builder arguments of ``create_base_classifier`` from the model config section."""
+    base = model["base"]
+    kw: dict[str, Any] = {"base": base, "input_shape": list(model["input_shape"])}
+
+    def part(name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+        section = model.get(name)
+        if not section:
+            raise ConfigError(f"model.base={base} needs model.{name}")
+        section = copy.deepcopy(dict(section))
+        for key in keys:
+            if section.get(key):
+                section[key] = resolve_path(section[key])
+        return section
+
+    if base in ("dds", "diffsmooth"):
+        kw["denoiser"] = part("denoiser", ("path", "weights"))
+        kw["classifier"] = part("classifier", ("checkpoint",))
+    elif base == "plain":
+        kw["classifier"] = part("classifier", ("checkpoint",))
+    elif base == "onestep":
+        kw["model"] = part("onestep", ("checkpoint",))
+    kw.update(model.get("options") or {})
+    return kw
+
+
+def counts_relevant_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of the config that determines the counts: it defines a run directory's identity.
+    Actor counts, batch sizes and the output path may change on resume."""
+    return {
+        "data": cfg["data"],
+        "model": cfg["model"],
+        "smoothing": cfg["smoothing"],
+        "noise_block": cfg["engine"]["noise_block"],
+        "precision": cfg["engine"]["precision"],
+    }
+
+
+def load_test_set(data: dict[str, Any]) -> TestSet:
+    options = dict(data.get("options") or {})
+    full = load_dataset(data["name"], split=data.get("split", "test"), root=resolve_path(data.get("root")), **options)
+    return subsample(full, data.get("skip", 1), data.get("max_images"), data.get("indices"))
+
+
+def _check_smoothing(sm: dict[str, Any]) -> None:
+    validate_sampling(list(sm["sigmas"]), sm["n0"], sm["n"])
+    if len(set(sm["sigmas"])) != len(sm["sigmas"]):
+        raise ConfigError(f"smoothing.sigmas lists a σ twice: {sm['sigmas']}")
+    if not 0 < sm["alpha"] < 1:
+        raise ConfigError(f"smoothing.alpha must lie in (0, 1), got {sm['alpha']}")
+    if sm["mode"] not in ("full", "cascade"):
+        raise ConfigError(f"smoothing.mode must be full or cascade, got {sm['mode']!r}")
+    if sm["chunk"] < 1:
+        raise ConfigError("smoothing.chunk must be at least 1")
+    bad = [p for p in sm["p0"] if not 0.5 <= p < 1]
+    if bad or not sm["p0"]:
+        raise ConfigError(f"smoothing.p0 values must lie in [0.5, 1), got {sm['p0']}")
+    bad_pol = [p for p in sm["policies"] if p not in stats.POLICIES]
+    if bad_pol or not sm["policies"]:
+        raise ConfigError(f"smoothing.policies must be among {stats.POLICIES}, got {sm['policies']}")
+    if sm["mode"] == "cascade" and len(sm["sigmas"]) < 2:
+        raise ConfigError("smoothing.mode=cascade needs two or more σ")
+    if sm["n"] < stats.min_samples_to_certify(sm["alpha"]):
+        log.warning("n=%d is below %d: at alpha=%g every image will abstain", sm["n"],
+                    stats.min_samples_to_certify(sm["alpha"]), sm["alpha"])
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines (every 10 s) in ``ray job logs`` and CI."""
+
+    def __init__(self, total_images: int):
+        self.total = total_images
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_images, unit="img", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, planner: Planner, elapsed: float) -> None:
+        done = len(planner.finished_images)
+        rate = planner.samples_done / max(elapsed, 1e-9)
+        remaining = planner.samples_planned - planner.samples_done
+        eta = remaining / rate if rate > 0 else float("nan")
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(f"{rate:,.0f} samples/s, ETA {eta:,.0f}s", refresh=False)
+            self.bar.refresh()
+        elif time.monotonic() - self.last > 10 or done == self.total:
+            self.last = time.monotonic()
+            log.info("progress: %d/%d images, %s samples/s, ETA %s s", done, self.total, f"{rate:,.0f}",
+                     "?" if not np.isfinite(eta) else f"{eta:,.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _connect(ray_cfg: dict[str, Any]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = ray_cfg.get("local_cpus") or os.cpu_count() or 1
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+
+
+def _actor_spec(ray_cfg: dict[str, Any]) -> ActorSpec:
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = ray_cfg["cpus_per_actor"], ray_cfg["gpus_per_actor"]
+    num = ray_cfg.get("num_actors")
+    if num is None:
+        if gpus > 0:
+            num = int(resources.get("GPU", 0) // gpus)
+        else:
+            num = int(resources.get("CPU", 1) // max(cpus, 1e-9))
+        num = max(1, num)
+    if num < 1:
+        raise ConfigError("ray.num_actors must be at least 1")
+    return ActorSpec(num_actors=int(num), num_cpus=cpus, num_gpus=gpus, max_restarts=ray_cfg["max_restarts"])
+
+
+def certify(cfg: dict[str, Any]) -> CertifyResult:
+    """Run a certification as configured (a plain, resolved dict of ``CertifyCfg``)."""
+    started = time.perf_counter()
+    sm = cfg["smoothing"]
+    _check_smoothing(sm)
+    data = load_test_set(cfg["data"])
+    if len(data) == 0:
+        raise InputError("the test set is empty after subsampling")
+    model = model_kwargs(cfg["model"])
+    out = Path(cfg["out"]).expanduser().resolve()
+    store = RunStore.create(out, counts_relevant_config(cfg), sigmas=list(sm["sigmas"]), n0=sm["n0"], n=sm["n"],
+                            alpha=sm["alpha"], seed=sm["seed"], dataset=data.name, images=len(data))
+    sigmas = [float(s) for s in sm["sigmas"]]
+    sigma_index = {s: i for i, s in enumerate(sigmas)}
+    labels = dict(zip(data.ids.tolist(), data.labels.tolist()))
+
+    existing: dict = {}
+    table = store.read_counts()
+    if table.num_rows:
+        cols = table.select(["image_id", "sigma", "phase", "classes", "counts", "num_classes"]).to_pydict()
+        for img, s, ph, cl, cn, nc in zip(cols["image_id"], cols["sigma"], cols["phase"], cols["classes"], cols["counts"], cols["num_classes"]):
+            if img in labels and s in sigma_index:
+                dense = np.zeros(nc, dtype=np.int64)
+                dense[cl] = cn
+                existing[(img, sigma_index[s], ph)] = dense
+        log.info("resuming %s: %d of %d rows already stored", out, len(existing), 2 * len(sigmas) * len(data))
+
+    stop_rule = None
+    if sm["mode"] == "cascade":
+        p0, policy = float(sm["p0"][0]), sm["policies"][0]
+
+        def stop_rule(image: int, s: int, sel: np.ndarray, est: np.ndarray) -> bool:
+            return bool(stats.level_stops(stats.SparseCounts.from_dense(sel[None]), stats.SparseCounts.from_dense(est[None]),
+                                          p0=p0, alpha=sm["alpha"], policy=policy, num_levels=len(sigmas), level=s)[0])
+
+    planner = Planner(data.ids.tolist(), len(sigmas), sm["n0"], sm["n"], sm["chunk"], mode=sm["mode"],
+                      stop_rule=stop_rule, existing=existing)
+    rows_written = 0
+    if planner.has_work():
+        rows_written = _sample(cfg, data, model, sigmas, store, planner)
+    else:
+        log.info("nothing to sample: every row is stored")
+
+    # Certificates from the stored counts alone; append only the rows not yet there.
+    view = counts_view(store.read_counts(), allow_missing=sm["mode"] == "cascade")
+    p0s = sm["p0"] if sm["mode"] == "full" else sm["p0"][:1]
+    policies = sm["policies"] if sm["mode"] == "full" else sm["policies"][:1]
+    certs = derive_certificates(view, alpha=sm["alpha"], p0=p0s, policies=policies)
+    _append_new_certificates(store, certs)
+
+    from .analysis import curves_from_certificates, format_markdown, plot_curves
+
+    curves = curves_from_certificates(store.read_certificates())
+    markdown = format_markdown(curves, cfg["radii"])
+    plot = None
+    if cfg.get("plot", True):
+        plot = plot_curves(curves, out / "certified_accuracy.png", title=f"{data.name}: {cfg['model']['base']}")
+    return CertifyResult(out, out / "counts", out / "certificates", len(data), rows_written,
+                         time.perf_counter() - started, markdown, plot)
+
+
+def _append_new_certificates(store: RunStore, certs) -> None:
+    import pyarrow as pa
+
+    old = store.read_certificates()
+    if old.num_rows:
+        def keys(t):
+            cols = t.select(["image_id", "method", "sigma", "policy", "p0", "alpha"]).to_pydict()
+            return list(zip(cols["image_id"], cols["method"], np.nan_to_num(cols["sigma"], nan=-1).tolist(), cols["policy"],
+                            np.nan_to_num(cols["p0"], nan=-1).tolist(), cols["alpha"]))
+
+        have = set(keys(old))
+        mask = np.array([k not in have for k in keys(certs)], dtype=bool)
+        certs = certs.filter(pa.array(mask))
+    if certs.num_rows:
+        store.append_certificates(certs.cast(CERTIFICATES_SCHEMA))
+
+
+def _sample(cfg: dict[str, Any], data: TestSet, model: dict[str, Any], sigmas: list[float], store: RunStore,
+            planner: Planner) -> int:
+    import ray
+
+    ray_cfg = cfg["ray"]
+    _connect(ray_cfg)
+    spec = _actor_spec(ray_cfg)
+    engine = dict(cfg["engine"])
+    threads = max(1, int(ray_cfg["cpus_per_actor"]))
+    log.info("starting %d replica actor(s) (%g CPU, %g GPU each) for %d images × %d σ", spec.num_actors, spec.num_cpus,
+             spec.num_gpus, len(data), len(sigmas))
+    actors = start_actors(spec, model, sigmas, cfg["smoothing"]["seed"], engine, threads)
+    try:
+        info = ray.get(actors[0].describe.remote())
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        if isinstance(cause, (ConfigError, InputError)) or type(cause).__name__ == "ModelLoadError":
+            raise type(cause)(str(cause)) from None
+        raise
+    from .engine import validate_images
+
+    class _Shape:  # what validate_images needs of a model
+        num_classes = info["num_classes"]
+        input_shape = tuple(info["input_shape"])
+
+    validate_images(data.images, data.labels, _Shape(), num_classes=data.num_classes)
+    model_id = info["model_id"]
+    images = {int(i): data.images[r] for r, i in enumerate(data.ids)}
+    labels = {int(i): int(l) for i, l in zip(data.ids, data.labels)}
+    sm = cfg["smoothing"]
+    buffer: list[CountsRecord] = []
+    state = {"written": 0, "last_flush": time.monotonic()}
+
+    def flush() -> None:
+        if buffer:
+            store.append_counts(buffer, model_id=model_id, seed=sm["seed"], alpha=sm["alpha"])
+            state["written"] += len(buffer)
+            buffer.clear()
+        state["last_flush"] = time.monotonic()
+
+    def on_rows(rows: list[FinishedRow]) -> None:
+        for r in rows:
+            buffer.append(CountsRecord(r.image_id, labels[r.image_id], sigmas[r.sigma_index], r.phase, r.counts))
+        if len(buffer) >= cfg["flush_every"] or time.monotonic() - state["last_flush"] > cfg["flush_seconds"]:
+            flush()
+
+    progress = _Progress(len(data))
+    driver = Driver(actors, images, planner, on_rows=on_rows, max_in_flight_per_actor=ray_cfg["max_in_flight_per_actor"],
+                    samples_per_task=ray_cfg["samples_per_task"], task_timeout_s=ray_cfg.get("task_timeout_s"),
+                    progress=progress)
+    try:
+        driver.run()
+    finally:
+        flush()  # nothing finished is lost, whatever stopped the loop
+        progress.close()
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    if driver.retried_units:
+        log.info("%d units were re-run after actor failures", driver.retried_units)
+    return state["written"]
