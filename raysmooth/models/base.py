@@ -192,12 +192,12 @@ def onestep(model: dict | OneStepConfig, input_shape) -> OneStepBase:
 
 
 @register_base_classifier
-def linear(input_shape, weight=None, bias=None, num_classes: int = 10, seed: int = 0) -> LinearBase:
-    """Given weights, or random ones (seeded) centred on the mid-grey image."""
+def linear(input_shape, weight=None, bias=None, num_classes: int = 10, seed: int = 0, scale: float = 1.0) -> LinearBase:
+    """Given weights, or random ones (seeded, times ``scale``) centred on the mid-grey image."""
     shape = _shape(input_shape)
     if weight is None:
         rng = np.random.default_rng(seed)
-        weight = rng.standard_normal((num_classes, int(np.prod(shape)))) / np.sqrt(np.prod(shape))
+        weight = scale * rng.standard_normal((num_classes, int(np.prod(shape)))) / np.sqrt(np.prod(shape))
         bias = -weight @ np.full(int(np.prod(shape)), 0.5) if bias is None else bias
     if bias is None:
         raise ConfigError("linear: give both weight and bias, or neither")

@@ -1,0 +1,76 @@
+"""Hydra configs and cluster.yaml: mistakes fail at start, in one line that names them."""
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysmooth.errors import ConfigError
+from raysmooth.jobs import CONFIG_DIR, certify_main, compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_default_config_composes_to_the_embedded_digits_run():
+    cfg = compose("certify", [])
+    assert cfg["data"]["name"] == "digits"
+    assert cfg["smoothing"]["sigmas"] == [0.25, 0.5, 1.0]
+    assert cfg["smoothing"]["mode"] == "full"
+
+
+@pytest.mark.parametrize(
+    "override,names",
+    [
+        ("smoothing.nn=3", "smoothing.nn"),
+        ("smoothing.n=abc", "smoothing.n"),
+        ("ray.num_actors=two", "ray.num_actors"),
+        ("data=nope", "data/nope"),
+    ],
+)
+def test_a_wrong_key_or_value_is_one_line_naming_it(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")) as info:
+        compose("certify", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_a_typo_inside_a_yaml_file_is_refused(tmp_path, monkeypatch):
+    import raysmooth.jobs as jobs
+
+    shutil = pytest.importorskip("shutil")
+    conf = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, conf)
+    (conf / "smoothing" / "typo.yaml").write_text("sigmas: [0.5]\nnnn_typo_in_yaml: 5\n")
+    monkeypatch.setattr(jobs, "CONFIG_DIR", conf)
+    with pytest.raises(ConfigError, match="nnn_typo_in_yaml"):
+        compose("certify", ["smoothing=typo"])
+
+
+def test_the_job_prints_one_line_and_exits_2_on_a_config_mistake(capsys):
+    assert certify_main(["smoothing.alpha=1.5", "data=synthetic", "model=linear", "out=/nonexistent/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "alpha" in err
+
+
+def test_cluster_yaml_validates_against_the_schema_in_the_ray_package():
+    import jsonschema
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+def test_a_cluster_yaml_typo_is_caught_by_that_schema():
+    import jsonschema
+    import ray
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    cfg["available_node_types"]["gpu_worker"]["min_worker"] = 1
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(cfg, schema)

@@ -1,0 +1,183 @@
+"""Ray actors and the driver: same counts as the engine in-process, through actor deaths and resumes."""
+
+import os
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from raysmooth.distributed import ActorSpec, Driver, Planner, start_actors  # noqa: E402
+from raysmooth.engine import EngineConfig, Replica  # noqa: E402
+from raysmooth.models import create_base_classifier  # noqa: E402
+from raysmooth.store import RunStore  # noqa: E402
+
+MODEL = {"base": "linear", "input_shape": [1, 8, 8], "num_classes": 10, "seed": 3}
+SIGMAS = [0.25, 0.5, 1.0]
+ENGINE = {"batch_size": 256, "noise_block": 64, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return {i: rng.random((1, 8, 8), dtype=np.float32) for i in range(12)}
+
+
+def _engine_counts(units, images):
+    kw = dict(MODEL)
+    base = create_base_classifier(kw.pop("base"), **kw)
+    cfg = {k: v for k, v in ENGINE.items() if k != "device"}
+    return Replica(base, SIGMAS, run_seed=5, config=EngineConfig(**cfg)).run(units, images)
+
+
+def _drive(actors, images, planner, **kw):
+    rows = {}
+    Driver(actors, images, planner, on_rows=lambda rs: rows.update({(r.image_id, r.sigma_index, r.phase): r.counts for r in rs}),
+           samples_per_task=300, **kw).run()
+    return rows
+
+
+def _planner(images):
+    return Planner(sorted(images), len(SIGMAS), n0=50, n=400, chunk=150)
+
+
+def _expected(images):
+    units = _planner(images).take(10**9)
+    counts = _engine_counts(units, images)
+    rows = {}
+    for u in units:
+        key = (u.image_id, u.sigma_index, u.phase)
+        rows[key] = rows.get(key, 0) + counts[u.key]
+    return rows
+
+
+def test_two_actors_produce_exactly_the_engines_counts(local_ray, images):
+    actors = start_actors(ActorSpec(2, 1, 0, -1), MODEL, SIGMAS, 5, ENGINE, 1)
+    rows = _drive(actors, images, _planner(images))
+    expected = _expected(images)
+    assert rows.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(rows[key], expected[key]), key
+    for a in actors:
+        ray.kill(a, no_restart=True)
+
+
+def test_an_actor_killed_mid_run_changes_no_count(local_ray, images):
+    actors = start_actors(ActorSpec(2, 1, 0, -1), MODEL, SIGMAS, 5, ENGINE, 1)
+    ray.get([a.describe.remote() for a in actors])
+    killed = []
+
+    def kill_once(planner, elapsed):
+        if not killed and planner.samples_done > 0:
+            ray.kill(actors[0], no_restart=False)  # a crash: Ray restarts the actor
+            killed.append(True)
+
+    driver_rows = {}
+    driver = Driver(actors, images, _planner(images), samples_per_task=300, progress=kill_once,
+                    on_rows=lambda rs: driver_rows.update({(r.image_id, r.sigma_index, r.phase): r.counts for r in rs}))
+    driver.run()
+    assert killed and driver.retried_units > 0
+    expected = _expected(images)
+    assert driver_rows.keys() == expected.keys()
+    for key in expected:
+        assert np.array_equal(driver_rows[key], expected[key]), key
+    for a in actors:
+        ray.kill(a, no_restart=True)
+
+
+def _cfg(tmp_path, **over):
+    from raysmooth.jobs import compose
+
+    overrides = ["data=synthetic", "model=linear", f"out={tmp_path / 'run'}", "smoothing.n=300", "smoothing.n0=30",
+                 "smoothing.chunk=100", "ray.samples_per_task=200", "ray.num_actors=2", "plot=false", "flush_every=5"]
+    return compose("certify", overrides + [f"{k}={v}" for k, v in over.items()])
+
+
+def _sorted(table, keys):
+    import pyarrow as pa
+
+    plain = pa.table({f.name: (table[f.name].cast(pa.string()) if pa.types.is_dictionary(f.type) else table[f.name])
+                      for f in table.schema})
+    return plain.sort_by([(k, "ascending") for k in keys])
+
+
+def test_a_run_stopped_part_way_resumes_to_the_uninterrupted_tables(local_ray, tmp_path, monkeypatch):
+    from raysmooth import runner
+
+    whole = runner.certify(_cfg(tmp_path / "a"))
+    assert whole.rows_written == 16 * 3 * 2
+
+    calls = {"n": 0}
+    original = runner._Progress.__call__
+
+    def interrupt(self, planner, elapsed):
+        original(self, planner, elapsed)
+        calls["n"] += 1
+        if len(planner.rows) >= 20:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner._Progress, "__call__", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        runner.certify(_cfg(tmp_path / "b"))
+    monkeypatch.setattr(runner._Progress, "__call__", original)
+    partial = RunStore.open(tmp_path / "b" / "run").read_counts().num_rows
+    assert 0 < partial < 96
+    resumed = runner.certify(_cfg(tmp_path / "b"))
+    assert resumed.rows_written == 96 - partial
+
+    a, b = RunStore.open(tmp_path / "a" / "run"), RunStore.open(tmp_path / "b" / "run")
+    keys = ["image_id", "sigma", "phase"]
+    ca, cb = _sorted(a.read_counts(), keys), _sorted(b.read_counts(), keys)
+    assert cb.num_rows == 96  # no duplicates
+    for col in ("image_id", "sigma", "phase", "classes", "counts"):
+        assert ca.column(col).to_pylist() == cb.column(col).to_pylist()
+    ckeys = ["image_id", "method", "sigma", "policy", "p0"]
+    ta, tb = a.read_certificates(), b.read_certificates()
+    assert ta.num_rows == tb.num_rows
+    ta, tb = _sorted(ta, ckeys), _sorted(tb, ckeys)
+    for col in ("prediction", "radius", "correct"):
+        assert ta.column(col).to_pylist() == tb.column(col).to_pylist()
+
+
+def test_running_again_adds_no_rows(local_ray, tmp_path):
+    from raysmooth import runner
+
+    runner.certify(_cfg(tmp_path))
+    again = runner.certify(_cfg(tmp_path))
+    store = RunStore.open(tmp_path / "run")
+    assert again.rows_written == 0
+    assert store.read_certificates().num_rows == 16 * (3 + 3 + 2)  # certify, predict per σ; two cascade policies
+
+
+def test_a_different_config_into_the_same_directory_is_refused(local_ray, tmp_path):
+    from raysmooth import runner
+    from raysmooth.store import StoreError
+
+    runner.certify(_cfg(tmp_path))
+    with pytest.raises(StoreError, match="another config"):
+        runner.certify(_cfg(tmp_path, **{"smoothing.n": 400}))
+
+
+def test_cascade_mode_samples_lower_sigma_only_where_needed(local_ray, tmp_path):
+    from raysmooth import runner
+
+    # Two classes: margins of random images are large enough for the largest σ to settle some of them.
+    common = {"smoothing.p0": "[0.6]", "smoothing.policies": "[strict]", "model.options.num_classes": 2,
+              "data.options.num_classes": 2, "data.options.num_images": 24}
+    full = runner.certify(_cfg(tmp_path / "full", **common))
+    lazy = runner.certify(_cfg(tmp_path / "lazy", **{"smoothing.mode": "cascade", **common}))
+    assert lazy.rows_written < full.rows_written
+    pick = lambda t: _sorted(t.filter(pc.equal(t["method"], "cascade")), ["image_id"])  # noqa: E731
+    tf = pick(RunStore.open(tmp_path / "full" / "run").read_certificates())
+    tl = pick(RunStore.open(tmp_path / "lazy" / "run").read_certificates())
+    assert tf.column("prediction").to_pylist() == tl.column("prediction").to_pylist()
+    assert tf.column("radius").to_pylist() == tl.column("radius").to_pylist()
