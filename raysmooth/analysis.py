@@ -166,6 +166,10 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
     if (path / RunStore.MANIFEST).is_file():
         table = RunStore.open(path).read_certificates()
         where = f"{path}/certificates"
+    elif not any(path.glob("part-*.parquet")) and any((d / RunStore.MANIFEST).is_file() for d in path.iterdir() if d.is_dir()):
+        # A folder of runs, as `raysmooth certify` writes one per model: every run, prefixed by its name.
+        runs = sorted(d for d in path.iterdir() if (d / RunStore.MANIFEST).is_file())
+        return [c for d in runs for c in load_curves(d, f"{prefix}{d.name}: ")]
     else:
         table = read_table(path, CERTIFICATES_SCHEMA)
         where = str(path)

@@ -122,6 +122,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train-toy -----------------------------------------------------------------------------------
+def cmd_train_toy(args: argparse.Namespace) -> int:
+    import logging
+
+    from .toy import EMBEDDED_DIR, ToyConfig, train_all
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s raysmooth %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out) if args.out else EMBEDDED_DIR
+    cfg = ToyConfig(seed=args.seed)
+    if args.quick:  # a smoke run: minutes become seconds, the models are poor
+        cfg = ToyConfig(seed=args.seed, denoiser_steps=200, classifier_epochs=3, onestep_epochs=3)
+    if out.exists() and any(out.iterdir()) and not args.overwrite and out != EMBEDDED_DIR:
+        raise UserError(f"{out} is not empty; choose another --out or pass --overwrite")
+    cards = train_all(cfg, out)
+    print(json.dumps({name: {k: v for k, v in card.items() if k.startswith("test")} for name, card in cards.items()}, indent=2))
+    print(f"models: {out}")
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysmooth", description=__doc__.splitlines()[0])
@@ -131,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certify", help="certify a test set on Ray (hydra overrides: key=value …)", add_help=False)
     p.add_argument("overrides", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("raysmooth.jobs", fromlist=["certify_main"]).certify_main(a.overrides))
+
+    p = sub.add_parser("train-toy", help="train the embedded digits models (denoiser and classifiers)")
+    p.add_argument("--out", help="folder for the models (default: the embedded ones in the package)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train_toy)
 
     p = sub.add_parser("analyze", help="certified accuracy, ACR and abstention of runs or reference TSV files")
     p.add_argument("paths", nargs="+", metavar="PATH", help="run directory, sweep directory or certify TSV")

@@ -26,6 +26,7 @@ class DataCfg:
 class ModelCfg:
     """A base classifier from the registry (plain, dds, diffsmooth, onestep, linear) and its parts."""
 
+    name: str = "model"  # the run directory's name under `out`
     base: str = "dds"
     input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
     denoiser: dict[str, Any] | None = None  # DenoiserConfig fields
@@ -77,7 +78,9 @@ class CertifyCfg:
     smoothing: SmoothingCfg = field(default_factory=SmoothingCfg)
     engine: EngineCfg = field(default_factory=EngineCfg)
     ray: RayCfg = field(default_factory=RayCfg)
-    out: str = "runs/${model.base}-${data.name}"
+    compare: list[str] = field(default_factory=list)  # more model configs certified beside `model`
+    out: str = "runs/${data.name}"
+    report_methods: list[str] = field(default_factory=lambda: ["certify", "cascade"])
     radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
     plot: bool = True
     flush_every: int = 200  # commit counts after this many finished rows …

@@ -37,7 +37,15 @@ def _first_sentence(exc: BaseException) -> str:
 
 
 def compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """The resolved config as a plain dict; a wrong key or value is a ConfigError naming it."""
+    """The resolved config as a plain dict; a wrong key or value is a ConfigError naming it.
+
+    For ``certify``: choosing a model on the command line without naming ``compare`` clears the
+    default comparison models (``raysmooth certify model=mine`` certifies just that model).
+    """
+    overrides = list(overrides)
+    if config_name == "certify" and any(o.startswith(("model=", "model.")) for o in overrides) \
+            and not any(o.lstrip("+~").startswith("compare") for o in overrides):
+        overrides.append("compare=[]")
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -78,21 +86,38 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg, sort_keys=False))
             return 0
-        from .runner import certify
+        from .runner import certify, report
 
-        result = certify(cfg)
+        models = [cfg] + [_with_model(cfg, overrides, name) for name in cfg.get("compare", [])]
+        names = [m["model"]["name"] for m in models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two models share a name (model.name): {names}")
+        results = []
+        for i, run_cfg in enumerate(models):
+            log.info("certifying %s (%d of %d)", run_cfg["model"]["name"], i + 1, len(models))
+            results.append(certify(run_cfg))
+        out = Path(cfg["out"]).expanduser().resolve()
+        plot = out / "certified_accuracy.png" if cfg.get("plot", True) else None
+        markdown = report(results, cfg["radii"], cfg["report_methods"], plot, title=f"{cfg['data']['name']}")
     except RaySmoothError as exc:
         print(f"raysmooth certify: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raysmooth certify: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(result.markdown)
+    print(markdown)
     print()
-    print(f"images: {result.images}, new counts rows: {result.rows_written}, time: {result.seconds:.1f} s")
-    print(f"output directory: {result.out_dir}")
-    print(f"counts table: {result.counts_dir}")
-    print(f"certificates table: {result.certificates_dir}")
-    if result.plot:
-        print(f"plot: {result.plot}")
+    for r in results:
+        print(f"{r.name}: {r.images} images, {r.rows_written} new counts rows, {r.seconds:.1f} s")
+    print(f"output directory: {out}")
+    for r in results:
+        print(f"  {r.name}: counts table {r.counts_dir}, certificates table {r.certificates_dir}")
+    if plot:
+        print(f"plot: {plot}")
     return 0
+
+
+def _with_model(cfg: dict[str, Any], overrides: list[str], name: str) -> dict[str, Any]:
+    """The run config with model group option ``name`` (validated like any model config)."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("model", "compare"))]
+    return {**cfg, "model": compose("certify", keep + [f"model={name}", "compare=[]"])["model"]}

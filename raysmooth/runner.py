@@ -33,14 +33,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class CertifyResult:
+    name: str
     out_dir: Path
-    counts_dir: Path
-    certificates_dir: Path
     images: int
     rows_written: int
     seconds: float
-    markdown: str
-    plot: Path | None
+
+    @property
+    def counts_dir(self) -> Path:
+        return self.out_dir / "counts"
+
+    @property
+    def certificates_dir(self) -> Path:
+        return self.out_dir / "certificates"
 
 
 def resolve_path(path: str | None) -> str | None:
@@ -192,7 +197,7 @@ def certify(cfg: dict[str, Any]) -> CertifyResult:
     if len(data) == 0:
         raise InputError("the test set is empty after subsampling")
     model = model_kwargs(cfg["model"])
-    out = Path(cfg["out"]).expanduser().resolve()
+    out = Path(cfg["out"]).expanduser().resolve() / cfg["model"]["name"]
     store = RunStore.create(out, counts_relevant_config(cfg), sigmas=list(sm["sigmas"]), n0=sm["n0"], n=sm["n"],
                             alpha=sm["alpha"], seed=sm["seed"], dataset=data.name, images=len(data))
     sigmas = [float(s) for s in sm["sigmas"]]
@@ -232,16 +237,22 @@ def certify(cfg: dict[str, Any]) -> CertifyResult:
     policies = sm["policies"] if sm["mode"] == "full" else sm["policies"][:1]
     certs = derive_certificates(view, alpha=sm["alpha"], p0=p0s, policies=policies)
     _append_new_certificates(store, certs)
+    return CertifyResult(cfg["model"]["name"], out, len(data), rows_written, time.perf_counter() - started)
 
+
+def report(results: list[CertifyResult], radii: list[float], methods: list[str], plot_path: Path | None,
+           title: str = "") -> str:
+    """One markdown table (and plot) over the certificates of several runs."""
     from .analysis import curves_from_certificates, format_markdown, plot_curves
 
-    curves = curves_from_certificates(store.read_certificates())
-    markdown = format_markdown(curves, cfg["radii"])
-    plot = None
-    if cfg.get("plot", True):
-        plot = plot_curves(curves, out / "certified_accuracy.png", title=f"{data.name}: {cfg['model']['base']}")
-    return CertifyResult(out, out / "counts", out / "certificates", len(data), rows_written,
-                         time.perf_counter() - started, markdown, plot)
+    curves = []
+    for r in results:
+        table = RunStore.open(r.out_dir).read_certificates()
+        prefix = f"{r.name}: " if len(results) > 1 else ""
+        curves += [c for c in curves_from_certificates(table, prefix) if c.source.removeprefix(prefix).split(" ")[0] in methods]
+    if plot_path is not None:
+        plot_curves(curves, plot_path, title=title)
+    return format_markdown(curves, radii)
 
 
 def _append_new_certificates(store: RunStore, certs) -> None:

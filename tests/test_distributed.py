@@ -97,8 +97,9 @@ def test_an_actor_killed_mid_run_changes_no_count(local_ray, images):
 def _cfg(tmp_path, **over):
     from raysmooth.jobs import compose
 
-    overrides = ["data=synthetic", "model=linear", f"out={tmp_path / 'run'}", "smoothing.n=300", "smoothing.n0=30",
-                 "smoothing.chunk=100", "ray.samples_per_task=200", "ray.num_actors=2", "plot=false", "flush_every=5"]
+    overrides = ["data=synthetic", "model=linear", f"out={tmp_path}", "smoothing.n=300", "smoothing.n0=30",
+                 "smoothing.chunk=100", "ray.samples_per_task=200", "ray.num_actors=2", "plot=false", "flush_every=5",
+                 "smoothing.p0=[0.5]"]
     return compose("certify", overrides + [f"{k}={v}" for k, v in over.items()])
 
 
@@ -129,12 +130,12 @@ def test_a_run_stopped_part_way_resumes_to_the_uninterrupted_tables(local_ray, t
     with pytest.raises(KeyboardInterrupt):
         runner.certify(_cfg(tmp_path / "b"))
     monkeypatch.setattr(runner._Progress, "__call__", original)
-    partial = RunStore.open(tmp_path / "b" / "run").read_counts().num_rows
+    partial = RunStore.open(tmp_path / "b" / "linear").read_counts().num_rows
     assert 0 < partial < 96
     resumed = runner.certify(_cfg(tmp_path / "b"))
     assert resumed.rows_written == 96 - partial
 
-    a, b = RunStore.open(tmp_path / "a" / "run"), RunStore.open(tmp_path / "b" / "run")
+    a, b = RunStore.open(tmp_path / "a" / "linear"), RunStore.open(tmp_path / "b" / "linear")
     keys = ["image_id", "sigma", "phase"]
     ca, cb = _sorted(a.read_counts(), keys), _sorted(b.read_counts(), keys)
     assert cb.num_rows == 96  # no duplicates
@@ -153,7 +154,7 @@ def test_running_again_adds_no_rows(local_ray, tmp_path):
 
     runner.certify(_cfg(tmp_path))
     again = runner.certify(_cfg(tmp_path))
-    store = RunStore.open(tmp_path / "run")
+    store = RunStore.open(tmp_path / "linear")
     assert again.rows_written == 0
     assert store.read_certificates().num_rows == 16 * (3 + 3 + 2)  # certify, predict per σ; two cascade policies
 
@@ -177,7 +178,7 @@ def test_cascade_mode_samples_lower_sigma_only_where_needed(local_ray, tmp_path)
     lazy = runner.certify(_cfg(tmp_path / "lazy", **{"smoothing.mode": "cascade", **common}))
     assert lazy.rows_written < full.rows_written
     pick = lambda t: _sorted(t.filter(pc.equal(t["method"], "cascade")), ["image_id"])  # noqa: E731
-    tf = pick(RunStore.open(tmp_path / "full" / "run").read_certificates())
-    tl = pick(RunStore.open(tmp_path / "lazy" / "run").read_certificates())
+    tf = pick(RunStore.open(tmp_path / "full" / "linear").read_certificates())
+    tl = pick(RunStore.open(tmp_path / "lazy" / "linear").read_certificates())
     assert tf.column("prediction").to_pylist() == tl.column("prediction").to_pylist()
     assert tf.column("radius").to_pylist() == tl.column("radius").to_pylist()

@@ -59,7 +59,7 @@ def test_ray_job_submit_runs_the_certify_job_and_writes_parquet(ray_head, tmp_pa
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"output directory: {out}" in proc.stdout
-    counts = pq.read_table(out / "counts")
+    counts = pq.read_table(out / "linear" / "counts")
     assert counts.num_rows == 16 * 3 * 2
-    certs = pq.read_table(out / "certificates")
+    certs = pq.read_table(out / "linear" / "certificates")
     assert certs.num_rows > 0

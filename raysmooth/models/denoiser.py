@@ -157,7 +157,7 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
         if (local.is_absolute() or str(cfg.path).startswith(".")) and not local.exists():
             raise ModelLoadError(f"{cfg.path}: no such denoiser folder")
         try:
-            unet = UNet2DModel.from_pretrained(cfg.path, subfolder=cfg.subfolder)
+            unet = UNet2DModel.from_pretrained(cfg.path, subfolder=cfg.subfolder, low_cpu_mem_usage=False)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelLoadError(f"{cfg.path}: cannot load a UNet2DModel from {cfg.subfolder or '.'} ({_first_line(exc)})") from None
         model_id = str(cfg.path)
