@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("raysmooth.jobs", fromlist=["certify_main"]).certify_main(a.overrides))
 
+    p = sub.add_parser("finetune", help="fine-tune a denoiser with Brier + anti-consistency losses (hydra overrides)", add_help=False)
+    p.add_argument("overrides", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("raysmooth.jobs", fromlist=["finetune_main"]).finetune_main(a.overrides))
+
     p = sub.add_parser("train-toy", help="train the embedded digits models (denoiser and classifiers)")
     p.add_argument("--out", help="folder for the models (default: the embedded ones in the package)")
     p.add_argument("--seed", type=int, default=0)

@@ -103,6 +103,9 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="certify_schema", node=CertifyCfg)
     cs.store(name="sweep_schema", node=SweepCfg)
+    from .finetune import FinetuneConfig
+
+    cs.store(name="finetune_schema", node=FinetuneConfig)
     cs.store(group="data", name="schema", node=DataCfg)
     cs.store(group="model", name="schema", node=ModelCfg)
     cs.store(group="smoothing", name="schema", node=SmoothingCfg)

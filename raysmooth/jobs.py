@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from .errors import ConfigError, RaySmoothError
 
-__all__ = ["compose", "certify_main", "CONFIG_DIR"]
+__all__ = ["compose", "certify_main", "finetune_main", "CONFIG_DIR"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("raysmooth")
@@ -121,3 +121,23 @@ def _with_model(cfg: dict[str, Any], overrides: list[str], name: str) -> dict[st
     """The run config with model group option ``name`` (validated like any model config)."""
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("model", "compare"))]
     return {**cfg, "model": compose("certify", keep + [f"model={name}", "compare=[]"])["model"]}
+
+
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/finetune.py [key=value …]``: fine-tune a denoiser; prints where it went."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    try:
+        cfg = compose("finetune", argv)
+        from .finetune import FinetuneConfig, finetune
+
+        folder = finetune(FinetuneConfig(**cfg))
+    except RaySmoothError as exc:
+        print(f"raysmooth finetune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raysmooth finetune: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    print(f"fine-tuned denoiser: {folder}")
+    print(f"use it with: raysmooth certify model=toy_dds model.denoiser.path={folder}")
+    return 0

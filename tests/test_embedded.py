@@ -1,0 +1,74 @@
+"""The embedded default: committed models load and certify, and the reported table is recomputed
+exactly by `raysmooth analyze` and `raysmooth sweep` from the stored counts alone."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from raysmooth.cli import main as cli
+from raysmooth.jobs import certify_main
+from raysmooth.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "raysmooth" / "embedded" / "digits"
+
+
+def test_the_committed_models_are_safetensors_with_cards_and_fit_the_budget():
+    files = [p for p in EMBEDDED.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 20e6
+    weights = [p for p in files if p.suffix in (".safetensors",)]
+    assert len(weights) == 4 and not [p for p in files if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+    for name in ("classifier", "classifier_noisy", "onestep"):
+        card = json.loads((EMBEDDED / f"{name}.json").read_text())
+        assert card["config"]["seed"] == 0 and "dataset" in card
+    card = json.loads((EMBEDDED / "denoiser" / "card.json").read_text())
+    assert set(card["test"]) == {"sigma_0.25", "sigma_0.5", "sigma_1.0"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    out = tmp_path_factory.mktemp("demo")
+    # The default job (three models, three σ) on 24 images and a small budget.
+    code = certify_main(["data.max_images=24", "smoothing.n=60", "smoothing.n0=10", f"out={out}", "ray.num_actors=2"])
+    assert code == 0
+    return out
+
+
+def test_the_default_job_certifies_all_three_methods_with_the_embedded_models(demo, capsys):
+    for name in ("dds", "diffsmooth", "onestep"):
+        store = RunStore.open(demo / name)
+        assert store.read_counts().num_rows == 24 * 3 * 2
+        methods = set(store.read_certificates().column("method").to_pylist())
+        assert methods == {"certify", "predict", "cascade"}
+    assert (demo / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analyze_recomputes_the_reported_table(demo, capsys):
+    capsys.readouterr()
+    assert certify_main(["data.max_images=24", "smoothing.n=60", "smoothing.n0=10", f"out={demo}", "plot=false"]) == 0
+    job_table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert cli(["analyze", str(demo), "--radii", "0,0.25,0.5,0.75,1,1.25,1.5"]) == 0
+    analyzed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    # The job reports certify and cascade rows; analyze also lists predict rows.
+    assert job_table[0] == analyzed[0]
+    assert set(job_table[2:]) <= set(analyzed[2:]) and len(job_table) > 10
+
+
+def test_sweep_from_counts_reproduces_the_stored_cascade_certificates(demo):
+    run = demo / "dds"
+    assert cli(["sweep", str(run), "--p0", "0.5:0.8:0.3", "--policy", "strict"]) == 0
+    sweep_dir = sorted((run / "sweeps").iterdir())[-1]
+    swept = RunStore.open(run).read_certificates(f"sweeps/{sweep_dir.name}")
+    stored = RunStore.open(run).read_certificates()
+    for p0 in (0.5, 0.8):
+        a = stored.filter(pc.and_(pc.equal(stored["p0"], p0), pc.equal(stored["policy"].cast("string"), "strict")))
+        b = swept.filter(pc.equal(swept["p0"], p0))
+        ia, ib = np.argsort(a["image_id"].to_numpy()), np.argsort(b["image_id"].to_numpy())
+        assert a.num_rows == b.num_rows == 24
+        assert np.array_equal(a["prediction"].to_numpy()[ia], b["prediction"].to_numpy()[ib])
+        assert np.array_equal(a["radius"].to_numpy()[ia], b["radius"].to_numpy()[ib])

@@ -1,0 +1,112 @@
+"""Diffusion fine-tuning: the losses on hand-built probabilities, where gradients go, and the job's
+checkpoints, resume and output."""
+
+import json
+
+import pytest
+import torch
+
+from raysmooth.errors import ConfigError
+from raysmooth.finetune import (
+    FinetuneConfig,
+    anti_consistency_loss,
+    brier_loss,
+    denoised_probs,
+    finetune,
+    finetune_loss,
+    majority_vote,
+)
+from raysmooth.models import load_classifier, load_denoiser
+
+from tiny_models import save_denoiser_folder, tiny_classifier_config
+
+
+def P(*rows):
+    return torch.tensor([rows], dtype=torch.float32)  # one image, m draws
+
+
+def test_brier_is_the_mean_squared_distance_to_the_one_hot_label():
+    probs = P([1.0, 0.0, 0.0], [0.5, 0.5, 0.0])
+    # draw 1: 0; draw 2: 0.25 + 0.25 = 0.5 → mean 0.25
+    assert brier_loss(probs, torch.tensor([0])).item() == pytest.approx(0.25)
+    assert brier_loss(probs, torch.tensor([2])).item() == pytest.approx((2.0 + 1.5) / 2)
+
+
+def test_majority_vote_counts_argmaxes_and_breaks_ties_low():
+    probs = P([0.1, 0.9, 0.0], [0.2, 0.7, 0.1], [0.9, 0.1, 0.0])
+    assert majority_vote(probs).item() == 1
+    assert majority_vote(P([0.9, 0.1], [0.1, 0.9])).item() == 0
+
+
+def test_anti_consistency_is_zero_when_the_majority_is_right():
+    probs = P([0.1, 0.9, 0.0], [0.2, 0.7, 0.1], [0.9, 0.1, 0.0])
+    assert anti_consistency_loss(probs, torch.tensor([1])).item() == 0.0
+
+
+def test_anti_consistency_is_positive_when_wrong_and_falls_as_draws_disagree():
+    consistent = P([0.0, 1.0, 0.0], [0.0, 1.0, 0.0])
+    split = P([0.0, 1.0, 0.0], [0.1, 0.6, 0.3])
+    opposite = P([0.0, 1.0, 0.0], [0.0, 0.0, 1.0])  # maximal disagreement of two draws
+    y = torch.tensor([0])
+    a, b, c = (anti_consistency_loss(p, y).item() for p in (consistent, split, opposite))
+    assert a == pytest.approx(1.0) and 0 < b < a and c == pytest.approx(0.0)
+
+
+def test_the_total_loss_weights_its_terms():
+    probs, y = P([0.0, 1.0], [0.0, 1.0]), torch.tensor([0])
+    out = finetune_loss(probs, y, brier_weight=2.0, ac_weight=3.0)
+    assert out["brier"].item() == pytest.approx(2.0)
+    assert out["anti_consistency"].item() == pytest.approx(1.0)
+    assert out["loss"].item() == pytest.approx(2 * 2.0 + 3 * 1.0)
+
+
+def test_gradients_reach_the_denoiser_and_never_the_classifier(tmp_path):
+    den = load_denoiser({"path": str(save_denoiser_folder(tmp_path / "d"))})
+    den.unet.requires_grad_(True).train()
+    clf = load_classifier(tiny_classifier_config())
+    clf.requires_grad_(False)
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    probs = denoised_probs(den, clf, x, torch.tensor([0.25, 0.5, 1.0]), 2, torch.Generator().manual_seed(0))
+    finetune_loss(probs, y)["loss"].backward()
+    grads = [p.grad for p in den.unet.parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    assert all(p.grad is None for p in clf.parameters())
+
+
+def _cfg(tmp_path, **kw):
+    folder = save_denoiser_folder(tmp_path / "src")
+    base = dict(denoiser={"path": str(folder)}, classifier=dict(tiny_classifier_config().__dict__), steps=4, batch_size=4,
+                draws=2, checkpoint_every=2, out=str(tmp_path / "ft"), threads=1)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def test_finetuning_checkpoints_resumes_and_writes_a_loadable_denoiser(tmp_path):
+    steps = []
+    cfg = _cfg(tmp_path)
+    cfg.steps = 2
+    finetune(cfg, progress=lambda s, row: steps.append(s))
+    cfg.steps = 4  # a longer run into the same folder continues from the checkpoint
+    out = finetune(cfg, progress=lambda s, row: steps.append(s))
+    assert steps == [1, 2, 3, 4]
+    lines = [json.loads(ln) for ln in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and all("anti_consistency" in r for r in lines)
+    den = load_denoiser({"path": str(out)})
+    before = load_denoiser({"path": str(tmp_path / "src")})
+    changed = any(not torch.equal(a, b) for a, b in zip(den.unet.state_dict().values(), before.unet.state_dict().values()))
+    assert changed
+    assert json.loads((out / "finetune_config.json").read_text())["draws"] == 2
+
+
+def test_lora_finetuning_merges_into_a_plain_unet(tmp_path):
+    pytest.importorskip("peft")
+    out = finetune(_cfg(tmp_path, lora_rank=2, steps=2), progress=lambda s, r: None)
+    den = load_denoiser({"path": str(out)})
+    assert not any("lora" in k for k in den.unet.state_dict())
+
+
+def test_bad_finetuning_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="draws"):
+        finetune(_cfg(tmp_path, draws=1), progress=lambda s, r: None)
+    with pytest.raises(ConfigError, match="lora_targets"):
+        finetune(_cfg(tmp_path, lora_rank=2, lora_targets=["nothing"]), progress=lambda s, r: None)
