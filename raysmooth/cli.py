@@ -181,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command not in ("certify", "finetune"):  # only the hydra jobs take free-form overrides
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
     except (RaySmoothError, FileNotFoundError, PermissionError) as exc:

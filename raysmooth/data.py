@@ -65,6 +65,11 @@ def subsample(data: TestSet, skip: int = 1, max_images: int | None = None, indic
     return data.take(rows)
 
 
+def subsamples_itself(name: str) -> bool:
+    """Loaders that read images from disk take skip/max_images themselves (never load what is skipped)."""
+    return getattr(_DATASETS.get(name), "subsamples", False)
+
+
 def load_dataset(name: str, **kwargs) -> TestSet:
     if name not in _DATASETS:
         raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(list_datasets())}")
@@ -101,3 +106,132 @@ def synthetic(num_images: int = 16, shape: Sequence[int] = (1, 8, 8), num_classe
     images = rng.random((num_images, *shape), dtype=np.float32)
     labels = rng.integers(0, num_classes, num_images)
     return TestSet("synthetic", images, labels, np.arange(num_images, dtype=np.int64), num_classes)
+
+
+# ---- data sets on disk -------------------------------------------------------------------------------
+class _ArrayUnpickler:
+    """Reads CIFAR-10's python batches (pickled dicts of numpy arrays) without executing arbitrary
+    code: only numpy's array reconstruction is allowed."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    @classmethod
+    def load(cls, path) -> dict:
+        import pickle
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module: str, name: str):
+                if (module, name) not in cls.ALLOWED:
+                    raise pickle.UnpicklingError(f"refused global {module}.{name}")
+                return super().find_class(module, name)
+
+        with open(path, "rb") as fh:
+            return Restricted(fh, encoding="bytes").load()
+
+
+@register_dataset
+def cifar10(split: str = "test", root: str | None = None, **_: object) -> TestSet:
+    """CIFAR-10 from its python batches (``cifar-10-batches-py``): ``root`` is that folder or its parent."""
+    import pickle
+    from pathlib import Path
+
+    if root is None:
+        raise ConfigError("data.root must point at the CIFAR-10 python batches (cifar-10-batches-py)")
+    base = Path(root)
+    if (base / "cifar-10-batches-py").is_dir():
+        base = base / "cifar-10-batches-py"
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else None
+    if names is None:
+        raise ConfigError(f"data.split must be train or test for cifar10, got {split!r}")
+    missing = [str(base / n) for n in names if not (base / n).is_file()]
+    if missing:
+        raise ConfigError(f"CIFAR-10 batch file(s) not found: {', '.join(missing)}")
+    images, labels = [], []
+    for name in names:
+        try:
+            batch = _ArrayUnpickler.load(base / name)
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise ConfigError(f"{base / name}: not a CIFAR-10 python batch ({exc})") from None
+        data = np.asarray(batch.get(b"data", batch.get("data")))
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ConfigError(f"{base / name}: expected data of shape (N, 3072), got {data.shape}")
+        images.append(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+        labels.append(np.asarray(batch.get(b"labels", batch.get("labels")), dtype=np.int64))
+    x, y = np.concatenate(images), np.concatenate(labels)
+    return TestSet(f"cifar10-{split}", x, y, np.arange(len(y), dtype=np.int64), 10)
+
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+def _folder_files(root) -> tuple[list, list[int], list[str]]:
+    from pathlib import Path
+
+    base = Path(root)
+    if not base.is_dir():
+        raise ConfigError(f"data.root: no such folder {base}")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not classes:
+        raise ConfigError(f"{base}: expected one sub-folder per class (e.g. ImageNet's n01440764/ …)")
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        for f in sorted((base / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(index)
+    if not files:
+        raise ConfigError(f"{base}: no images found")
+    return files, labels, classes
+
+
+def _load_images(files, transform) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            out.append(np.asarray(transform(im.convert("RGB")), dtype=np.float32))
+    return np.stack(out)
+
+
+@register_dataset
+def imagenet(split: str = "val", root: str | None = None, skip: int = 1, max_images: int | None = None,
+             **_: object) -> TestSet:
+    """ImageNet val as a class-folder tree (sorted synsets = the standard class indices), with the
+    references' Resize(256) + CenterCrop(224) (PIL, antialiased). Loaded eagerly after subsampling."""
+    from torchvision import transforms
+
+    if root is None:
+        raise ConfigError("data.root must point at the ImageNet val folder (one sub-folder per synset)")
+    files, labels, classes = _folder_files(root)
+    rows = np.arange(0, len(files), max(1, skip))[: max_images or None]
+    tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
+    images = _load_images([files[i] for i in rows], tf)
+    return TestSet(f"imagenet-{split}", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), max(1000, len(classes)))
+
+
+@register_dataset
+def image_folder(root: str | None = None, size: Sequence[int] | None = None, num_classes: int | None = None,
+                 skip: int = 1, max_images: int | None = None, **_: object) -> TestSet:
+    """Any class-folder tree; images resized (and centre-cropped) to ``size`` = (H, W)."""
+    from torchvision import transforms
+
+    if root is None or size is None:
+        raise ConfigError("image_folder needs data.root and data.options.size=[H, W]")
+    files, labels, classes = _folder_files(root)
+    rows = np.arange(0, len(files), max(1, skip))[: max_images or None]
+    tf = transforms.Compose([transforms.Resize(min(size)), transforms.CenterCrop(tuple(size)), transforms.ToTensor()])
+    images = _load_images([files[i] for i in rows], tf)
+    return TestSet("image_folder", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), num_classes or len(classes))
+
+
+imagenet.subsamples = True  # type: ignore[attr-defined]
+image_folder.subsamples = True  # type: ignore[attr-defined]

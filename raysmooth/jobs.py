@@ -69,6 +69,27 @@ def compose(config_name: str, overrides: Sequence[str]) -> dict[str, Any]:
     return resolved  # type: ignore[return-value]
 
 
+def _usage(job: str) -> str:
+    lines = [f"usage: raysmooth {job} [--print-config] [key=value | group=option …]", "",
+             f"Hydra overrides of configs/{job}.yaml; every key is typed and checked."]
+    if job == "certify":
+        lines.append("groups and options:")
+        for group in ("data", "model", "smoothing", "engine", "ray"):
+            options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+            lines.append(f"  {group}: {', '.join(options)}")
+        lines.append("examples: raysmooth certify model=toy_onestep smoothing.n=2000 'smoothing.p0=[0.7]' out=/tmp/run")
+    return "\n".join(lines)
+
+
+def _failed(job: str, exc: BaseException, resume_hint: str) -> int:
+    """One line on stderr and the exit status: 2 for a user mistake, 130 for an interrupt."""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"raysmooth {job}: interrupted; {resume_hint}", file=sys.stderr)
+        return 130
+    print(f"raysmooth {job}: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s raysmooth %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
@@ -76,6 +97,9 @@ def _setup_logging() -> None:
 def certify_main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/certify.py [--print-config] key=value …``"""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(_usage("certify"))
+        return 0
     show = "--print-config" in argv
     overrides = [a for a in argv if a != "--print-config"]
     _setup_logging()
@@ -99,12 +123,8 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
         out = Path(cfg["out"]).expanduser().resolve()
         plot = out / "certified_accuracy.png" if cfg.get("plot", True) else None
         markdown = report(results, cfg["radii"], cfg["report_methods"], plot, title=f"{cfg['data']['name']}")
-    except RaySmoothError as exc:
-        print(f"raysmooth certify: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("raysmooth certify: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except (RaySmoothError, KeyboardInterrupt) as exc:
+        return _failed("certify", exc, "run the same command again to resume")
     print(markdown)
     print()
     for r in results:
@@ -126,18 +146,17 @@ def _with_model(cfg: dict[str, Any], overrides: list[str], name: str) -> dict[st
 def finetune_main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/finetune.py [key=value …]``: fine-tune a denoiser; prints where it went."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(_usage("finetune"))
+        return 0
     _setup_logging()
     try:
         cfg = compose("finetune", argv)
         from .finetune import FinetuneConfig, finetune
 
         folder = finetune(FinetuneConfig(**cfg))
-    except RaySmoothError as exc:
-        print(f"raysmooth finetune: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("raysmooth finetune: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 130
+    except (RaySmoothError, KeyboardInterrupt) as exc:
+        return _failed("finetune", exc, "run the same command again to resume from the last checkpoint")
     print(f"fine-tuned denoiser: {folder}")
     print(f"use it with: raysmooth certify model=toy_dds model.denoiser.path={folder}")
     return 0

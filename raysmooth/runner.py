@@ -19,7 +19,7 @@ import numpy as np
 
 from . import stats
 from .certificates import counts_view, derive_certificates
-from .data import TestSet, load_dataset, subsample
+from .data import TestSet, load_dataset, subsample, subsamples_itself
 from .distributed import ActorSpec, Driver, FinishedRow, Planner, start_actors
 from .engine import validate_sampling
 from .errors import ConfigError, InputError
@@ -99,6 +99,9 @@ def counts_relevant_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def load_test_set(data: dict[str, Any]) -> TestSet:
     options = dict(data.get("options") or {})
+    if subsamples_itself(data["name"]) and not data.get("indices"):
+        options.update(skip=data.get("skip", 1), max_images=data.get("max_images"))
+        return load_dataset(data["name"], split=data.get("split", "test"), root=resolve_path(data.get("root")), **options)
     full = load_dataset(data["name"], split=data.get("split", "test"), root=resolve_path(data.get("root")), **options)
     return subsample(full, data.get("skip", 1), data.get("max_images"), data.get("indices"))
 

@@ -13,6 +13,7 @@ from statsmodels.stats.proportion import multinomial_proportions_confint, propor
 from raysmooth.stats import ABSTAIN, Level, Reason, SparseCounts, cascade_certify, cascade_sweep, certify, cp_lower, cp_upper
 
 from helpers import random_levels
+from test_counts import _paper_reduction
 
 
 def _level(sigma, selection, estimation):
@@ -83,20 +84,7 @@ def _reference_oracle(levels, p0, alpha):
             if lo >= p0:
                 r_neg = -100.0
                 for sig_j, est_j, c_j in seen:
-                    counts = est_j.copy()
-                    r = [counts[c]]
-                    counts[c] = 0
-                    pool = 0
-                    for v in sorted(counts, reverse=True):
-                        if v >= 5:
-                            r.append(v)
-                        else:
-                            pool += v
-                            if pool >= 5:
-                                r.append(pool)
-                                pool = 0
-                    if pool > 0:
-                        r[-1] += pool
+                    r = _paper_reduction(est_j, c)
                     if len(r) <= 2:
                         p_b = 1 - _cp(est_j[c_j], est_j.sum(), a)[0]
                     else:
