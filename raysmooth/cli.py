@@ -141,6 +141,21 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- convert-adm ---------------------------------------------------------------------------------
+def cmd_convert_adm(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .models.adm import ADM_PRESETS, convert_adm_checkpoint
+
+    cfg = ADM_PRESETS[args.preset]
+    if args.image_size:
+        cfg = replace(cfg, image_size=args.image_size)
+    out = convert_adm_checkpoint(args.src, args.dst, cfg)
+    print(f"diffusers folder: {out}")
+    print(f"use it with: model.denoiser.path={out}")
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysmooth", description=__doc__.splitlines()[0])
@@ -161,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train_toy)
+
+    p = sub.add_parser("convert-adm", help="convert an OpenAI ADM .pt (improved-/guided-diffusion) to a diffusers folder")
+    p.add_argument("src", metavar="IN.pt")
+    p.add_argument("dst", metavar="OUT_DIR")
+    p.add_argument("--preset", choices=("cifar10", "imagenet256"), required=True,
+                   help="cifar10: cifar10_uncond_50M_500K.pt; imagenet256: 256x256_diffusion_uncond.pt")
+    p.add_argument("--image-size", type=int, help="override the preset's image size (ADM is fully convolutional)")
+    p.set_defaults(func=cmd_convert_adm)
 
     p = sub.add_parser("analyze", help="certified accuracy, ACR and abstention of runs or reference TSV files")
     p.add_argument("paths", nargs="+", metavar="PATH", help="run directory, sweep directory or certify TSV")

@@ -39,7 +39,8 @@ class DenoiserConfig:
     weights: str | None = None
     unet: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
-    timestep_scale: float = 1.0  # improved-diffusion's rescale_timesteps feeds t·1000/T
+    timestep_scale: float | None = None  # t·scale is fed to the UNet; None: the folder's raysmooth.json, else 1
+                                         # (improved-diffusion's rescale_timesteps: 1000/T)
     steps: int = 1  # 1 = one-shot; more = that many reverse steps from t* to 0
     eta: float = 0.0  # multi-step only: 0 = DDIM (deterministic), 1 = DDPM-like ancestral steps
     extra: dict[str, Any] = field(default_factory=dict)
@@ -177,8 +178,12 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
     else:
         raise ModelLoadError("a denoiser needs either denoiser.path (diffusers folder or hub id) or denoiser.weights")
     acp = schedule_from_config(_scheduler_config(cfg))
+    scale = cfg.timestep_scale
+    if scale is None:  # a converted ADM folder says how its model was told the timestep
+        info = Path(cfg.path) / "raysmooth.json" if cfg.path else None
+        scale = json.loads(info.read_text()).get("timestep_scale", 1.0) if info is not None and info.is_file() else 1.0
     unet.eval().requires_grad_(False)
-    return DiffusionDenoiser(unet, acp, timestep_scale=cfg.timestep_scale, steps=cfg.steps, eta=cfg.eta, model_id=model_id)
+    return DiffusionDenoiser(unet, acp, timestep_scale=scale, steps=cfg.steps, eta=cfg.eta, model_id=model_id)
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
