@@ -30,6 +30,7 @@ class ClassifierConfig:
     in_chans: int = 3
     pretrained: bool = False
     checkpoint: str | None = None
+    checkpoint_format: str = "timm"  # timm | hf_vit (a transformers ViTForImageClassification file or folder)
     input_size: Sequence[int] | None = None  # (H, W); default: the model's pretrained config
     interpolation: str | None = None  # bicubic | bilinear | nearest
     mean: Sequence[float] | None = None
@@ -70,12 +71,12 @@ class NormalizedClassifier(nn.Module):
         return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 
-def create_timm_model(cfg: ClassifierConfig) -> nn.Module:
+def create_timm_model(cfg: ClassifierConfig, **extra: Any) -> nn.Module:
     import timm
 
     try:
         return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=cfg.num_classes,
-                                 in_chans=cfg.in_chans, **cfg.model_kwargs)
+                                 in_chans=cfg.in_chans, **cfg.model_kwargs, **extra)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ModelLoadError(f"classifier.name: timm has no model {cfg.name!r}") from None
@@ -98,9 +99,35 @@ def load_classifier(cfg: ClassifierConfig | dict) -> NormalizedClassifier:
     """``timm.create_model`` plus our local checkpoint (loaded without executing pickles)."""
     if isinstance(cfg, dict):
         cfg = ClassifierConfig(**cfg)
-    model = create_timm_model(cfg)
-    if cfg.checkpoint:
-        state = unwrap_state_dict(load_state_dict_file(cfg.checkpoint), cfg.checkpoint)
-        load_strict(model, state, cfg.checkpoint)
+    if cfg.checkpoint_format == "hf_vit":
+        model = _load_hf_vit(cfg)
+    elif cfg.checkpoint_format == "timm":
+        model = create_timm_model(cfg)
+        if cfg.checkpoint:
+            state = unwrap_state_dict(load_state_dict_file(cfg.checkpoint), cfg.checkpoint)
+            load_strict(model, state, cfg.checkpoint)
+    else:
+        raise ModelLoadError(f"classifier.checkpoint_format must be timm or hf_vit, got {cfg.checkpoint_format!r}")
     model.eval().requires_grad_(False)
     return NormalizedClassifier(model, contract_for(model, cfg), cfg.num_classes, model_id=cfg.checkpoint or cfg.name)
+
+
+def _load_hf_vit(cfg: ClassifierConfig) -> nn.Module:
+    """A transformers ViT checkpoint in the timm ViT named by ``cfg.name`` (same sizes)."""
+    from functools import partial
+    from pathlib import Path
+
+    from .hf_vit import hf_vit_layer_norm_eps, hf_vit_to_timm
+
+    if not cfg.checkpoint:
+        raise ModelLoadError("classifier.checkpoint_format=hf_vit needs classifier.checkpoint (file or folder)")
+    path = Path(cfg.checkpoint)
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise ModelLoadError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+        path = found[0]
+    model = create_timm_model(cfg, norm_layer=partial(nn.LayerNorm, eps=hf_vit_layer_norm_eps(path)))
+    state = hf_vit_to_timm(unwrap_state_dict(load_state_dict_file(path), str(path)), str(path))
+    load_strict(model, state, str(path))
+    return model
