@@ -68,6 +68,7 @@ class RayCfg:
     samples_per_task: int = 4000  # units are grouped into tasks of about this many samples
     max_restarts: int = -1
     task_timeout_s: float | None = None  # re-queue a task that takes longer (hung or pending actor)
+    give_up_after_s: float = 600.0  # stop (resumably) when no actor has finished a task for this long
     local_cpus: int | None = None  # CPUs of a local cluster started by the job
 
 

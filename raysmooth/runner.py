@@ -70,8 +70,13 @@ def model_kwargs(model: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"model.base={base} needs model.{name}")
         section = copy.deepcopy(dict(section))
         for key in keys:
-            if section.get(key):
-                section[key] = resolve_path(section[key])
+            value = section.get(key)
+            if not value or str(value).startswith("hf://"):
+                continue
+            section[key] = resolve_path(value)
+            if not Path(section[key]).exists():  # say so now, not from inside a Ray actor
+                raise ConfigError(f"model.{name}.{key}: {value} not found (relative paths are tried from the working "
+                                  f"directory and from {REPO_ROOT}; see the comments in the model's config file)")
         return section
 
     if base in ("dds", "diffsmooth"):
@@ -324,7 +329,7 @@ def _sample(cfg: dict[str, Any], data: TestSet, model: dict[str, Any], sigmas: l
     progress = _Progress(len(data))
     driver = Driver(actors, images, planner, on_rows=on_rows, max_in_flight_per_actor=ray_cfg["max_in_flight_per_actor"],
                     samples_per_task=ray_cfg["samples_per_task"], task_timeout_s=ray_cfg.get("task_timeout_s"),
-                    progress=progress)
+                    progress=progress, give_up_after_s=ray_cfg.get("give_up_after_s", 600.0))
     try:
         driver.run()
     finally:

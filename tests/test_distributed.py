@@ -182,3 +182,13 @@ def test_cascade_mode_samples_lower_sigma_only_where_needed(local_ray, tmp_path)
     tl = pick(RunStore.open(tmp_path / "lazy" / "linear").read_certificates())
     assert tf.column("prediction").to_pylist() == tl.column("prediction").to_pylist()
     assert tf.column("radius").to_pylist() == tl.column("radius").to_pylist()
+
+
+def test_a_run_whose_actors_are_all_gone_stops_with_one_clear_error(local_ray, images):
+    from raysmooth.distributed import DistributedError
+
+    actors = start_actors(ActorSpec(1, 1, 0, 0), MODEL, SIGMAS, 5, ENGINE, 1)  # no restarts
+    ray.get(actors[0].describe.remote())
+    ray.kill(actors[0], no_restart=True)
+    with pytest.raises(DistributedError, match="no actor has finished a task"):
+        _drive(actors, images, _planner(images), give_up_after_s=2.0)

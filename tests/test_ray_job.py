@@ -1,10 +1,18 @@
-"""End to end: `ray start --head`, `ray job submit jobs/certify.py`, read the Parquet tables, `ray stop`."""
+"""End to end: `ray start --head`, `ray job submit jobs/certify.py`, read the Parquet tables, stop the head.
+
+The head runs with `--block` in its own process group, and teardown ends that group only: `ray stop`
+would also kill any other Ray cluster on the machine.
+"""
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,37 +20,56 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _ray_bin() -> str:
+def _ray_bin() -> str | None:
     exe = Path(sys.executable).parent / "ray"
     return str(exe) if exe.exists() else shutil.which("ray")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     ray_bin = _ray_bin()
     if ray_bin is None:
         pytest.skip("the ray CLI is not installed")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    # The job's `python` must be this environment's, as it is on a cluster node that installed raysmooth.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    import tempfile
-
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # The job's `python` must be this environment's, as it is on a cluster node that installed raysmooth.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # unix socket paths must stay under 108 bytes
-    start = subprocess.run(
-        [ray_bin, "start", "--head", "--port=0", "--dashboard-port=8265", "--num-cpus=2", "--num-gpus=0",
-         "--object-store-memory=200000000", "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=env, capture_output=True, text=True, timeout=180,
+    dashboard = _free_port()
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", "--num-gpus=0", "--object-store-memory=200000000", "--disable-usage-stats",
+         f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    assert start.returncode == 0, start.stderr[-2000:]
+    url = f"http://127.0.0.1:{dashboard}"
     try:
-        yield ray_bin, env
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except OSError:
+                if head.poll() is not None or time.time() > deadline:
+                    pytest.fail("the Ray head did not come up")
+                time.sleep(1)
+        yield ray_bin, env, url
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head takes its cluster down with it
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -50,9 +77,9 @@ def ray_head(tmp_path):
 def test_ray_job_submit_runs_the_certify_job_and_writes_parquet(ray_head, tmp_path):
     import pyarrow.parquet as pq
 
-    ray_bin, env = ray_head
+    ray_bin, env, url = ray_head
     out = tmp_path / "out"
-    cmd = [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(ROOT),
+    cmd = [ray_bin, "job", "submit", "--address", url, "--working-dir", str(ROOT),
            "--runtime-env-json", '{"excludes": [".venv", "runs", "bench/results", ".git"]}', "--",
            "python", "jobs/certify.py", "data=synthetic", "model=linear", "smoothing.n=200", "smoothing.n0=20",
            "ray.num_actors=1", "plot=false", f"out={out}"]

@@ -85,7 +85,7 @@ class Driver:
     def __init__(self, actors: list, images: Mapping[int, np.ndarray], planner: Planner, *,
                  on_rows: Callable[[list[FinishedRow]], None], max_in_flight_per_actor: int = 2,
                  samples_per_task: int = 4000, task_timeout_s: float | None = None,
-                 progress: Callable[[Planner, float], None] | None = None, max_failures: int = 20):
+                 progress: Callable[[Planner, float], None] | None = None, give_up_after_s: float = 600.0):
         self.actors = list(actors)
         self.images = images
         self.planner = planner
@@ -94,9 +94,11 @@ class Driver:
         self.samples_per_task = max(1, samples_per_task)
         self.task_timeout_s = task_timeout_s
         self.progress = progress
-        self.max_failures = max_failures
-        self.failures = 0
+        self.give_up_after_s = give_up_after_s
         self.retried_units = 0
+        self._strikes: dict = {}  # actor -> consecutive failures
+        self._cooldown: dict = {}  # actor -> monotonic time before which it gets no work
+        self._last_success = time.monotonic()
 
     def _submit(self, actor, in_flight: dict, load: dict) -> bool:
         units = self.planner.take(self.samples_per_task)
@@ -109,9 +111,13 @@ class Driver:
         return True
 
     def _fill(self, in_flight: dict, load: dict) -> None:
-        # Round-robin: give every actor one task before any gets a second.
+        # Round-robin: give every actor one task before any gets a second; skip actors that just
+        # failed (Ray is restarting them) until their back-off has passed.
+        now = time.monotonic()
         for depth in range(self.max_in_flight):
             for actor in self.actors:
+                if self._cooldown.get(actor, 0.0) > now:
+                    continue
                 if load.get(actor, 0) <= depth and self.planner.has_work():
                     self._submit(actor, in_flight, load)
 
@@ -122,8 +128,20 @@ class Driver:
         in_flight: dict = {}
         load: dict = {}
         started = time.monotonic()
-        self._fill(in_flight, load)
-        while in_flight:
+        self._last_success = started
+        while True:
+            self._fill(in_flight, load)
+            if not in_flight:
+                if not self.planner.has_work():
+                    break
+                # Every actor is backing off after failures: wait for Ray to bring them back.
+                if time.monotonic() - self._last_success > self.give_up_after_s:
+                    raise DistributedError(
+                        f"no actor has finished a task for {self.give_up_after_s:.0f} s; the cluster has no healthy "
+                        "replica (see `ray status`); run the same command again to resume"
+                    )
+                time.sleep(0.5)
+                continue
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             now = time.monotonic()
             if not ready and self.task_timeout_s:
@@ -137,7 +155,7 @@ class Driver:
                 try:
                     keys, counts, _seconds = ray.get(ref)
                 except RayActorError as exc:
-                    log.warning("actor died (%s); re-queueing %d units", type(exc).__name__, len(units))
+                    log.warning("actor lost (%s); re-queueing %d units", type(exc).__name__, len(units))
                     self._lost(ref, in_flight, load)
                     continue
                 except RayTaskError as exc:
@@ -154,16 +172,22 @@ class Driver:
                     finished += self.planner.complete(unit, c)
                 if finished:
                     self.on_rows(finished)
-                self.failures = 0
-            self._fill(in_flight, load)
+                self._strikes[actor] = 0
+                self._last_success = time.monotonic()
             if self.progress:
                 self.progress(self.planner, time.monotonic() - started)
 
     def _lost(self, ref, in_flight: dict, load: dict) -> None:
+        """Re-queue a lost task's units for any actor; back off from the one that lost them."""
         actor, units, _ = in_flight.pop(ref)
         load[actor] -= 1
         self.planner.requeue(units)
         self.retried_units += len(units)
-        self.failures += 1
-        if self.failures > self.max_failures:
-            raise DistributedError(f"{self.failures} task failures in a row; no healthy actor is left to run the work")
+        strikes = self._strikes.get(actor, 0) + 1
+        self._strikes[actor] = strikes
+        self._cooldown[actor] = time.monotonic() + min(60.0, 0.5 * 2 ** (strikes - 1))
+        if time.monotonic() - self._last_success > self.give_up_after_s:
+            raise DistributedError(
+                f"no actor has finished a task for {self.give_up_after_s:.0f} s; the cluster has no healthy replica "
+                "(see `ray status`); run the same command again to resume"
+            )

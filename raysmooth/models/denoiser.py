@@ -27,7 +27,7 @@ __all__ = ["DenoiserConfig", "DiffusionDenoiser", "load_denoiser", "schedule_fro
 class DenoiserConfig:
     """Where a denoiser comes from and how it denoises.
 
-    Either ``path`` (a diffusers folder or hub id, read with ``from_pretrained``; the UNet in
+    Either ``path`` (a diffusers folder, or ``hf://owner/name`` for a hub id, read with ``from_pretrained``; the UNet in
     ``subfolder`` and the noise schedule in ``scheduler_subfolder``) or ``weights`` (our own
     safetensors) with ``unet`` (the ``UNet2DModel`` config) and ``scheduler`` (``DDPMScheduler``
     arguments).
@@ -136,7 +136,7 @@ def _scheduler_config(cfg: DenoiserConfig) -> dict[str, Any]:
     from diffusers import DDPMScheduler
 
     try:
-        sched = DDPMScheduler.from_pretrained(cfg.path, subfolder=cfg.scheduler_subfolder)
+        sched = DDPMScheduler.from_pretrained(str(cfg.path).removeprefix("hf://"), subfolder=cfg.scheduler_subfolder)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{cfg.path}: no noise schedule in {cfg.scheduler_subfolder or '.'} ({_first_line(exc)})") from None
     return dict(sched.config)
@@ -154,11 +154,13 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
     from diffusers import UNet2DModel
 
     if cfg.path is not None and cfg.weights is None:
-        local = Path(cfg.path)
-        if (local.is_absolute() or str(cfg.path).startswith(".")) and not local.exists():
-            raise ModelLoadError(f"{cfg.path}: no such denoiser folder")
+        source = str(cfg.path)
+        if source.startswith("hf://"):
+            source = source[len("hf://"):]  # a hub id (needs the network or a warm cache)
+        elif not Path(source).is_dir():
+            raise ModelLoadError(f"{cfg.path}: no such denoiser folder (for a hub id write hf://owner/name)")
         try:
-            unet = UNet2DModel.from_pretrained(cfg.path, subfolder=cfg.subfolder, low_cpu_mem_usage=False)
+            unet = UNet2DModel.from_pretrained(source, subfolder=cfg.subfolder, low_cpu_mem_usage=False)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelLoadError(f"{cfg.path}: cannot load a UNet2DModel from {cfg.subfolder or '.'} ({_first_line(exc)})") from None
         model_id = str(cfg.path)
@@ -180,7 +182,7 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
     acp = schedule_from_config(_scheduler_config(cfg))
     scale = cfg.timestep_scale
     if scale is None:  # a converted ADM folder says how its model was told the timestep
-        info = Path(cfg.path) / "raysmooth.json" if cfg.path else None
+        info = Path(cfg.path) / "raysmooth.json" if cfg.path and not str(cfg.path).startswith("hf://") else None
         scale = json.loads(info.read_text()).get("timestep_scale", 1.0) if info is not None and info.is_file() else 1.0
     unet.eval().requires_grad_(False)
     return DiffusionDenoiser(unet, acp, timestep_scale=scale, steps=cfg.steps, eta=cfg.eta, model_id=model_id)
