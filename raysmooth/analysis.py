@@ -215,7 +215,8 @@ def format_csv(curves: Sequence[Curve], radii: Sequence[float]) -> str:
 
 
 def plot_curves(curves: Sequence[Curve], path: Path | str, title: str = "") -> Path:
-    """Certified accuracy against radius, one line per curve, written as PNG."""
+    """Certified accuracy against radius as PNG: one panel per model (the part of a source before
+    ': '), single-σ curves solid, strict cascades dashed, reference cascades dotted."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless; never TkAgg
@@ -224,18 +225,26 @@ def plot_curves(curves: Sequence[Curve], path: Path | str, title: str = "") -> P
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise AnalysisError(f"{path}: the folder {path.parent} does not exist")
+    panels: dict[str, list[Curve]] = {}
+    for c in curves:
+        group, _, label = c.source.rpartition(": ")
+        panels.setdefault(group, []).append(Curve(label, c.radius, c.correct, c.abstained))
     top = max((float(np.max(c.radius)) for c in curves if len(c.radius)), default=1.0)
     grid = np.linspace(0.0, max(top * 1.05, 0.1), 400)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for c in curves:
-        ax.plot(grid, c.certified_accuracy(grid), label=c.source, linewidth=1.6)
-    ax.set_xlabel("L2 radius (pixels in [0, 1])")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper right")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=110, squeeze=False, sharey=True)
+    for ax, (group, members) in zip(axes[0], panels.items()):
+        colors = plt.get_cmap("tab10")
+        for i, c in enumerate(members):
+            style = ":" if "reference" in c.source else "--" if c.source.startswith("cascade") else "-"
+            ax.plot(grid, c.certified_accuracy(grid), style, color=colors(i % 10), label=c.source, linewidth=1.6)
+        ax.set_xlabel("L2 radius (pixels in [0, 1])")
+        ax.set_title(group or title)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0][0].set_ylabel("certified accuracy")
+    if title and len(panels) > 1:
+        fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f"_{path.name}.tmp.png")
     fig.savefig(tmp)
