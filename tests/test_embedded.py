@@ -20,8 +20,12 @@ EMBEDDED = ROOT / "raysmooth" / "embedded" / "digits"
 def test_the_committed_models_are_safetensors_with_cards_and_fit_the_budget():
     files = [p for p in EMBEDDED.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20e6
-    weights = [p for p in files if p.suffix in (".safetensors",)]
-    assert len(weights) == 4 and not [p for p in files if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+    weights = sorted(str(p.relative_to(EMBEDDED)) for p in files if p.suffix == ".safetensors")
+    assert weights == ["classifier.safetensors", "classifier_noisy.safetensors",
+                       "denoiser/unet/diffusion_pytorch_model.safetensors",
+                       "denoiser_ft/unet/diffusion_pytorch_model.safetensors", "onestep.safetensors"]
+    assert not [p for p in files if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+    assert (EMBEDDED / "denoiser_ft" / "finetune_config.json").is_file()  # the recipe travels with the weights
     for name in ("classifier", "classifier_noisy", "onestep"):
         card = json.loads((EMBEDDED / f"{name}.json").read_text())
         assert card["config"]["seed"] == 0 and "dataset" in card
