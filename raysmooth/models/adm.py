@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ModelLoadError
-from .checkpoints import load_state_dict_file
+from .checkpoints import load_state_dict_file, mismatch
 
 __all__ = ["ADMConfig", "ADM_PRESETS", "adm_key_shapes", "adm_to_diffusers", "unet_config", "convert_adm_checkpoint",
            "deinterleave_qkv"]
@@ -225,19 +225,9 @@ def _map_attention(sd: dict, adm: str, dif: str, heads: int) -> dict:
 
 
 def _check_layout(sd: dict, cfg: ADMConfig, source: str) -> None:
-    expected = adm_key_shapes(cfg)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {v}" for k, v in expected.items() if k in sd and tuple(sd[k].shape) != v]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0]}")
-        raise ModelLoadError(f"{source}: not an ADM checkpoint of this config: {'; '.join(parts)}")
+    problem = mismatch(adm_key_shapes(cfg), sd)
+    if problem:
+        raise ModelLoadError(f"{source}: not an ADM checkpoint of this config: {problem}")
 
 
 def adm_to_diffusers(sd: dict[str, torch.Tensor], cfg: ADMConfig, source: str = "checkpoint") -> dict[str, torch.Tensor]:

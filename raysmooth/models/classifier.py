@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from .checkpoints import load_state_dict_file, unwrap_state_dict
-from .denoiser import load_strict
+from .checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
 
 __all__ = ["ClassifierConfig", "InputContract", "NormalizedClassifier", "create_timm_model", "load_classifier"]
 

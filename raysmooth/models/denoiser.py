@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from .checkpoints import load_state_dict_file
+from .checkpoints import load_state_dict_file, load_strict
 from .schedule import alphas_cumprod as _acp
 from .schedule import cosine_betas, noise_ratio
 
@@ -175,7 +175,7 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
         except TypeError as exc:
             raise ModelLoadError(f"denoiser.unet is not a UNet2DModel config ({exc})") from None
         state = load_state_dict_file(cfg.weights)
-        _load_strict(unet, state, cfg.weights)
+        load_strict(unet, state, cfg.weights)
         model_id = str(cfg.weights)
     else:
         raise ModelLoadError("a denoiser needs either denoiser.path (diffusers folder or hub id) or denoiser.weights")
@@ -187,24 +187,3 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
     unet.eval().requires_grad_(False)
     return DiffusionDenoiser(unet, acp, timestep_scale=scale, steps=cfg.steps, eta=cfg.eta, model_id=model_id)
 
-
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with a one-line error that names the first mismatches."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
-        raise ModelLoadError(f"{source}: checkpoint does not fit the model: {'; '.join(parts)}")
-    module.load_state_dict(state, strict=True)
-
-
-# Re-exported for the classifier loader.
-load_strict = _load_strict

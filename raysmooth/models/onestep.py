@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import load_state_dict_file, unwrap_state_dict
+from .checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
 from .classifier import ClassifierConfig, create_timm_model
-from .denoiser import load_strict
 
 __all__ = ["OneStepConfig", "NoiseConditionedClassifier", "load_onestep", "noise_level_channel"]
 
