@@ -51,12 +51,13 @@ def validate_sampling(sigmas: Sequence[float], n0: int, n: int) -> None:
         raise InputError(f"n0 and n must be at least 1, got n0={n0}, n={n}")
 
 
-def validate_images(images: np.ndarray | torch.Tensor, labels: np.ndarray | None, base: BaseClassifier,
-                    num_classes: int | None = None) -> None:
-    """Shape, dtype, range and finiteness of a whole test set, and its classes against the model's."""
+def validate_images(images: np.ndarray | torch.Tensor, labels: np.ndarray | None, input_shape: Sequence[int],
+                    model_classes: int, num_classes: int | None = None) -> None:
+    """Shape, dtype, range and finiteness of a whole test set, and its classes against the model's
+    (``input_shape`` and ``model_classes`` of the base classifier)."""
     shape = tuple(images.shape)
-    if len(shape) != 4 or tuple(shape[1:]) != tuple(base.input_shape):
-        raise InputError(f"images must have shape (N, {', '.join(map(str, base.input_shape))}) for this model, got {shape}")
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(input_shape):
+        raise InputError(f"images must have shape (N, {', '.join(map(str, input_shape))}) for this model, got {shape}")
     is_float = images.dtype.is_floating_point if isinstance(images, torch.Tensor) else np.issubdtype(images.dtype, np.floating)
     if not is_float:
         raise InputError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
@@ -66,14 +67,14 @@ def validate_images(images: np.ndarray | torch.Tensor, labels: np.ndarray | None
     lo, hi = float(arr.min()), float(arr.max())
     if lo < 0.0 or hi > 1.0:
         raise InputError(f"images must lie in [0, 1] (noise is added in that space), got values in [{lo:.3g}, {hi:.3g}]")
-    if num_classes is not None and num_classes != base.num_classes:
-        raise InputError(f"the data has {num_classes} classes but the classifier predicts {base.num_classes}")
+    if num_classes is not None and num_classes != model_classes:
+        raise InputError(f"the data has {num_classes} classes but the classifier predicts {model_classes}")
     if labels is not None:
         labels = np.asarray(labels)
         if len(labels) != shape[0]:
             raise InputError(f"{shape[0]} images but {len(labels)} labels")
-        if len(labels) and (labels.min() < 0 or labels.max() >= base.num_classes):
-            raise InputError(f"labels must lie in [0, {base.num_classes}) for this classifier, got [{labels.min()}, {labels.max()}]")
+        if len(labels) and (labels.min() < 0 or labels.max() >= model_classes):
+            raise InputError(f"labels must lie in [0, {model_classes}) for this classifier, got [{labels.min()}, {labels.max()}]")
 
 
 @dataclass(frozen=True)

@@ -301,11 +301,7 @@ def _sample(cfg: dict[str, Any], data: TestSet, model: dict[str, Any], sigmas: l
         raise
     from .engine import validate_images
 
-    class _Shape:  # what validate_images needs of a model
-        num_classes = info["num_classes"]
-        input_shape = tuple(info["input_shape"])
-
-    validate_images(data.images, data.labels, _Shape(), num_classes=data.num_classes)
+    validate_images(data.images, data.labels, info["input_shape"], info["num_classes"], num_classes=data.num_classes)
     model_id = info["model_id"]
     images = {int(i): data.images[r] for r, i in enumerate(data.ids)}
     labels = {int(i): int(l) for i, l in zip(data.ids, data.labels)}

@@ -192,3 +192,12 @@ def test_a_run_whose_actors_are_all_gone_stops_with_one_clear_error(local_ray, i
     ray.kill(actors[0], no_restart=True)
     with pytest.raises(DistributedError, match="no actor has finished a task"):
         _drive(actors, images, _planner(images), give_up_after_s=2.0)
+
+
+def test_data_that_does_not_fit_the_model_is_refused_before_sampling(local_ray, tmp_path):
+    from raysmooth import runner
+    from raysmooth.errors import InputError
+
+    with pytest.raises(InputError, match="5 classes but the classifier predicts 10"):
+        runner.certify(_cfg(tmp_path, **{"data.options.num_classes": 5}))
+    assert RunStore.open(tmp_path / "linear").read_counts().num_rows == 0

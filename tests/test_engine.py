@@ -110,14 +110,16 @@ def test_certify_through_the_engine_approaches_the_true_distance_from_below():
 )
 def test_bad_images_are_refused_before_sampling(images, message):
     with pytest.raises(InputError, match=message):
-        validate_images(images, None, linear_base())
+        base = linear_base()
+        validate_images(images, None, base.input_shape, base.num_classes)
 
 
 def test_a_class_count_mismatch_is_refused():
+    base = linear_base()
     with pytest.raises(InputError, match="10 classes"):
-        validate_images(np.zeros((3, 1, 8, 8), np.float32), None, linear_base(), num_classes=10)
+        validate_images(np.zeros((3, 1, 8, 8), np.float32), None, base.input_shape, base.num_classes, num_classes=10)
     with pytest.raises(InputError, match="labels"):
-        validate_images(np.zeros((3, 1, 8, 8), np.float32), np.array([0, 1, 5]), linear_base())
+        validate_images(np.zeros((3, 1, 8, 8), np.float32), np.array([0, 1, 5]), base.input_shape, base.num_classes)
 
 
 @pytest.mark.parametrize("sigmas,n0,n", [([0.25, 0.0], 100, 1000), ([0.25], 0, 1000), ([0.25], 100, 0), ([-1.0], 1, 1)])
