@@ -208,19 +208,10 @@ def certify(cfg: dict[str, Any]) -> CertifyResult:
     out = Path(cfg["out"]).expanduser().resolve() / cfg["model"]["name"]
     store = RunStore.create(out, counts_relevant_config(cfg), sigmas=list(sm["sigmas"]), n0=sm["n0"], n=sm["n"],
                             alpha=sm["alpha"], seed=sm["seed"], dataset=data.name, images=len(data))
-    sigmas = [float(s) for s in sm["sigmas"]]
+    sigmas = sorted(float(s) for s in sm["sigmas"])  # index order = ascending σ: the cascade walks it down
     sigma_index = {s: i for i, s in enumerate(sigmas)}
-    labels = dict(zip(data.ids.tolist(), data.labels.tolist()))
-
-    existing: dict = {}
-    table = store.read_counts()
-    if table.num_rows:
-        cols = table.select(["image_id", "sigma", "phase", "classes", "counts", "num_classes"]).to_pydict()
-        for img, s, ph, cl, cn, nc in zip(cols["image_id"], cols["sigma"], cols["phase"], cols["classes"], cols["counts"], cols["num_classes"]):
-            if img in labels and s in sigma_index:
-                dense = np.zeros(nc, dtype=np.int64)
-                dense[cl] = cn
-                existing[(img, sigma_index[s], ph)] = dense
+    existing, decided = _stored_progress(store, data, sigmas, sm)
+    if existing:
         log.info("resuming %s: %d of %d rows already stored", out, len(existing), 2 * len(sigmas) * len(data))
 
     stop_rule = None
@@ -232,7 +223,7 @@ def certify(cfg: dict[str, Any]) -> CertifyResult:
                                           p0=p0, alpha=sm["alpha"], policy=policy, num_levels=len(sigmas), level=s)[0])
 
     planner = Planner(data.ids.tolist(), len(sigmas), sm["n0"], sm["n"], sm["chunk"], mode=sm["mode"],
-                      stop_rule=stop_rule, existing=existing)
+                      stop_rule=stop_rule, existing=existing, decided=decided)
     rows_written = 0
     if planner.has_work():
         rows_written = _sample(cfg, data, model, sigmas, store, planner)
@@ -261,6 +252,30 @@ def report(results: list[CertifyResult], radii: list[float], methods: list[str],
     if plot_path is not None:
         plot_curves(curves, plot_path, title=title)
     return format_markdown(curves, radii)
+
+
+def _stored_progress(store: RunStore, data: TestSet, sigmas: list[float], sm: dict[str, Any]):
+    """Keys of the rows already stored, and (cascade mode) whether the cascade stops at each stored
+    level, decided from the stored counts in one vectorised pass."""
+    table = store.read_counts()
+    if table.num_rows == 0:
+        return set(), {}
+    cols = table.select(["image_id", "sigma", "phase"]).to_pydict()
+    index = {s: i for i, s in enumerate(sigmas)}
+    wanted = set(data.ids.tolist())
+    existing = {(img, index[s], ph) for img, s, ph in zip(cols["image_id"], cols["sigma"], cols["phase"])
+                if img in wanted and s in index}
+    decided: dict[tuple[int, int], bool] = {}
+    if sm["mode"] == "cascade":
+        view = counts_view(table, allow_missing=True)
+        for level in view.levels:
+            present = np.ones(len(view.image_ids), bool) if level.present is None else level.present
+            rows = np.flatnonzero(present)
+            stops = stats.level_stops(level.selection.take(rows), level.estimation.take(rows), p0=float(sm["p0"][0]),
+                                      alpha=sm["alpha"], policy=sm["policies"][0], num_levels=len(sigmas),
+                                      level=index[level.sigma])
+            decided.update({(int(view.image_ids[r]), index[level.sigma]): bool(x) for r, x in zip(rows, stops)})
+    return existing, decided
 
 
 def _append_new_certificates(store: RunStore, certs) -> None:

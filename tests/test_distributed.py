@@ -123,7 +123,7 @@ def test_a_run_stopped_part_way_resumes_to_the_uninterrupted_tables(local_ray, t
     def interrupt(self, planner, elapsed):
         original(self, planner, elapsed)
         calls["n"] += 1
-        if len(planner.rows) >= 20:
+        if len(planner.done_rows) >= 20:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(runner._Progress, "__call__", interrupt)
@@ -201,3 +201,40 @@ def test_data_that_does_not_fit_the_model_is_refused_before_sampling(local_ray, 
     with pytest.raises(InputError, match="5 classes but the classifier predicts 10"):
         runner.certify(_cfg(tmp_path, **{"data.options.num_classes": 5}))
     assert RunStore.open(tmp_path / "linear").read_counts().num_rows == 0
+
+
+def test_an_interrupted_lazy_cascade_resumes_to_the_uninterrupted_tables(local_ray, tmp_path, monkeypatch):
+    from raysmooth import runner
+
+    common = {"smoothing.mode": "cascade", "smoothing.p0": "[0.6]", "smoothing.policies": "[strict]",
+              "model.options.num_classes": 2, "data.options.num_classes": 2, "data.options.num_images": 24}
+    whole = runner.certify(_cfg(tmp_path / "a", **common))
+    original = runner._Progress.__call__
+
+    def interrupt(self, planner, elapsed):
+        original(self, planner, elapsed)
+        if len(planner.done_rows) >= whole.rows_written // 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner._Progress, "__call__", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        runner.certify(_cfg(tmp_path / "b", **common))
+    monkeypatch.setattr(runner._Progress, "__call__", original)
+    runner.certify(_cfg(tmp_path / "b", **common))
+    keys = ["image_id", "sigma", "phase"]
+    ca = _sorted(RunStore.open(tmp_path / "a" / "linear").read_counts(), keys)
+    cb = _sorted(RunStore.open(tmp_path / "b" / "linear").read_counts(), keys)
+    assert cb.num_rows == ca.num_rows == whole.rows_written
+    for col in ("image_id", "sigma", "phase", "counts"):
+        assert ca.column(col).to_pylist() == cb.column(col).to_pylist()
+
+
+def test_sigmas_in_any_order_give_the_same_run(local_ray, tmp_path):
+    from raysmooth import runner
+
+    a = runner.certify(_cfg(tmp_path / "a", **{"smoothing.sigmas": "[0.25,0.5,1.0]"}))
+    b = runner.certify(_cfg(tmp_path / "b", **{"smoothing.sigmas": "[1.0,0.25,0.5]"}))
+    keys = ["image_id", "sigma", "phase"]
+    ca = _sorted(RunStore.open(a.out_dir).read_counts(), keys)
+    cb = _sorted(RunStore.open(b.out_dir).read_counts(), keys)
+    assert ca.column("counts").to_pylist() == cb.column("counts").to_pylist()

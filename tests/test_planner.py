@@ -72,8 +72,20 @@ def test_cascade_starts_at_the_largest_sigma_and_descends_only_when_open():
 
 
 def test_resume_plans_only_missing_rows_and_replays_cascade_decisions():
-    existing = {(0, 2, "selection"): _counts(10), (0, 2, "estimation"): _counts(10)}
+    existing = {(0, 2, "selection"), (0, 2, "estimation")}
     full = Planner([0], num_sigmas=3, n0=10, n=10, chunk=10, existing=existing)
     assert {u.sigma_index for u in full.take(10**9)} == {0, 1}
-    casc = Planner([0], num_sigmas=3, n0=10, n=10, chunk=10, mode="cascade", stop_rule=lambda *a: False, existing=existing)
+    casc = Planner([0], num_sigmas=3, n0=10, n=10, chunk=10, mode="cascade", stop_rule=lambda *a: False,
+                   existing=existing, decided={(0, 2): False})
     assert {u.sigma_index for u in casc.take(10**9)} == {1}
+    done = Planner([0], num_sigmas=3, n0=10, n=10, chunk=10, mode="cascade", stop_rule=lambda *a: False,
+                   existing=existing, decided={(0, 2): True})
+    assert not done.has_work() and done.finished_images == {0}
+
+
+def test_the_planner_keeps_keys_not_counts_of_finished_rows():
+    p = Planner([0, 1], num_sigmas=1, n0=10, n=10, chunk=10)
+    for u in p.take(10**9):
+        p.complete(u, _counts(10))
+    assert p.done_rows == {(0, 0, "selection"), (0, 0, "estimation"), (1, 0, "selection"), (1, 0, "estimation")}
+    assert not p._parts and not p._level_counts

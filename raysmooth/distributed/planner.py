@@ -1,7 +1,9 @@
 """Which work units to run next: the whole grid (``full``) or the lazy cascade, and what is finished.
 
 Pure Python and numpy: no Ray, no torch, no formulas. The cascade's stop rule arrives as a callback,
-so this layer never needs to know how a certificate is computed.
+so this layer never needs to know how a certificate is computed. Finished rows leave as soon as they
+are complete; the planner keeps only their keys (a full ImageNet run has 300,000 rows of 1,000
+counts), plus, in cascade mode, the counts of a level until its other phase arrives.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ class FinishedRow:
 class Planner:
     """Issues units incrementally and assembles their chunk counts into finished rows.
 
-    ``existing`` holds rows already in the store (a resumed run): they are never planned again, and
-    in cascade mode they still drive the decisions about lower σ.
+    ``existing`` lists the rows already in the store (a resumed run): they are never planned again.
+    In cascade mode ``decided`` says, for stored levels (image, σ index), whether the cascade stops
+    there, so the walk down resumes where it was without the stored counts.
     """
 
     def __init__(self, image_ids: Sequence[int], num_sigmas: int, n0: int, n: int, chunk: int, *,
-                 mode: str = "full", stop_rule: StopRule | None = None,
-                 existing: Mapping[RowKey, np.ndarray] | None = None):
+                 mode: str = "full", stop_rule: StopRule | None = None, existing: Iterable[RowKey] = (),
+                 decided: Mapping[tuple[int, int], bool] | None = None):
         if mode not in ("full", "cascade"):
             raise ValueError(f"mode must be full or cascade, got {mode!r}")
         if mode == "cascade" and stop_rule is None:
@@ -48,8 +51,10 @@ class Planner:
         self.budget = {"selection": n0, "estimation": n}
         self.chunk = chunk
         self.stop_rule = stop_rule
-        self.rows: dict[RowKey, np.ndarray] = dict(existing or {})
+        self.done_rows: set[RowKey] = set(existing)
+        self._decided = dict(decided or {})
         self._parts: dict[RowKey, dict[int, np.ndarray]] = {}
+        self._level_counts: dict[tuple[int, int], dict[str, np.ndarray]] = {}  # cascade: awaiting the other phase
         self._chunks = {p: len(split_budget(self.budget[p], chunk)) for p in PHASES}
         self._queue: deque[WorkUnit] = deque()
         self._done_units: set[tuple] = set()
@@ -61,29 +66,36 @@ class Planner:
             if mode == "full":
                 for s in range(num_sigmas):
                     self._plan_level(image, s)
-                if all((image, s, p) in self.rows for s in range(num_sigmas) for p in PHASES):
+                if self._image_complete(image):
                     self.finished_images.add(image)
             else:
                 self._advance_cascade(image, num_sigmas - 1)
 
     # ---- planning ---------------------------------------------------------------------------
+    def _level_done(self, image: int, s: int) -> bool:
+        return all((image, s, p) in self.done_rows for p in PHASES)
+
+    def _image_complete(self, image: int) -> bool:
+        return all(self._level_done(image, s) for s in range(self.num_sigmas))
+
     def _plan_level(self, image: int, s: int) -> None:
         for phase in PHASES:
-            if (image, s, phase) in self.rows:
+            if (image, s, phase) in self.done_rows:
                 continue
             for c, size in enumerate(split_budget(self.budget[phase], self.chunk)):
                 self._queue.append(WorkUnit(image, s, phase, c, size))
                 self.samples_planned += size
 
     def _advance_cascade(self, image: int, s: int) -> None:
-        """Walk down from σ index ``s`` through levels already stored; plan the first missing one."""
+        """Walk down from σ index ``s`` through levels already decided; plan the first open one."""
         while s >= 0:
-            sel, est = self.rows.get((image, s, "selection")), self.rows.get((image, s, "estimation"))
-            if sel is None or est is None:
+            if (image, s) not in self._decided:
+                if self._level_done(image, s):  # stored without a decision: cannot happen via the runner
+                    raise ValueError(f"image {image}, σ index {s}: stored level without a cascade decision")
                 self._open_levels[image] = s
                 self._plan_level(image, s)
                 return
-            if self.stop_rule(image, s, sel, est) or s == 0:
+            if self._decided[(image, s)] or s == 0:
                 self.finished_images.add(image)
                 self._open_levels.pop(image, None)
                 return
@@ -124,12 +136,16 @@ class Planner:
             return []
         total = np.sum([parts[c] for c in sorted(parts)], axis=0)
         del self._parts[row]
-        self.rows[row] = total
-        finished = [FinishedRow(unit.image_id, unit.sigma_index, unit.phase, total)]
+        self.done_rows.add(row)
         image, s = unit.image_id, unit.sigma_index
-        both = all((image, s, p) in self.rows for p in PHASES)
-        if self.mode == "cascade" and both and self._open_levels.get(image) == s:
-            self._advance_cascade(image, s)
-        elif self.mode == "full" and all((image, k, p) in self.rows for k in range(self.num_sigmas) for p in PHASES):
+        if self.mode == "cascade":
+            level = self._level_counts.setdefault((image, s), {})
+            level[unit.phase] = total
+            if len(level) == len(PHASES):
+                del self._level_counts[(image, s)]
+                self._decided[(image, s)] = bool(self.stop_rule(image, s, level["selection"], level["estimation"]))
+                if self._open_levels.get(image) == s:
+                    self._advance_cascade(image, s)
+        elif self._image_complete(image):
             self.finished_images.add(image)
-        return finished
+        return [FinishedRow(image, s, unit.phase, total)]
