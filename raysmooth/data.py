@@ -18,9 +18,38 @@ __all__ = ["TestSet", "register_dataset", "load_dataset", "list_datasets", "subs
 _DATASETS: dict[str, Callable[..., "TestSet"]] = {}
 
 
+class LazyImages:
+    """Images read from files when indexed: a full ImageNet val set (50,000 × 3 × 224 × 224 floats,
+    30 GB) never sits in memory; the driver reads each image when it first ships it to an actor."""
+
+    def __init__(self, files: Sequence, transform, shape: tuple[int, int, int]):
+        self.files = list(files)
+        self.transform = transform
+        self.shape = (len(self.files), *shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            from PIL import Image
+
+            with Image.open(self.files[index]) as im:
+                img = np.asarray(self.transform(im.convert("RGB")), dtype=np.float32)
+            if img.shape != self.shape[1:]:
+                from .errors import InputError
+
+                raise InputError(f"{self.files[index]}: gives an image of shape {img.shape}, expected {self.shape[1:]}")
+            return img
+        rows = np.arange(len(self.files))[index]
+        return LazyImages([self.files[i] for i in rows], self.transform, self.shape[1:])
+
+
 @dataclass(frozen=True)
 class TestSet:
-    """Images (N, C, H, W) float32 in [0,1], labels (N,), and the ids the results are keyed by."""
+    """Images (N, C, H, W) float32 in [0,1] (an array, or ``LazyImages`` read on demand), labels (N,),
+    and the ids the results are keyed by."""
 
     __test__ = False  # not a pytest class
 
@@ -204,9 +233,9 @@ def _load_images(files, transform) -> np.ndarray:
 
 @register_dataset
 def imagenet(split: str = "val", root: str | None = None, skip: int = 1, max_images: int | None = None,
-             **_: object) -> TestSet:
+             lazy: bool = True, **_: object) -> TestSet:
     """ImageNet val as a class-folder tree (sorted synsets = the standard class indices), with the
-    references' Resize(256) + CenterCrop(224) (PIL, antialiased). Loaded eagerly after subsampling."""
+    references' Resize(256) + CenterCrop(224) (PIL, antialiased). Images are read when first needed."""
     from torchvision import transforms
 
     if root is None:
@@ -214,7 +243,8 @@ def imagenet(split: str = "val", root: str | None = None, skip: int = 1, max_ima
     files, labels, classes = _folder_files(root)
     rows = np.arange(0, len(files), max(1, skip))[: max_images or None]
     tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
-    images = _load_images([files[i] for i in rows], tf)
+    chosen = [files[i] for i in rows]
+    images = LazyImages(chosen, tf, (3, 224, 224)) if lazy else _load_images(chosen, tf)
     return TestSet(f"imagenet-{split}", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), max(1000, len(classes)))
 
 
@@ -229,7 +259,7 @@ def image_folder(root: str | None = None, size: Sequence[int] | None = None, num
     files, labels, classes = _folder_files(root)
     rows = np.arange(0, len(files), max(1, skip))[: max_images or None]
     tf = transforms.Compose([transforms.Resize(min(size)), transforms.CenterCrop(tuple(size)), transforms.ToTensor()])
-    images = _load_images([files[i] for i in rows], tf)
+    images = LazyImages([files[i] for i in rows], tf, (3, int(size[0]), int(size[1])))
     return TestSet("image_folder", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), num_classes or len(classes))
 
 

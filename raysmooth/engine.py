@@ -61,7 +61,12 @@ def validate_images(images: np.ndarray | torch.Tensor, labels: np.ndarray | None
     is_float = images.dtype.is_floating_point if isinstance(images, torch.Tensor) else np.issubdtype(images.dtype, np.floating)
     if not is_float:
         raise InputError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
-    arr = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    if not isinstance(images, (torch.Tensor, np.ndarray)):
+        # Read on demand (LazyImages): each file is converted by ToTensor into [0,1] and shape-checked
+        # when loaded; scanning 50,000 files here would double the I/O.
+        arr = torch.from_numpy(np.asarray(images[0]))[None] if len(images) else torch.zeros((0, *input_shape))
+    else:
+        arr = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
     if not torch.isfinite(arr).all():
         raise InputError(f"images contain NaN or inf ({int((~torch.isfinite(arr)).sum())} values)")
     lo, hi = float(arr.min()), float(arr.max())

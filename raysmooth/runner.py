@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -278,6 +279,30 @@ def _stored_progress(store: RunStore, data: TestSet, sigmas: list[float], sm: di
     return existing, decided
 
 
+class _ImageMap(Mapping):
+    """image id → image, read through the test set (so lazy sets load each image once, when first
+    shipped, and keep only the last few)."""
+
+    def __init__(self, data: TestSet, keep: int = 64):
+        self.data = data
+        self.row = {int(i): r for r, i in enumerate(data.ids)}
+        self.cache: dict[int, np.ndarray] = {}
+        self.keep = keep
+
+    def __getitem__(self, image_id: int) -> np.ndarray:
+        if image_id not in self.cache:
+            if len(self.cache) >= self.keep:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[image_id] = np.asarray(self.data.images[self.row[image_id]])
+        return self.cache[image_id]
+
+    def __iter__(self):
+        return iter(self.row)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
 def _append_new_certificates(store: RunStore, certs) -> None:
     import pyarrow as pa
 
@@ -318,7 +343,7 @@ def _sample(cfg: dict[str, Any], data: TestSet, model: dict[str, Any], sigmas: l
 
     validate_images(data.images, data.labels, info["input_shape"], info["num_classes"], num_classes=data.num_classes)
     model_id = info["model_id"]
-    images = {int(i): data.images[r] for r, i in enumerate(data.ids)}
+    images = _ImageMap(data)
     labels = {int(i): int(l) for i, l in zip(data.ids, data.labels)}
     sm = cfg["smoothing"]
     buffer: list[CountsRecord] = []
