@@ -93,32 +93,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 # ---- sweep ---------------------------------------------------------------------------------------
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .analysis import curves_from_certificates, format_markdown
-    from .certificates import counts_view, sweep_certificates
-    from .store import RunStore, append_table, config_hash
+    from .runner import run_sweep
 
     p0 = parse_range(args.p0, "--p0")
     _check_p0(p0)
     alphas = parse_floats(args.alpha, "--alpha") if args.alpha else None
-    store = RunStore.open(args.run_dir)
-    radii = _radii(args.radii)
-    started = time.perf_counter()
-    counts = store.read_counts()
-    if alphas is None:  # the α the run was certified at
-        alphas = sorted(set(counts.column("alpha").to_pylist())) or [0.001]
-    for a in alphas:
+    for a in alphas or []:
         _check_alpha(a)
-    view = counts_view(counts)
-    table = sweep_certificates(view, p0, alphas, args.policy)
-    elapsed = time.perf_counter() - started
-    params = {"p0": p0.tolist(), "alpha": alphas, "policy": args.policy}
-    sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(params)[:8]}"
-    out_dir = Path(args.run_dir) / "sweeps" / sweep_id
-    append_table(out_dir, table)
-    (out_dir / "sweep.json").write_text(json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids),
-                                                    "sigmas": view.sigmas}, indent=2))
-    print(format_markdown(curves_from_certificates(table), radii))
-    print(f"\n{len(p0) * len(alphas)} settings × {len(view.image_ids)} images from stored counts in {elapsed:.2f} s", file=sys.stderr)
-    print(f"sweep certificates: {out_dir}", file=sys.stderr)
+    radii = _radii(args.radii)
+    result = run_sweep(args.run_dir, p0, alphas, args.policy)
+    print(format_markdown(curves_from_certificates(result.table), radii))
+    print(f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s", file=sys.stderr)
+    print(f"sweep certificates: {result.out_dir}", file=sys.stderr)
     return 0
 
 

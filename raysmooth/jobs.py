@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from .errors import ConfigError, RaySmoothError
 
-__all__ = ["compose", "certify_main", "finetune_main", "CONFIG_DIR"]
+__all__ = ["compose", "certify_main", "finetune_main", "sweep_main", "CONFIG_DIR"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 log = logging.getLogger("raysmooth")
@@ -159,4 +159,30 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         return _failed("finetune", exc, "run the same command again to resume from the last checkpoint")
     print(f"fine-tuned denoiser: {folder}")
     print(f"use it with: raysmooth certify model=toy_dds model.denoiser.path={folder}")
+    return 0
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/sweep.py run_dir=RUN_DIR p0=0.5:0.95:0.05 [alpha=[…]] [policy=strict]``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(_usage("sweep"))
+        return 0
+    _setup_logging()
+    try:
+        cfg = compose("sweep", argv)
+        from .analysis import curves_from_certificates, format_markdown
+        from .cli import parse_range
+        from .runner import run_sweep
+
+        p0 = parse_range(str(cfg["p0"]), "p0")
+        bad = [x for x in p0 if not 0.5 <= x < 1]
+        if bad:
+            raise ConfigError(f"p0 values must lie in [0.5, 1), got {bad[0]:g}")
+        result = run_sweep(cfg["run_dir"], p0, cfg.get("alpha"), cfg["policy"])
+    except (RaySmoothError, KeyboardInterrupt) as exc:
+        return _failed("sweep", exc, "run it again")
+    print(format_markdown(curves_from_certificates(result.table), cfg["radii"]))
+    print(f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s")
+    print(f"sweep certificates: {result.out_dir}")
     return 0

@@ -26,7 +26,7 @@ from .engine import validate_sampling
 from .errors import ConfigError, InputError
 from .store import CERTIFICATES_SCHEMA, CountsRecord, RunStore
 
-__all__ = ["certify", "CertifyResult", "counts_relevant_config", "model_kwargs", "load_test_set", "resolve_path"]
+__all__ = ["certify", "CertifyResult", "run_sweep", "SweepResult", "counts_relevant_config", "model_kwargs", "load_test_set", "resolve_path"]
 
 log = logging.getLogger("raysmooth")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -376,3 +376,41 @@ def _sample(cfg: dict[str, Any], data: TestSet, model: dict[str, Any], sigmas: l
     if driver.retried_units:
         log.info("%d units were re-run after actor failures", driver.retried_units)
     return state["written"]
+
+
+@dataclass
+class SweepResult:
+    table: Any  # pyarrow.Table of certificates
+    out_dir: Path
+    settings: int
+    images: int
+    seconds: float
+
+
+def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: list[float] | None, policy: str) -> SweepResult:
+    """Cascade certificates for every (α, p0) from a run's stored counts; written as a new sweep
+    directory under ``RUN_DIR/sweeps``. Never samples."""
+    import json
+
+    from .certificates import sweep_certificates
+    from .store import append_table, config_hash
+
+    if policy not in stats.POLICIES:
+        raise ConfigError(f"policy must be one of {stats.POLICIES}, got {policy!r}")
+    store = RunStore.open(run_dir)
+    started = time.perf_counter()
+    counts = store.read_counts()
+    if not alphas:  # the α the run was certified at
+        alphas = sorted(set(counts.column("alpha").to_pylist())) or [0.001]
+    bad = [a for a in alphas if not 0 < a < 1]
+    if bad:
+        raise ConfigError(f"alpha must lie in (0, 1), got {bad[0]:g}")
+    view = counts_view(counts)
+    table = sweep_certificates(view, p0, alphas, policy)
+    elapsed = time.perf_counter() - started
+    params = {"p0": [float(x) for x in p0], "alpha": list(alphas), "policy": policy}
+    out_dir = Path(run_dir) / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(params)[:8]}"
+    append_table(out_dir, table)
+    (out_dir / "sweep.json").write_text(json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids),
+                                                    "sigmas": view.sigmas}, indent=2))
+    return SweepResult(table, out_dir, len(p0) * len(alphas), len(view.image_ids), elapsed)

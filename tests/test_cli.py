@@ -144,3 +144,17 @@ def test_the_console_script_prints_no_traceback_for_a_user_mistake(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_the_hydra_sweep_job_matches_the_cli_sweep(run_dir, capsys):
+    from raysmooth.jobs import sweep_main
+
+    root, levels, labels = run_dir
+    assert sweep_main([f"run_dir={root}", "p0=0.5:0.7:0.1", "policy=reference"]) == 0
+    out = capsys.readouterr().out
+    assert "cascade reference p0=0.7" in out and "sweep certificates:" in out
+    assert sweep_main([f"run_dir={root}", "p0=0.4"]) == 2
+    assert "[0.5, 1)" in capsys.readouterr().err
+    assert sweep_main(["p0=0.5"]) == 2  # run_dir is required
+    err = capsys.readouterr().err.strip()
+    assert "run_dir" in err and err.count("\n") == 0
