@@ -60,15 +60,18 @@ def _expected(images):
     return rows
 
 
-def test_two_actors_produce_exactly_the_engines_counts(local_ray, images):
-    actors = start_actors(ActorSpec(2, 1, 0, -1), MODEL, SIGMAS, 5, ENGINE, 1)
-    rows = _drive(actors, images, _planner(images))
+def _assert_engine_counts(rows, images, actors):
     expected = _expected(images)
     assert rows.keys() == expected.keys()
     for key in expected:
         assert np.array_equal(rows[key], expected[key]), key
     for a in actors:
         ray.kill(a, no_restart=True)
+
+
+def test_two_actors_produce_exactly_the_engines_counts(local_ray, images):
+    actors = start_actors(ActorSpec(2, 1, 0, -1), MODEL, SIGMAS, 5, ENGINE, 1)
+    _assert_engine_counts(_drive(actors, images, _planner(images)), images, actors)
 
 
 def test_an_actor_killed_mid_run_changes_no_count(local_ray, images):
@@ -86,12 +89,7 @@ def test_an_actor_killed_mid_run_changes_no_count(local_ray, images):
                     on_rows=lambda rs: driver_rows.update({(r.image_id, r.sigma_index, r.phase): r.counts for r in rs}))
     driver.run()
     assert killed and driver.retried_units > 0
-    expected = _expected(images)
-    assert driver_rows.keys() == expected.keys()
-    for key in expected:
-        assert np.array_equal(driver_rows[key], expected[key]), key
-    for a in actors:
-        ray.kill(a, no_restart=True)
+    _assert_engine_counts(driver_rows, images, actors)
 
 
 def _cfg(tmp_path, **over):
