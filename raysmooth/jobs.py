@@ -86,7 +86,8 @@ def _failed(job: str, exc: BaseException, resume_hint: str) -> int:
     if isinstance(exc, KeyboardInterrupt):
         print(f"raysmooth {job}: interrupted; {resume_hint}", file=sys.stderr)
         return 130
-    print(f"raysmooth {job}: error: {exc}", file=sys.stderr)
+    text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    print(f"raysmooth {job}: error: {text}", file=sys.stderr)
     return 2
 
 
@@ -123,7 +124,7 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
         out = Path(cfg["out"]).expanduser().resolve()
         plot = out / "certified_accuracy.png" if cfg.get("plot", True) else None
         markdown = report(results, cfg["radii"], cfg["report_methods"], plot, title=f"{cfg['data']['name']}")
-    except (RaySmoothError, KeyboardInterrupt) as exc:
+    except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
         return _failed("certify", exc, "run the same command again to resume")
     print(markdown)
     print()
@@ -155,7 +156,7 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
         from .finetune import FinetuneConfig, finetune
 
         folder = finetune(FinetuneConfig(**cfg))
-    except (RaySmoothError, KeyboardInterrupt) as exc:
+    except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
         return _failed("finetune", exc, "run the same command again to resume from the last checkpoint")
     print(f"fine-tuned denoiser: {folder}")
     print(f"use it with: raysmooth certify model=toy_dds model.denoiser.path={folder}")
@@ -180,7 +181,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         if bad:
             raise ConfigError(f"p0 values must lie in [0.5, 1), got {bad[0]:g}")
         result = run_sweep(cfg["run_dir"], p0, cfg.get("alpha"), cfg["policy"])
-    except (RaySmoothError, KeyboardInterrupt) as exc:
+    except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
         return _failed("sweep", exc, "run it again")
     print(format_markdown(curves_from_certificates(result.table), cfg["radii"]))
     print(f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s")

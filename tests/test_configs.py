@@ -74,3 +74,11 @@ def test_a_cluster_yaml_typo_is_caught_by_that_schema():
     schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
     with pytest.raises(jsonschema.ValidationError, match="min_worker"):
         jsonschema.validate(cfg, schema)
+
+
+def test_an_output_path_that_cannot_be_created_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert certify_main(["data=synthetic", "model=linear", f"out={blocker / 'x'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Not a directory" in err
