@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .errors import RaySmoothError
-from .store import CERTIFICATES_SCHEMA, RunStore, StoreError, read_table
+from .store import CERTIFICATES_SCHEMA, RunStore, read_table
 
 __all__ = [
     "AnalysisError",

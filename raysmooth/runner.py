@@ -210,21 +210,18 @@ def certify(cfg: dict[str, Any]) -> CertifyResult:
     store = RunStore.create(out, counts_relevant_config(cfg), sigmas=list(sm["sigmas"]), n0=sm["n0"], n=sm["n"],
                             alpha=sm["alpha"], seed=sm["seed"], dataset=data.name, images=len(data))
     sigmas = sorted(float(s) for s in sm["sigmas"])  # index order = ascending σ: the cascade walks it down
-    sigma_index = {s: i for i, s in enumerate(sigmas)}
     existing, decided = _stored_progress(store, data, sigmas, sm)
     if existing:
         log.info("resuming %s: %d of %d rows already stored", out, len(existing), 2 * len(sigmas) * len(data))
 
-    stop_rule = None
-    if sm["mode"] == "cascade":
-        p0, policy = float(sm["p0"][0]), sm["policies"][0]
-
-        def stop_rule(image: int, s: int, sel: np.ndarray, est: np.ndarray) -> bool:
-            return bool(stats.level_stops(stats.SparseCounts.from_dense(sel[None]), stats.SparseCounts.from_dense(est[None]),
-                                          p0=p0, alpha=sm["alpha"], policy=policy, num_levels=len(sigmas), level=s)[0])
+    def stop_rule(image: int, s: int, sel: np.ndarray, est: np.ndarray) -> bool:
+        """The lazy cascade's rule at the run's own p0 and policy (the first of each)."""
+        return bool(stats.level_stops(stats.SparseCounts.from_dense(sel[None]), stats.SparseCounts.from_dense(est[None]),
+                                      p0=float(sm["p0"][0]), alpha=sm["alpha"], policy=sm["policies"][0],
+                                      num_levels=len(sigmas), level=s)[0])
 
     planner = Planner(data.ids.tolist(), len(sigmas), sm["n0"], sm["n"], sm["chunk"], mode=sm["mode"],
-                      stop_rule=stop_rule, existing=existing, decided=decided)
+                      stop_rule=stop_rule if sm["mode"] == "cascade" else None, existing=existing, decided=decided)
     rows_written = 0
     if planner.has_work():
         rows_written = _sample(cfg, data, model, sigmas, store, planner)
