@@ -210,7 +210,7 @@ def certify(cfg: dict[str, Any]) -> CertifyResult:
     store = RunStore.create(out, counts_relevant_config(cfg), sigmas=list(sm["sigmas"]), n0=sm["n0"], n=sm["n"],
                             alpha=sm["alpha"], seed=sm["seed"], dataset=data.name, images=len(data))
     sigmas = sorted(float(s) for s in sm["sigmas"])  # index order = ascending σ: the cascade walks it down
-    existing, decided = _stored_progress(store, data, sigmas, sm)
+    existing, decided, half_levels = _stored_progress(store, data, sigmas, sm)
     if existing:
         log.info("resuming %s: %d of %d rows already stored", out, len(existing), 2 * len(sigmas) * len(data))
 
@@ -221,7 +221,8 @@ def certify(cfg: dict[str, Any]) -> CertifyResult:
                                       num_levels=len(sigmas), level=s)[0])
 
     planner = Planner(data.ids.tolist(), len(sigmas), sm["n0"], sm["n"], sm["chunk"], mode=sm["mode"],
-                      stop_rule=stop_rule if sm["mode"] == "cascade" else None, existing=existing, decided=decided)
+                      stop_rule=stop_rule if sm["mode"] == "cascade" else None, existing=existing, decided=decided,
+                      half_levels=half_levels)
     rows_written = 0
     if planner.has_work():
         rows_written = _sample(cfg, data, model, sigmas, store, planner)
@@ -253,18 +254,30 @@ def report(results: list[CertifyResult], radii: list[float], methods: list[str],
 
 
 def _stored_progress(store: RunStore, data: TestSet, sigmas: list[float], sm: dict[str, Any]):
-    """Keys of the rows already stored, and (cascade mode) whether the cascade stops at each stored
-    level, decided from the stored counts in one vectorised pass."""
+    """Keys of the rows already stored; in cascade mode also whether the cascade stops at each stored
+    level (decided from the stored counts in one vectorised pass) and the counts of stored rows whose
+    level misses its other phase (an interruption between the two)."""
     table = store.read_counts()
     if table.num_rows == 0:
-        return set(), {}
+        return set(), {}, {}
     cols = table.select(["image_id", "sigma", "phase"]).to_pydict()
     index = {s: i for i, s in enumerate(sigmas)}
     wanted = set(data.ids.tolist())
     existing = {(img, index[s], ph) for img, s, ph in zip(cols["image_id"], cols["sigma"], cols["phase"])
                 if img in wanted and s in index}
     decided: dict[tuple[int, int], bool] = {}
+    half_levels: dict = {}
     if sm["mode"] == "cascade":
+        other = {"selection": "estimation", "estimation": "selection"}
+        half = {key for key in existing if (key[0], key[1], other[key[2]]) not in existing}
+        if half:
+            full = table.to_pydict()
+            for img, s, ph, cl, cn, nc in zip(full["image_id"], full["sigma"], full["phase"], full["classes"],
+                                              full["counts"], full["num_classes"]):
+                if s in index and (img, index[s], ph) in half:
+                    dense = np.zeros(nc, dtype=np.int64)
+                    dense[cl] = cn
+                    half_levels[(img, index[s], ph)] = dense
         view = counts_view(table, allow_missing=True)
         for level in view.levels:
             present = np.ones(len(view.image_ids), bool) if level.present is None else level.present
@@ -273,7 +286,7 @@ def _stored_progress(store: RunStore, data: TestSet, sigmas: list[float], sm: di
                                       alpha=sm["alpha"], policy=sm["policies"][0], num_levels=len(sigmas),
                                       level=index[level.sigma])
             decided.update({(int(view.image_ids[r]), index[level.sigma]): bool(x) for r, x in zip(rows, stops)})
-    return existing, decided
+    return existing, decided, half_levels
 
 
 class _ImageMap(Mapping):

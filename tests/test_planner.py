@@ -89,3 +89,14 @@ def test_the_planner_keeps_keys_not_counts_of_finished_rows():
         p.complete(u, _counts(10))
     assert p.done_rows == {(0, 0, "selection"), (0, 0, "estimation"), (1, 0, "selection"), (1, 0, "estimation")}
     assert not p._parts and not p._level_counts
+
+
+def test_a_cascade_level_interrupted_between_its_phases_is_decided_when_the_other_phase_arrives():
+    # Stored: level 2 decided "go on"; level 1 has its selection row only.
+    existing = {(0, 2, "selection"), (0, 2, "estimation"), (0, 1, "selection")}
+    p = Planner([0], num_sigmas=3, n0=10, n=10, chunk=10, mode="cascade", stop_rule=lambda *a: False,
+                existing=existing, decided={(0, 2): False}, half_levels={(0, 1, "selection"): _counts(10)})
+    units = p.take(10**9)
+    assert [(u.sigma_index, u.phase) for u in units] == [(1, "estimation")]
+    p.complete(units[0], _counts(10))
+    assert [(u.sigma_index, u.phase) for u in p.take(10**9)] == [(0, "selection"), (0, "estimation")]

@@ -36,12 +36,14 @@ class Planner:
 
     ``existing`` lists the rows already in the store (a resumed run): they are never planned again.
     In cascade mode ``decided`` says, for stored levels (image, σ index), whether the cascade stops
-    there, so the walk down resumes where it was without the stored counts.
+    there, so the walk down resumes where it was without the stored counts; ``half_levels`` holds the
+    counts of stored rows whose level still misses its other phase (the decision needs both).
     """
 
     def __init__(self, image_ids: Sequence[int], num_sigmas: int, n0: int, n: int, chunk: int, *,
                  mode: str = "full", stop_rule: StopRule | None = None, existing: Iterable[RowKey] = (),
-                 decided: Mapping[tuple[int, int], bool] | None = None):
+                 decided: Mapping[tuple[int, int], bool] | None = None,
+                 half_levels: Mapping[RowKey, np.ndarray] | None = None):
         if mode not in ("full", "cascade"):
             raise ValueError(f"mode must be full or cascade, got {mode!r}")
         if mode == "cascade" and stop_rule is None:
@@ -55,6 +57,8 @@ class Planner:
         self._decided = dict(decided or {})
         self._parts: dict[RowKey, dict[int, np.ndarray]] = {}
         self._level_counts: dict[tuple[int, int], dict[str, np.ndarray]] = {}  # cascade: awaiting the other phase
+        for (image, s, phase), counts in (half_levels or {}).items():
+            self._level_counts.setdefault((image, s), {})[phase] = np.asarray(counts)
         self._chunks = {p: len(split_budget(self.budget[p], chunk)) for p in PHASES}
         self._queue: deque[WorkUnit] = deque()
         self._done_units: set[tuple] = set()
