@@ -40,18 +40,9 @@ def _sparse_rows(table: pa.Table, positions: np.ndarray, num_rows: int, num_clas
     classes = table.column("classes").combine_chunks()
     counts = table.column("counts").combine_chunks()
     offsets = classes.offsets.to_numpy()
-    flat_c = classes.values.to_numpy()[offsets[0] : offsets[-1]]
-    flat_n = counts.values.to_numpy()[offsets[0] : offsets[-1]]
-    lengths = np.zeros(num_rows, dtype=np.int64)
-    lengths[positions] = np.diff(offsets)
-    # Reorder entries so that rows appear in position order.
-    order = np.argsort(positions, kind="stable")
-    starts = (offsets[:-1] - offsets[0])[order]
-    lens = np.diff(offsets)[order]
-    idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-    new_offsets = np.zeros(num_rows + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
-    return stats.SparseCounts.from_flat(new_offsets, flat_c[idx], flat_n[idx], num_classes)
+    rows = np.repeat(np.asarray(positions, dtype=np.int64), np.diff(offsets))
+    return stats.SparseCounts.from_coo(rows, classes.values.to_numpy()[offsets[0] : offsets[-1]],
+                                       counts.values.to_numpy()[offsets[0] : offsets[-1]], num_rows, num_classes)
 
 
 def counts_view(table: pa.Table, allow_missing: bool = False) -> CountsView:

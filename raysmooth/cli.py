@@ -51,17 +51,6 @@ def parse_range(text: str, what: str) -> np.ndarray:
     return np.round(start + step * np.arange(count), 12)
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 1.0:
-        raise UserError(f"--alpha must lie in (0, 1), got {alpha:g}")
-
-
-def _check_p0(p0: np.ndarray) -> None:
-    bad = p0[(p0 < 0.5) | (p0 >= 1.0)]
-    if len(bad):
-        raise UserError(f"--p0 values must lie in [0.5, 1), got {bad[0]:g}")
-
-
 def _radii(text: str | None) -> list[float]:
     from .analysis import DEFAULT_RADII
 
@@ -95,10 +84,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .runner import run_sweep
 
     p0 = parse_range(args.p0, "--p0")
-    _check_p0(p0)
     alphas = parse_floats(args.alpha, "--alpha") if args.alpha else None
-    for a in alphas or []:
-        _check_alpha(a)
     radii = _radii(args.radii)
     result = run_sweep(args.run_dir, p0, alphas, args.policy)
     print(format_markdown(curves_from_certificates(result.table), radii))

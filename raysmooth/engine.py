@@ -109,7 +109,6 @@ class Replica:
             self.base = self.base.to(memory_format=torch.channels_last)
         self._classify = torch.compile(self.base.classify) if self.config.compile else self.base.classify
         self.num_classes = base.num_classes
-        self.samples_done = 0
 
     # ---- the noise of a unit ------------------------------------------------------------------
     def _block_noise(self, seed: int, block: int, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -197,6 +196,5 @@ class Replica:
                 labels = self._classify(z, sigma, aux)
                 flat = torch.bincount(local * self.num_classes + labels, minlength=len(local_units) * self.num_classes)
                 counts.index_add_(0, global_units, flat.view(len(local_units), self.num_classes))
-                self.samples_done += z.shape[0]
         host = counts.cpu().numpy()  # the one device-to-host copy of this call
         return {unit.key: host[i] for i, unit in enumerate(units)}

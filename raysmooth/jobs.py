@@ -95,37 +95,46 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s raysmooth %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
 
-def certify_main(argv: Sequence[str] | None = None) -> int:
-    """``python jobs/certify.py [--print-config] key=value …``"""
+def _job(job: str, argv: Sequence[str] | None, resume_hint: str, body) -> int:
+    """What every job shares: --help, logging, and one line (exit 2 / 130) for a mistake or an interrupt."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv):
-        print(_usage("certify"))
+        print(_usage(job))
         return 0
-    show = "--print-config" in argv
-    overrides = [a for a in argv if a != "--print-config"]
     _setup_logging()
     try:
-        cfg = compose("certify", overrides)
-        if show:
-            import yaml
-
-            print(yaml.safe_dump(cfg, sort_keys=False))
-            return 0
-        from .runner import certify, report
-
-        models = [cfg] + [_with_model(cfg, overrides, name) for name in cfg.get("compare", [])]
-        names = [m["model"]["name"] for m in models]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"two models share a name (model.name): {names}")
-        results = []
-        for i, run_cfg in enumerate(models):
-            log.info("certifying %s (%d of %d)", run_cfg["model"]["name"], i + 1, len(models))
-            results.append(certify(run_cfg))
-        out = Path(cfg["out"]).expanduser().resolve()
-        plot = out / "certified_accuracy.png" if cfg.get("plot", True) else None
-        markdown = report(results, cfg["radii"], cfg["report_methods"], plot, title=f"{cfg['data']['name']}")
+        return body(argv)
     except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
-        return _failed("certify", exc, "run the same command again to resume")
+        return _failed(job, exc, resume_hint)
+
+
+def certify_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/certify.py [--print-config] key=value …``"""
+    return _job("certify", argv, "run the same command again to resume", _certify)
+
+
+def _certify(argv: list[str]) -> int:
+    show = "--print-config" in argv
+    overrides = [a for a in argv if a != "--print-config"]
+    cfg = compose("certify", overrides)
+    if show:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False))
+        return 0
+    from .runner import certify, report
+
+    models = [cfg] + [_with_model(cfg, overrides, name) for name in cfg.get("compare", [])]
+    names = [m["model"]["name"] for m in models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two models share a name (model.name): {names}")
+    results = []
+    for i, run_cfg in enumerate(models):
+        log.info("certifying %s (%d of %d)", run_cfg["model"]["name"], i + 1, len(models))
+        results.append(certify(run_cfg))
+    out = Path(cfg["out"]).expanduser().resolve()
+    plot = out / "certified_accuracy.png" if cfg.get("plot", True) else None
+    markdown = report(results, cfg["radii"], cfg["report_methods"], plot, title=f"{cfg['data']['name']}")
     print(markdown)
     print()
     for r in results:
@@ -146,18 +155,13 @@ def _with_model(cfg: dict[str, Any], overrides: list[str], name: str) -> dict[st
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/finetune.py [key=value …]``: fine-tune a denoiser; prints where it went."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(argv):
-        print(_usage("finetune"))
-        return 0
-    _setup_logging()
-    try:
-        cfg = compose("finetune", argv)
-        from .finetune import FinetuneConfig, finetune
+    return _job("finetune", argv, "run the same command again to resume from the last checkpoint", _finetune)
 
-        folder = finetune(FinetuneConfig(**cfg))
-    except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
-        return _failed("finetune", exc, "run the same command again to resume from the last checkpoint")
+
+def _finetune(argv: list[str]) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    folder = finetune(FinetuneConfig(**compose("finetune", argv)))
     print(f"fine-tuned denoiser: {folder}")
     print(f"use it with: raysmooth certify model=toy_dds model.denoiser.path={folder}")
     return 0
@@ -165,24 +169,16 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/sweep.py run_dir=RUN_DIR p0=0.5:0.95:0.05 [alpha=[…]] [policy=strict]``"""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if {"-h", "--help"} & set(argv):
-        print(_usage("sweep"))
-        return 0
-    _setup_logging()
-    try:
-        cfg = compose("sweep", argv)
-        from .analysis import curves_from_certificates, format_markdown
-        from .cli import parse_range
-        from .runner import run_sweep
+    return _job("sweep", argv, "run it again", _sweep)
 
-        p0 = parse_range(str(cfg["p0"]), "p0")
-        bad = [x for x in p0 if not 0.5 <= x < 1]
-        if bad:
-            raise ConfigError(f"p0 values must lie in [0.5, 1), got {bad[0]:g}")
-        result = run_sweep(cfg["run_dir"], p0, cfg.get("alpha"), cfg["policy"])
-    except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
-        return _failed("sweep", exc, "run it again")
+
+def _sweep(argv: list[str]) -> int:
+    from .analysis import curves_from_certificates, format_markdown
+    from .cli import parse_range
+    from .runner import run_sweep
+
+    cfg = compose("sweep", argv)
+    result = run_sweep(cfg["run_dir"], parse_range(str(cfg["p0"]), "p0"), cfg.get("alpha"), cfg["policy"])
     print(format_markdown(curves_from_certificates(result.table), cfg["radii"]))
     print(f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s")
     print(f"sweep certificates: {result.out_dir}")

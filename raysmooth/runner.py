@@ -23,7 +23,7 @@ from .certificates import counts_view, derive_certificates
 from .data import TestSet, load_dataset, subsample, subsamples_itself
 from .distributed import ActorSpec, Driver, FinishedRow, Planner, start_actors
 from .engine import validate_sampling
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, RaySmoothError
 from .store import CERTIFICATES_SCHEMA, CountsRecord, RunStore
 
 __all__ = ["certify", "CertifyResult", "run_sweep", "SweepResult", "counts_relevant_config", "model_kwargs", "load_test_set", "resolve_path"]
@@ -214,11 +214,10 @@ def certify(cfg: dict[str, Any]) -> CertifyResult:
     if existing:
         log.info("resuming %s: %d of %d rows already stored", out, len(existing), 2 * len(sigmas) * len(data))
 
+    stops = _cascade_stops(sm, len(sigmas))
+
     def stop_rule(image: int, s: int, sel: np.ndarray, est: np.ndarray) -> bool:
-        """The lazy cascade's rule at the run's own p0 and policy (the first of each)."""
-        return bool(stats.level_stops(stats.SparseCounts.from_dense(sel[None]), stats.SparseCounts.from_dense(est[None]),
-                                      p0=float(sm["p0"][0]), alpha=sm["alpha"], policy=sm["policies"][0],
-                                      num_levels=len(sigmas), level=s)[0])
+        return bool(stops(stats.SparseCounts.from_dense(sel[None]), stats.SparseCounts.from_dense(est[None]), s)[0])
 
     planner = Planner(data.ids.tolist(), len(sigmas), sm["n0"], sm["n"], sm["chunk"], mode=sm["mode"],
                       stop_rule=stop_rule if sm["mode"] == "cascade" else None, existing=existing, decided=decided,
@@ -253,39 +252,40 @@ def report(results: list[CertifyResult], radii: list[float], methods: list[str],
     return format_markdown(curves, radii)
 
 
+def _cascade_stops(sm: dict[str, Any], num_levels: int):
+    """The lazy cascade's stop rule at the run's own p0 and policy (the first of each), for many
+    images of one level at once."""
+    def stops(selection: stats.SparseCounts, estimation: stats.SparseCounts, level: int) -> np.ndarray:
+        return stats.level_stops(selection, estimation, p0=float(sm["p0"][0]), alpha=sm["alpha"],
+                                 policy=sm["policies"][0], num_levels=num_levels, level=level)
+
+    return stops
+
+
 def _stored_progress(store: RunStore, data: TestSet, sigmas: list[float], sm: dict[str, Any]):
     """Keys of the rows already stored; in cascade mode also whether the cascade stops at each stored
     level (decided from the stored counts in one vectorised pass) and the counts of stored rows whose
     level misses its other phase (an interruption between the two)."""
-    table = store.read_counts()
-    if table.num_rows == 0:
-        return set(), {}, {}
-    cols = table.select(["image_id", "sigma", "phase"]).to_pydict()
     index = {s: i for i, s in enumerate(sigmas)}
     wanted = set(data.ids.tolist())
-    existing = {(img, index[s], ph) for img, s, ph in zip(cols["image_id"], cols["sigma"], cols["phase"])
-                if img in wanted and s in index}
+    existing = {(img, index[s], ph) for img, s, ph in store.completed_keys() if img in wanted and s in index}
     decided: dict[tuple[int, int], bool] = {}
     half_levels: dict = {}
-    if sm["mode"] == "cascade":
-        other = {"selection": "estimation", "estimation": "selection"}
-        half = {key for key in existing if (key[0], key[1], other[key[2]]) not in existing}
-        if half:
-            full = table.to_pydict()
-            for img, s, ph, cl, cn, nc in zip(full["image_id"], full["sigma"], full["phase"], full["classes"],
-                                              full["counts"], full["num_classes"]):
-                if s in index and (img, index[s], ph) in half:
-                    dense = np.zeros(nc, dtype=np.int64)
-                    dense[cl] = cn
-                    half_levels[(img, index[s], ph)] = dense
-        view = counts_view(table, allow_missing=True)
-        for level in view.levels:
-            present = np.ones(len(view.image_ids), bool) if level.present is None else level.present
-            rows = np.flatnonzero(present)
-            stops = stats.level_stops(level.selection.take(rows), level.estimation.take(rows), p0=float(sm["p0"][0]),
-                                      alpha=sm["alpha"], policy=sm["policies"][0], num_levels=len(sigmas),
-                                      level=index[level.sigma])
-            decided.update({(int(view.image_ids[r]), index[level.sigma]): bool(x) for r, x in zip(rows, stops)})
+    if sm["mode"] != "cascade" or not existing:
+        return existing, decided, half_levels
+    view = counts_view(store.read_counts(), allow_missing=True)
+    stops = _cascade_stops(sm, len(sigmas))
+    for level in view.levels:
+        k = index[level.sigma]
+        present = np.ones(len(view.image_ids), bool) if level.present is None else level.present
+        rows = np.flatnonzero(present)
+        decision = stops(level.selection.take(rows), level.estimation.take(rows), k)
+        decided.update({(int(view.image_ids[r]), k): bool(x) for r, x in zip(rows, decision)})
+        for phase, counts in (("selection", level.selection), ("estimation", level.estimation)):
+            half = np.flatnonzero(~present & (counts.totals() > 0))  # stored, but the other phase is not
+            if len(half):
+                dense = counts.take(half).to_dense()
+                half_levels.update({(int(view.image_ids[r]), k, phase): dense[i] for i, r in enumerate(half)})
     return existing, decided, half_levels
 
 
@@ -345,8 +345,8 @@ def _sample(cfg: dict[str, Any], data: TestSet, model: dict[str, Any], sigmas: l
     try:
         info = ray.get(actors[0].describe.remote())
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        if isinstance(cause, (ConfigError, InputError)) or type(cause).__name__ == "ModelLoadError":
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, RaySmoothError):  # a model the actor could not build: the user's to fix
             raise type(cause)(str(cause)) from None
         raise
     from .engine import validate_images
@@ -407,14 +407,17 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: list[float] | None, p
 
     if policy not in stats.POLICIES:
         raise ConfigError(f"policy must be one of {stats.POLICIES}, got {policy!r}")
+    bad = [x for x in p0 if not 0.5 <= x < 1]
+    if bad or len(p0) == 0:
+        raise ConfigError(f"p0 values must lie in [0.5, 1), got {bad[0] if bad else 'none'}")
+    bad = [a for a in alphas or [] if not 0 < a < 1]
+    if bad:
+        raise ConfigError(f"alpha must lie in (0, 1), got {bad[0]:g}")
     store = RunStore.open(run_dir)
     started = time.perf_counter()
     counts = store.read_counts()
     if not alphas:  # the α the run was certified at
         alphas = sorted(set(counts.column("alpha").to_pylist())) or [0.001]
-    bad = [a for a in alphas if not 0 < a < 1]
-    if bad:
-        raise ConfigError(f"alpha must lie in (0, 1), got {bad[0]:g}")
     view = counts_view(counts)
     table = sweep_certificates(view, p0, alphas, policy)
     elapsed = time.perf_counter() - started

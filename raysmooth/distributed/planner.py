@@ -109,9 +109,6 @@ class Planner:
     def has_work(self) -> bool:
         return bool(self._queue)
 
-    def pending(self) -> int:
-        return len(self._queue)
-
     def take(self, max_samples: int) -> list[WorkUnit]:
         """Units from the front of the queue, about ``max_samples`` samples in all (at least one unit)."""
         out, total = [], 0

@@ -50,29 +50,25 @@ class SparseCounts:
         return cls(offsets, cols.astype(np.int32), dense[rows, cols].astype(np.int64), dense.shape[1])
 
     @classmethod
-    def from_lists(cls, classes: list, counts: list, num_classes: int) -> "SparseCounts":
-        """From per-row sequences (as read from a Parquet list column); rows are sorted by class."""
-        lengths = np.fromiter((len(c) for c in classes), dtype=np.int64, count=len(classes))
-        offsets = np.zeros(len(classes) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat_c = np.concatenate([np.asarray(c, dtype=np.int32) for c in classes]) if len(classes) else np.zeros(0, np.int32)
-        flat_n = np.concatenate([np.asarray(c, dtype=np.int64) for c in counts]) if len(counts) else np.zeros(0, np.int64)
-        return cls.from_flat(offsets, flat_c, flat_n, num_classes)
-
-    @classmethod
     def from_flat(cls, offsets, classes, counts, num_classes: int) -> "SparseCounts":
         """From flat CSR arrays in any within-row order: sorts by class and drops zero entries."""
         offsets = np.asarray(offsets, dtype=np.int64)
+        rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        return cls.from_coo(rows, classes, counts, len(offsets) - 1, num_classes)
+
+    @classmethod
+    def from_coo(cls, rows, classes, counts, num_rows: int, num_classes: int) -> "SparseCounts":
+        """From (row, class, count) triplets in any order; rows without entries stay empty."""
+        rows = np.asarray(rows, dtype=np.int64)
         classes = np.asarray(classes, dtype=np.int32)
         counts = np.asarray(counts, dtype=np.int64)
-        rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         order = np.lexsort((classes, rows))
         keep = counts[order] > 0
         rows, classes, counts = rows[order][keep], classes[order][keep], counts[order][keep]
         if len(rows) > 1 and np.any((np.diff(rows) == 0) & (np.diff(classes) == 0)):
             raise ValueError("a class appears twice in one row")
-        new_offsets = np.zeros(len(offsets), dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=len(offsets) - 1), out=new_offsets[1:])
+        new_offsets = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=num_rows), out=new_offsets[1:])
         return cls(new_offsets, classes, counts, num_classes)
 
     # ---- basic views --------------------------------------------------------------------------
