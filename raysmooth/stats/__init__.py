@@ -14,6 +14,7 @@ from .cascade import (
     level_stops,
     prepare_levels,
 )
+from .checks import check_alpha, check_p0, check_sigma
 from .certify import ABSTAIN, Certificates, Reason, certify, predict
 from .counts import SparseCounts, reference_groups
 
@@ -29,6 +30,9 @@ __all__ = [
     "binomial_test_pvalue",
     "cascade_certify",
     "cascade_sweep",
+    "check_alpha",
+    "check_p0",
+    "check_sigma",
     "certify",
     "cp_lower",
     "cp_upper",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import special, stats
 
+from .checks import check_alpha
+
 __all__ = [
     "cp_lower",
     "cp_upper",
@@ -27,7 +29,7 @@ def _broadcast(k, n, alpha):
         raise ValueError("counts must satisfy 0 <= k <= n")
     if np.any(n < 1):
         raise ValueError("the number of samples n must be at least 1")
-    if np.any(alpha <= 0) or np.any(alpha >= 1):
+    if not np.all((alpha > 0) & (alpha < 1)):  # NaN fails this too
         raise ValueError("alpha must lie in (0, 1)")
     return np.broadcast_arrays(k, n, alpha)
 
@@ -88,9 +90,8 @@ def min_samples_to_certify(alpha: float, p0: float = 0.5) -> int:
     Below it CERTIFY must abstain on every input (locuslab/smoothing issue #8: n=10 at alpha=0.001).
     The lower bound at k = n is ``alpha ** (1/n)``.
     """
-    if not 0 < alpha < 1:
-        raise ValueError("alpha must lie in (0, 1)")
-    if not 0 < p0 < 1:
+    check_alpha(alpha)
+    if not 0 < p0 < 1:  # NaN fails this too
         raise ValueError("p0 must lie in (0, 1)")
     n = int(np.ceil(np.log(alpha) / np.log(p0)))
     while alpha ** (1.0 / n) < p0:  # guard the float edge

@@ -30,7 +30,8 @@ import numpy as np
 from scipy.stats import norm
 
 from .bounds import cp_lower, cp_upper, goodman_upper
-from .certify import ABSTAIN, Certificates, Reason
+from .checks import check_alpha, check_p0
+from .certify import ABSTAIN, Certificates, Reason, check_margin
 from .counts import SparseCounts, reference_groups
 
 __all__ = [
@@ -76,9 +77,11 @@ class CascadeSweep:
     radius: np.ndarray  # (P, M) float64, [0,1] pixel units
     reason: np.ndarray  # (P, M) int8 codes of ``Reason``
     level: np.ndarray  # (P, M) int64, index into ascending σ of the answering level, -1 if none
+    p_lower: np.ndarray | None = None  # (P, M) lower bound on p_A at the answering level (NaN: none)
 
     def at(self, i: int) -> Certificates:
-        return Certificates(self.prediction[i], self.radius[i], self.reason[i], self.level[i])
+        return Certificates(self.prediction[i], self.radius[i], self.reason[i], self.level[i],
+                            None if self.p_lower is None else self.p_lower[i])
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class _Prepared:
     present: np.ndarray  # (K, M) bool: sampled at this level
     other: dict  # (j, k) with j > k -> (M,) largest count at level j over classes != c_hat[k]
     groups: dict  # (j, k) with j > k -> (cells, largest group) of the reference's reduction
+    policies: tuple[str, ...] = POLICIES  # the policies this summary was prepared for
 
 
 def prepare_levels(levels: Sequence[Level], policies: Sequence[str] = POLICIES) -> _Prepared:
@@ -101,7 +105,7 @@ def prepare_levels(levels: Sequence[Level], policies: Sequence[str] = POLICIES) 
         raise ValueError("a cascade needs at least one σ level")
     levels = sorted(levels, key=lambda lv: lv.sigma)
     sigmas = np.array([lv.sigma for lv in levels], dtype=np.float64)
-    if np.any(sigmas <= 0) or len(np.unique(sigmas)) != len(sigmas):
+    if not np.all(np.isfinite(sigmas) & (sigmas > 0)) or len(np.unique(sigmas)) != len(sigmas):
         raise ValueError(f"σ levels must be positive and distinct, got {sigmas.tolist()}")
     m = levels[0].estimation.num_rows
     num_classes = levels[0].estimation.num_classes
@@ -126,18 +130,18 @@ def prepare_levels(levels: Sequence[Level], policies: Sequence[str] = POLICIES) 
             if "reference" in policies:
                 cells, largest = reference_groups(levels[j].estimation, c_hat[k])
                 groups[j, k] = (np.where(present[j], cells, 1), np.where(present[j], largest, 0))
-    return _Prepared(sigmas, num_classes, c_hat, n, n_a, present, other, groups)
+    return _Prepared(sigmas, num_classes, c_hat, n, n_a, present, other, groups, tuple(policies))
 
 
 def _check(p0s: np.ndarray, alpha: float, policy: str) -> None:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    check_alpha(alpha)
     if p0s.ndim != 1 or len(p0s) == 0:
         raise ValueError("p0 must be a non-empty 1-d sequence")
-    if np.any(p0s < 0.5) or np.any(p0s >= 1.0):
-        raise ValueError(f"p0 must lie in [0.5, 1), got {p0s[(p0s < 0.5) | (p0s >= 1.0)][0]}")
+    bad = ~((p0s >= 0.5) & (p0s < 1.0))  # NaN is bad too
+    if bad.any():
+        check_p0(p0s[bad][0])
 
 
 def cascade_sweep(
@@ -145,19 +149,27 @@ def cascade_sweep(
     p0: Sequence[float] | float,
     alpha: float,
     policy: str = "strict",
+    margin: float = 0.0,
 ) -> CascadeSweep:
-    """Cascade certificates for every threshold in ``p0`` at failure probability ``alpha``."""
+    """Cascade certificates for every threshold in ``p0`` at failure probability ``alpha``.
+    ``margin`` widens every bound (lower bounds down, upper bounds up) by the distance between the
+    sampled and the certified smoothing distribution (lattice noise; 0 otherwise)."""
     p0s = np.atleast_1d(np.asarray(p0, dtype=np.float64))
     _check(p0s, alpha, policy)
+    margin = check_margin(margin)
     prep = levels if isinstance(levels, _Prepared) else prepare_levels(levels, (policy,))
+    if policy not in prep.policies:
+        raise ValueError(f"these levels were summarised for the {', '.join(prep.policies)} policy; "
+                         f"prepare_levels(levels, policies=({policy!r},)) for {policy}")
     if policy == "strict":
-        return _strict(prep, p0s, float(alpha))
-    return _reference(prep, p0s, float(alpha))
+        return _strict(prep, p0s, float(alpha), margin)
+    return _reference(prep, p0s, float(alpha), margin)
 
 
-def cascade_certify(levels: Sequence[Level] | _Prepared, p0: float, alpha: float, policy: str = "strict") -> Certificates:
+def cascade_certify(levels: Sequence[Level] | _Prepared, p0: float, alpha: float, policy: str = "strict",
+                    margin: float = 0.0) -> Certificates:
     """Cascade certificates at one threshold."""
-    return cascade_sweep(levels, [p0], alpha, policy).at(0)
+    return cascade_sweep(levels, [p0], alpha, policy, margin).at(0)
 
 
 def _require(prep: _Prepared, k: int, open_: np.ndarray, p0s: np.ndarray) -> None:
@@ -172,26 +184,30 @@ def _require(prep: _Prepared, k: int, open_: np.ndarray, p0s: np.ndarray) -> Non
 
 
 def level_stops(selection: SparseCounts, estimation: SparseCounts, *, p0: float, alpha: float, policy: str,
-                num_levels: int, level: int) -> np.ndarray:
+                num_levels: int, level: int, margin: float = 0.0) -> np.ndarray:
     """Whether the cascade stops at ``level`` (index into ascending σ) for each image, from that level's
     counts alone: the lazy cascade samples the next σ down only where this is False."""
     _check(np.atleast_1d(np.float64(p0)), alpha, policy)
+    margin = check_margin(margin)
     c_hat = selection.argmax()
     n = estimation.totals()
     n_a = estimation.count_of(c_hat)
     if policy == "strict":
-        return cp_lower(n_a, n, alpha / (2 * num_levels - 1)) >= p0
+        return cp_lower(n_a, n, alpha / (2 * num_levels - 1)) - margin >= p0
     alpha_k = alpha / (num_levels - level)
-    return (cp_lower(n_a, n, alpha_k) >= p0) | (cp_upper(n_a, n, alpha_k) >= p0)
+    return (cp_lower(n_a, n, alpha_k) - margin >= p0) | (cp_upper(n_a, n, alpha_k) + margin >= p0)
 
 
-def _finish(p0s, chosen, radius, reason_if_chosen_abstains, abstain_reason, c_hat) -> CascadeSweep:
-    """Gather the chosen level's class; turn non-positive results into abstentions."""
+def _finish(p0s, chosen, radius, reason_if_chosen_abstains, abstain_reason, c_hat, lower) -> CascadeSweep:
+    """Gather the chosen level's class and lower bound; turn non-positive results into abstentions."""
     k_levels, m = c_hat.shape
     answered = chosen >= 0
-    cls = np.take_along_axis(
-        np.broadcast_to(c_hat.T[None], (len(p0s), m, k_levels)), np.maximum(chosen, 0)[..., None], axis=2
-    )[..., 0]
+
+    def at_chosen(per_level: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(np.broadcast_to(per_level.T[None], (len(p0s), m, k_levels)),
+                                  np.maximum(chosen, 0)[..., None], axis=2)[..., 0]
+
+    cls = at_chosen(c_hat)
     certified = answered & ~reason_if_chosen_abstains
     reason = np.where(certified, Reason.NONE, np.where(answered, Reason.OFF_CLASS, abstain_reason))
     return CascadeSweep(
@@ -200,18 +216,20 @@ def _finish(p0s, chosen, radius, reason_if_chosen_abstains, abstain_reason, c_ha
         radius=np.where(certified, radius, 0.0),
         reason=reason.astype(np.int8),
         level=np.where(certified, chosen, -1),
+        p_lower=np.where(answered, at_chosen(lower), np.nan),
     )
 
 
-def _strict(prep: _Prepared, p0s: np.ndarray, alpha: float) -> CascadeSweep:
+def _strict(prep: _Prepared, p0s: np.ndarray, alpha: float, margin: float) -> CascadeSweep:
     k_levels, m = prep.c_hat.shape
     alpha_a = alpha_b = alpha / (2 * k_levels - 1)
     z0 = norm.ppf(p0s)[:, None]  # (P, 1)
-    lb = cp_lower(prep.n_a, prep.n, alpha_a)  # (K, M)
+    lb = np.maximum(cp_lower(prep.n_a, prep.n, alpha_a) - margin, 0.0)  # (K, M)
     z_lb = norm.ppf(lb)
     # Off-class bound of level j for answer ĉ_k: Bonferroni over all C classes, and only the largest
     # count other than ĉ_k matters because the CP upper bound grows with the count.
-    z_ub = {jk: norm.ppf(cp_upper(o, prep.n[jk[0]], alpha_b / prep.num_classes)) for jk, o in prep.other.items()}
+    z_ub = {jk: norm.ppf(np.minimum(cp_upper(o, prep.n[jk[0]], alpha_b / prep.num_classes) + margin, 1.0))
+            for jk, o in prep.other.items()}
 
     chosen = np.full((len(p0s), m), -1, dtype=np.int64)
     radius = np.zeros((len(p0s), m))
@@ -223,19 +241,21 @@ def _strict(prep: _Prepared, p0s: np.ndarray, alpha: float) -> CascadeSweep:
             r = np.minimum(r, prep.sigmas[j] * (z0 - z_ub[j, k][None, :]))
         radius = np.where(stop, r, radius)
         chosen = np.where(stop, k, chosen)
-    return _finish(p0s, chosen, radius, radius <= 0, Reason.BELOW_THRESHOLD, prep.c_hat)
+    return _finish(p0s, chosen, radius, radius <= 0, Reason.BELOW_THRESHOLD, prep.c_hat, lb)
 
 
-def _reference(prep: _Prepared, p0s: np.ndarray, alpha: float) -> CascadeSweep:
+def _reference(prep: _Prepared, p0s: np.ndarray, alpha: float, margin: float) -> CascadeSweep:
     k_levels, m = prep.c_hat.shape
     z0 = norm.ppf(p0s)[:, None]
     chosen = np.full((len(p0s), m), -1, dtype=np.int64)
     undecided = np.zeros((len(p0s), m), dtype=bool)
     radius = np.zeros((len(p0s), m))
+    lowers = np.zeros((k_levels, m))
     for k in range(k_levels - 1, -1, -1):
         alpha_k = alpha / (k_levels - k)  # stage s = K-1-k is tested at α/(s+1)
-        lo = cp_lower(prep.n_a[k], prep.n[k], alpha_k)
-        hi = cp_upper(prep.n_a[k], prep.n[k], alpha_k)
+        lo = np.maximum(cp_lower(prep.n_a[k], prep.n[k], alpha_k) - margin, 0.0)
+        hi = np.minimum(cp_upper(prep.n_a[k], prep.n[k], alpha_k) + margin, 1.0)
+        lowers[k] = lo
         open_ = (chosen < 0) & ~undecided
         _require(prep, k, open_, p0s)
         stop = open_ & (lo[None, :] >= p0s[:, None])
@@ -250,9 +270,10 @@ def _reference(prep: _Prepared, p0s: np.ndarray, alpha: float) -> CascadeSweep:
                 # Two or fewer cells: the reference bounds the level's *own* candidate ĉ_j (§4.4 item 5).
                 1.0 - cp_lower(prep.n_a[j], prep.n[j], alpha_k),
             )
+            p_b = np.minimum(p_b + margin, 1.0)
             with np.errstate(divide="ignore"):
                 r_neg = np.minimum(r_neg, prep.sigmas[j] * (z0 - norm.ppf(p_b)[None, :]))
         radius = np.where(stop, np.minimum(r, r_neg), radius)
         chosen = np.where(stop, k, chosen)
     abstain_reason = np.where(undecided, Reason.UNDECIDED, Reason.BELOW_THRESHOLD)
-    return _finish(p0s, chosen, radius, radius < 0, abstain_reason, prep.c_hat)
+    return _finish(p0s, chosen, radius, radius < 0, abstain_reason, prep.c_hat, lowers)

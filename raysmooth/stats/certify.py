@@ -8,9 +8,10 @@ import numpy as np
 from scipy.stats import norm
 
 from .bounds import binomial_test_pvalue, cp_lower
+from .checks import check_alpha, check_sigma
 from .counts import SparseCounts
 
-__all__ = ["ABSTAIN", "Reason", "Certificates", "certify", "predict"]
+__all__ = ["ABSTAIN", "Reason", "Certificates", "certify", "predict", "check_margin"]
 
 ABSTAIN = -1
 
@@ -35,25 +36,31 @@ class Certificates:
     radius: np.ndarray  # float64, 0 where abstaining
     reason: np.ndarray  # int8 codes of ``Reason``
     level: np.ndarray  # int64: index (ascending σ) of the level that answered, -1 if none
+    p_lower: np.ndarray | None = None  # float64: the lower bound on p_A behind the answer (NaN: none)
 
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+def check_margin(margin: float) -> float:
+    value = float(margin)
+    if not (np.isfinite(value) and 0.0 <= value < 0.5):
+        raise ValueError(f"the margin on p_A must lie in [0, 0.5), got {margin}")
+    return value
 
 
-def certify(selection: SparseCounts, estimation: SparseCounts, sigma: float, alpha: float) -> Certificates:
+def certify(selection: SparseCounts, estimation: SparseCounts, sigma: float, alpha: float, margin: float = 0.0) -> Certificates:
     """Cohen's CERTIFY: pick ĉ from the selection counts, bound its probability from the estimation
-    counts, and certify radius σ·Φ⁻¹(p̲) when p̲ ≥ 1/2 (p̲ = 1/2 gives the class with radius 0)."""
-    _check_alpha(alpha)
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+    counts, and certify radius σ·Φ⁻¹(p̲) when p̲ ≥ 1/2 (p̲ = 1/2 gives the class with radius 0).
+
+    ``margin`` is subtracted from the lower bound first: how far the sampled distribution may be from
+    the smoothing distribution the radius speaks of (lattice noise; 0 otherwise)."""
+    check_alpha(alpha)
+    check_sigma(sigma)
+    check_margin(margin)
     if selection.num_rows != estimation.num_rows:
         raise ValueError("selection and estimation counts must cover the same images")
     c_hat = selection.argmax()
     n = estimation.totals()
     n_a = estimation.count_of(c_hat)
-    lower = cp_lower(n_a, n, alpha)
+    lower = np.maximum(cp_lower(n_a, n, alpha) - margin, 0.0)
     ok = (lower >= 0.5) & (c_hat >= 0)
     radius = np.where(ok, sigma * norm.ppf(np.where(ok, lower, 0.5)), 0.0)
     return Certificates(
@@ -61,12 +68,13 @@ def certify(selection: SparseCounts, estimation: SparseCounts, sigma: float, alp
         radius=radius,
         reason=np.where(ok, Reason.NONE, Reason.BELOW_THRESHOLD).astype(np.int8),
         level=np.where(ok, 0, -1),
+        p_lower=np.where(c_hat >= 0, lower, np.nan),
     )
 
 
 def predict(counts: SparseCounts, alpha: float) -> Certificates:
     """Cohen's PREDICT: the top class if the binomial test separates it from the runner-up at ``alpha``."""
-    _check_alpha(alpha)
+    check_alpha(alpha)
     c1, n1, _c2, n2 = counts.top2()
     ok = binomial_test_pvalue(n1, n2) <= alpha
     return Certificates(
@@ -74,4 +82,5 @@ def predict(counts: SparseCounts, alpha: float) -> Certificates:
         radius=np.zeros(counts.num_rows),
         reason=np.where(ok, Reason.NONE, Reason.NOT_SIGNIFICANT).astype(np.int8),
         level=np.where(ok, 0, -1),
+        p_lower=np.full(counts.num_rows, np.nan),
     )

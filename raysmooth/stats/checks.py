@@ -1,0 +1,40 @@
+"""The invariants of the statistics, as plain ``ValueError``s: one check per parameter, used by every
+function here and by the config layer (which names the key in its one-line message)."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["check_alpha", "check_p0", "check_sigma"]
+
+
+def _real(x: object) -> float | None:
+    try:
+        value = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_alpha(alpha: object) -> float:
+    """A failure probability in (0, 1)."""
+    value = _real(alpha)
+    if value is None or not 0.0 < value < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    return value
+
+
+def check_p0(p0: object) -> float:
+    """A cascade threshold in [0.5, 1)."""
+    value = _real(p0)
+    if value is None or not 0.5 <= value < 1.0:
+        raise ValueError(f"p0 must lie in [0.5, 1), got {p0}")
+    return value
+
+
+def check_sigma(sigma: object) -> float:
+    """A noise level: positive and finite."""
+    value = _real(sigma)
+    if value is None or not value > 0:
+        raise ValueError(f"sigma must be a positive finite number, got {sigma}")
+    return value
