@@ -4,10 +4,13 @@ Everything the default run needs, trained by our own code on the training split 
 digits with fixed seeds, and saved as safetensors with a JSON card (config, seed, test metrics):
 
 * ``denoiser/``: a small DDPM (diffusers ``UNet2DModel`` + ``DDPMScheduler``), ε-prediction;
-* ``classifier``: a timm ResNet on clean images;
-* ``classifier_noisy``: the same net trained with Gaussian noise augmentation (DiffSmooth's base);
-* ``onestep``: a noise-conditioned classifier (σ is an input), trained on noisy inputs across the
+* ``classifier/``: a timm ResNet on clean images;
+* ``classifier_noisy/``: the same net trained with Gaussian noise augmentation (DiffSmooth's base);
+* ``onestep/``: a noise-conditioned classifier (σ is an input), trained on noisy inputs across the
   σ range with a consistency term between two noise draws (rRCM-style).
+
+Each classifier is a folder (``config.json`` + ``model.safetensors`` + ``card.json``), as
+``save_classifier`` / ``save_onestep`` write them.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import digits_split
-from .models import ClassifierConfig, OneStepConfig
+from .models import ClassifierConfig, OneStepConfig, save_classifier, save_onestep
 from .models.classifier import create_timm_model
 from .models.onestep import build_onestep
+from .models.schedule import DDPM_LINEAR, schedule_from_config
 
 __all__ = ["ToyConfig", "train_all", "EMBEDDED_DIR", "UNET_CONFIG", "CLASSIFIER"]
 
@@ -38,7 +42,7 @@ UNET_CONFIG: dict[str, Any] = dict(
     sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=[16, 32],
     down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=8,
 )
-SCHEDULER_CONFIG: dict[str, Any] = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+SCHEDULER_CONFIG: dict[str, Any] = dict(DDPM_LINEAR)
 CLASSIFIER: dict[str, Any] = dict(name="resnet18", num_classes=10, in_chans=1, input_size=[8, 8], mean=[0.5], std=[0.5],
                                   model_kwargs={"channels": [16, 32, 64, 128]})
 
@@ -67,14 +71,6 @@ def _cosine(step: int, total: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def _save(path: Path, state: dict[str, torch.Tensor], card: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-
-
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Shift by up to one pixel (digits are small; this is enough to regularise)."""
     pad = F.pad(x, (1, 1, 1, 1))
@@ -90,7 +86,7 @@ def train_denoiser(cfg: ToyConfig, train: torch.Tensor, out: Path, report: Calla
     gen = torch.Generator().manual_seed(cfg.seed)
     unet = UNet2DModel(**UNET_CONFIG)
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
-    acp = torch.tensor(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)), dtype=torch.float32)
+    acp = torch.tensor(schedule_from_config(SCHEDULER_CONFIG), dtype=torch.float32)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.denoiser_lr, weight_decay=1e-4)
     start = time.time()
     for step in range(cfg.denoiser_steps):
@@ -98,7 +94,7 @@ def train_denoiser(cfg: ToyConfig, train: torch.Tensor, out: Path, report: Calla
             g["lr"] = _cosine(step, cfg.denoiser_steps, cfg.denoiser_lr)
         idx = torch.randint(0, len(train), (cfg.denoiser_batch,), generator=gen)
         x0 = 2 * _augment(train[idx], gen) - 1  # shift in [0,1] (background 0), then to [-1,1]
-        t = torch.randint(0, 1000, (cfg.denoiser_batch,), generator=gen)
+        t = torch.randint(0, len(acp), (cfg.denoiser_batch,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
@@ -174,7 +170,7 @@ def train_all(cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, repo
     secs = _train_classifier(clean, lambda x: clean(norm(x)), cfg, train_x, train_y, cfg.classifier_epochs, gen, report, "classifier")
     clean_acc = _accuracy(lambda x: clean(norm(x)), test_x, test_y)
     cards["classifier"] = {**common, "model": CLASSIFIER, "test_accuracy_clean": clean_acc, "seconds": secs}
-    _save(out / "classifier.safetensors", clean.state_dict(), cards["classifier"])
+    save_classifier(clean, ccfg, out / "classifier", cards["classifier"])
 
     # Denoiser metrics: one-shot x̂₀ error and clean-classifier accuracy on x̂₀, per σ.
     from .models import load_denoiser
@@ -207,7 +203,7 @@ def train_all(cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, repo
         "test_accuracy_clean": _accuracy(lambda x: noisy(norm(x)), test_x, test_y),
         "test_accuracy_at_noise_aug_sigma": _accuracy(lambda x: noisy(norm(x)), _noisy(test_x, cfg.noise_aug_sigma, 7), test_y),
     }
-    _save(out / "classifier_noisy.safetensors", noisy.state_dict(), cards["classifier_noisy"])
+    save_classifier(noisy, ccfg, out / "classifier_noisy", cards["classifier_noisy"])
 
     # 4. One-step noise-conditioned classifier with a two-draw consistency term.
     gen = torch.Generator().manual_seed(cfg.seed + 3)
@@ -230,7 +226,7 @@ def train_all(cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, repo
         accs[f"sigma_{s}"] = _accuracy(lambda z: onestep(z, torch.full((len(z),), s)), _noisy(test_x, s, 200 + i), test_y)
     cards["onestep"] = {**common, "model": asdict(ocfg), "sigma_range": cfg.onestep_sigma_range, "seconds": secs,
                         "test_accuracy_noisy_single_draw": accs}
-    _save(out / "onestep.safetensors", onestep.model.state_dict(), cards["onestep"])
+    save_onestep(onestep, ocfg, out / "onestep", cards["onestep"])
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     report(f"embedded models written to {out} ({total / 1e6:.1f} MB)")
     return cards

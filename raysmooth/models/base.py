@@ -2,18 +2,23 @@
 
 The smoothed classifier is g(x) = argmax_c P[f(x + σε) = c]; everything between the noisy input and
 the class (denoising, local smoothing, noise conditioning) is part of f. Adding a method is adding one
-``@register_base_classifier`` function, as timm registers models.
+``@register_base_classifier`` function, as timm registers models: the function's parameters name the
+config sections it takes (``denoiser``, ``classifier``, ``onestep``, ``input_shape`` and its options),
+so nothing else has to know about it. A name of the form ``pkg.module:builder`` is a user's own
+builder that returns a ``torch.nn.Module`` (logits); it is wrapped like any classifier.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from .classifier import ClassifierConfig, NormalizedClassifier, load_classifier
 from .denoiser import DenoiserConfig, DiffusionDenoiser, load_denoiser
 from .onestep import NoiseConditionedClassifier, OneStepConfig, load_onestep
@@ -28,6 +33,8 @@ __all__ = [
     "register_base_classifier",
     "create_base_classifier",
     "list_base_classifiers",
+    "model_sections",
+    "import_builder",
 ]
 
 _REGISTRY: dict[str, Callable[..., "BaseClassifier"]] = {}
@@ -42,14 +49,63 @@ def list_base_classifiers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_base_classifier(name: str, **kwargs: Any) -> "BaseClassifier":
-    """Build the base classifier registered as ``name`` from config data."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"model.base: unknown base classifier {name!r}; choose one of {', '.join(list_base_classifiers())}")
+def import_builder(target: str) -> Callable[..., nn.Module]:
+    """The function named by ``pkg.module:builder`` (a one-line error when it cannot be imported)."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"model.base: {target!r} is neither a registered base classifier "
+                          f"({', '.join(list_base_classifiers())}) nor an import path pkg.module:builder")
     try:
-        return _REGISTRY[name](**kwargs)
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise ConfigError(f"model.base={target}: cannot import {module_name} ({type(exc).__name__}: {one_line(exc, 160)}); "
+                          "is it installed or on PYTHONPATH?") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"model.base={target}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def _bind(name: str, fn: Callable, kwargs: dict[str, Any]) -> None:
+    """Check the config sections against the builder's parameters before building anything."""
+    try:
+        inspect.signature(fn).bind(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"model.base={name}: {exc}") from None
+        text = str(exc)
+        missing = text.split("'")[1] if "missing" in text and "'" in text else None
+        unexpected = text.split("'")[1] if "unexpected keyword" in text and "'" in text else None
+        if missing:
+            raise ConfigError(f"model.base={name} needs model.{missing}") from None
+        if unexpected:
+            raise ConfigError(f"model.base={name} takes no {unexpected!r} (model.{unexpected} or model.options.{unexpected})") from None
+        raise ConfigError(f"model.base={name}: {text}") from None
+
+
+def create_base_classifier(name: str, **kwargs: Any) -> "BaseClassifier":
+    """Build the base classifier registered as ``name`` (or a user's ``pkg.module:builder``) from
+    config sections: each builder takes the sections its parameters name."""
+    if ":" in name and name not in _REGISTRY:
+        from .adapter import user_base_classifier
+
+        builder = import_builder(name)
+        return user_base_classifier(name, builder, **kwargs)
+    if name not in _REGISTRY:
+        raise ConfigError(f"model.base: unknown base classifier {name!r}; choose one of {', '.join(list_base_classifiers())} "
+                          "or give an import path pkg.module:builder")
+    _bind(name, _REGISTRY[name], kwargs)
+    return _REGISTRY[name](**kwargs)
+
+
+def model_sections(model: Any) -> tuple[str, dict[str, Any]]:
+    """``(base name, builder arguments)`` from a model config (``ModelCfg`` or a dict of its fields):
+    every non-empty section and ``input_shape``, with the options spread in."""
+    get = model.get if isinstance(model, dict) else lambda k, d=None: getattr(model, k, d)
+    kwargs: dict[str, Any] = {"input_shape": list(get("input_shape"))}
+    for section in ("denoiser", "classifier", "onestep"):
+        if get(section):
+            kwargs[section] = dict(get(section))
+    kwargs.update(dict(get("options") or {}))
+    return get("base"), kwargs
 
 
 class BaseClassifier(nn.Module):
@@ -65,6 +121,10 @@ class BaseClassifier(nn.Module):
 
     def classify(self, z: torch.Tensor, sigma: torch.Tensor, aux_noise: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(z, sigma, aux_noise).argmax(dim=1)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, aux_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (or votes) of every sample: what the engine compiles and counts the argmax of."""
+        return self.logits(z, sigma, aux_noise)
 
     @property
     def model_id(self) -> str:
@@ -187,8 +247,8 @@ def diffsmooth(denoiser: dict | DenoiserConfig, classifier: dict | ClassifierCon
 
 
 @register_base_classifier
-def onestep(model: dict | OneStepConfig, input_shape) -> OneStepBase:
-    return OneStepBase(load_onestep(model), _shape(input_shape))
+def onestep(onestep: dict | OneStepConfig, input_shape) -> OneStepBase:
+    return OneStepBase(load_onestep(onestep), _shape(input_shape))
 
 
 @register_base_classifier

@@ -1,15 +1,25 @@
-"""Loading weights without ever executing a pickle: safetensors, or ``torch.load(weights_only=True)``."""
+"""Loading weights without ever executing a pickle: safetensors, or ``torch.load(weights_only=True)``;
+and the self-describing model folders (``config.json`` + ``model.safetensors``) our builders read."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import re
+import shutil
+import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, one_line
 
-__all__ = ["load_state_dict_file", "unwrap_state_dict", "mismatch", "load_strict"]
+__all__ = ["load_state_dict_file", "unwrap_state_dict", "mismatch", "load_strict", "read_folder_config", "save_folder",
+           "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME"]
+
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "card.json"
 
 
 def unwrap_state_dict(obj: object, source: str, prefer: tuple[str, ...] = ("model_ema", "state_dict", "model")) -> dict[str, torch.Tensor]:
@@ -35,17 +45,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types
-            raise ModelLoadError(f"{path}: not a valid safetensors file ({exc})") from None
+            raise ModelLoadError(f"{path}: not a valid safetensors file ({one_line(exc, 160)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported pickle content"
-        raise ModelLoadError(
-            f"{path}: refused: the checkpoint holds more than tensors and would need arbitrary pickled code "
-            f"to load ({first[:160]}); convert it to safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ModelLoadError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        text = str(exc)
+        found = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            raise ModelLoadError(
+                f"{path}: refused: the checkpoint holds a {found.group(1) or found.group(2)} object, and loading it would "
+                "execute arbitrary pickled code; save only its tensors (a state dict), or convert it to safetensors"
+            ) from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text, flags=re.S)
+        detail = one_line(reason.group(1) if reason else text, 120)
+        raise ModelLoadError(f"{path}: not a readable torch checkpoint (damaged, or not a checkpoint: {detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as exc:
+        raise ModelLoadError(f"{path}: not a readable torch checkpoint ({one_line(exc, 160)})") from None
     return unwrap_state_dict(obj, str(path))
 
 
@@ -71,3 +86,40 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
     if problem:
         raise ModelLoadError(f"{source}: checkpoint does not fit the model: {problem}")
     module.load_state_dict(state, strict=True)
+
+
+def read_folder_config(folder: str | Path, kind: str) -> tuple[dict[str, Any], Path]:
+    """The saved config of a model folder and its weights file, checked to be a ``kind`` folder."""
+    folder = Path(folder)
+    config, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: no such model folder")
+    if not config.is_file() or not weights.is_file():
+        raise ModelLoadError(f"{folder}: a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        fields = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config}: not valid JSON ({exc})") from None
+    if not isinstance(fields, dict) or fields.get("raysmooth_model") != kind:
+        found = fields.get("raysmooth_model") if isinstance(fields, dict) else None
+        raise ModelLoadError(f"{folder}: a {found or 'foreign'} folder where a {kind} folder was expected")
+    return {k: v for k, v in fields.items() if k != "raysmooth_model"}, weights
+
+
+def save_folder(folder: str | Path, kind: str, fields: dict[str, Any], state: dict[str, torch.Tensor],
+                card: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``card.json``) into a new folder, then rename it
+    into place, so a reader never sees half a model."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f"_{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME))
+    (tmp / CONFIG_NAME).write_text(json.dumps({"raysmooth_model": kind, **fields}, indent=2, sort_keys=True) + "\n")
+    if card is not None:
+        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder

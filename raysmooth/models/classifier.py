@@ -1,7 +1,9 @@
 """timm classifiers that carry their input contract (size, interpolation, mean, std).
 
 Callers hand them images in [0,1] at any size; the classifier resizes (antialiased) and normalises
-the way its pretrained config says, unless the config overrides it.
+the way its pretrained config says, unless the config overrides it. Our own classifiers save and load
+as self-describing folders, in diffusers' manner: ``config.json`` (the ``ClassifierConfig``) beside
+``model.safetensors``, so a model config needs nothing but ``path``.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from .checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
+from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 
-__all__ = ["ClassifierConfig", "InputContract", "NormalizedClassifier", "create_timm_model", "load_classifier"]
+__all__ = ["ClassifierConfig", "InputContract", "NormalizedClassifier", "create_timm_model", "load_classifier",
+           "save_classifier"]
 
 
 @dataclass
 class ClassifierConfig:
-    """A timm model and how to feed it. ``checkpoint`` is a local safetensors or weights-only torch file;
-    ``pretrained`` asks timm for its published weights (a download unless cached or overlaid)."""
+    """A timm model and how to feed it. ``path`` is a folder saved by ``save_classifier`` (its
+    ``config.json`` fills the other fields; fields given here override it); ``checkpoint`` is a local
+    safetensors or weights-only torch file; ``pretrained`` asks timm for its published weights (a
+    download unless cached or overlaid)."""
 
+    path: str | None = None
     name: str = "resnet18"
     num_classes: int = 10
     in_chans: int = 3
@@ -94,10 +100,37 @@ def contract_for(model: nn.Module, cfg: ClassifierConfig) -> InputContract:
     return InputContract((int(size[0]), int(size[1])), cfg.interpolation or data_cfg.get("interpolation", "bicubic"), mean, std)
 
 
+def _folder_config(cfg: ClassifierConfig | dict) -> ClassifierConfig:
+    """A ClassifierConfig from a section that may name a folder: the folder's config.json, then the
+    section's own fields on top, and the folder's weights as the checkpoint."""
+    given = dict(cfg) if isinstance(cfg, dict) else {k: v for k, v in cfg.__dict__.items()}
+    path = given.get("path")
+    if not path:
+        return cfg if isinstance(cfg, ClassifierConfig) else ClassifierConfig(**given)
+    saved, weights = read_folder_config(path, "classifier")
+    explicit = given if isinstance(cfg, dict) else {k: v for k, v in given.items() if v != getattr(ClassifierConfig(), k)}
+    fields = {**saved, **{k: v for k, v in explicit.items() if k != "path"}}
+    try:
+        out = ClassifierConfig(**fields)
+    except TypeError as exc:
+        raise ModelLoadError(f"{path}: config.json is not a classifier config ({exc})") from None
+    out.path = str(path)
+    out.checkpoint = out.checkpoint or str(weights)
+    return out
+
+
+def save_classifier(model: nn.Module, cfg: ClassifierConfig, folder, card: dict | None = None):
+    """Save a timm classifier as a folder that ``load_classifier({"path": folder})`` reads back."""
+    fields = {k: v for k, v in cfg.__dict__.items() if k not in ("path", "checkpoint", "pretrained")}
+    return save_folder(folder, "classifier", fields, model.state_dict(), card)
+
+
 def load_classifier(cfg: ClassifierConfig | dict) -> NormalizedClassifier:
     """``timm.create_model`` plus our local checkpoint (loaded without executing pickles)."""
-    if isinstance(cfg, dict):
-        cfg = ClassifierConfig(**cfg)
+    try:
+        cfg = _folder_config(cfg)
+    except TypeError as exc:
+        raise ModelLoadError(f"model.classifier: {exc}") from None
     if cfg.checkpoint_format == "hf_vit":
         model = _load_hf_vit(cfg)
     elif cfg.checkpoint_format == "timm":
@@ -108,7 +141,8 @@ def load_classifier(cfg: ClassifierConfig | dict) -> NormalizedClassifier:
     else:
         raise ModelLoadError(f"classifier.checkpoint_format must be timm or hf_vit, got {cfg.checkpoint_format!r}")
     model.eval().requires_grad_(False)
-    return NormalizedClassifier(model, contract_for(model, cfg), cfg.num_classes, model_id=cfg.checkpoint or cfg.name)
+    return NormalizedClassifier(model, contract_for(model, cfg), cfg.num_classes,
+                                model_id=cfg.path or cfg.checkpoint or cfg.name)
 
 
 def _load_hf_vit(cfg: ClassifierConfig) -> nn.Module:

@@ -17,8 +17,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .checkpoints import load_state_dict_file, load_strict
-from .schedule import alphas_cumprod as _acp
-from .schedule import cosine_betas, noise_ratio
+from .schedule import noise_ratio, schedule_from_config
 
 __all__ = ["DenoiserConfig", "DiffusionDenoiser", "load_denoiser", "schedule_from_config"]
 
@@ -44,23 +43,6 @@ class DenoiserConfig:
     steps: int = 1  # 1 = one-shot; more = that many reverse steps from t* to 0
     eta: float = 0.0  # multi-step only: 0 = DDIM (deterministic), 1 = DDPM-like ancestral steps
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def schedule_from_config(cfg: dict[str, Any]) -> np.ndarray:
-    """ᾱ in float64 from ``DDPMScheduler`` arguments (or a saved ``scheduler_config.json``)."""
-    t = int(cfg.get("num_train_timesteps", 1000))
-    kind = cfg.get("beta_schedule", "linear")
-    if cfg.get("trained_betas") is not None:
-        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
-    elif kind == "linear":
-        betas = np.linspace(cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), t, dtype=np.float64)
-    elif kind == "squaredcos_cap_v2":
-        betas = cosine_betas(t)
-    elif kind == "scaled_linear":
-        betas = np.linspace(cfg.get("beta_start", 1e-4) ** 0.5, cfg.get("beta_end", 0.02) ** 0.5, t, dtype=np.float64) ** 2
-    else:
-        raise ModelLoadError(f"unsupported beta_schedule {kind!r} (linear, scaled_linear, squaredcos_cap_v2)")
-    return _acp(betas)
 
 
 class DiffusionDenoiser(nn.Module):

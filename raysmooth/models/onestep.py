@@ -14,14 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import load_state_dict_file, load_strict, unwrap_state_dict
+from ..errors import ModelLoadError
+from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 from .classifier import ClassifierConfig, create_timm_model
 
-__all__ = ["OneStepConfig", "NoiseConditionedClassifier", "load_onestep", "noise_level_channel"]
+__all__ = ["OneStepConfig", "NoiseConditionedClassifier", "load_onestep", "save_onestep", "noise_level_channel"]
 
 
 @dataclass
 class OneStepConfig:
+    """A timm backbone with one extra input channel for σ. ``path``: a folder saved by ``save_onestep``."""
+
+    path: str | None = None
     name: str = "resnet18"
     num_classes: int = 10
     in_chans: int = 3  # of the images; the model sees in_chans + 1
@@ -51,12 +55,26 @@ class NoiseConditionedClassifier(nn.Module):
 def build_onestep(cfg: OneStepConfig) -> NoiseConditionedClassifier:
     model = create_timm_model(ClassifierConfig(name=cfg.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans + 1,
                                                model_kwargs=cfg.model_kwargs))
-    return NoiseConditionedClassifier(model, cfg.num_classes, model_id=cfg.checkpoint or cfg.name)
+    return NoiseConditionedClassifier(model, cfg.num_classes, model_id=cfg.path or cfg.checkpoint or cfg.name)
+
+
+def save_onestep(net: NoiseConditionedClassifier, cfg: OneStepConfig, folder, card: dict | None = None):
+    """Save as a folder that ``load_onestep({"path": folder})`` reads back."""
+    fields = {k: v for k, v in cfg.__dict__.items() if k not in ("path", "checkpoint")}
+    return save_folder(folder, "onestep", fields, net.model.state_dict(), card)
 
 
 def load_onestep(cfg: OneStepConfig | dict) -> NoiseConditionedClassifier:
-    if isinstance(cfg, dict):
-        cfg = OneStepConfig(**cfg)
+    given = dict(cfg) if isinstance(cfg, dict) else dict(cfg.__dict__)
+    if given.get("path"):
+        saved, weights = read_folder_config(given["path"], "onestep")
+        overrides = {k: v for k, v in given.items() if k != "path" and (not isinstance(cfg, OneStepConfig)
+                                                                         or v != getattr(OneStepConfig(), k))}
+        given = {**saved, **overrides, "path": given["path"], "checkpoint": given.get("checkpoint") or str(weights)}
+    try:
+        cfg = OneStepConfig(**given)
+    except TypeError as exc:
+        raise ModelLoadError(f"model.onestep: {exc}") from None
     net = build_onestep(cfg)
     if cfg.checkpoint:
         load_strict(net.model, unwrap_state_dict(load_state_dict_file(cfg.checkpoint), cfg.checkpoint), cfg.checkpoint)

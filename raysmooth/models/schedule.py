@@ -8,10 +8,14 @@ pick the same t*. Computed in float64 from the betas (diffusers keeps ᾱ in flo
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-__all__ = ["linear_betas", "cosine_betas", "alphas_cumprod", "noise_ratio", "timestep_for_sigma"]
+__all__ = ["linear_betas", "cosine_betas", "alphas_cumprod", "noise_ratio", "timestep_for_sigma", "schedule_from_config",
+           "DDPM_LINEAR"]
+
+DDPM_LINEAR: dict[str, Any] = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -49,3 +53,24 @@ def timestep_for_sigma(acp: np.ndarray, sigma: float) -> tuple[int, float]:
     t = int(np.searchsorted(r, 2.0 * sigma, side="left"))
     t = min(t, len(r) - 1)
     return t, float(np.sqrt(acp[t]))
+
+
+def schedule_from_config(cfg: dict[str, Any]) -> np.ndarray:
+    """ᾱ in float64 from ``DDPMScheduler`` arguments (or a saved ``scheduler_config.json``): the one
+    implementation the denoiser, the toy trainer and the tests share. diffusers' ``linear`` takes
+    beta_start/beta_end as given (no rescaling for other step counts)."""
+    from ..errors import ModelLoadError
+
+    t = int(cfg.get("num_train_timesteps", 1000))
+    kind = cfg.get("beta_schedule", "linear")
+    if cfg.get("trained_betas") is not None:
+        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
+    elif kind == "linear":
+        betas = np.linspace(cfg.get("beta_start", 1e-4), cfg.get("beta_end", 0.02), t, dtype=np.float64)
+    elif kind == "squaredcos_cap_v2":
+        betas = cosine_betas(t)
+    elif kind == "scaled_linear":
+        betas = np.linspace(cfg.get("beta_start", 1e-4) ** 0.5, cfg.get("beta_end", 0.02) ** 0.5, t, dtype=np.float64) ** 2
+    else:
+        raise ModelLoadError(f"unsupported beta_schedule {kind!r} (linear, scaled_linear, squaredcos_cap_v2)")
+    return alphas_cumprod(betas)
