@@ -2,13 +2,16 @@
 
 It packs the samples of many units (images, σ, phases, chunks) into full forward batches, draws each
 unit's noise from its own seeded generator in fixed-size blocks (so counts do not depend on batch size,
-packing or order), counts on the device with ``bincount``, and copies counts to the host once per
-``run``. It knows nothing of Ray.
+packing or order), and counts on the device. Inside the sampling loop nothing waits for the device:
+the per-sample index tensors are built once per call, counting is an ``index_add_`` into device
+counts, and the counts (with a tally of non-finite logits) come back in one copy at the end. It
+knows nothing of Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
@@ -16,30 +19,40 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from .config import DEFAULT_BATCH_SIZE
 from .errors import InputError
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
 
-__all__ = ["EngineConfig", "Replica", "validate_images", "validate_sampling"]
+__all__ = ["EngineConfig", "Replica", "validate_images", "validate_sampling", "DEFAULT_BATCH_SIZE"]
+
+log = logging.getLogger("raysmooth")
 
 
 @dataclass
 class EngineConfig:
-    """How a replica runs. ``noise_block`` is part of the noise definition (changing it changes the
-    counts); everything else only changes speed."""
+    """How a replica runs. ``noise_block``, ``noise`` and ``levels`` are part of the noise definition
+    (changing them changes the counts); everything else only changes speed."""
 
-    batch_size: int = 1000
+    batch_size: int | str = DEFAULT_BATCH_SIZE  # an int, or "auto": probe the device once at start
     noise_block: int = 256
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; CUDA only)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast over the whole denoise-then-classify step)
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile the whole base classifier at a static batch shape
+    noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
+    levels: int = 255  # lattice noise: images lie on (1/levels)ℤ
     threads: int | None = None  # torch intra-op threads on CPU
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.noise_block < 1:
-            raise InputError("engine.batch_size and engine.noise_block must be at least 1")
+        bs = self.batch_size
+        if not (bs == "auto" or (isinstance(bs, (int, np.integer)) and not isinstance(bs, bool) and bs >= 1)):
+            raise InputError(f"engine.batch_size must be a positive integer or auto, got {bs!r}")
+        if self.noise_block < 1:
+            raise InputError(f"engine.noise_block must be at least 1, got {self.noise_block}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise InputError(f"engine.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.noise not in ("gaussian", "lattice"):
+            raise InputError(f"engine.noise must be gaussian or lattice, got {self.noise!r}")
 
 
 def validate_sampling(sigmas: Sequence[float], n0: int, n: int) -> None:
@@ -69,7 +82,7 @@ def validate_images(images: np.ndarray | torch.Tensor, labels: np.ndarray | None
         arr = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
     if not torch.isfinite(arr).all():
         raise InputError(f"images contain NaN or inf ({int((~torch.isfinite(arr)).sum())} values)")
-    lo, hi = float(arr.min()), float(arr.max())
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.numel() else (0.0, 0.0)
     if lo < 0.0 or hi > 1.0:
         raise InputError(f"images must lie in [0, 1] (noise is added in that space), got values in [{lo:.3g}, {hi:.3g}]")
     if num_classes is not None and num_classes != model_classes:
@@ -92,6 +105,10 @@ class _Piece:
     length: int
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 class Replica:
     """One base classifier on one device, turning work units into counts."""
 
@@ -100,31 +117,60 @@ class Replica:
         validate_sampling(list(sigmas), 1, 1)
         self.config = config or EngineConfig()
         self.device = torch.device(device)
-        self.sigmas = torch.tensor([float(s) for s in sigmas], dtype=torch.float32, device=self.device)
+        if self.config.precision == "fp16" and self.device.type != "cuda":
+            raise InputError("engine.precision=fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+        self.sigma_values = [float(s) for s in sigmas]
+        # The σ the noise really has: float32 multiplies the Gaussian draws. Certificates use these.
+        self.sigmas = torch.tensor(self.sigma_values, dtype=torch.float32, device=self.device)
         self.run_seed = int(run_seed)
         if self.config.threads:
             torch.set_num_threads(int(self.config.threads))
         self.base = base.to(self.device).eval()
         if self.config.channels_last and self.device.type == "cuda":
             self.base = self.base.to(memory_format=torch.channels_last)
-        self._classify = torch.compile(self.base.classify) if self.config.compile else self.base.classify
         self.num_classes = base.num_classes
+        self.shape = tuple(int(s) for s in base.input_shape)
+        self._lattice = None
+        if self.config.noise == "lattice":
+            from .noise import lattice_table
+
+            tables = [lattice_table(s, int(self.config.levels)) for s in self.sigma_values]
+            self._lattice = [(torch.from_numpy(t.thresholds).to(self.device), t.offset) for t in tables]
+        self._forward = torch.compile(self.base, dynamic=False) if self.config.compile else self.base
+        if self.config.batch_size == "auto":
+            self.config.batch_size = self.probe_batch_size()
+        self.batch_size = int(self.config.batch_size)
+
+    @property
+    def applied_sigmas(self) -> list[float]:
+        """The σ of the noise actually drawn: float32(σ) for Gaussian noise, σ itself on the lattice."""
+        if self._lattice is not None:
+            return list(self.sigma_values)
+        return [float(s) for s in self.sigmas.cpu().numpy()]
 
     # ---- the noise of a unit ------------------------------------------------------------------
-    def _block_noise(self, seed: int, block: int, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _block_noise(self, seed: int, block: int, length: int, sigma_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block of a unit's noise: N(0, 1) draws (Gaussian), or lattice steps as int64 (lattice)."""
         gen = torch.Generator(device=self.device).manual_seed(block_seed(seed, block))
-        shape = tuple(self.base.input_shape)
-        noise = torch.randn((length, *shape), generator=gen, device=self.device)
+        if self._lattice is None:
+            noise = torch.randn((length, *self.shape), generator=gen, device=self.device)
+        else:
+            from .noise import LATTICE_BITS
+
+            thresholds, offset = self._lattice[sigma_index]
+            uniform = torch.randint(0, 2**LATTICE_BITS, (length, *self.shape), generator=gen, device=self.device,
+                                    dtype=torch.int64)
+            noise = torch.searchsorted(thresholds, uniform, right=True) - offset
         aux = None
         if self.base.aux_noise_per_sample:
-            aux = torch.randn((length, self.base.aux_noise_per_sample, *shape), generator=gen, device=self.device)
+            aux = torch.randn((length, self.base.aux_noise_per_sample, *self.shape), generator=gen, device=self.device)
         return noise, aux
 
-    def _pieces(self, units: Sequence[WorkUnit]) -> Iterator[list[_Piece]]:
-        """Batches of pieces, filling each batch across unit boundaries."""
-        block, size = self.config.noise_block, self.config.batch_size
+    def _pieces(self, units: Sequence[WorkUnit], batch_size: int) -> Iterator[list[_Piece]]:
+        """Batches of pieces in the order of the units' samples, filling each batch across units."""
+        block = self.config.noise_block
         batch: list[_Piece] = []
-        room = size
+        room = batch_size
         for u, unit in enumerate(units):
             for b in range(math.ceil(unit.n_samples / block)):
                 length = min(block, unit.n_samples - b * block)
@@ -136,65 +182,172 @@ class Replica:
                     room -= take
                     if room == 0:
                         yield batch
-                        batch, room = [], size
+                        batch, room = [], batch_size
         if batch:
             yield batch
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.config.precision != "fp32":
-            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     # ---- the work ---------------------------------------------------------------------------
+    def _stage_images(self, units: Sequence[WorkUnit], images: Mapping[int, torch.Tensor | np.ndarray]):
+        ids = sorted({u.image_id for u in units})
+        host = torch.stack([images[i] if isinstance(images[i], torch.Tensor) else torch.from_numpy(np.array(images[i], dtype=np.float32))
+                            for i in ids]).to(torch.float32)
+        if tuple(host.shape[1:]) != self.shape:
+            raise InputError(f"images must have shape {self.shape} for this model, got {tuple(host.shape[1:])}")
+        if self._lattice is not None:
+            levels = int(self.config.levels)
+            scaled = host.double() * levels
+            off = float((scaled - scaled.round()).abs().max()) if scaled.numel() else 0.0
+            if off > 1e-3:
+                raise InputError(f"engine.noise=lattice needs images on the grid k/{levels} (engine.levels={levels}); these "
+                                 f"are {off:.3g} steps off it: set engine.levels to the data's quantisation (8-bit: 255)")
+            host = scaled.round().to(torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True), {i: r for r, i in enumerate(ids)}
+
     def run(self, units: Sequence[WorkUnit], images: Mapping[int, torch.Tensor | np.ndarray]) -> dict[tuple, np.ndarray]:
-        """Counts (length ``num_classes``) for every unit, keyed by ``unit.key``."""
+        """Counts (length ``num_classes``) for every unit, keyed by ``unit.key``. On a CUDA
+        out-of-memory error the batch is halved and the call starts over: noise comes in fixed
+        blocks, so the counts are the same at any batch size."""
         if not units:
             return {}
-        k = len(self.sigmas)
+        k = len(self.sigma_values)
         for unit in units:
             if not 0 <= unit.sigma_index < k:
                 raise InputError(f"unit {unit.key}: σ index {unit.sigma_index} outside the {k} configured σ")
             if unit.image_id not in images:
                 raise InputError(f"unit {unit.key}: image {unit.image_id} was not provided")
-        ids = sorted({u.image_id for u in units})
-        row_of = {i: r for r, i in enumerate(ids)}
-        stack = torch.stack([images[i] if isinstance(images[i], torch.Tensor) else torch.from_numpy(np.array(images[i], dtype=np.float32))
-                             for i in ids]).to(self.device, torch.float32)
-        unit_row = torch.tensor([row_of[u.image_id] for u in units], device=self.device)
-        unit_sigma = torch.tensor([u.sigma_index for u in units], device=self.device)
-        seeds = [u.seed(self.run_seed) for u in units]
-        counts = torch.zeros((len(units), self.num_classes), dtype=torch.int64, device=self.device)
-        cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        while True:
+            try:
+                return self._run(units, images, self.batch_size)
+            except Exception as exc:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
+                if not _is_oom(exc) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("out of device memory: batch size halved to %d (counts are unchanged)", self.batch_size)
 
+    def _run(self, units: Sequence[WorkUnit], images, batch_size: int) -> dict[tuple, np.ndarray]:
+        dev, c = self.device, self.num_classes
+        stack, row_of = self._stage_images(units, images)
+        n = np.array([u.n_samples for u in units], dtype=np.int64)
+        total = int(n.sum())
+        pad = self.config.compile  # a compiled model sees one static batch shape: pad the last batch
+        padded = -(-total // batch_size) * batch_size if pad else total
+        # Per-sample indices for the whole call, built on the host once and copied once; the padding
+        # samples belong to an extra unit row that is never returned.
+        unit_of = np.full(padded, len(units), dtype=np.int64)
+        unit_of[:total] = np.repeat(np.arange(len(units)), n)
+        unit_row = np.array([row_of[u.image_id] for u in units] + [0], dtype=np.int64)
+        unit_sig = np.array([u.sigma_index for u in units] + [0], dtype=np.int64)
+        sample_unit = torch.from_numpy(unit_of).to(dev, non_blocking=True)
+        sample_row = torch.from_numpy(unit_row).to(dev)[sample_unit]
+        sample_sigma_index = torch.from_numpy(unit_sig).to(dev)[sample_unit]
+        sample_sigma = self.sigmas[sample_sigma_index]
+        counts = torch.zeros((len(units) + 1) * c, dtype=torch.int64, device=dev)
+        nonfinite = torch.zeros(len(units) + 1, dtype=torch.int64, device=dev)
+        ones = torch.ones(batch_size, dtype=torch.int64, device=dev)
+        noise_dtype = torch.int64 if self._lattice is not None else torch.float32
+        noise_buf = torch.zeros((batch_size, *self.shape), dtype=noise_dtype, device=dev)
+        aux_n = self.base.aux_noise_per_sample
+        aux_buf = torch.zeros((batch_size, aux_n, *self.shape), device=dev) if aux_n else None
+        seeds = [u.seed(self.run_seed) for u in units]
+        cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        block = self.config.noise_block
+        start = 0
         with torch.inference_mode(), self._autocast():
-            for batch in self._pieces(units):
-                noise_parts, aux_parts, owner = [], [], []
+            for batch in self._pieces(units, batch_size):
+                off = 0
                 for piece in batch:
                     key = (piece.unit, piece.block)
                     if key not in cache:
-                        length = min(self.config.noise_block, units[piece.unit].n_samples - piece.block * self.config.noise_block)
+                        unit = units[piece.unit]
+                        length = min(block, unit.n_samples - piece.block * block)
                         cache.clear()  # pieces arrive in order, so at most one block is partly used
-                        cache[key] = self._block_noise(seeds[piece.unit], piece.block, length)
+                        cache[key] = self._block_noise(seeds[piece.unit], piece.block, length, unit.sigma_index)
                     noise, aux = cache[key]
-                    noise_parts.append(noise[piece.start : piece.start + piece.length])
+                    noise_buf[off : off + piece.length] = noise[piece.start : piece.start + piece.length]
                     if aux is not None:
-                        aux_parts.append(aux[piece.start : piece.start + piece.length])
-                    owner.append((piece.unit, piece.length))
-                local_units = sorted({u for u, _ in owner})
-                local_of = {u: i for i, u in enumerate(local_units)}
-                local = torch.repeat_interleave(
-                    torch.tensor([local_of[u] for u, _ in owner]), torch.tensor([n for _, n in owner])
-                ).to(self.device, non_blocking=True)
-                global_units = torch.tensor(local_units).to(self.device, non_blocking=True)
-                sample_unit = global_units[local]
-                sigma = self.sigmas[unit_sigma[sample_unit]]
-                z = stack[unit_row[sample_unit]] + sigma.view(-1, 1, 1, 1) * torch.cat(noise_parts)
-                if self.config.channels_last and self.device.type == "cuda":
+                        aux_buf[off : off + piece.length] = aux[piece.start : piece.start + piece.length]
+                    off += piece.length
+                width = batch_size if pad else off
+                if pad and off < batch_size:
+                    noise_buf[off:].zero_()
+                rows = sample_row[start : start + width]
+                sigma = sample_sigma[start : start + width]
+                if self._lattice is None:
+                    z = stack[rows] + sigma.view(-1, 1, 1, 1) * noise_buf[:width]
+                else:  # exact integer lattice point, then one deterministic conversion to [0,1] units
+                    z = (stack[rows] + noise_buf[:width]).to(torch.float32) * (1.0 / self.config.levels)
+                if self.config.channels_last and dev.type == "cuda":
                     z = z.contiguous(memory_format=torch.channels_last)
-                aux = torch.cat(aux_parts) if aux_parts else None
-                labels = self._classify(z, sigma, aux)
-                flat = torch.bincount(local * self.num_classes + labels, minlength=len(local_units) * self.num_classes)
-                counts.index_add_(0, global_units, flat.view(len(local_units), self.num_classes))
-        host = counts.cpu().numpy()  # the one device-to-host copy of this call
-        return {unit.key: host[i] for i, unit in enumerate(units)}
+                logits = self._forward(z, sigma, aux_buf[:width] if aux_buf is not None else None)
+                owner = sample_unit[start : start + width]
+                nonfinite.index_add_(0, owner, (~torch.isfinite(logits).all(dim=1)).to(torch.int64))
+                counts.index_add_(0, owner * c + logits.argmax(dim=1), ones[:width])
+                start += off
+        host = torch.cat([counts, nonfinite]).cpu().numpy()  # the one device-to-host copy of this call
+        dense = host[: (len(units) + 1) * c].reshape(len(units) + 1, c)
+        bad = host[(len(units) + 1) * c :][: len(units)]
+        if bad.any():
+            u = units[int(np.flatnonzero(bad)[0])]
+            raise InputError(
+                f"model {self.base.model_id} returned NaN or inf logits for {int(bad.sum())} sample(s), e.g. image "
+                f"{u.image_id} at σ={self.sigma_values[u.sigma_index]:g}; such votes are never counted (an fp16/bf16 "
+                "overflow does this: try engine.precision=fp32)"
+            )
+        return {unit.key: dense[i] for i, unit in enumerate(units)}
+
+    # ---- batch size ------------------------------------------------------------------------
+    def probe_batch_size(self, headroom: float = 0.2, cap: int = 4096) -> int:
+        """The largest batch that fits in the device memory this replica has, with ``headroom`` left
+        over: two trial batches measure the fixed and the per-sample memory, then the estimate is
+        tried and halved until it runs. On a CPU, the default batch."""
+        if self.device.type != "cuda":
+            return DEFAULT_BATCH_SIZE
+        sigma_index = 0
+
+        def peak(b: int) -> int:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            z = torch.rand((b, *self.shape), device=self.device)
+            sig = self.sigmas[torch.full((b,), sigma_index, device=self.device)]
+            aux = torch.randn((b, self.base.aux_noise_per_sample, *self.shape), device=self.device) if self.base.aux_noise_per_sample else None
+            with torch.inference_mode(), self._autocast():
+                self.base(z, sig, aux)
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - before
+
+        small = 2
+        try:
+            p1, p2 = peak(small), peak(2 * small)
+        except Exception as exc:  # noqa: BLE001
+            if _is_oom(exc):
+                return 1
+            raise
+        per_sample = max(1, p2 - p1) / small
+        fixed = max(0.0, p1 - small * per_sample)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        guess = int(((1 - headroom) * free - fixed) // (1.6 * per_sample))  # 1.6: the counting buffers and cat copies
+        b = max(1, min(cap, guess))
+        b = 1 << (b.bit_length() - 1) if b > 64 else b  # a power of two above 64: friendlier to kernels
+        while b > 1:
+            try:
+                peak(b)
+                break
+            except Exception as exc:  # noqa: BLE001
+                if not _is_oom(exc):
+                    raise
+                torch.cuda.empty_cache()
+                b //= 2
+        log.info("engine.batch_size=auto: %d samples per batch (%.1f MB per sample, %.1f GB free)", b,
+                 per_sample / 1e6, free / 1e9)
+        return b
