@@ -1,15 +1,18 @@
 """The run directory: a write-once manifest and append-only Parquet tables.
 
-Layout (ecosystem.md §7)::
+Layout (docs/storage.md)::
 
-    RUN_DIR/manifest.json              resolved config, its hash, models, seed (written once)
-    RUN_DIR/counts/part-*.parquet      one row per (image, σ, phase) once all its chunks are in
+    RUN_DIR/manifest.json                resolved config, its hash, σ actually applied, seed (written once)
+    RUN_DIR/.lock                        held by the run writing here (released when its process ends)
+    RUN_DIR/counts/part-*.parquet        one row per (image, σ, phase, round) once all its chunks are in
     RUN_DIR/certificates/part-*.parquet  derived from counts; recomputable at any time
     RUN_DIR/sweeps/<id>/part-*.parquet   certificates of a threshold sweep
 
 Every file is written under a name that readers skip (``_staging-…parquet.tmp``), fsynced, then renamed
 into place, so a crash never leaves a half-written file that a reader takes for data, and nothing is
-ever overwritten in place.
+ever overwritten in place. A finished run is compacted into few files: the compacted file names the
+parts it replaces in its own metadata, so a crash between writing it and removing them loses and
+doubles nothing. Every file carries its run's config hash and the schema version in its metadata.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,20 +33,23 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import RaySmoothError
+from .units import PHASES
 
 __all__ = [
     "COUNTS_SCHEMA",
     "CERTIFICATES_SCHEMA",
-    "PHASES",
+    "SCHEMA_VERSION",
     "CountsRecord",
     "RunStore",
     "StoreError",
     "append_table",
     "read_table",
+    "compact_table",
     "config_hash",
 ]
 
-PHASES = ("selection", "estimation")
+SCHEMA_VERSION = 2  # 2: counts gain `round`; certificates gain p_lower, n_used and the sequential columns
+COMPACT_ABOVE = 16  # a finished run whose table has more part files than this is compacted
 
 COUNTS_SCHEMA = pa.schema(
     [
@@ -55,12 +62,15 @@ COUNTS_SCHEMA = pa.schema(
         ("label", pa.int32()),
         ("sigma", pa.float64()),
         ("phase", pa.string()),
+        ("round", pa.int32()),  # 0: selection, full and cascade rows; 1..K: rounds of a sequential run
         ("n", pa.int64()),
         ("num_classes", pa.int32()),
         ("classes", pa.list_(pa.int32())),
         ("counts", pa.list_(pa.int64())),
+        ("seq_continue", pa.bool_()),  # sequential runs: the rule's decision after this round (null otherwise)
     ]
 )
+COUNTS_KEY = ("image_id", "sigma", "phase", "round")
 
 _LABEL = pa.dictionary(pa.int32(), pa.string())  # low-cardinality strings, stored once per file
 
@@ -70,7 +80,7 @@ CERTIFICATES_SCHEMA = pa.schema(
         ("model_id", _LABEL),
         ("image_id", pa.int64()),
         ("label", pa.int32()),
-        ("method", _LABEL),  # certify | predict | cascade
+        ("method", _LABEL),  # certify | predict | cascade | sequential
         ("sigma", pa.float64()),  # the σ of a single-σ method; NaN for the cascade
         ("policy", _LABEL),  # cascade policy; "" otherwise
         ("p0", pa.float64()),  # cascade threshold; NaN otherwise
@@ -80,27 +90,35 @@ CERTIFICATES_SCHEMA = pa.schema(
         ("radius", pa.float64()),  # [0,1] pixel units
         ("correct", pa.bool_()),
         ("sigma_answered", pa.float64()),  # σ of the level that answered; NaN when abstaining
+        ("p_lower", pa.float64()),  # the lower bound on p_A behind the answer (NaN: none, e.g. PREDICT)
+        ("n_used", pa.int64()),  # samples drawn for this certificate (selection + estimation, all σ used)
+        ("rounds", pa.int32()),  # sequential: rounds sampled (null otherwise)
+        ("grid_radius", pa.float64()),  # sequential: largest decision-grid radius certified (null otherwise)
+        ("stop_reason", _LABEL),  # sequential: certified_all | futile | cap | precision | n_max (null otherwise)
     ]
 )
+CERTIFICATE_KEY = ("image_id", "method", "sigma", "policy", "p0", "alpha")
 
 
 class StoreError(RaySmoothError):
-    """A run directory that cannot be used as asked (missing, foreign config, damaged)."""
+    """A run directory that cannot be used as asked (missing, foreign config, damaged, in use)."""
 
 
 @dataclass(frozen=True)
 class CountsRecord:
-    """Finished counts of one (image, σ, phase): the unit of the counts table."""
+    """Finished counts of one (image, σ, phase, round): the unit of the counts table."""
 
     image_id: int
     label: int
     sigma: float
     phase: str
     counts: np.ndarray  # dense, length num_classes
+    round: int = 0
+    seq_continue: bool | None = None
 
     @property
-    def key(self) -> tuple[int, float, str]:
-        return (int(self.image_id), float(self.sigma), self.phase)
+    def key(self) -> tuple[int, float, str, int]:
+        return (int(self.image_id), float(self.sigma), self.phase, int(self.round))
 
 
 def config_hash(config: dict) -> str:
@@ -120,15 +138,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def append_table(directory: Path | str, table: pa.Table) -> Path:
+def _with_metadata(table: pa.Table, metadata: dict[str, str] | None) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta[b"raysmooth.schema_version"] = str(SCHEMA_VERSION).encode()
+    for k, v in (metadata or {}).items():
+        meta[f"raysmooth.{k}".encode()] = str(v).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def append_table(directory: Path | str, table: pa.Table, metadata: dict[str, str] | None = None,
+                 tag: str = "") -> Path:
     """Write ``table`` as a new immutable Parquet file in ``directory`` (staged, fsynced, renamed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     staging = directory / f"_staging-{token}.parquet.tmp"
-    final = directory / f"part-{time.time_ns():020d}-{token[:12]}.parquet"
+    final = directory / f"part-{time.time_ns():020d}-{tag}{token[:12]}.parquet"
     with open(staging, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
+        pq.write_table(_with_metadata(table, metadata), fh, compression="zstd", row_group_size=256 * 1024)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(staging, final)
@@ -136,62 +163,147 @@ def append_table(directory: Path | str, table: pa.Table) -> Path:
     return final
 
 
-def read_table(directory: Path | str, schema: pa.Schema) -> pa.Table:
-    """All committed rows under ``directory`` (staging files are invisible); empty if none."""
+def _live_parts(directory: Path) -> list[Path]:
+    """Committed part files, minus those a compacted file says it replaces (still present only when a
+    compaction was interrupted between writing the new file and removing the old ones)."""
+    files = sorted(directory.glob("part-*.parquet"))
+    replaced: set[str] = set()
+    for f in files:
+        if "-compact-" in f.name:
+            try:
+                meta = pq.read_schema(f).metadata or {}
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise _damaged(directory, f, exc) from exc
+            replaced |= set(json.loads(meta.get(b"raysmooth.replaces", b"[]")))
+    return [f for f in files if f.name not in replaced]
+
+
+def _damaged(directory: Path, f: Path | None, exc: BaseException) -> StoreError:
+    what = f"{f}" if f is not None else f"a committed Parquet file in {directory}"
+    rerun = ("its rows are sampled again with the same noise" if directory.name == "counts"
+             else "it is derived again from the stored counts")
+    return StoreError(f"{what} cannot be read ({str(exc).splitlines()[0][:160]}); move it aside "
+                      f"(e.g. mv {f.name if f is not None else 'FILE'} {f.name + '.bad' if f is not None else 'FILE.bad'}) and run the same command "
+                      f"again: {rerun}")
+
+
+def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
+    """All committed rows under ``directory`` (staging files are invisible); empty if none. Columns a
+    file written by an older version lacks come back as nulls (the callers fill their defaults)."""
     directory = Path(directory)
     if not directory.is_dir():
-        return schema.empty_table()
-    files = sorted(str(p) for p in directory.glob("part-*.parquet"))
+        return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
+    files = [str(p) for p in _live_parts(directory)]
     if not files:
-        return schema.empty_table()
+        return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
     try:
-        return ds.dataset(files, format="parquet", schema=schema).to_table()
+        return ds.dataset(files, format="parquet", schema=schema).to_table(columns=list(columns) if columns else None)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise StoreError(f"{directory}: a committed Parquet file cannot be read ({exc})") from exc
+        bad = None
+        for f in files:  # name the file
+            try:
+                pq.read_metadata(f)
+            except (pa.ArrowInvalid, OSError):
+                bad = Path(f)
+                break
+        raise _damaged(directory, bad, exc) from exc
+
+
+def compact_table(directory: Path | str, schema: pa.Schema, metadata: dict[str, str] | None = None,
+                  above: int = COMPACT_ABOVE) -> Path | None:
+    """Rewrite the live parts of ``directory`` as one file when there are more than ``above``; the new
+    file lists the parts it replaces, then they are removed. Safe to interrupt at any point."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    parts = _live_parts(directory)
+    if len(parts) <= above:
+        return None
+    table = read_table(directory, schema)
+    meta = dict(metadata or {})
+    meta["replaces"] = json.dumps([p.name for p in parts])
+    new = append_table(directory, table, meta, tag="compact-")
+    for p in parts:
+        p.unlink(missing_ok=True)
+    _fsync_dir(directory)
+    return new
 
 
 class RunStore:
-    """One run directory. ``create`` it with a config, or ``open`` an existing one."""
+    """One run directory. ``open`` an existing one to read it; ``for_run`` to write into it (locked).
+
+    ``create`` is the one-call form (lock, manifest, done) that tests and small tools use.
+    """
 
     MANIFEST = "manifest.json"
+    LOCK = ".lock"
 
-    def __init__(self, root: Path | str, manifest: dict):
+    def __init__(self, root: Path | str, manifest: dict | None, config: dict | None = None):
         self.root = Path(root)
         self.manifest = manifest
+        self._config = config
+        self._lock_fd: int | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: Path | str, config: dict, **extra: Any) -> "RunStore":
-        """Open ``root`` for a run of ``config``; refuse a directory that holds another config's run.
-
-        Resuming means calling this again with the same config: the manifest matches and the existing
-        rows stay.
-        """
+    def for_run(cls, root: Path | str, config: dict, *, lock: bool = True) -> "RunStore":
+        """Take the run directory for a run of ``config``: lock it, refuse another config's run or a
+        foreign folder, and clear staging files a crash left behind. A new run's manifest is written
+        by ``commit_manifest`` once the run has really started."""
         root = Path(root)
         digest = config_hash(config)
-        path = root / cls.MANIFEST
-        if path.exists():
-            store = cls.open(root)
-            if store.manifest.get("config_hash") != digest:
-                raise StoreError(
-                    f"{root} holds a run of another config (hash {store.manifest.get('config_hash')}, "
-                    f"this one is {digest}); use a new output directory or the same config to resume"
-                )
-            return store
-        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith((".", "_"))):
-            raise StoreError(f"{root} is not empty and is not a raysmooth run directory")
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root} is a file, not a run directory")
+        root.mkdir(parents=True, exist_ok=True)
+        store = cls(root, None, config)
+        if lock:
+            store._acquire()
+        try:
+            if (root / cls.MANIFEST).exists():
+                store.manifest = cls.open(root).manifest
+                if store.manifest.get("config_hash") != digest:
+                    raise StoreError(
+                        f"{root} holds a run of another config (hash {store.manifest.get('config_hash')}, "
+                        f"this one is {digest}); use a new output directory or the same config to resume"
+                    )
+            elif any(p for p in root.iterdir() if not p.name.startswith((".", "_"))):
+                raise StoreError(f"{root} is not empty and is not a raysmooth run directory")
+            if lock:
+                store._clean_staging()
+        except BaseException:
+            store.release()
+            raise
+        return store
+
+    @classmethod
+    def create(cls, root: Path | str, config: dict, **extra: Any) -> "RunStore":
+        """Open ``root`` for a run of ``config`` and write its manifest if new (no lock kept)."""
+        store = cls.for_run(root, config, lock=False)
+        if store.manifest is None:
+            store.commit_manifest(**extra)
+        return store
+
+    def commit_manifest(self, **extra: Any) -> dict:
+        """Write the manifest of a new run (once); a resumed run keeps the one it has."""
+        if self.manifest is not None:
+            return self.manifest
+        if self._config is None:
+            raise StoreError(f"{self.root}: no config to write a manifest for")
+        digest = config_hash(self._config)
         manifest = {
             "run_id": f"{time.strftime('%Y%m%d-%H%M%S')}-{digest[:8]}",
             "config_hash": digest,
-            "config": config,
+            "config": self._config,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "schema_version": SCHEMA_VERSION,
             **extra,
         }
-        root.mkdir(parents=True, exist_ok=True)
-        staging = root / f"_staging-{uuid.uuid4().hex}.json.tmp"
+        staging = self.root / f"_staging-{uuid.uuid4().hex}.json.tmp"
         staging.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(staging, path)
-        return cls(root, manifest)
+        os.replace(staging, self.root / self.MANIFEST)
+        _fsync_dir(self.root)
+        self.manifest = manifest
+        return manifest
 
     @classmethod
     def open(cls, root: Path | str) -> "RunStore":
@@ -203,19 +315,76 @@ class RunStore:
             raise StoreError(f"{root}: not a raysmooth run directory (no {cls.MANIFEST})")
         try:
             manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise StoreError(f"{path}: damaged manifest ({exc})") from exc
+        if not isinstance(manifest, dict) or "run_id" not in manifest or "config_hash" not in manifest:
+            raise StoreError(f"{path}: not a raysmooth manifest (no run_id / config_hash)")
         return cls(root, manifest)
+
+    # ---- the lock -----------------------------------------------------------------------------
+    def _acquire(self) -> None:
+        """An exclusive ``flock`` on RUN_DIR/.lock: the kernel releases it when the holding process ends,
+        however it ends, so a crashed run never leaves the directory stuck."""
+        import fcntl
+
+        path = self.root / self.LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreError(f"{self.root} is in use by another run ({holder}); wait for it to finish or stop it "
+                             "(the lock goes with that process)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            import fcntl
+
+            try:
+                os.ftruncate(self._lock_fd, 0)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def __enter__(self) -> "RunStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _clean_staging(self) -> None:
+        """Remove the staging files of an interrupted write (only the lock holder may)."""
+        for sub in ("counts", "certificates"):
+            for f in (self.root / sub).glob("_staging-*") if (self.root / sub).is_dir() else ():
+                f.unlink(missing_ok=True)
+        for f in self.root.glob("_staging-*.json.tmp"):
+            f.unlink(missing_ok=True)
+
+    # ---- identity -------------------------------------------------------------------------------
+    def _require_manifest(self) -> dict:
+        if self.manifest is None:
+            raise StoreError(f"{self.root}: the run has no manifest yet")
+        return self.manifest
 
     @property
     def run_id(self) -> str:
-        return self.manifest["run_id"]
+        return self._require_manifest()["run_id"]
+
+    def _file_metadata(self, table: str) -> dict[str, str]:
+        m = self._require_manifest()
+        return {"config_hash": m["config_hash"], "run_id": m["run_id"], "table": table}
 
     # ---- counts -------------------------------------------------------------------------------
     def append_counts(self, records: Sequence[CountsRecord], *, model_id: str, seed: int, alpha: float) -> Path | None:
-        """Commit finished (image, σ, phase) counts as one new file."""
+        """Commit finished (image, σ, phase, round) counts as one new file."""
         if not records:
             return None
+        manifest = self._require_manifest()
         classes, counts = [], []
         for rec in records:
             if rec.phase not in PHASES:
@@ -226,8 +395,8 @@ class RunStore:
         num = len(records)
         table = pa.table(
             {
-                "run_id": [self.run_id] * num,
-                "config_hash": [self.manifest["config_hash"]] * num,
+                "run_id": [manifest["run_id"]] * num,
+                "config_hash": [manifest["config_hash"]] * num,
                 "model_id": [model_id] * num,
                 "seed": pa.array([seed] * num, pa.int64()),
                 "alpha": pa.array([alpha] * num, pa.float64()),
@@ -235,32 +404,66 @@ class RunStore:
                 "label": pa.array([r.label for r in records], pa.int32()),
                 "sigma": pa.array([r.sigma for r in records], pa.float64()),
                 "phase": [r.phase for r in records],
+                "round": pa.array([r.round for r in records], pa.int32()),
                 "n": pa.array([int(np.sum(r.counts)) for r in records], pa.int64()),
                 "num_classes": pa.array([len(r.counts) for r in records], pa.int32()),
                 "classes": pa.array(classes, pa.list_(pa.int32())),
                 "counts": pa.array(counts, pa.list_(pa.int64())),
+                "seq_continue": pa.array([r.seq_continue for r in records], pa.bool_()),
             },
             schema=COUNTS_SCHEMA,
         )
-        return append_table(self.root / "counts", table)
+        return append_table(self.root / "counts", table, self._file_metadata("counts"))
 
     def read_counts(self) -> pa.Table:
-        """The counts table with one row per (image, σ, phase): a key committed twice (a unit that ran
-        again after a crash between commit and bookkeeping) is kept once."""
-        table = read_table(self.root / "counts", COUNTS_SCHEMA)
-        return dedupe(table, ("image_id", "sigma", "phase"))
+        """The counts table with one row per (image, σ, phase, round): a key committed twice (a unit
+        that ran again after a crash between commit and bookkeeping) is kept once."""
+        table = _fill_round(read_table(self.root / "counts", COUNTS_SCHEMA))
+        return dedupe(table, COUNTS_KEY)
 
-    def completed_keys(self) -> set[tuple[int, float, str]]:
-        table = read_table(self.root / "counts", COUNTS_SCHEMA).select(["image_id", "sigma", "phase"])
+    def completed_keys(self) -> set[tuple[int, float, str, int]]:
+        table = _fill_round(read_table(self.root / "counts", COUNTS_SCHEMA, columns=COUNTS_KEY))
         cols = table.to_pydict()
-        return set(zip(cols["image_id"], cols["sigma"], cols["phase"]))
+        return set(zip(cols["image_id"], cols["sigma"], cols["phase"], cols["round"]))
 
     # ---- certificates -------------------------------------------------------------------------
     def append_certificates(self, table: pa.Table, subdir: str = "certificates") -> Path:
-        return append_table(self.root / subdir, table.cast(CERTIFICATES_SCHEMA))
+        meta = self._file_metadata("certificates") if self.manifest is not None else None
+        return append_table(self.root / subdir, conform_certificates(table), meta)
 
     def read_certificates(self, subdir: str = "certificates") -> pa.Table:
         return read_table(self.root / subdir, CERTIFICATES_SCHEMA)
+
+    # ---- compaction ---------------------------------------------------------------------------
+    def compact(self, above: int = COMPACT_ABOVE) -> list[Path]:
+        """Compact the counts and certificates of a finished run (few files read fast on resume)."""
+        done = []
+        for sub, schema in (("counts", COUNTS_SCHEMA), ("certificates", CERTIFICATES_SCHEMA)):
+            new = compact_table(self.root / sub, schema, self._file_metadata(sub), above=above)
+            if new is not None:
+                done.append(new)
+        return done
+
+
+def conform_certificates(table: pa.Table) -> pa.Table:
+    """A certificates table in the current schema: columns it lacks (older writers) become nulls."""
+    cols = []
+    for f in CERTIFICATES_SCHEMA:
+        if f.name in table.column_names:
+            cols.append(table.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=CERTIFICATES_SCHEMA)
+
+
+def _fill_round(table: pa.Table) -> pa.Table:
+    """Counts written before rounds existed read as round 0."""
+    if table.num_rows and table.column("round").null_count:
+        import pyarrow.compute as pc
+
+        i = table.schema.get_field_index("round")
+        table = table.set_column(i, "round", pc.fill_null(table.column("round"), 0))
+    return table
 
 
 def dedupe(table: pa.Table, keys: Iterable[str]) -> pa.Table:
@@ -270,7 +473,7 @@ def dedupe(table: pa.Table, keys: Iterable[str]) -> pa.Table:
         return table
     cols = [np.asarray(table.column(k).to_numpy(zero_copy_only=False)) for k in keys]
     # Encode each key column as integer codes, then find the first occurrence of each combination.
-    codes = np.stack([np.unique(c, return_inverse=True)[1] for c in cols], axis=1)
+    codes = np.stack([np.unique(c, return_inverse=True)[1].reshape(-1) for c in cols], axis=1)
     _, first = np.unique(codes, axis=0, return_index=True)
     if len(first) == table.num_rows:
         return table
