@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a Ray job's working_dir needs no install
 
-from raysmooth.jobs import certify_main  # noqa: E402
+from raysmooth.apps import certify_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(certify_main())

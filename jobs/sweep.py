@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raysmooth.jobs import sweep_main  # noqa: E402
+from raysmooth.apps import sweep_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(sweep_main())

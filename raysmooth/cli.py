@@ -14,46 +14,13 @@ from typing import Sequence
 import numpy as np
 
 from . import __version__
-from .errors import RaySmoothError
+from .config import DEFAULT_RADII, SweepCfg, parse_floats
+from .errors import RaySmoothError, UserError, one_line
 
-__all__ = ["main", "UserError", "parse_range", "parse_floats"]
-
-
-class UserError(RaySmoothError, ValueError):
-    """A mistake in what the user asked for on the command line; printed as one line."""
-
-
-def parse_floats(text: str, what: str) -> list[float]:
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not values or not all(np.isfinite(values)):
-        raise UserError(f"{what} must be finite numbers, got {text!r}")
-    return values
-
-
-def parse_range(text: str, what: str) -> np.ndarray:
-    """``START:STOP:STEP`` (STOP included when the grid lands on it) or a single value."""
-    parts = text.split(":")
-    try:
-        nums = [float(p) for p in parts]
-    except ValueError:
-        raise UserError(f"{what} must be START:STOP:STEP or a number, got {text!r}") from None
-    if len(nums) == 1:
-        return np.asarray(nums)
-    if len(nums) != 3:
-        raise UserError(f"{what} must be START:STOP:STEP or a number, got {text!r}")
-    start, stop, step = nums
-    if step <= 0 or stop < start:
-        raise UserError(f"{what}: need STEP > 0 and STOP >= START, got {text!r}")
-    count = int(np.floor((stop - start) / step + 1e-9)) + 1
-    return np.round(start + step * np.arange(count), 12)
+__all__ = ["main", "build_parser"]
 
 
 def _radii(text: str | None) -> list[float]:
-    from .analysis import DEFAULT_RADII
-
     if text is None:
         return list(DEFAULT_RADII)
     radii = parse_floats(text, "--radii")
@@ -79,18 +46,26 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 # ---- sweep ---------------------------------------------------------------------------------------
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from .analysis import curves_from_certificates, format_markdown
-    from .runner import run_sweep
+def _quote(value: str) -> str:
+    """A hydra override value, quoted so that any path or range survives hydra's grammar."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    p0 = parse_range(args.p0, "--p0")
-    alphas = parse_floats(args.alpha, "--alpha") if args.alpha else None
-    radii = _radii(args.radii)
-    result = run_sweep(args.run_dir, p0, alphas, args.policy)
-    print(format_markdown(curves_from_certificates(result.table), radii))
-    print(f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s", file=sys.stderr)
-    print(f"sweep certificates: {result.out_dir}", file=sys.stderr)
-    return 0
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The flags as overrides of the sweep job: ``raysmooth sweep`` and ``python jobs/sweep.py`` are one
+    code path with one set of defaults (configs/sweep.yaml)."""
+    from .apps import sweep_main
+
+    overrides = [f"run_dir={_quote(args.run_dir)}"]
+    if args.p0 is not None:
+        overrides.append(f"p0={_quote(args.p0)}")
+    if args.policy is not None:
+        overrides.append(f"policy={args.policy}")
+    if args.alpha:
+        overrides.append(f"alpha=[{','.join(repr(a) for a in parse_floats(args.alpha, '--alpha'))}]")
+    if args.radii:
+        overrides.append(f"radii=[{','.join(repr(r) for r in _radii(args.radii))}]")
+    return sweep_main(overrides)
 
 
 # ---- train-toy -----------------------------------------------------------------------------------
@@ -114,17 +89,21 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
 
 # ---- convert-adm ---------------------------------------------------------------------------------
 def cmd_convert_adm(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from .models.adm import ADM_PRESETS, convert_adm_checkpoint
 
-    cfg = ADM_PRESETS[args.preset]
-    if args.image_size:
-        cfg = replace(cfg, image_size=args.image_size)
-    out = convert_adm_checkpoint(args.src, args.dst, cfg)
+    out = convert_adm_checkpoint(args.src, args.dst, ADM_PRESETS[args.preset])
     print(f"diffusers folder: {out}")
     print(f"use it with: model.denoiser.path={out}")
     return 0
+
+
+def _hydra_app(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from . import apps
+
+        return {"certify": apps.certify_main, "finetune": apps.finetune_main}[name](args.overrides)
+
+    return run
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -133,13 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raysmooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("certify", help="certify a test set on Ray (hydra overrides: key=value …)", add_help=False)
+    p = sub.add_parser("certify", help="certify a test set on Ray (hydra app: key=value …, -m for grids, --help)",
+                       add_help=False)
     p.add_argument("overrides", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("raysmooth.jobs", fromlist=["certify_main"]).certify_main(a.overrides))
+    p.set_defaults(func=_hydra_app("certify"))
 
-    p = sub.add_parser("finetune", help="fine-tune a denoiser with Brier + anti-consistency losses (hydra overrides)", add_help=False)
+    p = sub.add_parser("finetune", help="fine-tune a denoiser with Brier + anti-consistency losses (hydra app)",
+                       add_help=False)
     p.add_argument("overrides", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("raysmooth.jobs", fromlist=["finetune_main"]).finetune_main(a.overrides))
+    p.set_defaults(func=_hydra_app("finetune"))
 
     p = sub.add_parser("train-toy", help="train the embedded digits models (denoiser and classifiers)")
     p.add_argument("--out", help="folder for the models (default: the embedded ones in the package)")
@@ -153,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="OUT_DIR")
     p.add_argument("--preset", choices=("cifar10", "imagenet256"), required=True,
                    help="cifar10: cifar10_uncond_50M_500K.pt; imagenet256: 256x256_diffusion_uncond.pt")
-    p.add_argument("--image-size", type=int, help="override the preset's image size (ADM is fully convolutional)")
     p.set_defaults(func=cmd_convert_adm)
 
     p = sub.add_parser("analyze", help="certified accuracy, ACR and abstention of runs or reference TSV files")
@@ -163,12 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="also draw certified accuracy against radius")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("sweep", help="cascade certificates for a grid of p0 from stored counts (no sampling)")
+    defaults = SweepCfg()
+    p = sub.add_parser("sweep", help="cascade certificates for a grid of p0 from stored counts (no sampling); "
+                                     "the same job as python jobs/sweep.py")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--p0", required=True, help="START:STOP:STEP, e.g. 0.5:0.95:0.05")
+    p.add_argument("--p0", help=f"START:STOP:STEP or one value (default {defaults.p0})")
     p.add_argument("--alpha", help="failure probability, or several comma-separated (default: the run's)")
-    p.add_argument("--policy", choices=("strict", "reference"), default="strict")
-    p.add_argument("--radii", help="comma-separated radii for the summary table")
+    p.add_argument("--policy", choices=("strict", "reference"), help=f"(default {defaults.policy})")
+    p.add_argument("--radii", help="comma-separated radii for the summary table (default 0,0.25,…,2)")
     p.set_defaults(func=cmd_sweep)
     return parser
 
@@ -182,8 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
-    except (RaySmoothError, FileNotFoundError, PermissionError) as exc:
-        print(f"raysmooth {args.command}: error: {exc}", file=sys.stderr)
+    except (RaySmoothError, OSError) as exc:
+        text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        print(f"raysmooth {args.command}: error: {one_line(text, 400)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"raysmooth {args.command}: interrupted", file=sys.stderr)

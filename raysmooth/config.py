@@ -1,16 +1,58 @@
-"""Typed configs: the schema hydra checks every YAML and command-line override against.
+"""Typed configs: the schemas hydra checks every YAML and override against, and the one place that
+checks what a type cannot (ranges, choices, paths).
 
-A wrong key or a value of the wrong type fails at start with one line that names it.
+Composition gives a typed object (``OmegaConf.to_object``) that is validated once, here, at the
+edge; everything after works with attributes, never with string-keyed dicts. A mistake is one
+``ConfigError`` line that names the key. No torch on this import path: ``raysmooth sweep`` and
+``raysmooth analyze`` start in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
 
-__all__ = ["DataCfg", "ModelCfg", "SmoothingCfg", "EngineCfg", "RayCfg", "CertifyCfg", "SweepCfg", "register_configs"]
+import numpy as np
+
+from .errors import ConfigError, UserError
+
+__all__ = [
+    "CONFIG_DIR",
+    "REPO_ROOT",
+    "DEFAULT_RADII",
+    "DataCfg",
+    "ModelCfg",
+    "SmoothingCfg",
+    "EngineCfg",
+    "RayCfg",
+    "CertifyCfg",
+    "SweepCfg",
+    "FinetuneConfig",
+    "register_configs",
+    "compose",
+    "typed",
+    "validate_certify",
+    "validate_sweep",
+    "resolve_path",
+    "resolve_model_paths",
+    "load_model_option",
+    "counts_relevant_config",
+    "parse_range",
+    "parse_floats",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+DEFAULT_BATCH_SIZE = 1000  # samples per forward pass when neither the engine nor the model config says
+GIVE_UP_AFTER_S = 600.0  # a run stops (resumably) when no actor has finished a task for this long
+PATH_KEYS = ("path", "weights", "checkpoint")  # keys of a model section that name files or folders
 
 
+# ---- schemas --------------------------------------------------------------------------------------
 @dataclass
 class DataCfg:
     name: str = "digits"
@@ -24,14 +66,16 @@ class DataCfg:
 
 @dataclass
 class ModelCfg:
-    """A base classifier from the registry (plain, dds, diffsmooth, onestep, linear) and its parts."""
+    """A base classifier: a registered name (plain, dds, diffsmooth, onestep, linear) or an import path
+    ``pkg.module:builder`` to your own ``nn.Module``, and the sections its builder takes."""
 
     name: str = "model"  # the run directory's name under `out`
     base: str = "dds"
     input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
-    denoiser: dict[str, Any] | None = None  # DenoiserConfig fields
-    classifier: dict[str, Any] | None = None  # ClassifierConfig fields
-    onestep: dict[str, Any] | None = None  # OneStepConfig fields
+    batch_size: int | None = None  # samples per forward pass that suit this model (engine.batch_size wins)
+    denoiser: dict[str, Any] | None = None  # DenoiserConfig fields, or {path: a diffusers folder}
+    classifier: dict[str, Any] | None = None  # ClassifierConfig fields, or {path: a classifier folder}
+    onestep: dict[str, Any] | None = None  # OneStepConfig fields, or {path: a one-step model folder}
     options: dict[str, Any] = field(default_factory=dict)  # builder extras (diffsmooth: local_sigma …)
 
 
@@ -50,11 +94,13 @@ class SmoothingCfg:
 
 @dataclass
 class EngineCfg:
-    batch_size: int = 1000
-    noise_block: int = 256
-    precision: str = "fp32"
+    batch_size: Union[int, str, None] = None  # None: the model's own; an int; or "auto" (probe the device)
+    noise_block: int = 256  # part of the noise definition: changing it changes the counts
+    precision: str = "fp32"  # fp32 | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
+    noise: str = "gaussian"  # gaussian | lattice (sound in floating point; needs quantised images)
+    levels: int = 255  # lattice noise: the images' quantisation (x·levels is an integer)
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
 
 
@@ -68,8 +114,9 @@ class RayCfg:
     samples_per_task: int = 4000  # units are grouped into tasks of about this many samples
     max_restarts: int = -1
     task_timeout_s: float | None = None  # re-queue a task that takes longer (hung or pending actor)
-    give_up_after_s: float = 600.0  # stop (resumably) when no actor has finished a task for this long
+    give_up_after_s: float = GIVE_UP_AFTER_S  # stop (resumably) when no actor has finished a task for this long
     local_cpus: int | None = None  # CPUs of a local cluster started by the job
+    init_timeout_s: float = 60.0  # a local cluster that does not come up in this time is one clear error
 
 
 @dataclass
@@ -91,10 +138,48 @@ class CertifyCfg:
 @dataclass
 class SweepCfg:
     run_dir: str = "???"
-    p0: str = "0.5:0.95:0.05"
-    alpha: list[float] | None = None
+    p0: str = "0.5:0.95:0.05"  # START:STOP:STEP or one value
+    alpha: list[float] | None = None  # None: the α the run was certified at
     policy: str = "strict"
-    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
+    radii: list[float] = field(default_factory=lambda: list(DEFAULT_RADII))
+
+
+@dataclass
+class FinetuneConfig:
+    """Diffusion fine-tuning of a denoiser against a frozen classifier (``raysmooth finetune``)."""
+
+    denoiser: dict[str, Any] = field(default_factory=lambda: {"path": "raysmooth/embedded/digits/denoiser"})
+    classifier: dict[str, Any] = field(default_factory=lambda: {"path": "raysmooth/embedded/digits/classifier"})
+    data: str = "digits"  # training split of this data set
+    sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    draws: int = 4  # m ≥ 2 noise draws per image
+    brier_weight: float = 1.0
+    anti_consistency_weight: float = 1.0  # λ
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lora_rank: int | None = None  # None: full fine-tuning; otherwise LoRA adapters of this rank (peft)
+    lora_targets: list[str] = field(default_factory=lambda: ["conv1", "conv2", "to_q", "to_k", "to_v"])
+    seed: int = 0
+    checkpoint_every: int = 200
+    threads: int | None = None
+    out: str = "runs/finetune"
+
+    def validate(self) -> None:
+        if self.draws < 2:
+            raise ConfigError(f"finetune.draws must be at least 2, got {self.draws}")
+        if not self.sigmas or any(not (math.isfinite(s) and s > 0) for s in self.sigmas):
+            raise ConfigError(f"finetune.sigmas must be positive, got {self.sigmas}")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError("finetune.steps, batch_size and lr must be positive")
+        if self.brier_weight < 0 or self.anti_consistency_weight < 0:
+            raise ConfigError("loss weights must be non-negative")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ConfigError("finetune.lora_rank must be at least 1 (or null for full fine-tuning)")
+
+
+_SCHEMAS = {"certify": CertifyCfg, "sweep": SweepCfg, "finetune": FinetuneConfig}
 
 
 def register_configs() -> None:
@@ -102,13 +187,272 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="certify_schema", node=CertifyCfg)
-    cs.store(name="sweep_schema", node=SweepCfg)
-    from .finetune import FinetuneConfig
+    for name, node in _SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=node)
+    for group, node in (("data", DataCfg), ("model", ModelCfg), ("smoothing", SmoothingCfg), ("engine", EngineCfg),
+                        ("ray", RayCfg)):
+        cs.store(group=group, name="schema", node=node)
 
-    cs.store(name="finetune_schema", node=FinetuneConfig)
-    cs.store(group="data", name="schema", node=DataCfg)
-    cs.store(group="model", name="schema", node=ModelCfg)
-    cs.store(group="smoothing", name="schema", node=SmoothingCfg)
-    cs.store(group="engine", name="schema", node=EngineCfg)
-    cs.store(group="ray", name="schema", node=RayCfg)
+
+# ---- composition --------------------------------------------------------------------------------
+def _first_sentence(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    # OmegaConf puts the useful sentence first and the key path in a 'full_key:' line.
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    head = next((ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type", "To append"))),
+                type(exc).__name__)
+    return f"{head} (key: {key})" if key and key not in head else head
+
+
+def hydra_error_line(exc: BaseException) -> str:
+    """Hydra's message and, where it wraps one, OmegaConf's reason, on one line."""
+    text = _first_sentence(exc)
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and type(cause).__module__.startswith(("omegaconf", "hydra")):
+        text = f"{text.rstrip('.')}: {_first_sentence(cause)}"
+    return text
+
+
+def is_hydra_error(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith(("hydra", "omegaconf"))
+
+
+def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path | None = None):
+    """The typed, validated config of ``configs/<config_name>.yaml`` with ``overrides`` (hydra's compose
+    API: what the tests and the Python API use; the jobs get the same object through ``@hydra.main``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except Exception as exc:  # hydra's errors are ValueError/ConfigCompositionException and its own kinds
+        if is_hydra_error(exc) or isinstance(exc, (ValueError, KeyError)):
+            raise ConfigError(hydra_error_line(exc)) from None
+        raise
+    return typed(cfg, config_name)
+
+
+def typed(cfg: Any, config_name: str):
+    """``OmegaConf.to_object`` of a composed config (interpolations resolved, ``???`` refused), then
+    the one validation of every value."""
+    from omegaconf import DictConfig, OmegaConf
+
+    obj = cfg
+    if isinstance(cfg, DictConfig):
+        try:
+            obj = OmegaConf.to_object(cfg)
+        except Exception as exc:
+            if is_hydra_error(exc):
+                raise ConfigError(hydra_error_line(exc)) from None
+            raise
+    {"certify": validate_certify, "sweep": validate_sweep, "finetune": FinetuneConfig.validate}[config_name](obj)
+    return obj
+
+
+# ---- validation (once, at the edge) --------------------------------------------------------------
+def _check(key: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _stats_check(key: str, fn: Callable[[], Any]) -> None:
+    """Run a ``raysmooth.stats`` check; its plain ``ValueError`` becomes the line that names ``key``."""
+    try:
+        fn()
+    except ValueError as exc:
+        text, last = str(exc), key.rsplit(".", 1)[-1]
+        raise ConfigError(f"{key}{text[len(last):]}" if text.startswith(last + " ") else f"{key}: {text}") from None
+
+
+def validate_certify(cfg: CertifyCfg) -> None:
+    from . import stats
+
+    sm, en, ry, da, mo = cfg.smoothing, cfg.engine, cfg.ray, cfg.data, cfg.model
+    _check("smoothing.sigmas", bool(sm.sigmas) and all(_finite(s) and s > 0 for s in sm.sigmas),
+           f"must be positive finite numbers, got {sm.sigmas}")
+    _check("smoothing.sigmas", len(set(sm.sigmas)) == len(sm.sigmas), f"lists a σ twice: {sm.sigmas}")
+    _check("smoothing.n0", sm.n0 >= 1, f"must be at least 1, got {sm.n0}")
+    _check("smoothing.n", sm.n >= 1, f"must be at least 1, got {sm.n}")
+    _stats_check("smoothing.alpha", lambda: stats.check_alpha(sm.alpha))
+    _check("smoothing.chunk", sm.chunk >= 1, f"must be at least 1, got {sm.chunk}")
+    _check("smoothing.mode", sm.mode in ("full", "cascade"), f"must be full or cascade, got {sm.mode!r}")
+    _check("smoothing.p0", bool(sm.p0), "needs at least one threshold")
+    for p in sm.p0:
+        _stats_check("smoothing.p0", lambda p=p: stats.check_p0(p))
+    _check("smoothing.policies", bool(sm.policies) and all(p in stats.POLICIES for p in sm.policies),
+           f"must be among {stats.POLICIES}, got {sm.policies}")
+    _check("smoothing.mode", sm.mode != "cascade" or len(sm.sigmas) >= 2, "=cascade needs two or more σ")
+
+    bs = en.batch_size
+    _check("engine.batch_size", bs is None or bs == "auto" or (isinstance(bs, int) and bs >= 1),
+           f"must be a positive integer, auto or null, got {bs!r}")
+    _check("engine.noise_block", en.noise_block >= 1, f"must be at least 1, got {en.noise_block}")
+    _check("engine.precision", en.precision in ("fp32", "bf16", "fp16"), f"must be fp32, bf16 or fp16, got {en.precision!r}")
+    _check("engine.noise", en.noise in ("gaussian", "lattice"), f"must be gaussian or lattice, got {en.noise!r}")
+    _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")
+    _check("engine.device", en.device == "auto" or en.device.split(":")[0] in ("cpu", "cuda", "mps"),
+           f"must be auto, cpu or cuda[:N], got {en.device!r}")
+
+    _check("ray.num_actors", ry.num_actors is None or ry.num_actors >= 1, f"must be at least 1, got {ry.num_actors}")
+    _check("ray.cpus_per_actor", _finite(ry.cpus_per_actor) and ry.cpus_per_actor >= 0, f"must be >= 0, got {ry.cpus_per_actor}")
+    _check("ray.gpus_per_actor", _finite(ry.gpus_per_actor) and ry.gpus_per_actor >= 0, f"must be >= 0, got {ry.gpus_per_actor}")
+    _check("ray.max_in_flight_per_actor", ry.max_in_flight_per_actor >= 1, f"must be at least 1, got {ry.max_in_flight_per_actor}")
+    _check("ray.samples_per_task", ry.samples_per_task >= 1, f"must be at least 1, got {ry.samples_per_task}")
+    _check("ray.give_up_after_s", _finite(ry.give_up_after_s) and ry.give_up_after_s > 0, "must be positive")
+    _check("ray.task_timeout_s", ry.task_timeout_s is None or (_finite(ry.task_timeout_s) and ry.task_timeout_s > 0),
+           "must be positive or null")
+    _check("ray.init_timeout_s", _finite(ry.init_timeout_s) and ry.init_timeout_s > 0, "must be positive")
+
+    _check("data.skip", da.skip >= 1, f"must be at least 1, got {da.skip}")
+    _check("data.max_images", da.max_images is None or da.max_images >= 1, f"must be at least 1, got {da.max_images}")
+    _check("model.input_shape", len(mo.input_shape) == 3 and all(s >= 1 for s in mo.input_shape),
+           f"must be (C, H, W), got {mo.input_shape}")
+    _check("model.batch_size", mo.batch_size is None or mo.batch_size >= 1, f"must be at least 1, got {mo.batch_size}")
+    _check("model.name", bool(mo.name) and "/" not in mo.name and mo.name not in (".", ".."),
+           f"must be a plain folder name, got {mo.name!r}")
+    _check("flush_every", cfg.flush_every >= 1, f"must be at least 1, got {cfg.flush_every}")
+    _check("radii", all(_finite(r) and r >= 0 for r in cfg.radii), f"must be non-negative numbers, got {cfg.radii}")
+    f32 = {float(np.float32(s)) for s in sm.sigmas}
+    _check("smoothing.sigmas", len(f32) == len(sm.sigmas), f"holds two σ that are equal in float32: {sm.sigmas}")
+    _check_files(cfg)
+
+
+def validate_sweep(cfg: SweepCfg) -> None:
+    from . import stats
+    from .store import RunStore, StoreError
+
+    try:
+        RunStore.open(cfg.run_dir)
+    except StoreError as exc:
+        raise ConfigError(f"run_dir: {exc}") from None
+
+    p0 = parse_range(str(cfg.p0), "p0")
+    for p in p0:
+        _stats_check("p0", lambda p=p: stats.check_p0(float(p)))
+    for a in cfg.alpha or []:
+        _stats_check("alpha", lambda a=a: stats.check_alpha(a))
+    _check("policy", cfg.policy in stats.POLICIES, f"must be one of {stats.POLICIES}, got {cfg.policy!r}")
+    _check("radii", bool(cfg.radii) and all(_finite(r) and r >= 0 for r in cfg.radii),
+           f"must be non-negative numbers, got {cfg.radii}")
+
+
+def load_model_option(name: str, config_dir: Path | None = None) -> ModelCfg:
+    """The typed model config ``configs/model/<name>.yaml`` (the models of ``compare``)."""
+    from omegaconf import OmegaConf
+
+    folder = (config_dir or CONFIG_DIR) / "model"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ConfigError(f"compare: no model config {name!r} in configs/model/ (one of {options})")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(ModelCfg), OmegaConf.load(path))
+        return OmegaConf.to_object(node)
+    except Exception as exc:
+        if is_hydra_error(exc):
+            raise ConfigError(f"configs/model/{name}.yaml: {hydra_error_line(exc)}") from None
+        raise
+
+
+def _check_files(cfg: CertifyCfg) -> None:
+    """Every file the run will read exists: said now, in one line, not from inside a Ray actor."""
+    resolve_model_paths(cfg.model)
+    for name in cfg.compare:
+        resolve_model_paths(load_model_option(name))
+    if cfg.data.root is not None:
+        root = resolve_path(cfg.data.root)
+        if not Path(root).exists():
+            raise ConfigError(f"data.root: {cfg.data.root} not found (relative paths are tried from the working "
+                              f"directory and from {REPO_ROOT}; see the comments in configs/data/{cfg.data.name}.yaml)")
+
+
+# ---- paths ---------------------------------------------------------------------------------------
+def resolve_path(path: str | None) -> str | None:
+    """A model or data path: absolute, relative to the working directory, or to the raysmooth checkout
+    (so the committed embedded models are found from anywhere, also in a Ray job's working_dir)."""
+    if path is None or "://" in str(path) or Path(path).is_absolute():
+        return path
+    if Path(path).exists():
+        return str(Path(path).resolve())
+    candidate = REPO_ROOT / path
+    return str(candidate) if candidate.exists() else path
+
+
+def resolve_model_paths(model: ModelCfg) -> ModelCfg:
+    """A copy of ``model`` whose file and folder paths are absolute, checked here (on the driver)
+    rather than from inside a Ray actor. Every section is treated alike: the builder that takes a
+    section decides what it means."""
+    sections = {}
+    for f in dataclasses.fields(model):
+        section = getattr(model, f.name)
+        if f.name in ("options",) or not isinstance(section, dict):
+            continue
+        section = dict(section)
+        for key in PATH_KEYS:
+            value = section.get(key)
+            if not value or str(value).startswith("hf://"):
+                continue
+            section[key] = resolve_path(str(value))
+            if not Path(section[key]).exists():
+                raise ConfigError(f"model.{f.name}.{key}: {value} not found (relative paths are tried from the working "
+                                  f"directory and from {REPO_ROOT}; see the comments in the model's config file)")
+        sections[f.name] = section
+    return dataclasses.replace(model, **sections)
+
+
+def counts_relevant_config(cfg: CertifyCfg) -> dict[str, Any]:
+    """The part of the config that determines the counts: it defines a run directory's identity.
+    Actor counts, batch sizes and the output path may change on resume."""
+    model = dataclasses.asdict(cfg.model)
+    model.pop("batch_size")
+    relevant = {
+        "data": dataclasses.asdict(cfg.data),
+        "model": model,
+        "smoothing": dataclasses.asdict(cfg.smoothing),
+        "noise_block": cfg.engine.noise_block,
+        "precision": cfg.engine.precision,
+    }
+    if cfg.engine.noise != "gaussian":  # the default keeps the identity of runs made before the option
+        relevant["noise"] = {"kind": cfg.engine.noise, "levels": cfg.engine.levels}
+    return relevant
+
+
+# ---- small parsers shared by the command line and the jobs -------------------------------------------
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(np.isfinite(values)):
+        raise UserError(f"{what} must be finite numbers, got {text!r}")
+    return values
+
+
+def parse_range(text: str, what: str) -> np.ndarray:
+    """``START:STOP:STEP`` (STOP included when the grid lands on it) or a single value."""
+    parts = text.split(":")
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"{what} must be START:STOP:STEP or a number, got {text!r}") from None
+    if not all(math.isfinite(x) for x in nums):
+        raise UserError(f"{what} must be finite numbers, got {text!r}")
+    if len(nums) == 1:
+        return np.asarray(nums)
+    if len(nums) != 3:
+        raise UserError(f"{what} must be START:STOP:STEP or a number, got {text!r}")
+    start, stop, step = nums
+    if step <= 0 or stop < start:
+        raise UserError(f"{what}: need STEP > 0 and STOP >= START, got {text!r}")
+    count = int(np.floor((stop - start) / step + 1e-9)) + 1
+    if count > 100_000:
+        raise UserError(f"{what}: {count} values is too many for one sweep (at most 100,000)")
+    return np.round(start + step * np.arange(count), 12)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["TestSet", "register_dataset", "load_dataset", "list_datasets", "subsample", "digits_split"]
+__all__ = ["TestSet", "register_dataset", "load_dataset", "list_datasets", "subsample", "digits_split", "load_test_set"]
 
 _DATASETS: dict[str, Callable[..., "TestSet"]] = {}
 
@@ -105,6 +105,19 @@ def load_dataset(name: str, **kwargs) -> TestSet:
     return _DATASETS[name](**kwargs)
 
 
+def load_test_set(data) -> TestSet:
+    """The test set a ``DataCfg`` describes, subsampled (disk loaders skip unread images themselves)."""
+    from .config import resolve_path
+
+    options = dict(data.options or {})
+    root = resolve_path(data.root)
+    if subsamples_itself(data.name) and not data.indices:
+        options.update(skip=data.skip, max_images=data.max_images)
+        return load_dataset(data.name, split=data.split, root=root, **options)
+    full = load_dataset(data.name, split=data.split, root=root, **options)
+    return subsample(full, data.skip, data.max_images, data.indices)
+
+
 def digits_split(seed: int = 0, test_fraction: float = 0.2) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """scikit-learn's digits in a fixed train/test split: images (N,1,8,8) in [0,1], labels, ids."""
     from sklearn.datasets import load_digits
@@ -187,13 +200,26 @@ def cifar10(split: str = "test", root: str | None = None, **_: object) -> TestSe
     for name in names:
         try:
             batch = _ArrayUnpickler.load(base / name)
-        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-            raise ConfigError(f"{base / name}: not a CIFAR-10 python batch ({exc})") from None
-        data = np.asarray(batch.get(b"data", batch.get("data")))
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise ConfigError(f"{base / name}: expected data of shape (N, 3072), got {data.shape}")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError) as exc:
+            raise ConfigError(f"{base / name}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
+        if not isinstance(batch, dict):
+            raise ConfigError(f"{base / name}: not a CIFAR-10 python batch (it holds a {type(batch).__name__}, not a dict "
+                              "with data and labels)")
+        data = batch.get(b"data", batch.get("data"))
+        raw_labels = batch.get(b"labels", batch.get("labels"))
+        if data is None or raw_labels is None:
+            raise ConfigError(f"{base / name}: not a CIFAR-10 python batch (no data or labels entry)")
+        data = np.asarray(data)
+        if data.ndim != 2 or data.shape[1] != 3072 or not np.issubdtype(data.dtype, np.integer):
+            raise ConfigError(f"{base / name}: expected integer data of shape (N, 3072), got {data.dtype} {data.shape}")
+        try:
+            label_arr = np.asarray(raw_labels, dtype=np.int64)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{base / name}: the labels are not integers") from None
+        if label_arr.shape != (len(data),) or (len(label_arr) and (label_arr.min() < 0 or label_arr.max() > 9)):
+            raise ConfigError(f"{base / name}: expected {len(data)} labels in 0..9")
         images.append(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
-        labels.append(np.asarray(batch.get(b"labels", batch.get("labels")), dtype=np.int64))
+        labels.append(label_arr)
     x, y = np.concatenate(images), np.concatenate(labels)
     return TestSet(f"cifar10-{split}", x, y, np.arange(len(y), dtype=np.int64), 10)
 

@@ -26,45 +26,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .config import PATH_KEYS, FinetuneConfig, resolve_path
 from .errors import ConfigError
 from .models import DiffusionDenoiser, NormalizedClassifier, load_classifier, load_denoiser
 
 __all__ = ["FinetuneConfig", "brier_loss", "anti_consistency_loss", "majority_vote", "finetune_loss", "finetune"]
 
 log = logging.getLogger("raysmooth")
-
-
-@dataclass
-class FinetuneConfig:
-    denoiser: dict[str, Any] = field(default_factory=lambda: {"path": "raysmooth/embedded/digits/denoiser"})
-    classifier: dict[str, Any] = field(default_factory=dict)
-    data: str = "digits"  # training split of this data set
-    sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
-    draws: int = 4  # m ≥ 2 noise draws per image
-    brier_weight: float = 1.0
-    anti_consistency_weight: float = 1.0  # λ
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    lora_rank: int | None = None  # None: full fine-tuning; otherwise LoRA adapters of this rank (peft)
-    lora_targets: list[str] = field(default_factory=lambda: ["conv1", "conv2", "to_q", "to_k", "to_v"])
-    seed: int = 0
-    checkpoint_every: int = 200
-    threads: int | None = None
-    out: str = "runs/finetune"
-
-    def validate(self) -> None:
-        if self.draws < 2:
-            raise ConfigError(f"finetune.draws must be at least 2, got {self.draws}")
-        if not self.sigmas or any(s <= 0 for s in self.sigmas):
-            raise ConfigError(f"finetune.sigmas must be positive, got {self.sigmas}")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("finetune.steps, batch_size and lr must be positive")
-        if self.brier_weight < 0 or self.anti_consistency_weight < 0:
-            raise ConfigError("loss weights must be non-negative")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ConfigError("finetune.lora_rank must be at least 1 (or null for full fine-tuning)")
 
 
 # ---- losses (pure functions of probabilities) ---------------------------------------------------
@@ -155,8 +123,6 @@ def _save_denoiser(denoiser: DiffusionDenoiser, cfg: FinetuneConfig, src: Path, 
 def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None = None) -> Path:
     """Fine-tune; resumes from ``out/checkpoint`` when present. Returns the folder of the new
     denoiser (a diffusers folder: ``denoiser.path=<it>`` loads it in ``raysmooth certify``)."""
-    from .runner import resolve_path
-
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -170,14 +136,9 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
             raise ConfigError(f"{out} holds a fine-tuning run of another config; use a new finetune.out")
     config_file.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
-    den_cfg = dict(cfg.denoiser)
-    for key in ("path", "weights"):
-        if den_cfg.get(key):
-            den_cfg[key] = resolve_path(den_cfg[key])
+    den_cfg = {k: resolve_path(v) if k in PATH_KEYS and v else v for k, v in cfg.denoiser.items()}
     denoiser = load_denoiser(den_cfg)
-    clf_cfg = dict(cfg.classifier)
-    if clf_cfg.get("checkpoint"):
-        clf_cfg["checkpoint"] = resolve_path(clf_cfg["checkpoint"])
+    clf_cfg = {k: resolve_path(v) if k in PATH_KEYS and v else v for k, v in cfg.classifier.items()}
     classifier = load_classifier(clf_cfg)
     classifier.requires_grad_(False).eval()
     unet, params = _trainable(cfg, denoiser)

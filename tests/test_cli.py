@@ -147,12 +147,16 @@ def test_the_console_script_prints_no_traceback_for_a_user_mistake(tmp_path):
 
 
 def test_the_hydra_sweep_job_matches_the_cli_sweep(run_dir, capsys):
-    from raysmooth.jobs import sweep_main
+    from raysmooth.apps import sweep_main
 
     root, levels, labels = run_dir
     assert sweep_main([f"run_dir={root}", "p0=0.5:0.7:0.1", "policy=reference"]) == 0
-    out = capsys.readouterr().out
-    assert "cascade reference p0=0.7" in out and "sweep certificates:" in out
+    job = capsys.readouterr()
+    assert "cascade reference p0=0.7" in job.out and "sweep certificates:" in job.err
+    # The command line is the same job: same table on the same stream, same defaults.
+    assert main(["sweep", str(root), "--p0", "0.5:0.7:0.1", "--policy", "reference"]) == 0
+    cli = capsys.readouterr()
+    assert cli.out == job.out and "sweep certificates:" in cli.err
     assert sweep_main([f"run_dir={root}", "p0=0.4"]) == 2
     assert "[0.5, 1)" in capsys.readouterr().err
     assert sweep_main(["p0=0.5"]) == 2  # run_dir is required

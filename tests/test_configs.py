@@ -8,16 +8,17 @@ import pytest
 import yaml
 
 from raysmooth.errors import ConfigError
-from raysmooth.jobs import CONFIG_DIR, certify_main, compose
+from raysmooth.apps import certify_main
+from raysmooth.config import CONFIG_DIR, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_default_config_composes_to_the_embedded_digits_run():
     cfg = compose("certify", [])
-    assert cfg["data"]["name"] == "digits"
-    assert cfg["smoothing"]["sigmas"] == [0.25, 0.5, 1.0]
-    assert cfg["smoothing"]["mode"] == "full"
+    assert cfg.data.name == "digits"
+    assert cfg.smoothing.sigmas == [0.25, 0.5, 1.0]
+    assert cfg.smoothing.mode == "full"
 
 
 @pytest.mark.parametrize(
@@ -36,15 +37,12 @@ def test_a_wrong_key_or_value_is_one_line_naming_it(override, names):
 
 
 def test_a_typo_inside_a_yaml_file_is_refused(tmp_path, monkeypatch):
-    import raysmooth.jobs as jobs
-
     shutil = pytest.importorskip("shutil")
     conf = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR, conf)
     (conf / "smoothing" / "typo.yaml").write_text("sigmas: [0.5]\nnnn_typo_in_yaml: 5\n")
-    monkeypatch.setattr(jobs, "CONFIG_DIR", conf)
     with pytest.raises(ConfigError, match="nnn_typo_in_yaml"):
-        compose("certify", ["smoothing=typo"])
+        compose("certify", ["smoothing=typo"], config_dir=conf)
 
 
 def test_the_job_prints_one_line_and_exits_2_on_a_config_mistake(capsys):

@@ -8,7 +8,8 @@ import pytest
 
 from raysmooth.data import load_dataset, subsample
 from raysmooth.errors import ConfigError
-from raysmooth.runner import load_test_set
+from raysmooth.config import DataCfg
+from raysmooth.data import load_test_set
 
 
 def test_digits_test_split_is_fixed_and_in_range():
@@ -75,10 +76,10 @@ def test_imagenet_val_tree_gives_sorted_synset_indices_and_center_crops(tmp_path
         (tmp_path / wnid).mkdir()
         for i in range(3):
             Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(tmp_path / wnid / f"img{i}.JPEG")
-    d = load_test_set({"name": "imagenet", "split": "val", "root": str(tmp_path), "skip": 2, "max_images": 2})
+    d = load_test_set(DataCfg(name="imagenet", split="val", root=str(tmp_path), skip=2, max_images=2))
     assert d.images.shape == (2, 3, 224, 224) and d.num_classes == 1000
     img = d.images[1]  # read from disk only now
     assert img.shape == (3, 224, 224) and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
     assert d.labels.tolist() == [0, 0] and d.ids.tolist() == [0, 2]  # n01440764 sorts first: class 0
-    full = load_test_set({"name": "imagenet", "split": "val", "root": str(tmp_path)})
+    full = load_test_set(DataCfg(name="imagenet", split="val", root=str(tmp_path)))
     assert full.labels.tolist() == [0, 0, 0, 1, 1, 1]

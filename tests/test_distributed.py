@@ -10,10 +10,10 @@ ray = pytest.importorskip("ray")
 
 from raysmooth.distributed import ActorSpec, Driver, Planner, start_actors  # noqa: E402
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
-from raysmooth.models import create_base_classifier  # noqa: E402
+from raysmooth.models import create_base_classifier, model_sections  # noqa: E402
 from raysmooth.store import RunStore  # noqa: E402
 
-MODEL = {"base": "linear", "input_shape": [1, 8, 8], "num_classes": 10, "seed": 3}
+MODEL = {"base": "linear", "input_shape": [1, 8, 8], "options": {"num_classes": 10, "seed": 3}}
 SIGMAS = [0.25, 0.5, 1.0]
 ENGINE = {"batch_size": 256, "noise_block": 64, "device": "cpu"}
 
@@ -33,8 +33,8 @@ def images():
 
 
 def _engine_counts(units, images):
-    kw = dict(MODEL)
-    base = create_base_classifier(kw.pop("base"), **kw)
+    name, kw = model_sections(MODEL)
+    base = create_base_classifier(name, **kw)
     cfg = {k: v for k, v in ENGINE.items() if k != "device"}
     return Replica(base, SIGMAS, run_seed=5, config=EngineConfig(**cfg)).run(units, images)
 
@@ -93,7 +93,7 @@ def test_an_actor_killed_mid_run_changes_no_count(local_ray, images):
 
 
 def _cfg(tmp_path, **over):
-    from raysmooth.jobs import compose
+    from raysmooth.config import compose
 
     overrides = ["data=synthetic", "model=linear", f"out={tmp_path}", "smoothing.n=300", "smoothing.n0=30",
                  "smoothing.chunk=100", "ray.samples_per_task=200", "ray.num_actors=2", "plot=false", "flush_every=5",
@@ -111,12 +111,13 @@ def _sorted(table, keys):
 
 def test_a_run_stopped_part_way_resumes_to_the_uninterrupted_tables(local_ray, tmp_path, monkeypatch):
     from raysmooth import runner
+    from raysmooth.distributed import Progress
 
     whole = runner.certify(_cfg(tmp_path / "a"))
     assert whole.rows_written == 16 * 3 * 2
 
     calls = {"n": 0}
-    original = runner._Progress.__call__
+    original = Progress.__call__
 
     def interrupt(self, planner, elapsed):
         original(self, planner, elapsed)
@@ -124,10 +125,10 @@ def test_a_run_stopped_part_way_resumes_to_the_uninterrupted_tables(local_ray, t
         if len(planner.done_rows) >= 20:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner._Progress, "__call__", interrupt)
+    monkeypatch.setattr(Progress, "__call__", interrupt)
     with pytest.raises(KeyboardInterrupt):
         runner.certify(_cfg(tmp_path / "b"))
-    monkeypatch.setattr(runner._Progress, "__call__", original)
+    monkeypatch.setattr(Progress, "__call__", original)
     partial = RunStore.open(tmp_path / "b" / "linear").read_counts().num_rows
     assert 0 < partial < 96
     resumed = runner.certify(_cfg(tmp_path / "b"))
@@ -149,6 +150,7 @@ def test_a_run_stopped_part_way_resumes_to_the_uninterrupted_tables(local_ray, t
 
 def test_running_again_adds_no_rows(local_ray, tmp_path):
     from raysmooth import runner
+    from raysmooth.distributed import Progress
 
     runner.certify(_cfg(tmp_path))
     again = runner.certify(_cfg(tmp_path))
@@ -159,6 +161,7 @@ def test_running_again_adds_no_rows(local_ray, tmp_path):
 
 def test_a_different_config_into_the_same_directory_is_refused(local_ray, tmp_path):
     from raysmooth import runner
+    from raysmooth.distributed import Progress
     from raysmooth.store import StoreError
 
     runner.certify(_cfg(tmp_path))
@@ -168,6 +171,7 @@ def test_a_different_config_into_the_same_directory_is_refused(local_ray, tmp_pa
 
 def test_cascade_mode_samples_lower_sigma_only_where_needed(local_ray, tmp_path):
     from raysmooth import runner
+    from raysmooth.distributed import Progress
 
     # Two classes: margins of random images are large enough for the largest σ to settle some of them.
     common = {"smoothing.p0": "[0.6]", "smoothing.policies": "[strict]", "model.options.num_classes": 2,
@@ -194,30 +198,34 @@ def test_a_run_whose_actors_are_all_gone_stops_with_one_clear_error(local_ray, i
 
 def test_data_that_does_not_fit_the_model_is_refused_before_sampling(local_ray, tmp_path):
     from raysmooth import runner
+    from raysmooth.distributed import Progress
     from raysmooth.errors import InputError
 
     with pytest.raises(InputError, match="5 classes but the classifier predicts 10"):
         runner.certify(_cfg(tmp_path, **{"data.options.num_classes": 5}))
-    assert RunStore.open(tmp_path / "linear").read_counts().num_rows == 0
+    # Nothing was sampled and no manifest was written: the corrected command starts afresh.
+    assert not (tmp_path / "linear" / "manifest.json").exists() and not (tmp_path / "linear" / "counts").exists()
+    assert runner.certify(_cfg(tmp_path)).rows_written == 16 * 3 * 2
 
 
 def test_an_interrupted_lazy_cascade_resumes_to_the_uninterrupted_tables(local_ray, tmp_path, monkeypatch):
     from raysmooth import runner
+    from raysmooth.distributed import Progress
 
     common = {"smoothing.mode": "cascade", "smoothing.p0": "[0.6]", "smoothing.policies": "[strict]",
               "model.options.num_classes": 2, "data.options.num_classes": 2, "data.options.num_images": 24}
     whole = runner.certify(_cfg(tmp_path / "a", **common))
-    original = runner._Progress.__call__
+    original = Progress.__call__
 
     def interrupt(self, planner, elapsed):
         original(self, planner, elapsed)
         if len(planner.done_rows) >= whole.rows_written // 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner._Progress, "__call__", interrupt)
+    monkeypatch.setattr(Progress, "__call__", interrupt)
     with pytest.raises(KeyboardInterrupt):
         runner.certify(_cfg(tmp_path / "b", **common))
-    monkeypatch.setattr(runner._Progress, "__call__", original)
+    monkeypatch.setattr(Progress, "__call__", original)
     runner.certify(_cfg(tmp_path / "b", **common))
     keys = ["image_id", "sigma", "phase"]
     ca = _sorted(RunStore.open(tmp_path / "a" / "linear").read_counts(), keys)
@@ -229,6 +237,7 @@ def test_an_interrupted_lazy_cascade_resumes_to_the_uninterrupted_tables(local_r
 
 def test_sigmas_in_any_order_give_the_same_run(local_ray, tmp_path):
     from raysmooth import runner
+    from raysmooth.distributed import Progress
 
     a = runner.certify(_cfg(tmp_path / "a", **{"smoothing.sigmas": "[0.25,0.5,1.0]"}))
     b = runner.certify(_cfg(tmp_path / "b", **{"smoothing.sigmas": "[1.0,0.25,0.5]"}))

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from raysmooth.cli import main as cli
-from raysmooth.jobs import certify_main
+from raysmooth.apps import certify_main
 from raysmooth.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +21,15 @@ def test_the_committed_models_are_safetensors_with_cards_and_fit_the_budget():
     files = [p for p in EMBEDDED.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20e6
     weights = sorted(str(p.relative_to(EMBEDDED)) for p in files if p.suffix == ".safetensors")
-    assert weights == ["classifier.safetensors", "classifier_noisy.safetensors",
+    assert weights == ["classifier/model.safetensors", "classifier_noisy/model.safetensors",
                        "denoiser/unet/diffusion_pytorch_model.safetensors",
-                       "denoiser_ft/unet/diffusion_pytorch_model.safetensors", "onestep.safetensors"]
+                       "denoiser_ft/unet/diffusion_pytorch_model.safetensors", "onestep/model.safetensors"]
     assert not [p for p in files if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
     assert (EMBEDDED / "denoiser_ft" / "finetune_config.json").is_file()  # the recipe travels with the weights
-    for name in ("classifier", "classifier_noisy", "onestep"):
-        card = json.loads((EMBEDDED / f"{name}.json").read_text())
+    for name, kind in (("classifier", "classifier"), ("classifier_noisy", "classifier"), ("onestep", "onestep")):
+        # Self-describing folders: the config to rebuild the model, its weights, and how it was trained.
+        assert json.loads((EMBEDDED / name / "config.json").read_text())["raysmooth_model"] == kind
+        card = json.loads((EMBEDDED / name / "card.json").read_text())
         assert card["config"]["seed"] == 0 and "dataset" in card
     card = json.loads((EMBEDDED / "denoiser" / "card.json").read_text())
     assert set(card["test"]) == {"sigma_0.25", "sigma_0.5", "sigma_1.0"}

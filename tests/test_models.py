@@ -214,7 +214,7 @@ def test_diffsmooth_soft_votes_over_fixed_local_noise(tmp_path):
 
 
 def test_onestep_is_conditioned_on_sigma():
-    base = create_base_classifier("onestep", model=dict(name="test_efficientnet", num_classes=10, in_chans=1), input_shape=(1, 8, 8))
+    base = create_base_classifier("onestep", onestep=dict(name="test_efficientnet", num_classes=10, in_chans=1), input_shape=(1, 8, 8))
     z = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
         lo = base.logits(z, torch.full((2,), 0.25))

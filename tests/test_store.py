@@ -63,7 +63,7 @@ def test_a_key_committed_twice_is_read_once(tmp_path):
     store.append_counts(_records(range(3, 8)), model_id="m", seed=0, alpha=0.001)  # 3 and 4 again
     table = store.read_counts()
     assert sorted(table.column("image_id").to_pylist()) == list(range(8))
-    assert store.completed_keys() >= {(3, 0.5, "estimation"), (7, 0.5, "estimation")}
+    assert store.completed_keys() >= {(3, 0.5, "estimation", 0), (7, 0.5, "estimation", 0)}
 
 
 def test_resuming_with_the_same_config_keeps_the_rows(tmp_path):

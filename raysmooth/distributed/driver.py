@@ -16,11 +16,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import RaySmoothError
+from ..config import GIVE_UP_AFTER_S
+from ..errors import ModelLoadError, RaySmoothError, one_line
 from ..units import WorkUnit
 from .planner import FinishedRow, Planner
 
-__all__ = ["ReplicaActor", "ActorSpec", "start_actors", "Driver", "DistributedError"]
+__all__ = ["ReplicaActor", "ActorSpec", "start_actors", "Driver", "DistributedError", "user_error_of"]
 
 log = logging.getLogger("raysmooth")
 
@@ -30,14 +31,28 @@ class DistributedError(RaySmoothError):
 
 
 class ReplicaActor:
-    """Holds one base classifier on one device (wrapped with ``ray.remote`` by ``start_actors``)."""
+    """Holds one base classifier on one device (wrapped with ``ray.remote`` by ``start_actors``).
+
+    A model that cannot be built does not kill the actor: the error is kept and raised from
+    ``describe`` and ``run``, so the driver receives it as the cause of a ``RayTaskError`` and shows
+    its one line (Ray would otherwise report an ``ActorDiedError`` with the traceback inside).
+    """
 
     def __init__(self, model: Mapping[str, Any], sigmas: Sequence[float], run_seed: int, engine: Mapping[str, Any],
                  threads: int | None = None):
+        self.error: Exception | None = None
+        self.replica = None
+        try:
+            self._build(model, sigmas, run_seed, engine, threads)
+        except Exception as exc:  # noqa: BLE001 - reported through describe()
+            self.error = exc if isinstance(exc, RaySmoothError) else ModelLoadError(
+                f"building the model on a Ray worker failed: {type(exc).__name__}: {one_line(exc, 200)}")
+
+    def _build(self, model, sigmas, run_seed, engine, threads) -> None:
         import torch
 
         from ..engine import EngineConfig, Replica
-        from ..models import create_base_classifier
+        from ..models import create_base_classifier, model_sections
 
         engine = dict(engine)
         device = engine.pop("device", "auto")
@@ -45,17 +60,22 @@ class ReplicaActor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if threads:
             torch.set_num_threads(int(threads))
-        model = dict(model)
-        base = create_base_classifier(model.pop("base"), **model)
+        name, kwargs = model_sections(model)
+        base = create_base_classifier(name, **kwargs)
         self.replica = Replica(base, sigmas, run_seed, EngineConfig(**engine), device=device)
         self.device = device
 
     def describe(self) -> dict:
+        if self.error is not None:
+            raise self.error
         base = self.replica.base
         return {"num_classes": base.num_classes, "input_shape": list(base.input_shape), "model_id": base.model_id,
-                "device": str(self.device), "pid": os.getpid()}
+                "device": str(self.device), "pid": os.getpid(), "batch_size": self.replica.batch_size,
+                "applied_sigmas": self.replica.applied_sigmas}
 
     def run(self, units: list[WorkUnit], images: dict[int, np.ndarray]) -> tuple[list[tuple], list[np.ndarray], float]:
+        if self.error is not None:
+            raise self.error
         start = time.perf_counter()
         counts = self.replica.run(units, images)
         return [u.key for u in units], [counts[u.key] for u in units], time.perf_counter() - start
@@ -67,16 +87,34 @@ class ActorSpec:
     num_cpus: float
     num_gpus: float
     max_restarts: int
+    runtime_env: dict | None = None  # e.g. py_modules that ship a user's model code to the workers
 
 
 def start_actors(spec: ActorSpec, *args: Any, **kwargs: Any) -> list:
     """Create the replica actors; Ray restarts a dead one, the driver never waits for it."""
     import ray
 
-    remote = ray.remote(ReplicaActor).options(
-        num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=spec.max_restarts, max_task_retries=0
-    )
+    options: dict[str, Any] = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=spec.max_restarts,
+                                   max_task_retries=0)
+    if spec.runtime_env:
+        options["runtime_env"] = spec.runtime_env
+    remote = ray.remote(ReplicaActor).options(**options)
     return [remote.remote(*args, **kwargs) for _ in range(spec.num_actors)]
+
+
+def user_error_of(exc: BaseException) -> RaySmoothError | None:
+    """The user's mistake behind a Ray error, if it is one (a task or actor that raised ours)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)  # Ray's RayTaskError also *is* an instance of its cause's class
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        if isinstance(exc, RaySmoothError):
+            return exc
+        exc = exc.__cause__
+    return None
 
 
 class Driver:
@@ -85,7 +123,7 @@ class Driver:
     def __init__(self, actors: list, images: Mapping[int, np.ndarray], planner: Planner, *,
                  on_rows: Callable[[list[FinishedRow]], None], max_in_flight_per_actor: int = 2,
                  samples_per_task: int = 4000, task_timeout_s: float | None = None,
-                 progress: Callable[[Planner, float], None] | None = None, give_up_after_s: float = 600.0):
+                 progress: Callable[[Planner, float], None] | None = None, give_up_after_s: float = GIVE_UP_AFTER_S):
         self.actors = list(actors)
         self.images = images
         self.planner = planner
@@ -162,8 +200,8 @@ class Driver:
                     self._lost(ref, in_flight, load)
                     continue
                 except RayTaskError as exc:
-                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    if isinstance(cause, RaySmoothError):
+                    cause = user_error_of(exc)
+                    if cause is not None:
                         raise DistributedError(str(cause)) from None
                     raise
                 except GetTimeoutError:  # pragma: no cover - ray.wait said ready

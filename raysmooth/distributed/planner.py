@@ -29,6 +29,8 @@ class FinishedRow:
     sigma_index: int
     phase: str
     counts: np.ndarray
+    round: int = 0  # sequential runs: the estimation round this row holds (its own counts only)
+    seq_continue: bool | None = None  # sequential runs: the stop rule's decision after this round
 
 
 class Planner:

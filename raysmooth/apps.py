@@ -1,0 +1,206 @@
+"""The hydra apps: ``certify``, ``sweep`` and ``finetune``.
+
+``python jobs/certify.py …`` (also under ``ray job submit``) and ``raysmooth certify …`` run the same
+``@hydra.main`` app, so overrides, ``-m`` multirun grids, ``--cfg job`` and the ``.hydra/`` records
+(kept beside the results: ``OUT/.hydra/<time>/``) behave as hydra users expect. Before hydra runs,
+the overrides are composed and validated once, so a mistake is one line with exit status 2 and
+leaves no folder behind. User mistakes raised while running are one line too; a traceback means a
+bug in raysmooth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import (CONFIG_DIR, CertifyCfg, SweepCfg, compose, hydra_error_line, is_hydra_error, load_model_option,
+                     parse_range, typed)
+from .errors import ConfigError, RaySmoothError, one_line
+
+__all__ = ["certify_main", "sweep_main", "finetune_main", "run_app", "sweep_report"]
+
+log = logging.getLogger("raysmooth")
+
+_HYDRA_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve", "--package", "-p",
+                "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--shell-completion", "-sc"}
+
+
+def _is_multirun(argv: Sequence[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
+
+
+def _plain_overrides(argv: Sequence[str]) -> list[str] | None:
+    """The overrides to validate before hydra runs; None when hydra is asked for something else
+    (help, --cfg, multirun: hydra composes each job itself)."""
+    if _is_multirun(argv) or any(a.split("=")[0] in _HYDRA_FLAGS for a in argv):
+        return None
+    return [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
+
+
+def _with_model_defaults(name: str, argv: list[str]) -> list[str]:
+    """``raysmooth certify model=mine`` certifies just that model: choosing a model without naming
+    ``compare`` clears the default comparison models."""
+    if name == "certify" and any(a.lstrip("+").startswith(("model=", "model.")) for a in argv) \
+            and not any(a.lstrip("+~").startswith("compare") for a in argv):
+        return argv + ["compare=[]"]
+    return argv
+
+
+def _failed(name: str, exc: BaseException) -> int:
+    """One line on stderr and the exit status: 2 for a user mistake, 130 for an interrupt."""
+    if isinstance(exc, KeyboardInterrupt):
+        hint = {"certify": "run the same command again to resume",
+                "finetune": "run the same command again to resume from the last checkpoint"}.get(name, "run it again")
+        print(f"raysmooth {name}: interrupted; {hint}", file=sys.stderr)
+        return 130
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror}"
+    elif is_hydra_error(exc):
+        text = hydra_error_line(exc)
+    else:
+        text = str(exc)
+    print(f"raysmooth {name}: error: {one_line(text, 400)}", file=sys.stderr)
+    return 2
+
+
+def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``task`` as the hydra app of ``configs/<name>.yaml`` with ``argv`` (overrides and hydra's
+    flags); returns the exit status."""
+    import hydra
+    from omegaconf import DictConfig
+
+    from .config import register_configs
+
+    argv = _with_model_defaults(name, list(sys.argv[1:] if argv is None else argv))
+    register_configs()
+    plain = _plain_overrides(argv)
+    status: dict[str, Any] = {"code": 0, "error": None}
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=name, version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        # Errors are kept, not raised: hydra would print its own "Error executing job" line first.
+        try:
+            status["code"] = max(status["code"], int(task(cfg) or 0))
+        except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
+            status["error"] = status["error"] or exc
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+
+    saved_argv, saved_full = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    try:
+        if plain is not None:
+            compose(name, plain)  # validate once, before hydra creates any folder
+        sys.argv = [f"raysmooth-{name}", *argv]
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # hydra raises; we print the one line
+        app()
+        if status["error"] is not None:
+            return _failed(name, status["error"])
+    except SystemExit as exc:  # hydra's --help and --cfg end this way
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
+        return _failed(name, exc)
+    except Exception as exc:
+        if is_hydra_error(exc) or type(exc).__name__ in ("ConfigCompositionException", "OverrideParseException",
+                                                         "MissingConfigException"):
+            return _failed(name, ConfigError(hydra_error_line(exc)))
+        raise
+    finally:
+        sys.argv = saved_argv
+        if saved_full is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full
+    return status["code"]
+
+
+# ---- certify ---------------------------------------------------------------------------------------
+def _run_out(cfg: CertifyCfg) -> CertifyCfg:
+    """In a multirun, each job writes to its own folder under ``out``, named by hydra's override
+    dirname (its runs would otherwise share run directories with different configs)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return cfg
+    if hc.mode != RunMode.MULTIRUN:
+        return cfg
+    sub = (hc.job.override_dirname or f"job{hc.job.num}").replace("/", "_")
+    return dataclasses.replace(cfg, out=str(Path(cfg.out) / sub))
+
+
+def certify_task(dcfg: Any) -> int:
+    """The certify job on a composed config: every model of ``model`` + ``compare``, one report."""
+    from .runner import certify, report
+
+    cfg = _run_out(typed(dcfg, "certify"))
+    models = [cfg] + [dataclasses.replace(cfg, model=load_model_option(n)) for n in cfg.compare]
+    names = [m.model.name for m in models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two models share a name (model.name): {names}")
+    results = []
+    for i, run_cfg in enumerate(models):
+        log.info("certifying %s (%d of %d)", run_cfg.model.name, i + 1, len(models))
+        results.append(certify(run_cfg))
+    out = Path(cfg.out).expanduser().resolve()
+    plot = out / "certified_accuracy.png" if cfg.plot else None
+    markdown = report(results, cfg.radii, cfg.report_methods, plot, title=cfg.data.name)
+    print(markdown)
+    print()
+    for r in results:
+        print(f"{r.name}: {r.images} images, {r.rows_written} new counts rows, {r.seconds:.1f} s")
+    print(f"output directory: {out}")
+    for r in results:
+        print(f"  {r.name}: counts table {r.counts_dir}, certificates table {r.certificates_dir}")
+    if plot:
+        print(f"plot: {plot}")
+    return 0
+
+
+def certify_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/certify.py [key=value …]`` and ``raysmooth certify [key=value …]``."""
+    return run_app("certify", certify_task, argv)
+
+
+# ---- sweep -----------------------------------------------------------------------------------------
+def sweep_report(cfg: SweepCfg) -> int:
+    """Cascade certificates for a grid of p0 (and α) from a run's stored counts: the table on stdout,
+    where the certificates went on stderr. ``raysmooth sweep`` and ``jobs/sweep.py`` both end here."""
+    from .analysis import curves_from_certificates, format_markdown
+    from .certificates import run_sweep
+
+    result = run_sweep(cfg.run_dir, parse_range(str(cfg.p0), "p0"), cfg.alpha, cfg.policy)
+    print(format_markdown(curves_from_certificates(result.table), cfg.radii))
+    print(f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s",
+          file=sys.stderr)
+    print(f"sweep certificates: {result.out_dir}", file=sys.stderr)
+    return 0
+
+
+def sweep_task(dcfg: Any) -> int:
+    return sweep_report(typed(dcfg, "sweep"))
+
+
+def sweep_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/sweep.py run_dir=RUN_DIR p0=0.5:0.95:0.05 [alpha=[…]] [policy=strict]``"""
+    return run_app("sweep", sweep_task, argv)
+
+
+# ---- finetune --------------------------------------------------------------------------------------
+def finetune_task(dcfg: Any) -> int:
+    from .finetune import finetune
+
+    folder = finetune(typed(dcfg, "finetune"))
+    print(f"fine-tuned denoiser: {folder}")
+    print(f"use it with: raysmooth certify model=toy_dds model.denoiser.path={folder}")
+    return 0
+
+
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/finetune.py [key=value …]``: fine-tune a denoiser; prints where it went."""
+    return run_app("finetune", finetune_task, argv)

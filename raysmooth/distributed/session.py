@@ -1,0 +1,101 @@
+"""The Ray session of a run: connecting (or starting a local cluster), sizing the actors, shipping a
+user's model code to the workers, and starting the replicas so that a model that cannot be built is
+one line, not a Ray traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import ConfigError, RaySmoothError, one_line
+from .driver import ActorSpec, DistributedError, start_actors, user_error_of
+
+__all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas"]
+
+log = logging.getLogger("raysmooth")
+
+
+def connect(address: str | None, local_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``, as inside ``ray job submit``), else start a
+    local one. A failure is one line that says what to try."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=local_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
+                     logging_level=logging.WARNING)
+    except Exception as exc:  # noqa: BLE001 - ray.init raises many kinds (ConnectionError, TimeoutError, RuntimeError…)
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        hint = ("check that the cluster is up (`ray status --address ...`) and the address is right"
+                if address else "a machine under heavy load starts Ray slowly: run again, end stale Ray processes "
+                "with `ray stop`, or start one yourself (`ray start --head`) and pass ray.address=auto")
+        raise DistributedError(f"could not start or reach {where} ({type(exc).__name__}: {one_line(exc, 160)}); {hint}") from None
+
+
+def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float, max_restarts: int,
+               runtime_env: dict | None = None) -> ActorSpec:
+    """One actor per GPU (or per ``cpus_per_actor`` CPUs) of the cluster unless ``num_actors`` is set."""
+    import ray
+
+    if num_actors is None:
+        resources = ray.cluster_resources()
+        if gpus_per_actor > 0:
+            num_actors = int(resources.get("GPU", 0) // gpus_per_actor)
+            if num_actors < 1:
+                raise ConfigError(f"ray.gpus_per_actor={gpus_per_actor:g} but the cluster has {resources.get('GPU', 0):g} "
+                                  "GPU(s); use engine=cpu ray=local on a machine without a GPU")
+        else:
+            num_actors = int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-9))
+        num_actors = max(1, num_actors)
+    return ActorSpec(int(num_actors), cpus_per_actor, gpus_per_actor, max_restarts, runtime_env)
+
+
+def runtime_env_for(base: str) -> dict | None:
+    """For ``model.base=pkg.module:builder``: ship ``pkg`` to the workers with Ray's runtime environment
+    (``py_modules``), unless it is installed in site-packages, where every node has it anyway."""
+    if ":" not in base:
+        return None
+    top = base.partition(":")[0].split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        raise ConfigError(f"model.base={base}: cannot find the module {top} (is it installed or on PYTHONPATH?)")
+    module = sys.modules.get(top) or importlib.import_module(top)
+    location = Path(next(iter(getattr(module, "__path__", [])), None) or module.__file__ or "")
+    if any(part in ("site-packages", "dist-packages") for part in location.parts):
+        return None
+    return {"py_modules": [module]}
+
+
+def start_replicas(spec: ActorSpec, model: Mapping[str, Any], sigmas: Sequence[float], seed: int,
+                   engine: Mapping[str, Any], threads: int | None) -> tuple[list, list[dict]]:
+    """Start the actors and wait until each has built its model; returns them and what each reports
+    (classes, input shape, model id, batch size, the σ its noise really has)."""
+    import ray
+    from ray.exceptions import RayActorError, RayError
+
+    log.info("starting %d replica actor(s) (%g CPU, %g GPU each)", spec.num_actors, spec.num_cpus, spec.num_gpus)
+    actors = start_actors(spec, dict(model), list(sigmas), seed, dict(engine), threads)
+    try:
+        infos = ray.get([a.describe.remote() for a in actors])
+    except RayError as exc:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        cause = user_error_of(exc)
+        if cause is not None:  # a model the actor could not build: the user's to fix
+            raise type(cause)(str(cause)) from None
+        if isinstance(exc, RayActorError) or "RuntimeEnvSetupError" in type(exc).__name__:
+            raise DistributedError(f"a replica actor could not start ({type(exc).__name__}: {one_line(exc, 200)}); "
+                                   "see the worker logs (`ray logs`) for the reason") from None
+        raise
+    except RaySmoothError:
+        raise
+    return actors, infos

@@ -1,0 +1,292 @@
+"""The Python API: ``Smoothed(model, sigma).certify(x, n0, n, alpha)`` in one process, no Ray, no store.
+
+For a researcher with a model in a notebook::
+
+    from raysmooth import Smoothed
+    smoothed = Smoothed(my_module, sigma=0.5, num_classes=10)          # any nn.Module returning logits
+    cert = smoothed.certify(x, n0=100, n=10_000, alpha=0.001)          # x: (C, H, W) in [0, 1]
+    cert.prediction, cert.radius, cert.p_lower, cert.counts
+
+It runs the same engine and the same statistics as the certify job: with the same seed, σ list, chunk
+size and noise block, ``certify_batch(images, ids=...)`` draws exactly the counts the job stores for
+those image ids (tests/test_smoothed.py checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import stats
+from .config import DEFAULT_BATCH_SIZE
+from .engine import EngineConfig, Replica, validate_images
+from .errors import ConfigError, InputError
+from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
+from .units import WorkUnit, split_budget
+
+__all__ = ["Smoothed", "Certificate", "Prediction"]
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The outcome for one image. ``prediction`` is -1 when the smoothed classifier abstains."""
+
+    prediction: int
+    radius: float  # L2 radius in [0,1] pixel units; 0 when abstaining
+    p_lower: float  # the lower confidence bound on p_A behind the answer (NaN when there is none)
+    counts: np.ndarray  # the estimation counts per class (of the σ that answered, for the cascade)
+    n_used: int  # samples drawn: selection and estimation, over every σ used
+    sigma: float | None = None  # the σ whose counts gave the answer
+    reason: str = ""  # why it abstains ("" when it does not)
+    selection_counts: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction < 0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Cohen's PREDICT: the top class if the binomial test separates it from the runner-up."""
+
+    prediction: int  # -1 = abstain
+    p_value: float
+    counts: np.ndarray
+    n_used: int
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction < 0
+
+
+def _as_image(x: Any) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.detach().to("cpu", torch.float32)
+
+
+class Smoothed:
+    """A smoothed classifier g around a base classifier f, certified in this process.
+
+    ``model``: a ``torch.nn.Module`` returning logits (wrapped with optional ``mean``/``std``
+    normalisation and resizing to ``input_size``, as it was trained), a ``BaseClassifier``, a
+    registered base-classifier name (``dds``, ``onestep``, ``linear`` …, configured by
+    ``model_kwargs``), an import path ``pkg.module:builder``, or a folder saved by
+    ``save_classifier``/``save_onestep``. ``denoiser`` (a diffusers folder, ``DenoiserConfig`` fields or a
+    ``DiffusionDenoiser``) puts one-shot diffusion denoising in front of a module or classifier folder.
+    ``sigma``: one noise level or several (for ``cascade``).
+    """
+
+    def __init__(self, model: Any, sigma: float | Sequence[float], *, num_classes: int | None = None,
+                 input_shape: Sequence[int] | None = None, denoiser: Any = None, seed: int = 0,
+                 batch_size: int | str = DEFAULT_BATCH_SIZE, device: str = "auto", precision: str = "fp32",
+                 noise_block: int = 256, chunk: int = 10_000, noise: str = "gaussian", levels: int = 255,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 input_size: Sequence[int] | None = None, interpolation: str = "bicubic",
+                 model_kwargs: Mapping[str, Any] | None = None):
+        sigmas = [float(sigma)] if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+        for s in sigmas:
+            try:
+                stats.check_sigma(s)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if len(set(sigmas)) != len(sigmas):
+            raise ConfigError(f"sigma lists a value twice: {sigmas}")
+        if chunk < 1:
+            raise ConfigError(f"chunk must be at least 1, got {chunk}")
+        self.sigmas = sorted(sigmas)  # index order = ascending σ, as in the job
+        self.seed = int(seed)
+        self.chunk = int(chunk)
+        self.engine = EngineConfig(batch_size=batch_size, noise_block=noise_block, precision=precision, noise=noise,
+                                   levels=levels)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self._model, self._denoiser, self._num_classes = model, denoiser, num_classes
+        self._adapter = {k: v for k, v in dict(mean=mean, std=std, input_size=input_size).items() if v is not None}
+        self._adapter["interpolation"] = interpolation
+        self._model_kwargs = dict(model_kwargs or {})
+        self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
+        self._replica: Replica | None = None
+        if self.input_shape is not None:
+            self._build(self.input_shape)
+
+    # ---- the base classifier --------------------------------------------------------------------
+    def _base(self, shape: tuple[int, int, int]) -> BaseClassifier:
+        from .models.adapter import from_module
+
+        model = self._model
+        if isinstance(model, BaseClassifier):
+            return model
+        if isinstance(model, nn.Module):
+            return from_module(model, shape, denoiser=self._denoiser, num_classes=self._num_classes, **self._adapter)
+        if isinstance(model, (str, Path)):
+            name = str(model)
+            if name in list_base_classifiers() or (":" in name and not Path(name).exists()):
+                return create_base_classifier(name, input_shape=list(shape), **self._model_kwargs)
+            return self._from_folder(Path(name), shape)
+        raise ConfigError(f"model must be an nn.Module, a base-classifier name or a model folder, got {type(model).__name__}")
+
+    def _from_folder(self, folder: Path, shape: tuple[int, int, int]) -> BaseClassifier:
+        import json
+
+        from .models import OneStepBase, load_onestep
+        from .models.adapter import from_module
+        from .models.checkpoints import CONFIG_NAME
+        from .models.classifier import load_classifier
+
+        config = folder / CONFIG_NAME
+        if not config.is_file():
+            raise ConfigError(f"{folder}: neither a registered base classifier ({', '.join(list_base_classifiers())}) "
+                              f"nor a model folder with {CONFIG_NAME}")
+        kind = json.loads(config.read_text()).get("raysmooth_model")
+        if kind == "onestep":
+            return OneStepBase(load_onestep({"path": str(folder)}), shape)
+        return from_module(load_classifier({"path": str(folder)}), shape, denoiser=self._denoiser)
+
+    def _build(self, shape: tuple[int, ...]) -> Replica:
+        if len(shape) != 3:
+            raise InputError(f"an image must have shape (C, H, W), got {tuple(shape)}")
+        base = self._base(tuple(shape))  # type: ignore[arg-type]
+        if self._num_classes is not None and base.num_classes != self._num_classes:
+            raise ConfigError(f"num_classes={self._num_classes} but the model predicts {base.num_classes} classes")
+        self._replica = Replica(base, self.sigmas, self.seed, self.engine, device=self.device)
+        self.input_shape = tuple(base.input_shape)
+        return self._replica
+
+    def _ready(self, shape: tuple[int, ...]) -> Replica:
+        if self._replica is None:
+            return self._build(shape)
+        if tuple(shape) != self.input_shape:
+            raise InputError(f"images must have shape {self.input_shape} for this model, got {tuple(shape)}")
+        return self._replica
+
+    @property
+    def num_classes(self) -> int:
+        if self._replica is None:
+            raise ConfigError("the model is built on the first image (or give input_shape)")
+        return self._replica.num_classes
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def _sigma_index(self, sigma: float | None) -> int:
+        if sigma is None:
+            if len(self.sigmas) != 1:
+                raise ConfigError(f"this smoothed classifier has σ = {self.sigmas}: say which (sigma=…)")
+            return 0
+        matches = [i for i, s in enumerate(self.sigmas) if np.isclose(s, float(sigma), rtol=0, atol=1e-12)]
+        if not matches:
+            raise ConfigError(f"sigma={sigma} is not one of {self.sigmas}")
+        return matches[0]
+
+    def _stack(self, xs: Any) -> torch.Tensor:
+        batch = torch.stack([_as_image(x) for x in xs]) if isinstance(xs, (list, tuple)) else _as_image(xs)
+        if batch.ndim != 4:
+            raise InputError(f"images must have shape (N, C, H, W), got {tuple(batch.shape)}")
+        replica = self._ready(tuple(batch.shape[1:]))
+        validate_images(batch, None, replica.shape, replica.num_classes)
+        return batch
+
+    def counts(self, xs: Any, *, phase: str, n: int, sigma_index: int, ids: Sequence[int],
+               group_samples: int = 200_000) -> np.ndarray:
+        """Dense counts (N, classes) of ``n`` draws per image in ``phase`` at σ number ``sigma_index``,
+        split into chunks and seeded exactly as the job's work units. Images go to the engine in groups
+        of about ``group_samples`` samples, so memory stays bounded for large test sets."""
+        batch = self._stack(xs)
+        if n < 1:
+            raise InputError(f"the number of samples must be at least 1, got {n}")
+        ids = [int(i) for i in ids]
+        if len(ids) != len(batch) or len(set(ids)) != len(ids):
+            raise InputError(f"ids must name each of the {len(batch)} images once")
+        sizes = split_budget(int(n), self.chunk)
+        per_group = max(1, group_samples // int(n))
+        out = np.zeros((len(ids), self._replica.num_classes), dtype=np.int64)
+        for g in range(0, len(ids), per_group):
+            group = ids[g : g + per_group]
+            units = [WorkUnit(i, sigma_index, phase, c, size) for i in group for c, size in enumerate(sizes)]
+            images = {i: batch[g + r] for r, i in enumerate(group)}
+            counts = self._replica.run(units, images)
+            for u in units:
+                out[g + group.index(u.image_id)] += counts[u.key]
+        return out
+
+    # ---- certificates ------------------------------------------------------------------------
+    def _noise(self, sigma_index: int) -> tuple[float, float]:
+        """(σ the noise really had, margin on p_A) for one level."""
+        applied = self._replica.applied_sigmas[sigma_index]
+        if self.engine.noise != "lattice":
+            return applied, 0.0
+        from .noise import lattice_margin
+
+        return applied, lattice_margin(self.sigmas[sigma_index], self.engine.levels, int(np.prod(self.input_shape)))
+
+    def certify_batch(self, xs: Any, n0: int = 100, n: int = 100_000, alpha: float = 0.001, *,
+                      sigma: float | None = None, ids: Sequence[int] | None = None) -> list[Certificate]:
+        """CERTIFY (Cohen et al.) for many images, packed into full batches."""
+        _check_alpha(alpha)
+        batch = self._stack(xs)
+        ids = list(range(len(batch))) if ids is None else list(ids)
+        s = self._sigma_index(sigma)
+        sel = self.counts(batch, phase="selection", n=n0, sigma_index=s, ids=ids)
+        est = self.counts(batch, phase="estimation", n=n, sigma_index=s, ids=ids)
+        applied, margin = self._noise(s)
+        cert = stats.certify(stats.SparseCounts.from_dense(sel), stats.SparseCounts.from_dense(est), applied, alpha,
+                             margin=margin)
+        return [Certificate(int(cert.prediction[i]), float(cert.radius[i]), float(cert.p_lower[i]), est[i],
+                            int(sel[i].sum() + est[i].sum()), self.sigmas[s], stats.Reason.NAMES[cert.reason[i]], sel[i])
+                for i in range(len(ids))]
+
+    def certify(self, x: Any, n0: int = 100, n: int = 100_000, alpha: float = 0.001, *, sigma: float | None = None,
+                image_id: int = 0) -> Certificate:
+        """CERTIFY for one image ``x`` of shape (C, H, W) in [0, 1]."""
+        return self.certify_batch(_as_image(x)[None], n0, n, alpha, sigma=sigma, ids=[image_id])[0]
+
+    def predict(self, x: Any, n: int = 10_000, alpha: float = 0.001, *, sigma: float | None = None,
+                image_id: int = 0) -> Prediction:
+        """PREDICT for one image: abstains unless the top class beats the runner-up at level ``alpha``."""
+        _check_alpha(alpha)
+        s = self._sigma_index(sigma)
+        counts = self.counts(_as_image(x)[None], phase="estimation", n=n, sigma_index=s, ids=[image_id])
+        sparse = stats.SparseCounts.from_dense(counts)
+        result = stats.predict(sparse, alpha)
+        _c1, n1, _c2, n2 = sparse.top2()
+        p_value = float(stats.binomial_test_pvalue(n1, n2)[0])
+        return Prediction(int(result.prediction[0]), p_value, counts[0], int(counts[0].sum()))
+
+    def cascade(self, x: Any, sigmas: Sequence[float] | None = None, p0: float = 0.5, policy: str = "strict",
+                n0: int = 100, n: int = 100_000, alpha: float = 0.001, *, image_id: int = 0) -> Certificate:
+        """The multi-scale cascade (Jeong & Shin) over ``sigmas`` (default: all of this classifier's):
+        every level is sampled, then the largest σ whose lower bound clears ``p0`` answers."""
+        _check_alpha(alpha)
+        try:
+            stats.check_p0(p0)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if policy not in stats.POLICIES:
+            raise ConfigError(f"policy must be one of {stats.POLICIES}, got {policy!r}")
+        chosen = sorted(self._sigma_index(s) for s in (sigmas if sigmas is not None else self.sigmas))
+        if len(chosen) < 2:
+            raise ConfigError("the cascade needs two or more σ")
+        img = _as_image(x)[None]
+        levels, dense, margin = [], [], 0.0
+        for s in chosen:
+            sel = self.counts(img, phase="selection", n=n0, sigma_index=s, ids=[image_id])
+            est = self.counts(img, phase="estimation", n=n, sigma_index=s, ids=[image_id])
+            applied, m = self._noise(s)
+            margin = max(margin, m)
+            levels.append(stats.Level(applied, stats.SparseCounts.from_dense(sel), stats.SparseCounts.from_dense(est)))
+            dense.append((sel[0], est[0]))
+        cert = stats.cascade_certify(levels, p0, alpha, policy, margin=margin)
+        level = int(cert.level[0])
+        sel, est = dense[level] if level >= 0 else dense[-1]
+        used = sum(int(a.sum() + b.sum()) for a, b in dense[max(level, 0):])
+        return Certificate(int(cert.prediction[0]), float(cert.radius[0]), float(cert.p_lower[0]), est, used,
+                           self.sigmas[chosen[level]] if level >= 0 else None, stats.Reason.NAMES[cert.reason[0]], sel)
+
+
+def _check_alpha(alpha: float) -> None:
+    try:
+        stats.check_alpha(alpha)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
