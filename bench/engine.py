@@ -32,17 +32,39 @@ from raysmooth.units import WorkUnit  # noqa: E402
 
 PAIRS = {
     "digits": dict(
-        shape=(1, 8, 8), classes=10, images=16, n=1000, batch=500,
-        unet=dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
-                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                  norm_num_groups=8),
+        shape=(1, 8, 8),
+        classes=10,
+        images=16,
+        n=1000,
+        batch=500,
+        unet=dict(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        ),
         classifier=dict(name="resnet18", num_classes=10, in_chans=1, input_size=(8, 8), mean=(0.5,), std=(0.5,)),
     ),
     "cifar": dict(
-        shape=(3, 32, 32), classes=10, images=4, n=250, batch=100,
-        unet=dict(sample_size=32, in_channels=3, out_channels=6, layers_per_block=2, block_out_channels=(64, 128, 128),
-                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32),
+        shape=(3, 32, 32),
+        classes=10,
+        images=4,
+        n=250,
+        batch=100,
+        unet=dict(
+            sample_size=32,
+            in_channels=3,
+            out_channels=6,
+            layers_per_block=2,
+            block_out_channels=(64, 128, 128),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=32,
+        ),
         classifier=dict(name="resnet18", num_classes=10, in_chans=3, input_size=(32, 32)),
     ),
 }
@@ -58,10 +80,12 @@ def build(pair: dict, device: str) -> DenoiseThenClassify:
     return DenoiseThenClassify(den, clf, pair["shape"]).to(device).eval()
 
 
-def reference_loop(base, images, sigma: float, n: int, batch: int, num_classes: int, device: str, autocast=None) -> float:
+def reference_loop(
+    base, images, sigma: float, n: int, batch: int, num_classes: int, device: str, autocast=None
+) -> float:
     """Per image: repeat along the batch, add noise, argmax, count in Python. Returns seconds."""
     start = time.perf_counter()
-    with torch.no_grad(), (autocast or torch.autocast("cpu", enabled=False)):
+    with torch.no_grad(), autocast or torch.autocast("cpu", enabled=False):
         for x in images:
             counts = np.zeros(num_classes, dtype=int)
             remaining = n
@@ -80,8 +104,13 @@ def reference_loop(base, images, sigma: float, n: int, batch: int, num_classes: 
 
 
 def engine_run(base, images, sigma, n, batch, device, precision="fp32", compile_=False) -> float:
-    rep = Replica(base, [sigma], run_seed=0, config=EngineConfig(batch_size=batch, noise_block=256, precision=precision,
-                                                                 compile=compile_), device=device)
+    rep = Replica(
+        base,
+        [sigma],
+        run_seed=0,
+        config=EngineConfig(batch_size=batch, noise_block=256, precision=precision, compile=compile_),
+        device=device,
+    )
     units = [WorkUnit(i, 0, "estimation", 0, n) for i in range(len(images))]
     imgs = {i: images[i] for i in range(len(images))}
     if compile_:
@@ -119,13 +148,22 @@ def main() -> None:
         pair = PAIRS[name]
         base = build(pair, device)
         rng = np.random.default_rng(0)
-        images = [torch.from_numpy(rng.random(pair["shape"], dtype=np.float32)).to(device) for _ in range(pair["images"])]
+        images = [
+            torch.from_numpy(rng.random(pair["shape"], dtype=np.float32)).to(device) for _ in range(pair["images"])
+        ]
         total = pair["images"] * pair["n"]
         # Warm both paths once (allocator, kernels).
         reference_loop(base, images[:1], 0.5, pair["batch"], pair["batch"], pair["classes"], device)
         engine_run(base, images[:1], 0.5, pair["batch"], pair["batch"], device)
-        row = {"pair": name, "device": device, "threads": args.threads, "images": pair["images"], "n": pair["n"],
-               "batch": pair["batch"], "samples": total}
+        row = {
+            "pair": name,
+            "device": device,
+            "threads": args.threads,
+            "images": pair["images"],
+            "n": pair["n"],
+            "batch": pair["batch"],
+            "samples": total,
+        }
         t_loop = reference_loop(base, images, 0.5, pair["n"], pair["batch"], pair["classes"], device)
         t_eng = engine_run(base, images, 0.5, pair["n"], pair["batch"], device)
         row.update(loop_samples_per_s=total / t_loop, engine_samples_per_s=total / t_eng, speedup=t_loop / t_eng)
@@ -143,8 +181,13 @@ def main() -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    out = {"benchmark": "engine vs per-image loop", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "machine": platform.machine(), "torch": torch.__version__, "results": results}
+    out = {
+        "benchmark": "engine vs per-image loop",
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "results": results,
+    }
     name = "engine_gpu.json" if device == "cuda" else "engine.json"
     (args.out / name).write_text(json.dumps(out, indent=2) + "\n")
 

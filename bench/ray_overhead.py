@@ -33,14 +33,25 @@ def save_models(root: Path) -> dict:
     from raysmooth.models.classifier import create_timm_model
 
     torch.manual_seed(0)
-    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                norm_num_groups=8).save_pretrained(root / "den" / "unet")
+    UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).save_pretrained(root / "den" / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "den" / "scheduler")
     clf = dict(name="resnet18", num_classes=10, in_chans=1, input_size=[8, 8], mean=[0.5], std=[0.5])
     save_file(create_timm_model(ClassifierConfig(**clf)).state_dict(), str(root / "clf.safetensors"))
-    return {"base": "dds", "input_shape": [1, 8, 8], "denoiser": {"path": str(root / "den")},
-            "classifier": {**clf, "checkpoint": str(root / "clf.safetensors")}}
+    return {
+        "base": "dds",
+        "input_shape": [1, 8, 8],
+        "denoiser": {"path": str(root / "den")},
+        "classifier": {**clf, "checkpoint": str(root / "clf.safetensors")},
+    }
 
 
 def plan(images: int, n: int):
@@ -106,11 +117,21 @@ def main() -> None:
     result = {
         "benchmark": "ray overhead",
         "model": "dds: diffusers UNet (32,64; attention) + timm resnet18, 8x8 grey, random weights",
-        "images": args.images, "n_per_image": args.n, "batch": args.batch, "samples_per_task": args.task_samples, "threads_per_replica": 1,
-        "engine_samples_per_s": engine, "one_actor_samples_per_s": one, "two_actors_samples_per_s": two,
-        "one_actor_vs_engine": one / engine, "goal_one_actor_vs_engine": 0.95,
-        "two_actors_vs_one": two / one, "goal_two_actors_vs_one": 1.8,
-        "cores": os.cpu_count(), "machine": platform.machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "images": args.images,
+        "n_per_image": args.n,
+        "batch": args.batch,
+        "samples_per_task": args.task_samples,
+        "threads_per_replica": 1,
+        "engine_samples_per_s": engine,
+        "one_actor_samples_per_s": one,
+        "two_actors_samples_per_s": two,
+        "one_actor_vs_engine": one / engine,
+        "goal_one_actor_vs_engine": 0.95,
+        "two_actors_vs_one": two / one,
+        "goal_two_actors_vs_one": 1.8,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ray_overhead.json").write_text(json.dumps(result, indent=2) + "\n")

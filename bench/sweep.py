@@ -32,7 +32,9 @@ from raysmooth.certificates import counts_view, sweep_certificates  # noqa: E402
 from raysmooth.store import COUNTS_SCHEMA, RunStore, append_table  # noqa: E402
 
 
-def synthetic_counts_table(rng, run: RunStore, images: int, sigmas, num_classes: int, n0: int, n: int, width: int = 25) -> pa.Table:
+def synthetic_counts_table(
+    rng, run: RunStore, images: int, sigmas, num_classes: int, n0: int, n: int, width: int = 25
+) -> pa.Table:
     """One row per (image, σ, phase), at most ``width`` nonzero classes per row."""
     tables = []
     labels = rng.integers(0, num_classes, images)
@@ -71,8 +73,12 @@ def synthetic_counts_table(rng, run: RunStore, images: int, sigmas, num_classes:
                     "phase": [phase] * images,
                     "n": np.full(images, samples, np.int64),
                     "num_classes": np.full(images, num_classes, np.int32),
-                    "classes": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(u_cls.astype(np.int32))),
-                    "counts": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(u_n.astype(np.int64))),
+                    "classes": pa.ListArray.from_arrays(
+                        pa.array(offsets.astype(np.int32)), pa.array(u_cls.astype(np.int32))
+                    ),
+                    "counts": pa.ListArray.from_arrays(
+                        pa.array(offsets.astype(np.int32)), pa.array(u_n.astype(np.int64))
+                    ),
                 },
                 schema=COUNTS_SCHEMA,
             )

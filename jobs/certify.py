@@ -1,7 +1,7 @@
 """Certify a test set with randomized smoothing on Ray.
 
-    python jobs/certify.py [key=value …]
-    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/certify.py out=/shared/runs/x …
+python jobs/certify.py [key=value …]
+ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/certify.py out=/shared/runs/x …
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Fine-tune a diffusion denoiser for the cascade (Brier + anti-consistency losses).
 
-    python jobs/finetune.py [key=value …]     e.g. steps=3000 lora_rank=4 out=/tmp/ft
+python jobs/finetune.py [key=value …]     e.g. steps=3000 lora_rank=4 out=/tmp/ft
 """
 
 import sys

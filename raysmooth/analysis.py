@@ -7,9 +7,10 @@ Reads our run directories and sweep directories, and the TSV files of the refere
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -86,12 +87,17 @@ def curves_from_certificates(table: pa.Table, prefix: str = "") -> list[Curve]:
     """Split a certificates table into one curve per (model, method, σ, policy, p0, α)."""
     if table.num_rows == 0:
         return []
-    cols = {k: np.asarray(table.column(k).to_pylist(), dtype=object) if k in ("model_id", "method", "policy")
-            else table.column(k).to_numpy(zero_copy_only=False)
-            for k in ("model_id", "method", "sigma", "policy", "p0", "alpha")}
+    cols = {
+        k: np.asarray(table.column(k).to_pylist(), dtype=object)
+        if k in ("model_id", "method", "policy")
+        else table.column(k).to_numpy(zero_copy_only=False)
+        for k in ("model_id", "method", "sigma", "policy", "p0", "alpha")
+    }
     # NaN never equals itself; compare parameter columns through a NaN-free encoding.
-    enc = {k: np.unique(np.nan_to_num(v, nan=-1.0) if v.dtype.kind == "f" else v.astype(str), return_inverse=True)[1]
-           for k, v in cols.items()}
+    enc = {
+        k: np.unique(np.nan_to_num(v, nan=-1.0) if v.dtype.kind == "f" else v.astype(str), return_inverse=True)[1]
+        for k, v in cols.items()
+    }
     keys = np.stack([enc[k] for k in ("model_id", "method", "sigma", "policy", "p0", "alpha")], axis=1)
     _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     group = group.reshape(-1)
@@ -106,25 +112,86 @@ def curves_from_certificates(table: pa.Table, prefix: str = "") -> list[Curve]:
 
     def sort_key(g: int):
         row = first[g]
-        return (str(cols["model_id"][row]), method_rank.get(cols["method"][row], 3), np.nan_to_num(cols["sigma"][row]),
-                str(cols["policy"][row]), np.nan_to_num(cols["p0"][row]), cols["alpha"][row])
+        return (
+            str(cols["model_id"][row]),
+            method_rank.get(cols["method"][row], 3),
+            np.nan_to_num(cols["sigma"][row]),
+            str(cols["policy"][row]),
+            np.nan_to_num(cols["p0"][row]),
+            cols["alpha"][row],
+        )
 
     curves = []
     for g in sorted(range(len(first)), key=sort_key):
         row = first[g]
         idx = order[bounds[g] : bounds[g + 1]]
-        label = _label(cols["method"][row], cols["sigma"][row], cols["policy"][row], cols["p0"][row], cols["alpha"][row],
-                       several_alphas, cols["model_id"][row] if several_models else None)
+        label = _label(
+            cols["method"][row],
+            cols["sigma"][row],
+            cols["policy"][row],
+            cols["p0"][row],
+            cols["alpha"][row],
+            several_alphas,
+            cols["model_id"][row] if several_models else None,
+        )
         curves.append(Curve(prefix + label, radius[idx], correct[idx], abstained[idx]))
     return curves
 
 
+def _numeric_column(table: pa.Table, name: str, path: Path, integer: bool) -> np.ndarray:
+    """One column as float64 (or int64), refusing empty cells, text, NaN/inf and fractional integers."""
+    col = table.column(name)
+    if col.null_count:
+        rows = np.flatnonzero(np.asarray(col.is_null().to_numpy(zero_copy_only=False)))[:3] + 2  # +header, 1-based
+        raise AnalysisError(
+            f"{path}: column {name!r} has {col.null_count} empty cell(s) (line(s) {', '.join(map(str, rows))})"
+        )
+    try:
+        values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+    except (ValueError, TypeError, pa.ArrowInvalid):
+        sample = next((v for v in col.to_pylist() if not _is_number(v)), None)
+        raise AnalysisError(f"{path}: column {name!r} holds non-numeric values (e.g. {sample!r})") from None
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise AnalysisError(
+            f"{path}: column {name!r} holds NaN or infinite values (line {int(np.flatnonzero(bad)[0]) + 2})"
+        )
+    if integer:
+        frac = values != np.round(values)
+        if frac.any():
+            raise AnalysisError(f"{path}: column {name!r} must hold integers, got {values[frac][0]:g}")
+        return values.astype(np.int64)
+    return values
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_text(path: Path) -> None:
+    """A TSV is UTF-8 text: binary, compressed or UTF-16 files are refused before parsing."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    try:
+        head.decode("utf-8") if len(head) < 65536 else head[:-4].decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise AnalysisError(f"{path}: not a text TSV file (binary, compressed or not UTF-8)") from None
+    if b"\x00" in head:
+        raise AnalysisError(f"{path}: not a text TSV file (it holds NUL bytes)")
+
+
 def _read_tsv(path: Path) -> Curve:
+    _check_text(path)
     try:
         table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t"))
-    except pa.ArrowInvalid as exc:
-        raise AnalysisError(f"{path}: not a readable TSV file ({str(exc).splitlines()[0]})") from exc
-    missing = [c for c in TSV_COLUMNS if c not in table.column_names]
+        names = list(table.column_names)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        raise AnalysisError(f"{path}: not a readable TSV file ({str(exc).splitlines()[0][:160]})") from None
+    missing = [c for c in TSV_COLUMNS if c not in names]
     if missing:
         raise AnalysisError(
             f"{path}: missing column(s) {', '.join(missing)}; expected a header with {' '.join(TSV_COLUMNS)} "
@@ -132,15 +199,16 @@ def _read_tsv(path: Path) -> Curve:
         )
     if table.num_rows == 0:
         raise AnalysisError(f"{path}: the table has no rows")
-    try:
-        predict = np.asarray(table.column("predict").to_numpy(zero_copy_only=False), dtype=np.int64)
-        radius = np.asarray(table.column("radius").to_numpy(zero_copy_only=False), dtype=np.float64)
-        correct = np.asarray(table.column("correct").to_numpy(zero_copy_only=False), dtype=np.int64)
-        label = np.asarray(table.column("label").to_numpy(zero_copy_only=False), dtype=np.int64)
-    except (ValueError, TypeError, pa.ArrowInvalid) as exc:
-        raise AnalysisError(f"{path}: non-numeric values in predict, radius, correct or label ({exc})") from exc
-    if np.any(~np.isfinite(radius)) or np.any(radius < 0):
-        raise AnalysisError(f"{path}: column 'radius' holds negative or non-finite values")
+    predict = _numeric_column(table, "predict", path, integer=True)
+    radius = _numeric_column(table, "radius", path, integer=False)
+    correct = _numeric_column(table, "correct", path, integer=True)
+    label = _numeric_column(table, "label", path, integer=True)
+    if np.any(radius < 0):
+        raise AnalysisError(f"{path}: column 'radius' holds negative values")
+    if np.any(label < 0):
+        raise AnalysisError(f"{path}: column 'label' holds negative values")
+    if np.any(predict < -1):
+        raise AnalysisError(f"{path}: column 'predict' holds values below -1 (-1 means abstain)")
     if np.any((correct != 0) & (correct != 1)):
         running = bool(np.all(np.diff(correct) >= 0))
         what = "a running total of correct predictions" if running else "values other than 0 and 1"
@@ -166,7 +234,9 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
     if (path / RunStore.MANIFEST).is_file():
         table = RunStore.open(path).read_certificates()
         where = f"{path}/certificates"
-    elif not any(path.glob("part-*.parquet")) and any((d / RunStore.MANIFEST).is_file() for d in path.iterdir() if d.is_dir()):
+    elif not any(path.glob("part-*.parquet")) and any(
+        (d / RunStore.MANIFEST).is_file() for d in path.iterdir() if d.is_dir()
+    ):
         # A folder of runs, as `raysmooth certify` writes one per model: every run, prefixed by its name.
         runs = sorted(d for d in path.iterdir() if (d / RunStore.MANIFEST).is_file())
         return [c for d in runs for c in load_curves(d, f"{prefix}{d.name}: ")]
@@ -182,13 +252,15 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
 def summarise(curves: Sequence[Curve], radii: Sequence[float]) -> list[dict]:
     rows = []
     for c in curves:
-        rows.append({
-            "source": c.source,
-            "images": len(c.radius),
-            "certified_accuracy": c.certified_accuracy(radii),
-            "acr": c.acr,
-            "abstention": c.abstention_rate,
-        })
+        rows.append(
+            {
+                "source": c.source,
+                "images": len(c.radius),
+                "certified_accuracy": c.certified_accuracy(radii),
+                "acr": c.acr,
+                "abstention": c.abstention_rate,
+            }
+        )
     return rows
 
 
@@ -214,6 +286,22 @@ def format_csv(curves: Sequence[Curve], radii: Sequence[float]) -> str:
     return out.getvalue()
 
 
+def check_plot_path(path: Path | str) -> Path:
+    """Where a plot can go: a *.png file name in a folder that exists and can be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise AnalysisError(
+            f"{path}: is a folder; give a file name for the plot, e.g. {path / 'certified_accuracy.png'}"
+        )
+    if path.parent and not path.parent.is_dir():
+        raise AnalysisError(f"{path}: the folder {path.parent} does not exist")
+    if path.suffix.lower() != ".png":
+        raise AnalysisError(f"{path}: the plot is a PNG file; name it *.png")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise AnalysisError(f"{path}: cannot write there (permission denied)")
+    return path
+
+
 def plot_curves(curves: Sequence[Curve], path: Path | str, title: str = "") -> Path:
     """Certified accuracy against radius as PNG: one panel per model (the part of a source before
     ': '), single-σ curves solid, strict cascades dashed, reference cascades dotted."""
@@ -222,9 +310,7 @@ def plot_curves(curves: Sequence[Curve], path: Path | str, title: str = "") -> P
     matplotlib.use("Agg")  # headless; never TkAgg
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise AnalysisError(f"{path}: the folder {path.parent} does not exist")
+    path = check_plot_path(path)
     panels: dict[str, list[Curve]] = {}
     for c in curves:
         group, _, label = c.source.rpartition(": ")
@@ -246,8 +332,13 @@ def plot_curves(curves: Sequence[Curve], path: Path | str, title: str = "") -> P
     if title and len(panels) > 1:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f"_{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    tmp = path.with_name(f"_{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise AnalysisError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     return path

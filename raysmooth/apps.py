@@ -14,19 +14,47 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from .config import (CONFIG_DIR, CertifyCfg, SweepCfg, compose, hydra_error_line, is_hydra_error, load_model_option,
-                     parse_range, typed)
+from .config import (
+    CONFIG_DIR,
+    CertifyCfg,
+    SweepCfg,
+    compose,
+    hydra_error_line,
+    is_hydra_error,
+    load_model_option,
+    parse_range,
+    typed,
+)
 from .errors import ConfigError, RaySmoothError, one_line
 
 __all__ = ["certify_main", "sweep_main", "finetune_main", "run_app", "sweep_report"]
 
 log = logging.getLogger("raysmooth")
 
-_HYDRA_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve", "--package", "-p",
-                "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--shell-completion", "-sc"}
+_HYDRA_FLAGS = {
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--resolve",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--shell-completion",
+    "-sc",
+}
 
 
 def _is_multirun(argv: Sequence[str]) -> bool:
@@ -44,8 +72,11 @@ def _plain_overrides(argv: Sequence[str]) -> list[str] | None:
 def _with_model_defaults(name: str, argv: list[str]) -> list[str]:
     """``raysmooth certify model=mine`` certifies just that model: choosing a model without naming
     ``compare`` clears the default comparison models."""
-    if name == "certify" and any(a.lstrip("+").startswith(("model=", "model.")) for a in argv) \
-            and not any(a.lstrip("+~").startswith("compare") for a in argv):
+    if (
+        name == "certify"
+        and any(a.lstrip("+").startswith(("model=", "model.")) for a in argv)
+        and not any(a.lstrip("+~").startswith("compare") for a in argv)
+    ):
         return argv + ["compare=[]"]
     return argv
 
@@ -53,8 +84,10 @@ def _with_model_defaults(name: str, argv: list[str]) -> list[str]:
 def _failed(name: str, exc: BaseException) -> int:
     """One line on stderr and the exit status: 2 for a user mistake, 130 for an interrupt."""
     if isinstance(exc, KeyboardInterrupt):
-        hint = {"certify": "run the same command again to resume",
-                "finetune": "run the same command again to resume from the last checkpoint"}.get(name, "run it again")
+        hint = {
+            "certify": "run the same command again to resume",
+            "finetune": "run the same command again to resume from the last checkpoint",
+        }.get(name, "run it again")
         print(f"raysmooth {name}: interrupted; {hint}", file=sys.stderr)
         return 130
     if isinstance(exc, OSError) and exc.filename:
@@ -63,7 +96,7 @@ def _failed(name: str, exc: BaseException) -> int:
         text = hydra_error_line(exc)
     else:
         text = str(exc)
-    print(f"raysmooth {name}: error: {one_line(text, 400)}", file=sys.stderr)
+    print(f"raysmooth {name}: error: {one_line(text, 1000)}", file=sys.stderr)
     return 2
 
 
@@ -78,6 +111,7 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
     argv = _with_model_defaults(name, list(sys.argv[1:] if argv is None else argv))
     register_configs()
     plain = _plain_overrides(argv)
+    _SWEPT[:] = _swept_keys(argv) if _is_multirun(argv) else []
     status: dict[str, Any] = {"code": 0, "error": None}
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=name, version_base="1.3")
@@ -104,8 +138,11 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
     except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
         return _failed(name, exc)
     except Exception as exc:
-        if is_hydra_error(exc) or type(exc).__name__ in ("ConfigCompositionException", "OverrideParseException",
-                                                         "MissingConfigException"):
+        if is_hydra_error(exc) or type(exc).__name__ in (
+            "ConfigCompositionException",
+            "OverrideParseException",
+            "MissingConfigException",
+        ):
             return _failed(name, ConfigError(hydra_error_line(exc)))
         raise
     finally:
@@ -118,9 +155,23 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
 
 
 # ---- certify ---------------------------------------------------------------------------------------
+_SWEPT: list[str] = []  # the keys a multirun varies (its jobs' folders are named by them)
+
+
+def _swept_keys(argv: Sequence[str]) -> list[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except Exception:  # noqa: BLE001 - hydra reports a bad override itself
+        return []
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
 def _run_out(cfg: CertifyCfg) -> CertifyCfg:
-    """In a multirun, each job writes to its own folder under ``out``, named by hydra's override
-    dirname (its runs would otherwise share run directories with different configs)."""
+    """In a multirun, each job writes to its own folder under ``out``, named by the values of the swept
+    keys (``out/smoothing.n=40``): its runs would otherwise share run directories with different configs."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -130,7 +181,8 @@ def _run_out(cfg: CertifyCfg) -> CertifyCfg:
         return cfg
     if hc.mode != RunMode.MULTIRUN:
         return cfg
-    sub = (hc.job.override_dirname or f"job{hc.job.num}").replace("/", "_")
+    mine = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in _SWEPT]
+    sub = (",".join(mine) or f"job{hc.job.num}").replace("/", "_")
     return dataclasses.replace(cfg, out=str(Path(cfg.out) / sub))
 
 
@@ -176,8 +228,10 @@ def sweep_report(cfg: SweepCfg) -> int:
 
     result = run_sweep(cfg.run_dir, parse_range(str(cfg.p0), "p0"), cfg.alpha, cfg.policy)
     print(format_markdown(curves_from_certificates(result.table), cfg.radii))
-    print(f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s",
-          file=sys.stderr)
+    print(
+        f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s",
+        file=sys.stderr,
+    )
     print(f"sweep certificates: {result.out_dir}", file=sys.stderr)
     return 0
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -82,8 +83,13 @@ def _sparse_rows(table: pa.Table, positions: np.ndarray, num_rows: int, num_clas
     counts = table.column("counts").combine_chunks()
     offsets = classes.offsets.to_numpy()
     rows = np.repeat(np.asarray(positions, dtype=np.int64), np.diff(offsets))
-    return stats.SparseCounts.from_coo(rows, classes.values.to_numpy()[offsets[0] : offsets[-1]],
-                                       counts.values.to_numpy()[offsets[0] : offsets[-1]], num_rows, num_classes)
+    return stats.SparseCounts.from_coo(
+        rows,
+        classes.values.to_numpy()[offsets[0] : offsets[-1]],
+        counts.values.to_numpy()[offsets[0] : offsets[-1]],
+        num_rows,
+        num_classes,
+    )
 
 
 def _one_value(table: pa.Table, col: str) -> Any:
@@ -129,7 +135,9 @@ def counts_view(table: pa.Table, allow_missing: bool = False) -> CountsView:
             if not mask.all():
                 missing.append((float(sigma), phase, int(m - mask.sum())))
             parts[phase] = _sparse_rows(table.take(rows), positions, m, num_classes)
-        levels.append(stats.Level(float(sigma), parts["selection"], parts["estimation"], present=None if have.all() else have))
+        levels.append(
+            stats.Level(float(sigma), parts["selection"], parts["estimation"], present=None if have.all() else have)
+        )
     if missing and not allow_missing:
         desc = ", ".join(f"σ={s:g} {p}: {k} images" for s, p, k in missing[:4])
         raise StoreError(
@@ -150,8 +158,19 @@ def _constant(value: str, m: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(np.zeros(m, dtype=np.int32), pa.array([value]))
 
 
-def _rows(view: CountsView, cert: stats.Certificates, *, method: str, sigma: float, policy: str, p0: float, alpha: float,
-          n_used: np.ndarray, subset: np.ndarray | None = None, extra: dict | None = None) -> pa.Table:
+def _rows(
+    view: CountsView,
+    cert: stats.Certificates,
+    *,
+    method: str,
+    sigma: float,
+    policy: str,
+    p0: float,
+    alpha: float,
+    n_used: np.ndarray,
+    subset: np.ndarray | None = None,
+    extra: dict | None = None,
+) -> pa.Table:
     image_ids = view.image_ids if subset is None else view.image_ids[subset]
     labels = view.labels if subset is None else view.labels[subset]
     m = len(image_ids)
@@ -238,20 +257,43 @@ def derive_certificates(
         used = sel.totals() + est.totals()
         if "certify" in methods:
             cert = stats.certify(sel, est, noise.sigma(level.sigma), alpha, margin=noise.margin_of(level.sigma))
-            parts.append(_rows(view, cert, method="certify", sigma=level.sigma, policy="", p0=np.nan, alpha=alpha,
-                               n_used=used, subset=subset))
+            parts.append(
+                _rows(
+                    view,
+                    cert,
+                    method="certify",
+                    sigma=level.sigma,
+                    policy="",
+                    p0=np.nan,
+                    alpha=alpha,
+                    n_used=used,
+                    subset=subset,
+                )
+            )
         if "predict" in methods:
             # PREDICT draws its own n samples; the estimation counts are exactly such a draw.
             cert = stats.predict(est, alpha)
-            parts.append(_rows(view, cert, method="predict", sigma=level.sigma, policy="", p0=np.nan, alpha=alpha,
-                               n_used=est.totals(), subset=subset))
+            parts.append(
+                _rows(
+                    view,
+                    cert,
+                    method="predict",
+                    sigma=level.sigma,
+                    policy="",
+                    p0=np.nan,
+                    alpha=alpha,
+                    n_used=est.totals(),
+                    subset=subset,
+                )
+            )
     if "cascade" in methods and len(view.levels) >= 2:
         parts += _cascade_rows(view, p0, [alpha], policies, noise)
     return _table(parts)
 
 
-def _cascade_rows(view: CountsView, p0: Sequence[float], alphas: Sequence[float], policies: Sequence[str],
-                  noise: NoiseInfo) -> list[pa.Table]:
+def _cascade_rows(
+    view: CountsView, p0: Sequence[float], alphas: Sequence[float], policies: Sequence[str], noise: NoiseInfo
+) -> list[pa.Table]:
     prepared = stats.prepare_levels(_cascade_levels(view, noise), policies)
     margin = max((noise.margin_of(s) for s in view.sigmas), default=0.0)
     parts = []
@@ -260,13 +302,24 @@ def _cascade_rows(view: CountsView, p0: Sequence[float], alphas: Sequence[float]
             sweep = stats.cascade_sweep(prepared, p0, alpha, policy, margin=margin)
             for i, threshold in enumerate(sweep.p0):
                 cert = sweep.at(i)
-                parts.append(_rows(view, cert, method="cascade", sigma=np.nan, policy=policy, p0=float(threshold),
-                                   alpha=alpha, n_used=_cascade_samples(view, cert)))
+                parts.append(
+                    _rows(
+                        view,
+                        cert,
+                        method="cascade",
+                        sigma=np.nan,
+                        policy=policy,
+                        p0=float(threshold),
+                        alpha=alpha,
+                        n_used=_cascade_samples(view, cert),
+                    )
+                )
     return parts
 
 
-def sweep_certificates(view: CountsView, p0: Sequence[float], alphas: Sequence[float], policy: str,
-                       noise: NoiseInfo | None = None) -> pa.Table:
+def sweep_certificates(
+    view: CountsView, p0: Sequence[float], alphas: Sequence[float], policy: str, noise: NoiseInfo | None = None
+) -> pa.Table:
     """Cascade certificates for every (α, p0) of a grid; the counts are summarised once."""
     if len(view.levels) < 2:
         raise StoreError(f"a p0 sweep needs counts at two or more σ; this run has σ = {view.sigmas}")
@@ -282,8 +335,9 @@ def stored_progress(store: RunStore, image_ids: Sequence[int], sigmas: Sequence[
     the two)."""
     index = {float(s): i for i, s in enumerate(sigmas)}
     wanted = set(int(i) for i in image_ids)
-    existing = {(img, index[s], ph) for img, s, ph, rnd in store.completed_keys()
-                if img in wanted and s in index and rnd == 0}
+    existing = {
+        (img, index[s], ph) for img, s, ph, rnd in store.completed_keys() if img in wanted and s in index and rnd == 0
+    }
     decided: dict[tuple[int, int], bool] = {}
     half_levels: dict = {}
     if stops is None or not existing:
@@ -349,8 +403,11 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     table = sweep_certificates(view, p0, alphas, policy, noise_info(store.manifest))
     elapsed = time.perf_counter() - started
     params = {"p0": [float(x) for x in p0], "alpha": list(alphas), "policy": policy}
-    out_dir = Path(run_dir) / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(params)[:8]}-{uuid.uuid4().hex[:4]}"
+    out_dir = (
+        Path(run_dir) / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(params)[:8]}-{uuid.uuid4().hex[:4]}"
+    )
     append_table(out_dir, table, {"run_id": view.run_id, "table": "sweep"})
-    (out_dir / "sweep.json").write_text(json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids),
-                                                    "sigmas": view.sigmas}, indent=2))
+    (out_dir / "sweep.json").write_text(
+        json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids), "sigmas": view.sigmas}, indent=2)
+    )
     return SweepResult(table, out_dir, len(p0) * len(alphas), len(view.image_ids), elapsed)

@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
 
 from . import __version__
 from .config import DEFAULT_RADII, SweepCfg, parse_floats
@@ -31,14 +29,19 @@ def _radii(text: str | None) -> list[float]:
 
 # ---- analyze -------------------------------------------------------------------------------------
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import format_csv, format_markdown, load_curves, plot_curves
+    from .analysis import check_plot_path, format_csv, format_markdown, load_curves, plot_curves
 
     radii = _radii(args.radii)
+    if args.plot:
+        check_plot_path(args.plot)  # before anything is printed
     curves = []
     for path in args.paths:
         prefix = f"{Path(path).name}: " if len(args.paths) > 1 else ""
         curves += load_curves(path, prefix)
-    print(format_csv(curves, radii) if args.format == "csv" else format_markdown(curves, radii), end="\n" if args.format == "markdown" else "")
+    print(
+        format_csv(curves, radii) if args.format == "csv" else format_markdown(curves, radii),
+        end="\n" if args.format == "markdown" else "",
+    )
     if args.plot:
         plot_curves(curves, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
@@ -82,7 +85,11 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite and out != EMBEDDED_DIR:
         raise UserError(f"{out} is not empty; choose another --out or pass --overwrite")
     cards = train_all(cfg, out)
-    print(json.dumps({name: {k: v for k, v in card.items() if k.startswith("test")} for name, card in cards.items()}, indent=2))
+    print(
+        json.dumps(
+            {name: {k: v for k, v in card.items() if k.startswith("test")} for name, card in cards.items()}, indent=2
+        )
+    )
     print(f"models: {out}")
     return 0
 
@@ -112,13 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raysmooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("certify", help="certify a test set on Ray (hydra app: key=value …, -m for grids, --help)",
-                       add_help=False)
+    p = sub.add_parser(
+        "certify", help="certify a test set on Ray (hydra app: key=value …, -m for grids, --help)", add_help=False
+    )
     p.add_argument("overrides", nargs=argparse.REMAINDER)
     p.set_defaults(func=_hydra_app("certify"))
 
-    p = sub.add_parser("finetune", help="fine-tune a denoiser with Brier + anti-consistency losses (hydra app)",
-                       add_help=False)
+    p = sub.add_parser(
+        "finetune", help="fine-tune a denoiser with Brier + anti-consistency losses (hydra app)", add_help=False
+    )
     p.add_argument("overrides", nargs=argparse.REMAINDER)
     p.set_defaults(func=_hydra_app("finetune"))
 
@@ -129,11 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train_toy)
 
-    p = sub.add_parser("convert-adm", help="convert an OpenAI ADM .pt (improved-/guided-diffusion) to a diffusers folder")
+    p = sub.add_parser(
+        "convert-adm", help="convert an OpenAI ADM .pt (improved-/guided-diffusion) to a diffusers folder"
+    )
     p.add_argument("src", metavar="IN.pt")
     p.add_argument("dst", metavar="OUT_DIR")
-    p.add_argument("--preset", choices=("cifar10", "imagenet256"), required=True,
-                   help="cifar10: cifar10_uncond_50M_500K.pt; imagenet256: 256x256_diffusion_uncond.pt")
+    p.add_argument(
+        "--preset",
+        choices=("cifar10", "imagenet256"),
+        required=True,
+        help="cifar10: cifar10_uncond_50M_500K.pt; imagenet256: 256x256_diffusion_uncond.pt",
+    )
     p.set_defaults(func=cmd_convert_adm)
 
     p = sub.add_parser("analyze", help="certified accuracy, ACR and abstention of runs or reference TSV files")
@@ -144,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     defaults = SweepCfg()
-    p = sub.add_parser("sweep", help="cascade certificates for a grid of p0 from stored counts (no sampling); "
-                                     "the same job as python jobs/sweep.py")
+    p = sub.add_parser(
+        "sweep",
+        help="cascade certificates for a grid of p0 from stored counts (no sampling); "
+        "the same job as python jobs/sweep.py",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--p0", help=f"START:STOP:STEP or one value (default {defaults.p0})")
     p.add_argument("--alpha", help="failure probability, or several comma-separated (default: the run's)")
@@ -166,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (RaySmoothError, OSError) as exc:
         text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
-        print(f"raysmooth {args.command}: error: {one_line(text, 400)}", file=sys.stderr)
+        print(f"raysmooth {args.command}: error: {one_line(text, 1000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"raysmooth {args.command}: interrupted", file=sys.stderr)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class SmoothingCfg:
 
 @dataclass
 class EngineCfg:
-    batch_size: Union[int, str, None] = None  # None: the model's own; an int; or "auto" (probe the device)
+    batch_size: int | str | None = None  # None: the model's own; an int; or "auto" (probe the device)
     noise_block: int = 256  # part of the noise definition: changing it changes the counts
     precision: str = "fp32"  # fp32 | bf16 | fp16
     channels_last: bool = False
@@ -189,8 +190,13 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for name, node in _SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=node)
-    for group, node in (("data", DataCfg), ("model", ModelCfg), ("smoothing", SmoothingCfg), ("engine", EngineCfg),
-                        ("ray", RayCfg)):
+    for group, node in (
+        ("data", DataCfg),
+        ("model", ModelCfg),
+        ("smoothing", SmoothingCfg),
+        ("engine", EngineCfg),
+        ("ray", RayCfg),
+    ):
         cs.store(group=group, name="schema", node=node)
 
 
@@ -199,8 +205,10 @@ def _first_sentence(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     # OmegaConf puts the useful sentence first and the key path in a 'full_key:' line.
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
-    head = next((ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type", "To append"))),
-                type(exc).__name__)
+    head = next(
+        (ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type", "To append"))),
+        type(exc).__name__,
+    )
     return f"{head} (key: {key})" if key and key not in head else head
 
 
@@ -229,10 +237,13 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path | 
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-    except Exception as exc:  # hydra's errors are ValueError/ConfigCompositionException and its own kinds
-        if is_hydra_error(exc) or isinstance(exc, (ValueError, KeyError)):
-            raise ConfigError(hydra_error_line(exc)) from None
-        raise
+    except Exception as exc:  # composing reads only configs and overrides: whatever fails is a config mistake
+        text = (
+            hydra_error_line(exc)
+            if is_hydra_error(exc) or isinstance(exc, (ValueError, KeyError))
+            else f"cannot apply the overrides {list(overrides)} ({type(exc).__name__}: {exc})"
+        )
+        raise ConfigError(text) from None
     return typed(cfg, config_name)
 
 
@@ -269,15 +280,18 @@ def _stats_check(key: str, fn: Callable[[], Any]) -> None:
         fn()
     except ValueError as exc:
         text, last = str(exc), key.rsplit(".", 1)[-1]
-        raise ConfigError(f"{key}{text[len(last):]}" if text.startswith(last + " ") else f"{key}: {text}") from None
+        raise ConfigError(f"{key}{text[len(last) :]}" if text.startswith(last + " ") else f"{key}: {text}") from None
 
 
 def validate_certify(cfg: CertifyCfg) -> None:
     from . import stats
 
     sm, en, ry, da, mo = cfg.smoothing, cfg.engine, cfg.ray, cfg.data, cfg.model
-    _check("smoothing.sigmas", bool(sm.sigmas) and all(_finite(s) and s > 0 for s in sm.sigmas),
-           f"must be positive finite numbers, got {sm.sigmas}")
+    _check(
+        "smoothing.sigmas",
+        bool(sm.sigmas) and all(_finite(s) and s > 0 for s in sm.sigmas),
+        f"must be positive finite numbers, got {sm.sigmas}",
+    )
     _check("smoothing.sigmas", len(set(sm.sigmas)) == len(sm.sigmas), f"lists a σ twice: {sm.sigmas}")
     _check("smoothing.n0", sm.n0 >= 1, f"must be at least 1, got {sm.n0}")
     _check("smoothing.n", sm.n >= 1, f"must be at least 1, got {sm.n}")
@@ -287,37 +301,71 @@ def validate_certify(cfg: CertifyCfg) -> None:
     _check("smoothing.p0", bool(sm.p0), "needs at least one threshold")
     for p in sm.p0:
         _stats_check("smoothing.p0", lambda p=p: stats.check_p0(p))
-    _check("smoothing.policies", bool(sm.policies) and all(p in stats.POLICIES for p in sm.policies),
-           f"must be among {stats.POLICIES}, got {sm.policies}")
+    _check(
+        "smoothing.policies",
+        bool(sm.policies) and all(p in stats.POLICIES for p in sm.policies),
+        f"must be among {stats.POLICIES}, got {sm.policies}",
+    )
     _check("smoothing.mode", sm.mode != "cascade" or len(sm.sigmas) >= 2, "=cascade needs two or more σ")
 
     bs = en.batch_size
-    _check("engine.batch_size", bs is None or bs == "auto" or (isinstance(bs, int) and bs >= 1),
-           f"must be a positive integer, auto or null, got {bs!r}")
+    _check(
+        "engine.batch_size",
+        bs is None or bs == "auto" or (isinstance(bs, int) and bs >= 1),
+        f"must be a positive integer, auto or null, got {bs!r}",
+    )
     _check("engine.noise_block", en.noise_block >= 1, f"must be at least 1, got {en.noise_block}")
-    _check("engine.precision", en.precision in ("fp32", "bf16", "fp16"), f"must be fp32, bf16 or fp16, got {en.precision!r}")
+    _check(
+        "engine.precision",
+        en.precision in ("fp32", "bf16", "fp16"),
+        f"must be fp32, bf16 or fp16, got {en.precision!r}",
+    )
     _check("engine.noise", en.noise in ("gaussian", "lattice"), f"must be gaussian or lattice, got {en.noise!r}")
     _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")
-    _check("engine.device", en.device == "auto" or en.device.split(":")[0] in ("cpu", "cuda", "mps"),
-           f"must be auto, cpu or cuda[:N], got {en.device!r}")
+    _check(
+        "engine.device",
+        en.device == "auto" or en.device.split(":")[0] in ("cpu", "cuda", "mps"),
+        f"must be auto, cpu or cuda[:N], got {en.device!r}",
+    )
 
     _check("ray.num_actors", ry.num_actors is None or ry.num_actors >= 1, f"must be at least 1, got {ry.num_actors}")
-    _check("ray.cpus_per_actor", _finite(ry.cpus_per_actor) and ry.cpus_per_actor >= 0, f"must be >= 0, got {ry.cpus_per_actor}")
-    _check("ray.gpus_per_actor", _finite(ry.gpus_per_actor) and ry.gpus_per_actor >= 0, f"must be >= 0, got {ry.gpus_per_actor}")
-    _check("ray.max_in_flight_per_actor", ry.max_in_flight_per_actor >= 1, f"must be at least 1, got {ry.max_in_flight_per_actor}")
+    _check(
+        "ray.cpus_per_actor",
+        _finite(ry.cpus_per_actor) and ry.cpus_per_actor >= 0,
+        f"must be >= 0, got {ry.cpus_per_actor}",
+    )
+    _check(
+        "ray.gpus_per_actor",
+        _finite(ry.gpus_per_actor) and ry.gpus_per_actor >= 0,
+        f"must be >= 0, got {ry.gpus_per_actor}",
+    )
+    _check(
+        "ray.max_in_flight_per_actor",
+        ry.max_in_flight_per_actor >= 1,
+        f"must be at least 1, got {ry.max_in_flight_per_actor}",
+    )
     _check("ray.samples_per_task", ry.samples_per_task >= 1, f"must be at least 1, got {ry.samples_per_task}")
     _check("ray.give_up_after_s", _finite(ry.give_up_after_s) and ry.give_up_after_s > 0, "must be positive")
-    _check("ray.task_timeout_s", ry.task_timeout_s is None or (_finite(ry.task_timeout_s) and ry.task_timeout_s > 0),
-           "must be positive or null")
+    _check(
+        "ray.task_timeout_s",
+        ry.task_timeout_s is None or (_finite(ry.task_timeout_s) and ry.task_timeout_s > 0),
+        "must be positive or null",
+    )
     _check("ray.init_timeout_s", _finite(ry.init_timeout_s) and ry.init_timeout_s > 0, "must be positive")
 
     _check("data.skip", da.skip >= 1, f"must be at least 1, got {da.skip}")
     _check("data.max_images", da.max_images is None or da.max_images >= 1, f"must be at least 1, got {da.max_images}")
-    _check("model.input_shape", len(mo.input_shape) == 3 and all(s >= 1 for s in mo.input_shape),
-           f"must be (C, H, W), got {mo.input_shape}")
+    _check(
+        "model.input_shape",
+        len(mo.input_shape) == 3 and all(s >= 1 for s in mo.input_shape),
+        f"must be (C, H, W), got {mo.input_shape}",
+    )
     _check("model.batch_size", mo.batch_size is None or mo.batch_size >= 1, f"must be at least 1, got {mo.batch_size}")
-    _check("model.name", bool(mo.name) and "/" not in mo.name and mo.name not in (".", ".."),
-           f"must be a plain folder name, got {mo.name!r}")
+    _check(
+        "model.name",
+        bool(mo.name) and "/" not in mo.name and mo.name not in (".", ".."),
+        f"must be a plain folder name, got {mo.name!r}",
+    )
     _check("flush_every", cfg.flush_every >= 1, f"must be at least 1, got {cfg.flush_every}")
     _check("radii", all(_finite(r) and r >= 0 for r in cfg.radii), f"must be non-negative numbers, got {cfg.radii}")
     f32 = {float(np.float32(s)) for s in sm.sigmas}
@@ -340,8 +388,11 @@ def validate_sweep(cfg: SweepCfg) -> None:
     for a in cfg.alpha or []:
         _stats_check("alpha", lambda a=a: stats.check_alpha(a))
     _check("policy", cfg.policy in stats.POLICIES, f"must be one of {stats.POLICIES}, got {cfg.policy!r}")
-    _check("radii", bool(cfg.radii) and all(_finite(r) and r >= 0 for r in cfg.radii),
-           f"must be non-negative numbers, got {cfg.radii}")
+    _check(
+        "radii",
+        bool(cfg.radii) and all(_finite(r) and r >= 0 for r in cfg.radii),
+        f"must be non-negative numbers, got {cfg.radii}",
+    )
 
 
 def load_model_option(name: str, config_dir: Path | None = None) -> ModelCfg:
@@ -362,16 +413,65 @@ def load_model_option(name: str, config_dir: Path | None = None) -> ModelCfg:
         raise
 
 
+def _check_model_base(base: str) -> None:
+    """A user's builder ``pkg.module:builder`` can at least be found on the driver (it is imported,
+    and shipped to the workers, when the run starts)."""
+    import importlib.util
+
+    if ":" not in base:
+        return
+    module, _, attr = base.partition(":")
+    if not module or not attr or not all(part.isidentifier() for part in module.split(".")) or not attr.isidentifier():
+        raise ConfigError(f"model.base must be a registered base classifier or pkg.module:builder, got {base!r}")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        found, why = None, f" ({exc})"
+    else:
+        why = ""
+    if found is None:
+        raise ConfigError(f"model.base={base}: cannot find the module {module}{why}; is it installed or on PYTHONPATH?")
+
+
+def _check_safetensors(model: ModelCfg) -> None:
+    """A safetensors file's header can be read without loading a tensor: a damaged or foreign file is
+    refused here, before any actor starts (deeper mismatches are reported by the actor, in one line)."""
+    from safetensors import safe_open
+
+    for section_name in ("denoiser", "classifier", "onestep"):
+        section = getattr(model, section_name) or {}
+        for key in PATH_KEYS:
+            value = section.get(key)
+            if not value or "://" in str(value):
+                continue
+            path = Path(value)
+            files = (
+                [path] if path.suffix == ".safetensors" else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+            )
+            for f in files:
+                try:
+                    with safe_open(str(f), framework="numpy"):
+                        pass
+                except Exception as exc:  # noqa: BLE001 - safetensors raises its own kinds
+                    raise ConfigError(
+                        f"model.{section_name}.{key}: {f}: not a valid safetensors file "
+                        f"({str(exc).splitlines()[0][:120]})"
+                    ) from None
+
+
 def _check_files(cfg: CertifyCfg) -> None:
     """Every file the run will read exists: said now, in one line, not from inside a Ray actor."""
-    resolve_model_paths(cfg.model)
+    _check_model_base(cfg.model.base)
+    _check_safetensors(resolve_model_paths(cfg.model))
     for name in cfg.compare:
-        resolve_model_paths(load_model_option(name))
+        _check_safetensors(resolve_model_paths(load_model_option(name)))
     if cfg.data.root is not None:
         root = resolve_path(cfg.data.root)
         if not Path(root).exists():
-            raise ConfigError(f"data.root: {cfg.data.root} not found (relative paths are tried from the working "
-                              f"directory and from {REPO_ROOT}; see the comments in configs/data/{cfg.data.name}.yaml)")
+            raise ConfigError(
+                f"data.root: {cfg.data.root} not found (relative paths are tried from the working "
+                f"directory and from {REPO_ROOT}; see the comments in configs/data/{cfg.data.name}.yaml)"
+            )
 
 
 # ---- paths ---------------------------------------------------------------------------------------
@@ -402,8 +502,10 @@ def resolve_model_paths(model: ModelCfg) -> ModelCfg:
                 continue
             section[key] = resolve_path(str(value))
             if not Path(section[key]).exists():
-                raise ConfigError(f"model.{f.name}.{key}: {value} not found (relative paths are tried from the working "
-                                  f"directory and from {REPO_ROOT}; see the comments in the model's config file)")
+                raise ConfigError(
+                    f"model.{f.name}.{key}: {value} not found (relative paths are tried from the working "
+                    f"directory and from {REPO_ROOT}; see the comments in the model's config file)"
+                )
         sections[f.name] = section
     return dataclasses.replace(model, **sections)
 

@@ -6,8 +6,8 @@ is random images for tests and benchmarks. Every loader returns the same ``TestS
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 __all__ = ["TestSet", "register_dataset", "load_dataset", "list_datasets", "subsample", "digits_split", "load_test_set"]
 
-_DATASETS: dict[str, Callable[..., "TestSet"]] = {}
+_DATASETS: dict[str, Callable[..., TestSet]] = {}
 
 
 class LazyImages:
@@ -62,7 +62,7 @@ class TestSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, rows: np.ndarray) -> "TestSet":
+    def take(self, rows: np.ndarray) -> TestSet:
         return TestSet(self.name, self.images[rows], self.labels[rows], self.ids[rows], self.num_classes)
 
 
@@ -75,7 +75,9 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def subsample(data: TestSet, skip: int = 1, max_images: int | None = None, indices: Sequence[int] | None = None) -> TestSet:
+def subsample(
+    data: TestSet, skip: int = 1, max_images: int | None = None, indices: Sequence[int] | None = None
+) -> TestSet:
     """Every ``skip``-th image (Cohen's --skip), then at most ``max_images``; or explicit ``indices``."""
     if indices is not None:
         idx = np.asarray(indices, dtype=np.int64)
@@ -142,7 +144,9 @@ def digits(split: str = "test", **_: object) -> TestSet:
 
 
 @register_dataset
-def synthetic(num_images: int = 16, shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, seed: int = 0, **_: object) -> TestSet:
+def synthetic(
+    num_images: int = 16, shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, seed: int = 0, **_: object
+) -> TestSet:
     """Random images and labels (tests and benchmarks)."""
     rng = np.random.default_rng(seed)
     images = rng.random((num_images, *shape), dtype=np.float32)
@@ -190,7 +194,9 @@ def cifar10(split: str = "test", root: str | None = None, **_: object) -> TestSe
     base = Path(root)
     if (base / "cifar-10-batches-py").is_dir():
         base = base / "cifar-10-batches-py"
-    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else None
+    names = (
+        ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else None
+    )
     if names is None:
         raise ConfigError(f"data.split must be train or test for cifar10, got {split!r}")
     missing = [str(base / n) for n in names if not (base / n).is_file()]
@@ -200,11 +206,21 @@ def cifar10(split: str = "test", root: str | None = None, **_: object) -> TestSe
     for name in names:
         try:
             batch = _ArrayUnpickler.load(base / name)
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError) as exc:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            MemoryError,
+        ) as exc:
             raise ConfigError(f"{base / name}: not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
         if not isinstance(batch, dict):
-            raise ConfigError(f"{base / name}: not a CIFAR-10 python batch (it holds a {type(batch).__name__}, not a dict "
-                              "with data and labels)")
+            raise ConfigError(
+                f"{base / name}: not a CIFAR-10 python batch (it holds a {type(batch).__name__}, not a dict "
+                "with data and labels)"
+            )
         data = batch.get(b"data", batch.get("data"))
         raw_labels = batch.get(b"labels", batch.get("labels"))
         if data is None or raw_labels is None:
@@ -258,8 +274,14 @@ def _load_images(files, transform) -> np.ndarray:
 
 
 @register_dataset
-def imagenet(split: str = "val", root: str | None = None, skip: int = 1, max_images: int | None = None,
-             lazy: bool = True, **_: object) -> TestSet:
+def imagenet(
+    split: str = "val",
+    root: str | None = None,
+    skip: int = 1,
+    max_images: int | None = None,
+    lazy: bool = True,
+    **_: object,
+) -> TestSet:
     """ImageNet val as a class-folder tree (sorted synsets = the standard class indices), with the
     references' Resize(256) + CenterCrop(224) (PIL, antialiased). Images are read when first needed."""
     from torchvision import transforms
@@ -271,12 +293,20 @@ def imagenet(split: str = "val", root: str | None = None, skip: int = 1, max_ima
     tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
     chosen = [files[i] for i in rows]
     images = LazyImages(chosen, tf, (3, 224, 224)) if lazy else _load_images(chosen, tf)
-    return TestSet(f"imagenet-{split}", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), max(1000, len(classes)))
+    return TestSet(
+        f"imagenet-{split}", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), max(1000, len(classes))
+    )
 
 
 @register_dataset
-def image_folder(root: str | None = None, size: Sequence[int] | None = None, num_classes: int | None = None,
-                 skip: int = 1, max_images: int | None = None, **_: object) -> TestSet:
+def image_folder(
+    root: str | None = None,
+    size: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    skip: int = 1,
+    max_images: int | None = None,
+    **_: object,
+) -> TestSet:
     """Any class-folder tree; images resized (and centre-cropped) to ``size`` = (H, W)."""
     from torchvision import transforms
 
@@ -286,7 +316,9 @@ def image_folder(root: str | None = None, size: Sequence[int] | None = None, num
     rows = np.arange(0, len(files), max(1, skip))[: max_images or None]
     tf = transforms.Compose([transforms.Resize(min(size)), transforms.CenterCrop(tuple(size)), transforms.ToTensor()])
     images = LazyImages([files[i] for i in rows], tf, (3, int(size[0]), int(size[1])))
-    return TestSet("image_folder", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), num_classes or len(classes))
+    return TestSet(
+        "image_folder", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), num_classes or len(classes)
+    )
 
 
 imagenet.subsamples = True  # type: ignore[attr-defined]

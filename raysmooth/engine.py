@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -64,14 +64,21 @@ def validate_sampling(sigmas: Sequence[float], n0: int, n: int) -> None:
         raise InputError(f"n0 and n must be at least 1, got n0={n0}, n={n}")
 
 
-def validate_images(images: np.ndarray | torch.Tensor, labels: np.ndarray | None, input_shape: Sequence[int],
-                    model_classes: int, num_classes: int | None = None) -> None:
+def validate_images(
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | None,
+    input_shape: Sequence[int],
+    model_classes: int,
+    num_classes: int | None = None,
+) -> None:
     """Shape, dtype, range and finiteness of a whole test set, and its classes against the model's
     (``input_shape`` and ``model_classes`` of the base classifier)."""
     shape = tuple(images.shape)
     if len(shape) != 4 or tuple(shape[1:]) != tuple(input_shape):
         raise InputError(f"images must have shape (N, {', '.join(map(str, input_shape))}) for this model, got {shape}")
-    is_float = images.dtype.is_floating_point if isinstance(images, torch.Tensor) else np.issubdtype(images.dtype, np.floating)
+    is_float = (
+        images.dtype.is_floating_point if isinstance(images, torch.Tensor) else np.issubdtype(images.dtype, np.floating)
+    )
     if not is_float:
         raise InputError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
     if not isinstance(images, (torch.Tensor, np.ndarray)):
@@ -84,7 +91,9 @@ def validate_images(images: np.ndarray | torch.Tensor, labels: np.ndarray | None
         raise InputError(f"images contain NaN or inf ({int((~torch.isfinite(arr)).sum())} values)")
     lo, hi = (float(arr.min()), float(arr.max())) if arr.numel() else (0.0, 0.0)
     if lo < 0.0 or hi > 1.0:
-        raise InputError(f"images must lie in [0, 1] (noise is added in that space), got values in [{lo:.3g}, {hi:.3g}]")
+        raise InputError(
+            f"images must lie in [0, 1] (noise is added in that space), got values in [{lo:.3g}, {hi:.3g}]"
+        )
     if num_classes is not None and num_classes != model_classes:
         raise InputError(f"the data has {num_classes} classes but the classifier predicts {model_classes}")
     if labels is not None:
@@ -92,7 +101,9 @@ def validate_images(images: np.ndarray | torch.Tensor, labels: np.ndarray | None
         if len(labels) != shape[0]:
             raise InputError(f"{shape[0]} images but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= model_classes):
-            raise InputError(f"labels must lie in [0, {model_classes}) for this classifier, got [{labels.min()}, {labels.max()}]")
+            raise InputError(
+                f"labels must lie in [0, {model_classes}) for this classifier, got [{labels.min()}, {labels.max()}]"
+            )
 
 
 @dataclass(frozen=True)
@@ -112,8 +123,14 @@ def _is_oom(exc: BaseException) -> bool:
 class Replica:
     """One base classifier on one device, turning work units into counts."""
 
-    def __init__(self, base: BaseClassifier, sigmas: Sequence[float], run_seed: int,
-                 config: EngineConfig | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        base: BaseClassifier,
+        sigmas: Sequence[float],
+        run_seed: int,
+        config: EngineConfig | None = None,
+        device: str | torch.device = "cpu",
+    ):
         validate_sampling(list(sigmas), 1, 1)
         self.config = config or EngineConfig()
         self.device = torch.device(device)
@@ -149,7 +166,9 @@ class Replica:
         return [float(s) for s in self.sigmas.cpu().numpy()]
 
     # ---- the noise of a unit ------------------------------------------------------------------
-    def _block_noise(self, seed: int, block: int, length: int, sigma_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _block_noise(
+        self, seed: int, block: int, length: int, sigma_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One block of a unit's noise: N(0, 1) draws (Gaussian), or lattice steps as int64 (lattice)."""
         gen = torch.Generator(device=self.device).manual_seed(block_seed(seed, block))
         if self._lattice is None:
@@ -158,8 +177,9 @@ class Replica:
             from .noise import LATTICE_BITS
 
             thresholds, offset = self._lattice[sigma_index]
-            uniform = torch.randint(0, 2**LATTICE_BITS, (length, *self.shape), generator=gen, device=self.device,
-                                    dtype=torch.int64)
+            uniform = torch.randint(
+                0, 2**LATTICE_BITS, (length, *self.shape), generator=gen, device=self.device, dtype=torch.int64
+            )
             noise = torch.searchsorted(thresholds, uniform, right=True) - offset
         aux = None
         if self.base.aux_noise_per_sample:
@@ -195,8 +215,14 @@ class Replica:
     # ---- the work ---------------------------------------------------------------------------
     def _stage_images(self, units: Sequence[WorkUnit], images: Mapping[int, torch.Tensor | np.ndarray]):
         ids = sorted({u.image_id for u in units})
-        host = torch.stack([images[i] if isinstance(images[i], torch.Tensor) else torch.from_numpy(np.array(images[i], dtype=np.float32))
-                            for i in ids]).to(torch.float32)
+        host = torch.stack(
+            [
+                images[i]
+                if isinstance(images[i], torch.Tensor)
+                else torch.from_numpy(np.array(images[i], dtype=np.float32))
+                for i in ids
+            ]
+        ).to(torch.float32)
         if tuple(host.shape[1:]) != self.shape:
             raise InputError(f"images must have shape {self.shape} for this model, got {tuple(host.shape[1:])}")
         if self._lattice is not None:
@@ -204,14 +230,18 @@ class Replica:
             scaled = host.double() * levels
             off = float((scaled - scaled.round()).abs().max()) if scaled.numel() else 0.0
             if off > 1e-3:
-                raise InputError(f"engine.noise=lattice needs images on the grid k/{levels} (engine.levels={levels}); these "
-                                 f"are {off:.3g} steps off it: set engine.levels to the data's quantisation (8-bit: 255)")
+                raise InputError(
+                    f"engine.noise=lattice needs images on the grid k/{levels} (engine.levels={levels}); these "
+                    f"are {off:.3g} steps off it: set engine.levels to the data's quantisation (8-bit: 255)"
+                )
             host = scaled.round().to(torch.int64)
         if self.device.type == "cuda":
             host = host.pin_memory()
         return host.to(self.device, non_blocking=True), {i: r for r, i in enumerate(ids)}
 
-    def run(self, units: Sequence[WorkUnit], images: Mapping[int, torch.Tensor | np.ndarray]) -> dict[tuple, np.ndarray]:
+    def run(
+        self, units: Sequence[WorkUnit], images: Mapping[int, torch.Tensor | np.ndarray]
+    ) -> dict[tuple, np.ndarray]:
         """Counts (length ``num_classes``) for every unit, keyed by ``unit.key``. On a CUDA
         out-of-memory error the batch is halved and the call starts over: noise comes in fixed
         blocks, so the counts are the same at any batch size."""
@@ -320,7 +350,11 @@ class Replica:
             before = torch.cuda.memory_allocated(self.device)
             z = torch.rand((b, *self.shape), device=self.device)
             sig = self.sigmas[torch.full((b,), sigma_index, device=self.device)]
-            aux = torch.randn((b, self.base.aux_noise_per_sample, *self.shape), device=self.device) if self.base.aux_noise_per_sample else None
+            aux = (
+                torch.randn((b, self.base.aux_noise_per_sample, *self.shape), device=self.device)
+                if self.base.aux_noise_per_sample
+                else None
+            )
             with torch.inference_mode(), self._autocast():
                 self.base(z, sig, aux)
             torch.cuda.synchronize(self.device)
@@ -348,6 +382,10 @@ class Replica:
                     raise
                 torch.cuda.empty_cache()
                 b //= 2
-        log.info("engine.batch_size=auto: %d samples per batch (%.1f MB per sample, %.1f GB free)", b,
-                 per_sample / 1e6, free / 1e9)
+        log.info(
+            "engine.batch_size=auto: %d samples per batch (%.1f MB per sample, %.1f GB free)",
+            b,
+            per_sample / 1e6,
+            free / 1e9,
+        )
         return b

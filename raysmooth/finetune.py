@@ -19,9 +19,9 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,14 +58,22 @@ def anti_consistency_loss(probs: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return wrong * (1.0 - d)
 
 
-def finetune_loss(probs: torch.Tensor, labels: torch.Tensor, brier_weight: float = 1.0, ac_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def finetune_loss(
+    probs: torch.Tensor, labels: torch.Tensor, brier_weight: float = 1.0, ac_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
     brier = brier_loss(probs, labels)
     ac = anti_consistency_loss(probs, labels).mean()
     return {"loss": brier_weight * brier + ac_weight * ac, "brier": brier, "anti_consistency": ac}
 
 
-def denoised_probs(denoiser: DiffusionDenoiser, classifier: NormalizedClassifier, x: torch.Tensor, sigma: torch.Tensor,
-                   draws: int, gen: torch.Generator) -> torch.Tensor:
+def denoised_probs(
+    denoiser: DiffusionDenoiser,
+    classifier: NormalizedClassifier,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    draws: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """Softmax of the frozen classifier on m one-shot denoisings per image: (B, m, C).
     Gradients flow into the denoiser only."""
     b = x.shape[0]
@@ -169,7 +177,10 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
         tmp = out / "_checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad}, str(tmp / "trainable.safetensors"))
+        save_file(
+            {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad},
+            str(tmp / "trainable.safetensors"),
+        )
         torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step}, tmp / "state.pt")
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
@@ -196,7 +207,9 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
             metrics.write(json.dumps(row) + "\n")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", brier=f"{row['brier']:.4f}", ac=f"{row['anti_consistency']:.3f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}", brier=f"{row['brier']:.4f}", ac=f"{row['anti_consistency']:.3f}"
+                )
             if progress is not None:
                 progress(step, row)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -12,14 +12,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from . import stats
-from .certificates import NoiseInfo, append_new_certificates, counts_view, derive_certificates, noise_info, stored_progress
+from .certificates import (
+    NoiseInfo,
+    append_new_certificates,
+    counts_view,
+    derive_certificates,
+    noise_info,
+    stored_progress,
+)
 from .config import DEFAULT_BATCH_SIZE, CertifyCfg, counts_relevant_config, resolve_model_paths
 from .data import load_test_set
 from .errors import InputError
@@ -61,15 +68,20 @@ def run_noise(cfg: CertifyCfg, sigmas: Sequence[float]) -> NoiseInfo:
         from .noise import lattice_margin
 
         dim = int(np.prod(cfg.model.input_shape))
-        return NoiseInfo({float(s): float(s) for s in sigmas},
-                         {float(s): lattice_margin(float(s), cfg.engine.levels, dim) for s in sigmas})
+        return NoiseInfo(
+            {float(s): float(s) for s in sigmas},
+            {float(s): lattice_margin(float(s), cfg.engine.levels, dim) for s in sigmas},
+        )
     return NoiseInfo({float(s): float(np.float32(s)) for s in sigmas}, {})
 
 
 def _manifest_noise(cfg: CertifyCfg, noise: NoiseInfo) -> dict:
-    return {"kind": cfg.engine.noise, "levels": cfg.engine.levels if cfg.engine.noise == "lattice" else None,
-            "applied_sigmas": {repr(k): v for k, v in noise.applied.items()},
-            "margins": {repr(k): v for k, v in noise.margin.items()}}
+    return {
+        "kind": cfg.engine.noise,
+        "levels": cfg.engine.levels if cfg.engine.noise == "lattice" else None,
+        "applied_sigmas": {repr(k): v for k, v in noise.applied.items()},
+        "margins": {repr(k): v for k, v in noise.margin.items()},
+    }
 
 
 def certify(cfg: CertifyCfg) -> CertifyResult:
@@ -86,8 +98,12 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
     sigmas = sorted(float(s) for s in sm.sigmas)  # index order = ascending σ: the cascade walks it down
     noise = run_noise(cfg, sigmas)
     if sm.n < stats.min_samples_to_certify(sm.alpha):
-        log.warning("n=%d is below %d: at alpha=%g every image will abstain", sm.n,
-                    stats.min_samples_to_certify(sm.alpha), sm.alpha)
+        log.warning(
+            "n=%d is below %d: at alpha=%g every image will abstain",
+            sm.n,
+            stats.min_samples_to_certify(sm.alpha),
+            sm.alpha,
+        )
 
     with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
         stop_rule = _cascade_rule(cfg, len(sigmas), noise) if sm.mode == "cascade" else None
@@ -96,11 +112,22 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
             log.info("resuming %s: %d of %d rows already stored", out, len(existing), 2 * len(sigmas) * len(data))
 
         def one_image_rule(image: int, s: int, sel: np.ndarray, est: np.ndarray) -> bool:
-            return bool(stop_rule(stats.SparseCounts.from_dense(sel[None]), stats.SparseCounts.from_dense(est[None]), s)[0])
+            return bool(
+                stop_rule(stats.SparseCounts.from_dense(sel[None]), stats.SparseCounts.from_dense(est[None]), s)[0]
+            )
 
-        planner = Planner(data.ids.tolist(), len(sigmas), sm.n0, sm.n, sm.chunk, mode=sm.mode,
-                          stop_rule=one_image_rule if stop_rule else None, existing=existing, decided=decided,
-                          half_levels=half)
+        planner = Planner(
+            data.ids.tolist(),
+            len(sigmas),
+            sm.n0,
+            sm.n,
+            sm.chunk,
+            mode=sm.mode,
+            stop_rule=one_image_rule if stop_rule else None,
+            existing=existing,
+            decided=decided,
+            half_levels=half,
+        )
         rows_written = 0
         if planner.has_work():
             rows_written = _sample(cfg, model, data, sigmas, store, planner, noise)
@@ -124,8 +151,16 @@ def _cascade_rule(cfg: CertifyCfg, num_levels: int, noise: NoiseInfo):
     margin = max(noise.margin.values(), default=0.0)
 
     def stops(selection: stats.SparseCounts, estimation: stats.SparseCounts, level: int) -> np.ndarray:
-        return stats.level_stops(selection, estimation, p0=float(sm.p0[0]), alpha=sm.alpha, policy=sm.policies[0],
-                                 num_levels=num_levels, level=level, margin=margin)
+        return stats.level_stops(
+            selection,
+            estimation,
+            p0=float(sm.p0[0]),
+            alpha=sm.alpha,
+            policy=sm.policies[0],
+            num_levels=num_levels,
+            level=level,
+            margin=margin,
+        )
 
     return stops
 
@@ -162,13 +197,15 @@ def _sample(cfg: CertifyCfg, model, data, sigmas: list[float], store: RunStore, 
     from .engine import validate_images
 
     ry, sm = cfg.ray, cfg.smoothing
-    connect(ry.address, ry.local_cpus)
-    spec = actor_spec(ry.num_actors, ry.cpus_per_actor, ry.gpus_per_actor, ry.max_restarts, runtime_env_for(model.base))
+    connect(ry.address, ry.local_cpus, runtime_env_for(model.base))
+    spec = actor_spec(ry.num_actors, ry.cpus_per_actor, ry.gpus_per_actor, ry.max_restarts)
     threads = max(1, int(ry.cpus_per_actor))
     actors, infos = start_replicas(spec, dataclasses.asdict(model), sigmas, sm.seed, engine_settings(cfg), threads)
     info = infos[0]
     try:
-        validate_images(data.images, data.labels, info["input_shape"], info["num_classes"], num_classes=data.num_classes)
+        validate_images(
+            data.images, data.labels, info["input_shape"], info["num_classes"], num_classes=data.num_classes
+        )
     except BaseException:
         import ray
 
@@ -176,20 +213,45 @@ def _sample(cfg: CertifyCfg, model, data, sigmas: list[float], store: RunStore, 
             ray.kill(a, no_restart=True)
         raise
     batch_sizes = sorted({i["batch_size"] for i in infos})
-    log.info("%d replica(s) on %s, %s samples per batch", len(infos), ", ".join(sorted({i["device"] for i in infos})),
-             "/".join(map(str, batch_sizes)))
-    store.commit_manifest(sigmas=sigmas, n0=sm.n0, n=sm.n, alpha=sm.alpha, seed=sm.seed, dataset=data.name,
-                          images=len(data), model_id=info["model_id"], noise=_manifest_noise(cfg, noise),
-                          engine={"batch_sizes": batch_sizes, "devices": sorted({i["device"] for i in infos})})
+    log.info(
+        "%d replica(s) on %s, %s samples per batch",
+        len(infos),
+        ", ".join(sorted({i["device"] for i in infos})),
+        "/".join(map(str, batch_sizes)),
+    )
+    store.commit_manifest(
+        sigmas=sigmas,
+        n0=sm.n0,
+        n=sm.n,
+        alpha=sm.alpha,
+        seed=sm.seed,
+        dataset=data.name,
+        images=len(data),
+        model_id=info["model_id"],
+        noise=_manifest_noise(cfg, noise),
+        engine={"batch_sizes": batch_sizes, "devices": sorted({i["device"] for i in infos})},
+    )
     labels = {int(i): int(lab) for i, lab in zip(data.ids, data.labels)}
-    result = sample_counts(actors, _ImageMap(data), labels, sigmas, planner, store, model_id=info["model_id"],
-                           seed=sm.seed, alpha=sm.alpha, ray_cfg=ry, flush_every=cfg.flush_every,
-                           flush_seconds=cfg.flush_seconds)
+    result = sample_counts(
+        actors,
+        _ImageMap(data),
+        labels,
+        sigmas,
+        planner,
+        store,
+        model_id=info["model_id"],
+        seed=sm.seed,
+        alpha=sm.alpha,
+        ray_cfg=ry,
+        flush_every=cfg.flush_every,
+        flush_seconds=cfg.flush_seconds,
+    )
     return result.rows_written
 
 
-def report(results: list[CertifyResult], radii: list[float], methods: list[str], plot_path: Path | None,
-           title: str = "") -> str:
+def report(
+    results: list[CertifyResult], radii: list[float], methods: list[str], plot_path: Path | None, title: str = ""
+) -> str:
     """One markdown table (and plot) over the certificates of several runs."""
     from .analysis import curves_from_certificates, format_markdown, plot_curves
 
@@ -197,7 +259,9 @@ def report(results: list[CertifyResult], radii: list[float], methods: list[str],
     for r in results:
         table = RunStore.open(r.out_dir).read_certificates()
         prefix = f"{r.name}: " if len(results) > 1 else ""
-        curves += [c for c in curves_from_certificates(table, prefix) if c.source.removeprefix(prefix).split(" ")[0] in methods]
+        curves += [
+            c for c in curves_from_certificates(table, prefix) if c.source.removeprefix(prefix).split(" ")[0] in methods
+        ]
     if plot_path is not None:
         plot_curves(curves, plot_path, title=title)
     return format_markdown(curves, radii)

@@ -14,9 +14,10 @@ those image ids (tests/test_smoothed.py checks it).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,13 +82,28 @@ class Smoothed:
     ``sigma``: one noise level or several (for ``cascade``).
     """
 
-    def __init__(self, model: Any, sigma: float | Sequence[float], *, num_classes: int | None = None,
-                 input_shape: Sequence[int] | None = None, denoiser: Any = None, seed: int = 0,
-                 batch_size: int | str = DEFAULT_BATCH_SIZE, device: str = "auto", precision: str = "fp32",
-                 noise_block: int = 256, chunk: int = 10_000, noise: str = "gaussian", levels: int = 255,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 input_size: Sequence[int] | None = None, interpolation: str = "bicubic",
-                 model_kwargs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        model: Any,
+        sigma: float | Sequence[float],
+        *,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        denoiser: Any = None,
+        seed: int = 0,
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
+        device: str = "auto",
+        precision: str = "fp32",
+        noise_block: int = 256,
+        chunk: int = 10_000,
+        noise: str = "gaussian",
+        levels: int = 255,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        input_size: Sequence[int] | None = None,
+        interpolation: str = "bicubic",
+        model_kwargs: Mapping[str, Any] | None = None,
+    ):
         sigmas = [float(sigma)] if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
         for s in sigmas:
             try:
@@ -101,8 +117,9 @@ class Smoothed:
         self.sigmas = sorted(sigmas)  # index order = ascending σ, as in the job
         self.seed = int(seed)
         self.chunk = int(chunk)
-        self.engine = EngineConfig(batch_size=batch_size, noise_block=noise_block, precision=precision, noise=noise,
-                                   levels=levels)
+        self.engine = EngineConfig(
+            batch_size=batch_size, noise_block=noise_block, precision=precision, noise=noise, levels=levels
+        )
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self._model, self._denoiser, self._num_classes = model, denoiser, num_classes
         self._adapter = {k: v for k, v in dict(mean=mean, std=std, input_size=input_size).items() if v is not None}
@@ -127,7 +144,9 @@ class Smoothed:
             if name in list_base_classifiers() or (":" in name and not Path(name).exists()):
                 return create_base_classifier(name, input_shape=list(shape), **self._model_kwargs)
             return self._from_folder(Path(name), shape)
-        raise ConfigError(f"model must be an nn.Module, a base-classifier name or a model folder, got {type(model).__name__}")
+        raise ConfigError(
+            f"model must be an nn.Module, a base-classifier name or a model folder, got {type(model).__name__}"
+        )
 
     def _from_folder(self, folder: Path, shape: tuple[int, int, int]) -> BaseClassifier:
         import json
@@ -139,8 +158,10 @@ class Smoothed:
 
         config = folder / CONFIG_NAME
         if not config.is_file():
-            raise ConfigError(f"{folder}: neither a registered base classifier ({', '.join(list_base_classifiers())}) "
-                              f"nor a model folder with {CONFIG_NAME}")
+            raise ConfigError(
+                f"{folder}: neither a registered base classifier ({', '.join(list_base_classifiers())}) "
+                f"nor a model folder with {CONFIG_NAME}"
+            )
         kind = json.loads(config.read_text()).get("raysmooth_model")
         if kind == "onestep":
             return OneStepBase(load_onestep({"path": str(folder)}), shape)
@@ -188,8 +209,9 @@ class Smoothed:
         validate_images(batch, None, replica.shape, replica.num_classes)
         return batch
 
-    def counts(self, xs: Any, *, phase: str, n: int, sigma_index: int, ids: Sequence[int],
-               group_samples: int = 200_000) -> np.ndarray:
+    def counts(
+        self, xs: Any, *, phase: str, n: int, sigma_index: int, ids: Sequence[int], group_samples: int = 200_000
+    ) -> np.ndarray:
         """Dense counts (N, classes) of ``n`` draws per image in ``phase`` at σ number ``sigma_index``,
         split into chunks and seeded exactly as the job's work units. Images go to the engine in groups
         of about ``group_samples`` samples, so memory stays bounded for large test sets."""
@@ -221,8 +243,16 @@ class Smoothed:
 
         return applied, lattice_margin(self.sigmas[sigma_index], self.engine.levels, int(np.prod(self.input_shape)))
 
-    def certify_batch(self, xs: Any, n0: int = 100, n: int = 100_000, alpha: float = 0.001, *,
-                      sigma: float | None = None, ids: Sequence[int] | None = None) -> list[Certificate]:
+    def certify_batch(
+        self,
+        xs: Any,
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        *,
+        sigma: float | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> list[Certificate]:
         """CERTIFY (Cohen et al.) for many images, packed into full batches."""
         _check_alpha(alpha)
         batch = self._stack(xs)
@@ -231,19 +261,39 @@ class Smoothed:
         sel = self.counts(batch, phase="selection", n=n0, sigma_index=s, ids=ids)
         est = self.counts(batch, phase="estimation", n=n, sigma_index=s, ids=ids)
         applied, margin = self._noise(s)
-        cert = stats.certify(stats.SparseCounts.from_dense(sel), stats.SparseCounts.from_dense(est), applied, alpha,
-                             margin=margin)
-        return [Certificate(int(cert.prediction[i]), float(cert.radius[i]), float(cert.p_lower[i]), est[i],
-                            int(sel[i].sum() + est[i].sum()), self.sigmas[s], stats.Reason.NAMES[cert.reason[i]], sel[i])
-                for i in range(len(ids))]
+        cert = stats.certify(
+            stats.SparseCounts.from_dense(sel), stats.SparseCounts.from_dense(est), applied, alpha, margin=margin
+        )
+        return [
+            Certificate(
+                int(cert.prediction[i]),
+                float(cert.radius[i]),
+                float(cert.p_lower[i]),
+                est[i],
+                int(sel[i].sum() + est[i].sum()),
+                self.sigmas[s],
+                stats.Reason.NAMES[cert.reason[i]],
+                sel[i],
+            )
+            for i in range(len(ids))
+        ]
 
-    def certify(self, x: Any, n0: int = 100, n: int = 100_000, alpha: float = 0.001, *, sigma: float | None = None,
-                image_id: int = 0) -> Certificate:
+    def certify(
+        self,
+        x: Any,
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        *,
+        sigma: float | None = None,
+        image_id: int = 0,
+    ) -> Certificate:
         """CERTIFY for one image ``x`` of shape (C, H, W) in [0, 1]."""
         return self.certify_batch(_as_image(x)[None], n0, n, alpha, sigma=sigma, ids=[image_id])[0]
 
-    def predict(self, x: Any, n: int = 10_000, alpha: float = 0.001, *, sigma: float | None = None,
-                image_id: int = 0) -> Prediction:
+    def predict(
+        self, x: Any, n: int = 10_000, alpha: float = 0.001, *, sigma: float | None = None, image_id: int = 0
+    ) -> Prediction:
         """PREDICT for one image: abstains unless the top class beats the runner-up at level ``alpha``."""
         _check_alpha(alpha)
         s = self._sigma_index(sigma)
@@ -254,8 +304,18 @@ class Smoothed:
         p_value = float(stats.binomial_test_pvalue(n1, n2)[0])
         return Prediction(int(result.prediction[0]), p_value, counts[0], int(counts[0].sum()))
 
-    def cascade(self, x: Any, sigmas: Sequence[float] | None = None, p0: float = 0.5, policy: str = "strict",
-                n0: int = 100, n: int = 100_000, alpha: float = 0.001, *, image_id: int = 0) -> Certificate:
+    def cascade(
+        self,
+        x: Any,
+        sigmas: Sequence[float] | None = None,
+        p0: float = 0.5,
+        policy: str = "strict",
+        n0: int = 100,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        *,
+        image_id: int = 0,
+    ) -> Certificate:
         """The multi-scale cascade (Jeong & Shin) over ``sigmas`` (default: all of this classifier's):
         every level is sampled, then the largest σ whose lower bound clears ``p0`` answers."""
         _check_alpha(alpha)
@@ -280,9 +340,17 @@ class Smoothed:
         cert = stats.cascade_certify(levels, p0, alpha, policy, margin=margin)
         level = int(cert.level[0])
         sel, est = dense[level] if level >= 0 else dense[-1]
-        used = sum(int(a.sum() + b.sum()) for a, b in dense[max(level, 0):])
-        return Certificate(int(cert.prediction[0]), float(cert.radius[0]), float(cert.p_lower[0]), est, used,
-                           self.sigmas[chosen[level]] if level >= 0 else None, stats.Reason.NAMES[cert.reason[0]], sel)
+        used = sum(int(a.sum() + b.sum()) for a, b in dense[max(level, 0) :])
+        return Certificate(
+            int(cert.prediction[0]),
+            float(cert.radius[0]),
+            float(cert.p_lower[0]),
+            est,
+            used,
+            self.sigmas[chosen[level]] if level >= 0 else None,
+            stats.Reason.NAMES[cert.reason[0]],
+            sel,
+        )
 
 
 def _check_alpha(alpha: float) -> None:

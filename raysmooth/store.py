@@ -23,9 +23,10 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -146,8 +147,7 @@ def _with_metadata(table: pa.Table, metadata: dict[str, str] | None) -> pa.Table
     return table.replace_schema_metadata(meta)
 
 
-def append_table(directory: Path | str, table: pa.Table, metadata: dict[str, str] | None = None,
-                 tag: str = "") -> Path:
+def append_table(directory: Path | str, table: pa.Table, metadata: dict[str, str] | None = None, tag: str = "") -> Path:
     """Write ``table`` as a new immutable Parquet file in ``directory`` (staged, fsynced, renamed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -179,17 +179,24 @@ def _live_parts(directory: Path) -> list[Path]:
 
 
 def _damaged(directory: Path, f: Path | None, exc: BaseException) -> StoreError:
-    what = f"{f}" if f is not None else f"a committed Parquet file in {directory}"
-    rerun = ("its rows are sampled again with the same noise" if directory.name == "counts"
-             else "it is derived again from the stored counts")
-    return StoreError(f"{what} cannot be read ({str(exc).splitlines()[0][:160]}); move it aside "
-                      f"(e.g. mv {f.name if f is not None else 'FILE'} {f.name + '.bad' if f is not None else 'FILE.bad'}) and run the same command "
-                      f"again: {rerun}")
+    """A damaged committed file, named, with what to do: readers skip it once renamed, and the run
+    re-creates its rows (counts are sampled again with the same noise; certificates re-derived)."""
+    what = str(f) if f is not None else f"a committed Parquet file in {directory}"
+    aside = f"rename it to {f.name}.bad" if f is not None else "rename it to end in .bad"
+    rerun = "its rows are sampled again with the same noise" if directory.name == "counts" else "it is derived again"
+    return StoreError(
+        f"{what} cannot be read ({str(exc).splitlines()[0][:120]}); move it aside ({aside}) and run the same "
+        f"command again: {rerun}"
+    )
+
+
+OPTIONAL_COLUMNS = {"round", "seq_continue", "p_lower", "n_used", "rounds", "grid_radius", "stop_reason"}
 
 
 def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
     """All committed rows under ``directory`` (staging files are invisible); empty if none. Columns a
-    file written by an older version lacks come back as nulls (the callers fill their defaults)."""
+    file written by an older version lacks come back as nulls (the callers fill their defaults); a
+    file without the others is not one of ours, and is named."""
     directory = Path(directory)
     if not directory.is_dir():
         return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
@@ -197,7 +204,7 @@ def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] 
     if not files:
         return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
     try:
-        return ds.dataset(files, format="parquet", schema=schema).to_table(columns=list(columns) if columns else None)
+        table = ds.dataset(files, format="parquet", schema=schema).to_table(columns=list(columns) if columns else None)
     except (pa.ArrowInvalid, OSError) as exc:
         bad = None
         for f in files:  # name the file
@@ -207,10 +214,20 @@ def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] 
                 bad = Path(f)
                 break
         raise _damaged(directory, bad, exc) from exc
+    required = [c for c in table.column_names if c not in OPTIONAL_COLUMNS and schema.field(c).nullable]
+    if any(table.column(c).null_count for c in required):
+        for f in files:  # only on this error path: which file lacks our columns?
+            names = set(pq.read_schema(f).names)
+            lacking = [c for c in required if c not in names]
+            if lacking:
+                raise _damaged(directory, Path(f), ValueError(f"not a raysmooth file: no column {lacking[0]}"))
+        raise StoreError(f"{directory}: rows with empty {', '.join(required)} cells; the table is damaged")
+    return table
 
 
-def compact_table(directory: Path | str, schema: pa.Schema, metadata: dict[str, str] | None = None,
-                  above: int = COMPACT_ABOVE) -> Path | None:
+def compact_table(
+    directory: Path | str, schema: pa.Schema, metadata: dict[str, str] | None = None, above: int = COMPACT_ABOVE
+) -> Path | None:
     """Rewrite the live parts of ``directory`` as one file when there are more than ``above``; the new
     file lists the parts it replaces, then they are removed. Safe to interrupt at any point."""
     directory = Path(directory)
@@ -246,7 +263,7 @@ class RunStore:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
-    def for_run(cls, root: Path | str, config: dict, *, lock: bool = True) -> "RunStore":
+    def for_run(cls, root: Path | str, config: dict, *, lock: bool = True) -> RunStore:
         """Take the run directory for a run of ``config``: lock it, refuse another config's run or a
         foreign folder, and clear staging files a crash left behind. A new run's manifest is written
         by ``commit_manifest`` once the run has really started."""
@@ -276,7 +293,7 @@ class RunStore:
         return store
 
     @classmethod
-    def create(cls, root: Path | str, config: dict, **extra: Any) -> "RunStore":
+    def create(cls, root: Path | str, config: dict, **extra: Any) -> RunStore:
         """Open ``root`` for a run of ``config`` and write its manifest if new (no lock kept)."""
         store = cls.for_run(root, config, lock=False)
         if store.manifest is None:
@@ -306,7 +323,7 @@ class RunStore:
         return manifest
 
     @classmethod
-    def open(cls, root: Path | str) -> "RunStore":
+    def open(cls, root: Path | str) -> RunStore:
         root = Path(root)
         path = root / cls.MANIFEST
         if not root.is_dir():
@@ -334,10 +351,14 @@ class RunStore:
         except OSError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise StoreError(f"{self.root} is in use by another run ({holder}); wait for it to finish or stop it "
-                             "(the lock goes with that process)") from None
+            raise StoreError(
+                f"{self.root} is in use by another run ({holder}); wait for it to finish or stop it "
+                "(the lock goes with that process)"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
+        )
         self._lock_fd = fd
 
     def release(self) -> None:
@@ -351,7 +372,7 @@ class RunStore:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> RunStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -419,7 +440,25 @@ class RunStore:
         """The counts table with one row per (image, σ, phase, round): a key committed twice (a unit
         that ran again after a crash between commit and bookkeeping) is kept once."""
         table = _fill_round(read_table(self.root / "counts", COUNTS_SCHEMA))
+        self._check_one_run(table)
         return dedupe(table, COUNTS_KEY)
+
+    def _check_one_run(self, table: pa.Table) -> None:
+        """Every row belongs to this directory's run: a part file copied in from another run is named."""
+        if not table.num_rows:
+            return
+        ids = table.column("run_id").unique().to_pylist()
+        mine = (self.manifest or {}).get("run_id", ids[0])
+        if ids == [mine]:
+            return
+        for f in _live_parts(self.root / "counts"):
+            theirs = set(pq.read_table(f, columns=["run_id"]).column("run_id").unique().to_pylist())
+            if theirs != {mine}:
+                raise StoreError(
+                    f"{f} holds counts of another run ({', '.join(sorted(map(str, theirs - {mine})))}, "
+                    f"this directory's run is {mine}); move it out of {self.root / 'counts'}"
+                )
+        raise StoreError(f"{self.root / 'counts'} mixes the counts of several runs: {ids[:4]}")
 
     def completed_keys(self) -> set[tuple[int, float, str, int]]:
         table = _fill_round(read_table(self.root / "counts", COUNTS_SCHEMA, columns=COUNTS_KEY))

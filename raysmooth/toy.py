@@ -19,11 +19,11 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,12 +39,25 @@ log = logging.getLogger("raysmooth")
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded" / "digits"
 
 UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=[16, 32],
-    down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=8,
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
+    block_out_channels=[16, 32],
+    down_block_types=["DownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "UpBlock2D"],
+    norm_num_groups=8,
 )
 SCHEDULER_CONFIG: dict[str, Any] = dict(DDPM_LINEAR)
-CLASSIFIER: dict[str, Any] = dict(name="resnet18", num_classes=10, in_chans=1, input_size=[8, 8], mean=[0.5], std=[0.5],
-                                  model_kwargs={"channels": [16, 32, 64, 128]})
+CLASSIFIER: dict[str, Any] = dict(
+    name="resnet18",
+    num_classes=10,
+    in_chans=1,
+    input_size=[8, 8],
+    mean=[0.5],
+    std=[0.5],
+    model_kwargs={"channels": [16, 32, 64, 128]},
+)
 
 
 @dataclass
@@ -111,9 +124,18 @@ def train_denoiser(cfg: ToyConfig, train: torch.Tensor, out: Path, report: Calla
 
 
 # ---- classifiers ---------------------------------------------------------------------------------
-def _train_classifier(model: torch.nn.Module, forward: Callable, cfg: ToyConfig, train_x: torch.Tensor,
-                      train_y: torch.Tensor, epochs: int, gen: torch.Generator, report: Callable[[str], None],
-                      name: str, loss_fn: Callable | None = None) -> float:
+def _train_classifier(
+    model: torch.nn.Module,
+    forward: Callable,
+    cfg: ToyConfig,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    epochs: int,
+    gen: torch.Generator,
+    report: Callable[[str], None],
+    name: str,
+    loss_fn: Callable | None = None,
+) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.classifier_lr, weight_decay=5e-4)
     steps_per_epoch = math.ceil(len(train_x) / cfg.classifier_batch)
     total = epochs * steps_per_epoch
@@ -146,7 +168,9 @@ def _noisy(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
     return x + sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def train_all(cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, report: Callable[[str], None] = log.info) -> dict:
+def train_all(
+    cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, report: Callable[[str], None] = log.info
+) -> dict:
     """Train the four embedded models into ``out``; returns their cards."""
     cfg = cfg or ToyConfig()
     out = Path(out)
@@ -154,8 +178,11 @@ def train_all(cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, repo
     parts = digits_split()
     train_x, train_y, _ = (torch.from_numpy(a) for a in parts["train"])
     test_x, test_y, _ = (torch.from_numpy(a) for a in parts["test"])
-    common = {"dataset": "sklearn digits, fixed split seed 0 (train 1437 / test 360)", "config": asdict(cfg),
-              "torch": torch.__version__}
+    common = {
+        "dataset": "sklearn digits, fixed split seed 0 (train 1437 / test 360)",
+        "config": asdict(cfg),
+        "torch": torch.__version__,
+    }
     cards: dict[str, Any] = {}
 
     # 1. The denoiser, and how well denoise-then-(clean classifier) does comes after 2.
@@ -167,7 +194,9 @@ def train_all(cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, repo
     ccfg = ClassifierConfig(**CLASSIFIER)
     clean = create_timm_model(ccfg)
     norm = lambda x: (x - 0.5) / 0.5  # noqa: E731
-    secs = _train_classifier(clean, lambda x: clean(norm(x)), cfg, train_x, train_y, cfg.classifier_epochs, gen, report, "classifier")
+    secs = _train_classifier(
+        clean, lambda x: clean(norm(x)), cfg, train_x, train_y, cfg.classifier_epochs, gen, report, "classifier"
+    )
     clean_acc = _accuracy(lambda x: clean(norm(x)), test_x, test_y)
     cards["classifier"] = {**common, "model": CLASSIFIER, "test_accuracy_clean": clean_acc, "seconds": secs}
     save_classifier(clean, ccfg, out / "classifier", cards["classifier"])
@@ -197,11 +226,18 @@ def train_all(cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, repo
     def noisy_forward(x):
         return noisy(norm(x + cfg.noise_aug_sigma * torch.randn(x.shape, generator=gen)))
 
-    secs = _train_classifier(noisy, noisy_forward, cfg, train_x, train_y, cfg.classifier_epochs, gen, report, "classifier_noisy")
+    secs = _train_classifier(
+        noisy, noisy_forward, cfg, train_x, train_y, cfg.classifier_epochs, gen, report, "classifier_noisy"
+    )
     cards["classifier_noisy"] = {
-        **common, "model": CLASSIFIER, "noise_aug_sigma": cfg.noise_aug_sigma, "seconds": secs,
+        **common,
+        "model": CLASSIFIER,
+        "noise_aug_sigma": cfg.noise_aug_sigma,
+        "seconds": secs,
         "test_accuracy_clean": _accuracy(lambda x: noisy(norm(x)), test_x, test_y),
-        "test_accuracy_at_noise_aug_sigma": _accuracy(lambda x: noisy(norm(x)), _noisy(test_x, cfg.noise_aug_sigma, 7), test_y),
+        "test_accuracy_at_noise_aug_sigma": _accuracy(
+            lambda x: noisy(norm(x)), _noisy(test_x, cfg.noise_aug_sigma, 7), test_y
+        ),
     }
     save_classifier(noisy, ccfg, out / "classifier_noisy", cards["classifier_noisy"])
 
@@ -220,12 +256,21 @@ def train_all(cfg: ToyConfig | None = None, out: Path | str = EMBEDDED_DIR, repo
         kl = sum((mean_p * (mean_p.clamp_min(1e-12).log() - lp)).sum(1).mean() for lp in logp) / 2
         return sum(F.nll_loss(lp, y) for lp in logp) / 2 + cfg.onestep_consistency * kl
 
-    secs = _train_classifier(onestep, None, cfg, train_x, train_y, cfg.onestep_epochs, gen, report, "onestep", loss_fn=onestep_loss)
+    secs = _train_classifier(
+        onestep, None, cfg, train_x, train_y, cfg.onestep_epochs, gen, report, "onestep", loss_fn=onestep_loss
+    )
     accs = {}
     for i, s in enumerate(cfg.eval_sigmas):
-        accs[f"sigma_{s}"] = _accuracy(lambda z: onestep(z, torch.full((len(z),), s)), _noisy(test_x, s, 200 + i), test_y)
-    cards["onestep"] = {**common, "model": asdict(ocfg), "sigma_range": cfg.onestep_sigma_range, "seconds": secs,
-                        "test_accuracy_noisy_single_draw": accs}
+        accs[f"sigma_{s}"] = _accuracy(
+            lambda z, s=s: onestep(z, torch.full((len(z),), s)), _noisy(test_x, s, 200 + i), test_y
+        )
+    cards["onestep"] = {
+        **common,
+        "model": asdict(ocfg),
+        "sigma_range": cfg.onestep_sigma_range,
+        "seconds": secs,
+        "test_accuracy_noisy_single_draw": accs,
+    }
     save_onestep(onestep, ocfg, out / "onestep", cards["onestep"])
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     report(f"embedded models written to {out} ({total / 1e6:.1f} MB)")

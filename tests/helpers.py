@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -17,21 +17,38 @@ def multinomial_counts(rng: np.random.Generator, probs: np.ndarray, n: int | np.
     return rng.multinomial(n, probs)
 
 
-def random_levels(rng: np.random.Generator, m: int, sigmas: Sequence[float], num_classes: int,
-                  n0: int = 100, n: int = 1000, concentration: float = 0.3) -> tuple[list[Level], np.ndarray]:
+def random_levels(
+    rng: np.random.Generator,
+    m: int,
+    sigmas: Sequence[float],
+    num_classes: int,
+    n0: int = 100,
+    n: int = 1000,
+    concentration: float = 0.3,
+) -> tuple[list[Level], np.ndarray]:
     """Levels whose per-image class probabilities are Dirichlet draws (peaked, with a long tail)."""
     levels, probs = [], []
     for _ in sigmas:
         p = rng.dirichlet(np.full(num_classes, concentration), size=m)
         probs.append(p)
     for sigma, p in zip(sigmas, probs):
-        levels.append(Level(sigma, SparseCounts.from_dense(rng.multinomial(n0, p)),
-                            SparseCounts.from_dense(rng.multinomial(n, p))))
+        levels.append(
+            Level(
+                sigma, SparseCounts.from_dense(rng.multinomial(n0, p)), SparseCounts.from_dense(rng.multinomial(n, p))
+            )
+        )
     return levels, np.stack(probs)
 
 
-def write_run(root: Path, levels: Sequence[Level], labels: np.ndarray, *, alpha: float = 0.001,
-              seed: int = 0, config: dict | None = None) -> RunStore:
+def write_run(
+    root: Path,
+    levels: Sequence[Level],
+    labels: np.ndarray,
+    *,
+    alpha: float = 0.001,
+    seed: int = 0,
+    config: dict | None = None,
+) -> RunStore:
     """A run directory whose counts table holds ``levels``; image ids are 0..M-1."""
     config = config or {"test": True, "sigmas": [lv.sigma for lv in levels]}
     store = RunStore.create(root, config)

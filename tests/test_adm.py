@@ -12,13 +12,41 @@ import torch
 import torch.nn.functional as F
 
 from raysmooth.errors import ModelLoadError
-from raysmooth.models.adm import ADMConfig, adm_key_shapes, adm_to_diffusers, convert_adm_checkpoint, deinterleave_qkv, unet_config
+from raysmooth.models.adm import (
+    ADMConfig,
+    adm_key_shapes,
+    adm_to_diffusers,
+    convert_adm_checkpoint,
+    deinterleave_qkv,
+    unet_config,
+)
 
-IMPROVED = ADMConfig(image_size=8, in_channels=3, model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
-                     attention_resolutions=[4], num_heads=2, learn_sigma=True, diffusion_steps=4000, noise_schedule="cosine")
-GUIDED = ADMConfig(image_size=8, in_channels=3, model_channels=32, channel_mult=[1, 1, 2], num_res_blocks=1,
-                   attention_resolutions=[4, 2], num_head_channels=16, resblock_updown=True, learn_sigma=True,
-                   diffusion_steps=1000, noise_schedule="linear", rescale_timesteps=False)
+IMPROVED = ADMConfig(
+    image_size=8,
+    in_channels=3,
+    model_channels=32,
+    channel_mult=[1, 2, 2],
+    num_res_blocks=1,
+    attention_resolutions=[4],
+    num_heads=2,
+    learn_sigma=True,
+    diffusion_steps=4000,
+    noise_schedule="cosine",
+)
+GUIDED = ADMConfig(
+    image_size=8,
+    in_channels=3,
+    model_channels=32,
+    channel_mult=[1, 1, 2],
+    num_res_blocks=1,
+    attention_resolutions=[4, 2],
+    num_head_channels=16,
+    resblock_updown=True,
+    learn_sigma=True,
+    diffusion_steps=1000,
+    noise_schedule="linear",
+    rescale_timesteps=False,
+)
 
 
 def random_adm(cfg, seed=0):
@@ -69,7 +97,11 @@ def reference_forward(sd, cfg, x, t):
     freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-    emb = F.linear(F.silu(F.linear(emb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])), sd["time_embed.2.weight"], sd["time_embed.2.bias"])
+    emb = F.linear(
+        F.silu(F.linear(emb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
+        sd["time_embed.2.weight"],
+        sd["time_embed.2.bias"],
+    )
     attn_ds = {cfg.image_size // r for r in cfg.attention_resolutions}
     heads = lambda c: c // cfg.num_head_channels if cfg.num_head_channels > 0 else cfg.num_heads  # noqa: E731
     h = F.conv2d(x, sd["input_blocks.0.0.weight"], sd["input_blocks.0.0.bias"], padding=1)
@@ -85,7 +117,9 @@ def reference_forward(sd, cfg, x, t):
             if cfg.resblock_updown:
                 h = _res(sd, f"input_blocks.{k}.0", h, emb, down=True)
             else:
-                h = F.conv2d(h, sd[f"input_blocks.{k}.0.op.weight"], sd[f"input_blocks.{k}.0.op.bias"], stride=2, padding=1)
+                h = F.conv2d(
+                    h, sd[f"input_blocks.{k}.0.op.weight"], sd[f"input_blocks.{k}.0.op.bias"], stride=2, padding=1
+                )
             hs.append(h)
             k, ds = k + 1, ds * 2
     h = _res(sd, "middle_block.0", h, emb)
@@ -104,7 +138,12 @@ def reference_forward(sd, cfg, x, t):
                     h = _res(sd, f"output_blocks.{k}.{sub}", h, emb, up=True)
                 else:
                     h = F.interpolate(h, scale_factor=2, mode="nearest")
-                    h = F.conv2d(h, sd[f"output_blocks.{k}.{sub}.conv.weight"], sd[f"output_blocks.{k}.{sub}.conv.bias"], padding=1)
+                    h = F.conv2d(
+                        h,
+                        sd[f"output_blocks.{k}.{sub}.conv.weight"],
+                        sd[f"output_blocks.{k}.{sub}.conv.bias"],
+                        padding=1,
+                    )
                 ds //= 2
             k += 1
     return F.conv2d(F.silu(_gn(h, sd, "out.0")), sd["out.2.weight"], sd["out.2.bias"], padding=1)

@@ -9,15 +9,27 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
+from test_counts import _paper_reduction
 
-from raysmooth.stats import ABSTAIN, Level, Reason, SparseCounts, cascade_certify, cascade_sweep, certify, cp_lower, cp_upper
+from raysmooth.stats import (
+    ABSTAIN,
+    Level,
+    Reason,
+    SparseCounts,
+    cascade_certify,
+    cascade_sweep,
+    certify,
+    cp_lower,
+    cp_upper,
+)
 
 from helpers import random_levels
-from test_counts import _paper_reduction
 
 
 def _level(sigma, selection, estimation):
-    return Level(sigma, SparseCounts.from_dense(np.atleast_2d(selection)), SparseCounts.from_dense(np.atleast_2d(estimation)))
+    return Level(
+        sigma, SparseCounts.from_dense(np.atleast_2d(selection)), SparseCounts.from_dense(np.atleast_2d(estimation))
+    )
 
 
 def _cp(k, n, a):
@@ -192,8 +204,11 @@ def _true_radius(probs_by_level, sigmas, y, p0):
 def _wrong_rate(levels_probs, sigmas, p0, alpha, policy, rng, trials, n0, n):
     k_levels = len(sigmas)
     levels = [
-        Level(sigmas[k], SparseCounts.from_dense(rng.multinomial(n0, levels_probs[k], size=trials)),
-              SparseCounts.from_dense(rng.multinomial(n, levels_probs[k], size=trials)))
+        Level(
+            sigmas[k],
+            SparseCounts.from_dense(rng.multinomial(n0, levels_probs[k], size=trials)),
+            SparseCounts.from_dense(rng.multinomial(n, levels_probs[k], size=trials)),
+        )
         for k in range(k_levels)
     ]
     out = cascade_certify(levels, p0, alpha, policy)
@@ -209,8 +224,14 @@ def test_strict_cascade_on_a_linear_classifier_never_exceeds_the_true_radius_bey
     rng = np.random.default_rng(15)
     sigmas, d, p0, alpha, trials = [0.25, 0.5, 1.0], 0.45, 0.6, 0.05, 40_000
     probs = [np.array([1 - norm.cdf(d / s), norm.cdf(d / s)]) for s in sigmas]
-    levels = [Level(s, SparseCounts.from_dense(rng.multinomial(100, p, size=trials)),
-                    SparseCounts.from_dense(rng.multinomial(300, p, size=trials))) for s, p in zip(sigmas, probs)]
+    levels = [
+        Level(
+            s,
+            SparseCounts.from_dense(rng.multinomial(100, p, size=trials)),
+            SparseCounts.from_dense(rng.multinomial(300, p, size=trials)),
+        )
+        for s, p in zip(sigmas, probs)
+    ]
     out = cascade_certify(levels, p0, alpha, "strict")
     true_radius = d - sigmas[0] * norm.ppf(p0)
     wrong = (out.prediction == 0) | ((out.prediction == 1) & (out.radius > true_radius))

@@ -59,7 +59,9 @@ def test_analyze_markdown_reports_acr_and_abstention(tsv, capsys):
 
 def test_analyze_detects_a_running_total_in_correct(tmp_path, capsys):
     path = tmp_path / "dds.tsv"
-    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\tx\n1\t2\t2\t0.4\t2\tx\n2\t3\t0\t0.1\t2\tx\n")
+    path.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\tx\n1\t2\t2\t0.4\t2\tx\n2\t3\t0\t0.1\t2\tx\n"
+    )
     assert main(["analyze", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "running total" in err and len(err.splitlines()) == 1
@@ -114,8 +116,10 @@ def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
         rows = table.filter(pc.equal(table["p0"], p0))
         assert np.array_equal(rows.column("prediction").to_numpy(), expect.prediction[i])
         np.testing.assert_allclose(rows.column("radius").to_numpy(), expect.radius[i])
-        assert np.array_equal(rows.column("correct").to_numpy(zero_copy_only=False),
-                              (expect.prediction[i] == labels) & (expect.prediction[i] >= 0))
+        assert np.array_equal(
+            rows.column("correct").to_numpy(zero_copy_only=False),
+            (expect.prediction[i] == labels) & (expect.prediction[i] >= 0),
+        )
 
 
 @pytest.mark.parametrize(
@@ -140,8 +144,9 @@ def test_sweep_of_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
 
 
 def test_the_console_script_prints_no_traceback_for_a_user_mistake(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "raysmooth.cli", "analyze", str(tmp_path / "x.tsv")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysmooth.cli", "analyze", str(tmp_path / "x.tsv")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 

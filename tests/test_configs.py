@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysmooth.errors import ConfigError
 from raysmooth.apps import certify_main
 from raysmooth.config import CONFIG_DIR, compose
+from raysmooth.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

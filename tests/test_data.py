@@ -6,10 +6,9 @@ import pickle
 import numpy as np
 import pytest
 
-from raysmooth.data import load_dataset, subsample
-from raysmooth.errors import ConfigError
 from raysmooth.config import DataCfg
-from raysmooth.data import load_test_set
+from raysmooth.data import load_dataset, load_test_set, subsample
+from raysmooth.errors import ConfigError
 
 
 def test_digits_test_split_is_fixed_and_in_range():
@@ -33,8 +32,11 @@ def test_subsampling_every_kth_then_at_most_m_or_by_indices():
 
 def _cifar_batch(path, n=6, seed=0):
     rng = np.random.default_rng(seed)
-    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist(),
-             b"batch_label": b"testing batch 1 of 1"}
+    batch = {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"labels": rng.integers(0, 10, n).tolist(),
+        b"batch_label": b"testing batch 1 of 1",
+    }
     path.write_bytes(pickle.dumps(batch, protocol=2))
     return batch
 

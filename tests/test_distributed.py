@@ -41,8 +41,14 @@ def _engine_counts(units, images):
 
 def _drive(actors, images, planner, **kw):
     rows = {}
-    Driver(actors, images, planner, on_rows=lambda rs: rows.update({(r.image_id, r.sigma_index, r.phase): r.counts for r in rs}),
-           samples_per_task=300, **kw).run()
+    Driver(
+        actors,
+        images,
+        planner,
+        on_rows=lambda rs: rows.update({(r.image_id, r.sigma_index, r.phase): r.counts for r in rs}),
+        samples_per_task=300,
+        **kw,
+    ).run()
     return rows
 
 
@@ -85,8 +91,14 @@ def test_an_actor_killed_mid_run_changes_no_count(local_ray, images):
             killed.append(True)
 
     driver_rows = {}
-    driver = Driver(actors, images, _planner(images), samples_per_task=300, progress=kill_once,
-                    on_rows=lambda rs: driver_rows.update({(r.image_id, r.sigma_index, r.phase): r.counts for r in rs}))
+    driver = Driver(
+        actors,
+        images,
+        _planner(images),
+        samples_per_task=300,
+        progress=kill_once,
+        on_rows=lambda rs: driver_rows.update({(r.image_id, r.sigma_index, r.phase): r.counts for r in rs}),
+    )
     driver.run()
     assert killed and driver.retried_units > 0
     _assert_engine_counts(driver_rows, images, actors)
@@ -95,17 +107,31 @@ def test_an_actor_killed_mid_run_changes_no_count(local_ray, images):
 def _cfg(tmp_path, **over):
     from raysmooth.config import compose
 
-    overrides = ["data=synthetic", "model=linear", f"out={tmp_path}", "smoothing.n=300", "smoothing.n0=30",
-                 "smoothing.chunk=100", "ray.samples_per_task=200", "ray.num_actors=2", "plot=false", "flush_every=5",
-                 "smoothing.p0=[0.5]"]
+    overrides = [
+        "data=synthetic",
+        "model=linear",
+        f"out={tmp_path}",
+        "smoothing.n=300",
+        "smoothing.n0=30",
+        "smoothing.chunk=100",
+        "ray.samples_per_task=200",
+        "ray.num_actors=2",
+        "plot=false",
+        "flush_every=5",
+        "smoothing.p0=[0.5]",
+    ]
     return compose("certify", overrides + [f"{k}={v}" for k, v in over.items()])
 
 
 def _sorted(table, keys):
     import pyarrow as pa
 
-    plain = pa.table({f.name: (table[f.name].cast(pa.string()) if pa.types.is_dictionary(f.type) else table[f.name])
-                      for f in table.schema})
+    plain = pa.table(
+        {
+            f.name: (table[f.name].cast(pa.string()) if pa.types.is_dictionary(f.type) else table[f.name])
+            for f in table.schema
+        }
+    )
     return plain.sort_by([(k, "ascending") for k in keys])
 
 
@@ -150,7 +176,6 @@ def test_a_run_stopped_part_way_resumes_to_the_uninterrupted_tables(local_ray, t
 
 def test_running_again_adds_no_rows(local_ray, tmp_path):
     from raysmooth import runner
-    from raysmooth.distributed import Progress
 
     runner.certify(_cfg(tmp_path))
     again = runner.certify(_cfg(tmp_path))
@@ -161,7 +186,6 @@ def test_running_again_adds_no_rows(local_ray, tmp_path):
 
 def test_a_different_config_into_the_same_directory_is_refused(local_ray, tmp_path):
     from raysmooth import runner
-    from raysmooth.distributed import Progress
     from raysmooth.store import StoreError
 
     runner.certify(_cfg(tmp_path))
@@ -171,11 +195,15 @@ def test_a_different_config_into_the_same_directory_is_refused(local_ray, tmp_pa
 
 def test_cascade_mode_samples_lower_sigma_only_where_needed(local_ray, tmp_path):
     from raysmooth import runner
-    from raysmooth.distributed import Progress
 
     # Two classes: margins of random images are large enough for the largest σ to settle some of them.
-    common = {"smoothing.p0": "[0.6]", "smoothing.policies": "[strict]", "model.options.num_classes": 2,
-              "data.options.num_classes": 2, "data.options.num_images": 24}
+    common = {
+        "smoothing.p0": "[0.6]",
+        "smoothing.policies": "[strict]",
+        "model.options.num_classes": 2,
+        "data.options.num_classes": 2,
+        "data.options.num_images": 24,
+    }
     full = runner.certify(_cfg(tmp_path / "full", **common))
     lazy = runner.certify(_cfg(tmp_path / "lazy", **{"smoothing.mode": "cascade", **common}))
     assert lazy.rows_written < full.rows_written
@@ -198,7 +226,6 @@ def test_a_run_whose_actors_are_all_gone_stops_with_one_clear_error(local_ray, i
 
 def test_data_that_does_not_fit_the_model_is_refused_before_sampling(local_ray, tmp_path):
     from raysmooth import runner
-    from raysmooth.distributed import Progress
     from raysmooth.errors import InputError
 
     with pytest.raises(InputError, match="5 classes but the classifier predicts 10"):
@@ -212,8 +239,14 @@ def test_an_interrupted_lazy_cascade_resumes_to_the_uninterrupted_tables(local_r
     from raysmooth import runner
     from raysmooth.distributed import Progress
 
-    common = {"smoothing.mode": "cascade", "smoothing.p0": "[0.6]", "smoothing.policies": "[strict]",
-              "model.options.num_classes": 2, "data.options.num_classes": 2, "data.options.num_images": 24}
+    common = {
+        "smoothing.mode": "cascade",
+        "smoothing.p0": "[0.6]",
+        "smoothing.policies": "[strict]",
+        "model.options.num_classes": 2,
+        "data.options.num_classes": 2,
+        "data.options.num_images": 24,
+    }
     whole = runner.certify(_cfg(tmp_path / "a", **common))
     original = Progress.__call__
 
@@ -237,7 +270,6 @@ def test_an_interrupted_lazy_cascade_resumes_to_the_uninterrupted_tables(local_r
 
 def test_sigmas_in_any_order_give_the_same_run(local_ray, tmp_path):
     from raysmooth import runner
-    from raysmooth.distributed import Progress
 
     a = runner.certify(_cfg(tmp_path / "a", **{"smoothing.sigmas": "[0.25,0.5,1.0]"}))
     b = runner.certify(_cfg(tmp_path / "b", **{"smoothing.sigmas": "[1.0,0.25,0.5]"}))

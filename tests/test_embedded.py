@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from raysmooth.cli import main as cli
 from raysmooth.apps import certify_main
+from raysmooth.cli import main as cli
 from raysmooth.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +21,13 @@ def test_the_committed_models_are_safetensors_with_cards_and_fit_the_budget():
     files = [p for p in EMBEDDED.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20e6
     weights = sorted(str(p.relative_to(EMBEDDED)) for p in files if p.suffix == ".safetensors")
-    assert weights == ["classifier/model.safetensors", "classifier_noisy/model.safetensors",
-                       "denoiser/unet/diffusion_pytorch_model.safetensors",
-                       "denoiser_ft/unet/diffusion_pytorch_model.safetensors", "onestep/model.safetensors"]
+    assert weights == [
+        "classifier/model.safetensors",
+        "classifier_noisy/model.safetensors",
+        "denoiser/unet/diffusion_pytorch_model.safetensors",
+        "denoiser_ft/unet/diffusion_pytorch_model.safetensors",
+        "onestep/model.safetensors",
+    ]
     assert not [p for p in files if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
     assert (EMBEDDED / "denoiser_ft" / "finetune_config.json").is_file()  # the recipe travels with the weights
     for name, kind in (("classifier", "classifier"), ("classifier_noisy", "classifier"), ("onestep", "onestep")):

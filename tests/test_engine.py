@@ -28,8 +28,9 @@ def linear_base(bias: float = -3.8):
 @pytest.fixture(scope="module")
 def dds_base(tmp_path_factory):
     folder = save_denoiser_folder(tmp_path_factory.mktemp("den"))
-    return create_base_classifier("dds", denoiser=DenoiserConfig(path=str(folder)), classifier=tiny_classifier_config(),
-                                  input_shape=SHAPE)
+    return create_base_classifier(
+        "dds", denoiser=DenoiserConfig(path=str(folder)), classifier=tiny_classifier_config(), input_shape=SHAPE
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +40,19 @@ def images():
 
 
 def _units():
-    return [WorkUnit(i, s, phase, c, n) for i in range(4) for s in range(2)
-            for phase, c, n in (("selection", 0, 37), ("estimation", 0, 300), ("estimation", 1, 123))]
+    return [
+        WorkUnit(i, s, phase, c, n)
+        for i in range(4)
+        for s in range(2)
+        for phase, c, n in (("selection", 0, 37), ("estimation", 0, 300), ("estimation", 1, 123))
+    ]
 
 
 def test_a_units_counts_do_not_depend_on_packing_order_or_batch_size(dds_base, images):
     units = _units()
-    packed = Replica(dds_base, [0.25, 0.5], run_seed=7, config=EngineConfig(batch_size=256, noise_block=64)).run(units, images)
+    packed = Replica(dds_base, [0.25, 0.5], run_seed=7, config=EngineConfig(batch_size=256, noise_block=64)).run(
+        units, images
+    )
     other = Replica(dds_base, [0.25, 0.5], run_seed=7, config=EngineConfig(batch_size=33, noise_block=64))
     reordered = other.run(units[::-1], images)
     for unit in units[::5]:
@@ -65,8 +72,13 @@ def test_counts_change_with_the_run_seed(dds_base, images):
 
 def test_unit_seeds_are_distinct_for_every_coordinate():
     base = unit_seed(0, 5, 1, "estimation", 2)
-    others = [unit_seed(1, 5, 1, "estimation", 2), unit_seed(0, 6, 1, "estimation", 2), unit_seed(0, 5, 2, "estimation", 2),
-              unit_seed(0, 5, 1, "selection", 2), unit_seed(0, 5, 1, "estimation", 3)]
+    others = [
+        unit_seed(1, 5, 1, "estimation", 2),
+        unit_seed(0, 6, 1, "estimation", 2),
+        unit_seed(0, 5, 2, "estimation", 2),
+        unit_seed(0, 5, 1, "selection", 2),
+        unit_seed(0, 5, 1, "estimation", 3),
+    ]
     assert len({base, *others}) == 6
     assert split_budget(100_000, 30_000) == [30_000, 30_000, 30_000, 10_000]
 

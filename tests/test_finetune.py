@@ -75,8 +75,16 @@ def test_gradients_reach_the_denoiser_and_never_the_classifier(tmp_path):
 
 def _cfg(tmp_path, **kw):
     folder = save_denoiser_folder(tmp_path / "src")
-    base = dict(denoiser={"path": str(folder)}, classifier=dict(tiny_classifier_config().__dict__), steps=4, batch_size=4,
-                draws=2, checkpoint_every=2, out=str(tmp_path / "ft"), threads=1)
+    base = dict(
+        denoiser={"path": str(folder)},
+        classifier=dict(tiny_classifier_config().__dict__),
+        steps=4,
+        batch_size=4,
+        draws=2,
+        checkpoint_every=2,
+        out=str(tmp_path / "ft"),
+        threads=1,
+    )
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -93,7 +101,9 @@ def test_finetuning_checkpoints_resumes_and_writes_a_loadable_denoiser(tmp_path)
     assert [r["step"] for r in lines] == [1, 2, 3, 4] and all("anti_consistency" in r for r in lines)
     den = load_denoiser({"path": str(out)})
     before = load_denoiser({"path": str(tmp_path / "src")})
-    changed = any(not torch.equal(a, b) for a, b in zip(den.unet.state_dict().values(), before.unet.state_dict().values()))
+    changed = any(
+        not torch.equal(a, b) for a, b in zip(den.unet.state_dict().values(), before.unet.state_dict().values())
+    )
     assert changed
     assert json.loads((out / "finetune_config.json").read_text())["draws"] == 2
 

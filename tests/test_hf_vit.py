@@ -11,8 +11,15 @@ transformers = pytest.importorskip("transformers")
 
 
 def _hf_vit(folder):
-    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                    image_size=32, patch_size=8, num_labels=10)
+    config = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
     torch.manual_seed(0)
     model = transformers.ViTForImageClassification(config).eval()
     for p in model.parameters():  # move LayerNorms and biases off their trivial init
@@ -25,9 +32,19 @@ def _hf_vit(folder):
 
 def test_converted_hf_vit_gives_the_same_logits(tmp_path):
     hf = _hf_vit(tmp_path / "hf")
-    clf = load_classifier(dict(name="vit_base_patch16_224", num_classes=10, in_chans=3, checkpoint=str(tmp_path / "hf"),
-                               checkpoint_format="hf_vit", input_size=[32, 32], mean=[0.5] * 3, std=[0.5] * 3,
-                               model_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)))
+    clf = load_classifier(
+        dict(
+            name="vit_base_patch16_224",
+            num_classes=10,
+            in_chans=3,
+            checkpoint=str(tmp_path / "hf"),
+            checkpoint_format="hf_vit",
+            input_size=[32, 32],
+            mean=[0.5] * 3,
+            std=[0.5] * 3,
+            model_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0),
+        )
+    )
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         ours = clf(x)
@@ -35,9 +52,14 @@ def test_converted_hf_vit_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-LEGACY = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
-          "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense",
-          "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+LEGACY = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
 
 
 def test_the_released_transformers_4_layout_converts_the_same(tmp_path):
@@ -50,8 +72,16 @@ def test_the_released_transformers_4_layout_converts_the_same(tmp_path):
         sd[k.replace("vit.layers.", "vit.encoder.layer.")] = v.contiguous()
     (tmp_path / "legacy").mkdir()
     save_file(sd, str(tmp_path / "legacy" / "model.safetensors"))
-    kw = dict(name="vit_base_patch16_224", num_classes=10, in_chans=3, checkpoint_format="hf_vit", input_size=[32, 32],
-              mean=[0.5] * 3, std=[0.5] * 3, model_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0))
+    kw = dict(
+        name="vit_base_patch16_224",
+        num_classes=10,
+        in_chans=3,
+        checkpoint_format="hf_vit",
+        input_size=[32, 32],
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        model_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0),
+    )
     a = load_classifier(dict(kw, checkpoint=str(tmp_path / "hf")))
     b = load_classifier(dict(kw, checkpoint=str(tmp_path / "legacy" / "model.safetensors")))
     x = torch.rand(2, 3, 32, 32)
@@ -62,5 +92,12 @@ def test_the_released_transformers_4_layout_converts_the_same(tmp_path):
 def test_a_timm_state_dict_is_not_taken_for_an_hf_vit(tmp_path):
     save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelLoadError, match="not a transformers ViTForImageClassification"):
-        load_classifier(dict(name="vit_base_patch16_224", num_classes=10, checkpoint=str(tmp_path), checkpoint_format="hf_vit",
-                             model_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)))
+        load_classifier(
+            dict(
+                name="vit_base_patch16_224",
+                num_classes=10,
+                checkpoint=str(tmp_path),
+                checkpoint_format="hf_vit",
+                model_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+            )
+        )

@@ -1,5 +1,8 @@
 """Denoisers, classifiers and base classifiers: the rules of algorithms.md §3 and safe loading."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,8 @@ from safetensors.torch import save_file
 from raysmooth.errors import ConfigError, ModelLoadError
 from raysmooth.models import (
     DiffusionDenoiser,
+    LinearBase,
+    NormalizedClassifier,
     alphas_cumprod,
     cosine_betas,
     create_base_classifier,
@@ -15,12 +20,20 @@ from raysmooth.models import (
     list_base_classifiers,
     load_classifier,
     load_denoiser,
+    model_sections,
     timestep_for_sigma,
 )
 from raysmooth.models.classifier import ClassifierConfig
 from raysmooth.models.denoiser import DenoiserConfig
 
-from tiny_models import TINY_SCHEDULER, TINY_UNET, save_denoiser_folder, tiny_classifier_config, tiny_unet
+from tiny_models import (
+    TINY_CLASSIFIER,
+    TINY_SCHEDULER,
+    TINY_UNET,
+    save_denoiser_folder,
+    tiny_classifier_config,
+    tiny_unet,
+)
 
 
 # ---- σ → t* ----------------------------------------------------------------------------------------
@@ -116,7 +129,9 @@ def test_a_diffusers_folder_loads_with_from_pretrained(tmp_path):
 def test_our_own_safetensors_load_with_a_config(tmp_path):
     unet = tiny_unet(seed=3)
     save_file(unet.state_dict(), str(tmp_path / "w.safetensors"))
-    den = load_denoiser(DenoiserConfig(weights=str(tmp_path / "w.safetensors"), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
+    den = load_denoiser(
+        DenoiserConfig(weights=str(tmp_path / "w.safetensors"), unet=TINY_UNET, scheduler=TINY_SCHEDULER)
+    )
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
     torch.testing.assert_close(den.unet(x, t).sample, unet(x, t).sample)
 
@@ -130,7 +145,9 @@ def test_a_mismatched_checkpoint_names_the_file_and_the_mismatch(tmp_path):
 
 def test_a_missing_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no such checkpoint file"):
-        load_denoiser(DenoiserConfig(weights=str(tmp_path / "nope.safetensors"), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
+        load_denoiser(
+            DenoiserConfig(weights=str(tmp_path / "nope.safetensors"), unet=TINY_UNET, scheduler=TINY_SCHEDULER)
+        )
     with pytest.raises(ModelLoadError, match="no such denoiser folder"):
         load_denoiser(DenoiserConfig(path=str(tmp_path / "nope")))
 
@@ -201,7 +218,9 @@ def test_dds_is_denoise_then_classify(tmp_path):
 
 def test_diffsmooth_soft_votes_over_fixed_local_noise(tmp_path):
     den_cfg = DenoiserConfig(path=str(save_denoiser_folder(tmp_path / "d")))
-    kw = dict(denoiser=den_cfg, classifier=tiny_classifier_config(), input_shape=(1, 8, 8), local_sigma=0.25, local_samples=3)
+    kw = dict(
+        denoiser=den_cfg, classifier=tiny_classifier_config(), input_shape=(1, 8, 8), local_sigma=0.25, local_samples=3
+    )
     a = create_base_classifier("diffsmooth", **kw)
     b = create_base_classifier("diffsmooth", **kw)
     assert torch.equal(a.local_noise, b.local_noise)  # fixed by the seed: f is deterministic
@@ -214,7 +233,9 @@ def test_diffsmooth_soft_votes_over_fixed_local_noise(tmp_path):
 
 
 def test_onestep_is_conditioned_on_sigma():
-    base = create_base_classifier("onestep", onestep=dict(name="test_efficientnet", num_classes=10, in_chans=1), input_shape=(1, 8, 8))
+    base = create_base_classifier(
+        "onestep", onestep=dict(name="test_efficientnet", num_classes=10, in_chans=1), input_shape=(1, 8, 8)
+    )
     z = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
         lo = base.logits(z, torch.full((2,), 0.25))
@@ -225,3 +246,63 @@ def test_onestep_is_conditioned_on_sigma():
 def test_linear_base_rejects_weights_of_the_wrong_shape():
     with pytest.raises(ConfigError):
         create_base_classifier("linear", weight=np.zeros((2, 10)), bias=np.zeros(2), input_shape=(1, 8, 8))
+
+
+def test_a_classifier_folder_describes_itself_and_loads_back(tmp_path):
+    from raysmooth.models import save_classifier
+    from raysmooth.models.classifier import create_timm_model
+
+    cfg = ClassifierConfig(**TINY_CLASSIFIER)
+    torch.manual_seed(1)
+    module = create_timm_model(cfg)
+    folder = save_classifier(module, cfg, tmp_path / "clf", card={"trained": "here"})
+    assert sorted(p.name for p in folder.iterdir()) == ["card.json", "config.json", "model.safetensors"]
+    loaded = load_classifier({"path": str(folder)})  # nothing but the folder
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(loaded(x), NormalizedClassifier(module.eval(), loaded.contract, 10)(x))
+    assert loaded.contract.input_size == (8, 8) and loaded.contract.mean == (0.5,)
+
+
+def test_a_folder_of_another_kind_is_refused(tmp_path):
+    from raysmooth.models import OneStepConfig, load_onestep, save_onestep
+    from raysmooth.models.onestep import build_onestep
+
+    cfg = OneStepConfig(name="test_efficientnet", num_classes=10, in_chans=1)
+    folder = save_onestep(build_onestep(cfg), cfg, tmp_path / "one")
+    assert load_onestep({"path": str(folder)}).num_classes == 10
+    with pytest.raises(ModelLoadError, match="onestep folder where a classifier folder was expected"):
+        load_classifier({"path": str(folder)})
+
+
+def test_adding_a_method_is_one_registered_function():
+    from raysmooth.models import register_base_classifier
+    from raysmooth.models.base import _REGISTRY
+
+    @register_base_classifier
+    def half_linear(input_shape, classifier: dict, scale: float = 0.5) -> LinearBase:  # noqa: ANN001
+        w = np.eye(2, int(np.prod(input_shape))) * scale
+        return LinearBase(w, np.zeros(2), tuple(input_shape))
+
+    try:
+        name, kwargs = model_sections(
+            {"base": "half_linear", "input_shape": [1, 2, 2], "classifier": {"any": 1}, "options": {"scale": 2.0}}
+        )
+        base = create_base_classifier(name, **kwargs)
+        assert isinstance(base, LinearBase) and float(base.weight[0, 0]) == 2.0
+        with pytest.raises(ConfigError, match="half_linear needs model.classifier"):
+            create_base_classifier("half_linear", input_shape=[1, 2, 2])
+    finally:
+        del _REGISTRY["half_linear"]
+
+
+def test_one_noise_schedule_serves_the_denoiser_the_trainer_and_diffusers():
+    from diffusers import DDPMScheduler
+
+    from raysmooth.models.schedule import DDPM_LINEAR, schedule_from_config
+
+    acp = schedule_from_config(DDPM_LINEAR)
+    assert np.allclose(acp, DDPMScheduler(**DDPM_LINEAR).alphas_cumprod.numpy(), rtol=1e-5)
+    # No other module computes a schedule of its own.
+    pkg = Path(__file__).resolve().parents[1] / "raysmooth"
+    owners = [p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py") if re.search(r"\bcumprod\(", p.read_text())]
+    assert owners == ["models/schedule.py"]

@@ -32,8 +32,14 @@ def local_ray():
 
 
 def _adm_folder(tmp, image_size):
-    cfg = ADMConfig(image_size=image_size, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                    attention_resolutions=[image_size // 2], num_heads=2)
+    cfg = ADMConfig(
+        image_size=image_size,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[image_size // 2],
+        num_heads=2,
+    )
     assert set(adm_key_shapes(cfg))
     torch.save(random_adm(cfg), tmp / "adm.pt")
     return convert_adm_checkpoint(tmp / "adm.pt", tmp / f"adm-{image_size}", cfg)
@@ -49,14 +55,24 @@ def _cifar(tmp):
 
 
 def _hf_vit(tmp, image_size):
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                    image_size=image_size, patch_size=16, num_labels=10)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=16,
+        num_labels=10,
+    )
     model = transformers.ViTForImageClassification(config)
     folder = tmp / "vit"
     folder.mkdir()
     config.save_pretrained(folder)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    return folder, f"+model.classifier.model_kwargs={{img_size:{image_size},patch_size:16,embed_dim:32,depth:1,num_heads:2,mlp_ratio:2.0}}"
+    return (
+        folder,
+        f"+model.classifier.model_kwargs={{img_size:{image_size},patch_size:16,embed_dim:32,depth:1,num_heads:2,mlp_ratio:2.0}}",
+    )
 
 
 SMALL = ["smoothing.n=12", "smoothing.n0=4", "engine=cpu", "ray=local", "ray.num_actors=1", "plot=false"]
@@ -73,8 +89,16 @@ def _run(tmp, overrides, extra=()):
 def test_cifar10_presets_run_on_stand_in_files(tmp_path, experiment):
     den = _adm_folder(tmp_path, 32)
     vit, kwargs = _hf_vit(tmp_path, 224)
-    store = _run(tmp_path, [f"+experiment={experiment}", f"data.root={_cifar(tmp_path)}", f"model.denoiser.path={den}",
-                            f"model.classifier.checkpoint={vit}", kwargs])
+    store = _run(
+        tmp_path,
+        [
+            f"+experiment={experiment}",
+            f"data.root={_cifar(tmp_path)}",
+            f"model.denoiser.path={den}",
+            f"model.classifier.checkpoint={vit}",
+            kwargs,
+        ],
+    )
     assert store.read_counts().num_rows == 3 * 3 * 2
     assert "cascade" in set(store.read_certificates().column("method").to_pylist())
     assert store.manifest["config"]["smoothing"]["n"] == 12
@@ -86,9 +110,16 @@ def test_the_diffsmooth_preset_runs_on_stand_in_files(tmp_path):
     den = _adm_folder(tmp_path, 32)
     net = timm.create_model("resnet18", num_classes=10, in_chans=3, channels=[8, 16, 32, 64])
     save_file(net.state_dict(), str(tmp_path / "clf.safetensors"))
-    store = _run(tmp_path, ["+experiment=diffsmooth_cifar10", f"data.root={_cifar(tmp_path)}", f"model.denoiser.path={den}",
-                            f"model.classifier.checkpoint={tmp_path / 'clf.safetensors'}",
-                            "+model.classifier.model_kwargs={channels:[8,16,32,64]}"])
+    store = _run(
+        tmp_path,
+        [
+            "+experiment=diffsmooth_cifar10",
+            f"data.root={_cifar(tmp_path)}",
+            f"model.denoiser.path={den}",
+            f"model.classifier.checkpoint={tmp_path / 'clf.safetensors'}",
+            "+model.classifier.model_kwargs={channels:[8,16,32,64]}",
+        ],
+    )
     assert store.read_counts().num_rows == 3 * 2 * 2
 
 
@@ -104,15 +135,27 @@ def test_the_imagenet_preset_runs_on_stand_in_files(tmp_path):
     den = _adm_folder(tmp_path, 224)
     net = timm.create_model("test_vit", num_classes=1000)
     save_file(net.state_dict(), str(tmp_path / "beit.safetensors"))
-    store = _run(tmp_path, ["+experiment=carlini_imagenet", f"data.root={val}", "data.skip=1", f"model.denoiser.path={den}",
-                            "model.classifier.name=test_vit", f"model.classifier.checkpoint={tmp_path / 'beit.safetensors'}",
-                            "model.classifier.input_size=[160,160]", "smoothing.sigmas=[0.5]"],
-                 extra=["smoothing.n=4", "smoothing.n0=2"])  # a UNet at 224×224 on the CPU: keep it small
+    store = _run(
+        tmp_path,
+        [
+            "+experiment=carlini_imagenet",
+            f"data.root={val}",
+            "data.skip=1",
+            f"model.denoiser.path={den}",
+            "model.classifier.name=test_vit",
+            f"model.classifier.checkpoint={tmp_path / 'beit.safetensors'}",
+            "model.classifier.input_size=[160,160]",
+            "smoothing.sigmas=[0.5]",
+        ],
+        extra=["smoothing.n=4", "smoothing.n0=2"],
+    )  # a UNet at 224×224 on the CPU: keep it small
     counts = store.read_counts()
     assert counts.num_rows == 2 * 2 and set(counts.column("label").to_pylist()) == {0, 1}
 
 
-@pytest.mark.parametrize("experiment", ["carlini_cifar10", "carlini_imagenet", "multiscale_cifar10", "diffsmooth_cifar10"])
+@pytest.mark.parametrize(
+    "experiment", ["carlini_cifar10", "carlini_imagenet", "multiscale_cifar10", "diffsmooth_cifar10"]
+)
 def test_a_preset_without_its_files_names_them_in_one_line(experiment, capsys, tmp_path):
     with pytest.raises(ConfigError, match="not found"):  # checked when the config is composed, before any actor
         compose("certify", [f"+experiment={experiment}"])

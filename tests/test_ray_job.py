@@ -47,10 +47,23 @@ def ray_head():
     temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # unix socket paths must stay under 108 bytes
     dashboard = _free_port()
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--num-gpus=0", "--object-store-memory=200000000", "--disable-usage-stats",
-         f"--temp-dir={temp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={_free_port()}",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
@@ -79,10 +92,27 @@ def test_ray_job_submit_runs_the_certify_job_and_writes_parquet(ray_head, tmp_pa
 
     ray_bin, env, url = ray_head
     out = tmp_path / "out"
-    cmd = [ray_bin, "job", "submit", "--address", url, "--working-dir", str(ROOT),
-           "--runtime-env-json", '{"excludes": [".venv", "runs", "bench/results", ".git"]}', "--",
-           "python", "jobs/certify.py", "data=synthetic", "model=linear", "smoothing.n=200", "smoothing.n0=20",
-           "ray.num_actors=1", "plot=false", f"out={out}"]
+    cmd = [
+        ray_bin,
+        "job",
+        "submit",
+        "--address",
+        url,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        '{"excludes": [".venv", "runs", "bench/results", ".git"]}',
+        "--",
+        "python",
+        "jobs/certify.py",
+        "data=synthetic",
+        "model=linear",
+        "smoothing.n=200",
+        "smoothing.n0=20",
+        "ray.num_actors=1",
+        "plot=false",
+        f"out={out}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"output directory: {out}" in proc.stdout

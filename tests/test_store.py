@@ -67,7 +67,9 @@ def test_a_key_committed_twice_is_read_once(tmp_path):
 
 
 def test_resuming_with_the_same_config_keeps_the_rows(tmp_path):
-    RunStore.create(tmp_path / "run", {"a": 1, "b": [1, 2]}).append_counts(_records(range(5)), model_id="m", seed=0, alpha=0.001)
+    RunStore.create(tmp_path / "run", {"a": 1, "b": [1, 2]}).append_counts(
+        _records(range(5)), model_id="m", seed=0, alpha=0.001
+    )
     again = RunStore.create(tmp_path / "run", {"b": [1, 2], "a": 1})  # same config, other key order
     assert again.read_counts().num_rows == 5
 

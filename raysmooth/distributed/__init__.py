@@ -3,12 +3,26 @@
 It knows how to move work units and counts around; it knows nothing of bounds or radii.
 """
 
-from .driver import ActorSpec, Driver, DistributedError, ReplicaActor, start_actors, user_error_of
+from .driver import ActorSpec, DistributedError, Driver, ReplicaActor, start_actors, user_error_of
 from .planner import FinishedRow, Planner
 from .progress import Progress
 from .sampling import SampleResult, sample_counts
 from .session import actor_spec, connect, runtime_env_for, start_replicas
 
-__all__ = ["ActorSpec", "Driver", "DistributedError", "FinishedRow", "Planner", "Progress", "ReplicaActor",
-           "SampleResult", "actor_spec", "connect", "runtime_env_for", "sample_counts", "start_actors",
-           "start_replicas", "user_error_of"]
+__all__ = [
+    "ActorSpec",
+    "Driver",
+    "DistributedError",
+    "FinishedRow",
+    "Planner",
+    "Progress",
+    "ReplicaActor",
+    "SampleResult",
+    "actor_spec",
+    "connect",
+    "runtime_env_for",
+    "sample_counts",
+    "start_actors",
+    "start_replicas",
+    "user_error_of",
+]

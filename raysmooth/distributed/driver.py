@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,15 +40,25 @@ class ReplicaActor:
     its one line (Ray would otherwise report an ``ActorDiedError`` with the traceback inside).
     """
 
-    def __init__(self, model: Mapping[str, Any], sigmas: Sequence[float], run_seed: int, engine: Mapping[str, Any],
-                 threads: int | None = None):
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        sigmas: Sequence[float],
+        run_seed: int,
+        engine: Mapping[str, Any],
+        threads: int | None = None,
+    ):
         self.error: Exception | None = None
         self.replica = None
         try:
             self._build(model, sigmas, run_seed, engine, threads)
         except Exception as exc:  # noqa: BLE001 - reported through describe()
-            self.error = exc if isinstance(exc, RaySmoothError) else ModelLoadError(
-                f"building the model on a Ray worker failed: {type(exc).__name__}: {one_line(exc, 200)}")
+            where = f"on Ray worker {socket.gethostname()}"
+            self.error = (
+                type(exc)(f"{exc} ({where})")
+                if isinstance(exc, RaySmoothError)
+                else ModelLoadError(f"building the model failed {where}: {type(exc).__name__}: {one_line(exc, 200)}")
+            )
 
     def _build(self, model, sigmas, run_seed, engine, threads) -> None:
         import torch
@@ -69,9 +81,15 @@ class ReplicaActor:
         if self.error is not None:
             raise self.error
         base = self.replica.base
-        return {"num_classes": base.num_classes, "input_shape": list(base.input_shape), "model_id": base.model_id,
-                "device": str(self.device), "pid": os.getpid(), "batch_size": self.replica.batch_size,
-                "applied_sigmas": self.replica.applied_sigmas}
+        return {
+            "num_classes": base.num_classes,
+            "input_shape": list(base.input_shape),
+            "model_id": base.model_id,
+            "device": str(self.device),
+            "pid": os.getpid(),
+            "batch_size": self.replica.batch_size,
+            "applied_sigmas": self.replica.applied_sigmas,
+        }
 
     def run(self, units: list[WorkUnit], images: dict[int, np.ndarray]) -> tuple[list[tuple], list[np.ndarray], float]:
         if self.error is not None:
@@ -87,18 +105,15 @@ class ActorSpec:
     num_cpus: float
     num_gpus: float
     max_restarts: int
-    runtime_env: dict | None = None  # e.g. py_modules that ship a user's model code to the workers
 
 
 def start_actors(spec: ActorSpec, *args: Any, **kwargs: Any) -> list:
     """Create the replica actors; Ray restarts a dead one, the driver never waits for it."""
     import ray
 
-    options: dict[str, Any] = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=spec.max_restarts,
-                                   max_task_retries=0)
-    if spec.runtime_env:
-        options["runtime_env"] = spec.runtime_env
-    remote = ray.remote(ReplicaActor).options(**options)
+    remote = ray.remote(ReplicaActor).options(
+        num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=spec.max_restarts, max_task_retries=0
+    )
     return [remote.remote(*args, **kwargs) for _ in range(spec.num_actors)]
 
 
@@ -120,10 +135,19 @@ def user_error_of(exc: BaseException) -> RaySmoothError | None:
 class Driver:
     """Feeds actors from a Planner with bounded in-flight work; survives actor loss."""
 
-    def __init__(self, actors: list, images: Mapping[int, np.ndarray], planner: Planner, *,
-                 on_rows: Callable[[list[FinishedRow]], None], max_in_flight_per_actor: int = 2,
-                 samples_per_task: int = 4000, task_timeout_s: float | None = None,
-                 progress: Callable[[Planner, float], None] | None = None, give_up_after_s: float = GIVE_UP_AFTER_S):
+    def __init__(
+        self,
+        actors: list,
+        images: Mapping[int, np.ndarray],
+        planner: Planner,
+        *,
+        on_rows: Callable[[list[FinishedRow]], None],
+        max_in_flight_per_actor: int = 2,
+        samples_per_task: int = 4000,
+        task_timeout_s: float | None = None,
+        progress: Callable[[Planner, float], None] | None = None,
+        give_up_after_s: float = GIVE_UP_AFTER_S,
+    ):
         self.actors = list(actors)
         self.images = images
         self.planner = planner
@@ -183,9 +207,13 @@ class Driver:
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             now = time.monotonic()
             if not ready and self.task_timeout_s:
-                for ref, (actor, units, t0) in list(in_flight.items()):
+                for ref, (_actor, units, t0) in list(in_flight.items()):
                     if now - t0 > self.task_timeout_s:
-                        log.warning("task of %d units ran over %.0f s; handing it to another actor", len(units), self.task_timeout_s)
+                        log.warning(
+                            "task of %d units ran over %.0f s; handing it to another actor",
+                            len(units),
+                            self.task_timeout_s,
+                        )
                         try:
                             ray.cancel(ref, force=False)  # best effort: a busy sync actor finishes it anyway
                         except Exception:  # noqa: BLE001 - cancelling is advisory; re-queueing is what counts

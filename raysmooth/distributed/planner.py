@@ -9,8 +9,8 @@ counts), plus, in cascade mode, the counts of a level until its other phase arri
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,10 +42,20 @@ class Planner:
     counts of stored rows whose level still misses its other phase (the decision needs both).
     """
 
-    def __init__(self, image_ids: Sequence[int], num_sigmas: int, n0: int, n: int, chunk: int, *,
-                 mode: str = "full", stop_rule: StopRule | None = None, existing: Iterable[RowKey] = (),
-                 decided: Mapping[tuple[int, int], bool] | None = None,
-                 half_levels: Mapping[RowKey, np.ndarray] | None = None):
+    def __init__(
+        self,
+        image_ids: Sequence[int],
+        num_sigmas: int,
+        n0: int,
+        n: int,
+        chunk: int,
+        *,
+        mode: str = "full",
+        stop_rule: StopRule | None = None,
+        existing: Iterable[RowKey] = (),
+        decided: Mapping[tuple[int, int], bool] | None = None,
+        half_levels: Mapping[RowKey, np.ndarray] | None = None,
+    ):
         if mode not in ("full", "cascade"):
             raise ValueError(f"mode must be full or cascade, got {mode!r}")
         if mode == "cascade" and stop_rule is None:

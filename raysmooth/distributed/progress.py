@@ -32,8 +32,10 @@ class Progress:
             remaining = planner.samples_planned - planner.samples_done
             eta = f"ETA {remaining / rate:,.0f} s" if rate > 0 else "ETA ?"
             return f"{done}/{self.total} images, {rate:,.0f} samples/s, {eta}"
-        return (f"{done}/{self.total} images done, {planner.open_images} open, {planner.samples_done:,} samples, "
-                f"{rate:,.0f} samples/s")
+        return (
+            f"{done}/{self.total} images done, {planner.open_images} open, {planner.samples_done:,} samples, "
+            f"{rate:,.0f} samples/s"
+        )
 
     def __call__(self, planner, elapsed: float) -> None:
         done = len(planner.finished_images)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from ..store import CountsRecord, RunStore
 from .driver import Driver
@@ -24,10 +25,22 @@ class SampleResult:
     retried_units: int
 
 
-def sample_counts(actors: list, images: Mapping[int, Any], labels: Mapping[int, int], sigmas: Sequence[float],
-                  planner: Planner, store: RunStore, *, model_id: str, seed: int, alpha: float, ray_cfg: Any,
-                  flush_every: int = 200, flush_seconds: float = 30.0,
-                  progress: Callable[[Planner, float], None] | None = None) -> SampleResult:
+def sample_counts(
+    actors: list,
+    images: Mapping[int, Any],
+    labels: Mapping[int, int],
+    sigmas: Sequence[float],
+    planner: Planner,
+    store: RunStore,
+    *,
+    model_id: str,
+    seed: int,
+    alpha: float,
+    ray_cfg: Any,
+    flush_every: int = 200,
+    flush_seconds: float = 30.0,
+    progress: Callable[[Planner, float], None] | None = None,
+) -> SampleResult:
     """Run the planner's work on ``actors`` until none is left; returns how many rows were committed."""
     import ray
 
@@ -43,15 +56,26 @@ def sample_counts(actors: list, images: Mapping[int, Any], labels: Mapping[int, 
 
     def on_rows(rows: list[FinishedRow]) -> None:
         for r in rows:
-            buffer.append(CountsRecord(r.image_id, labels[r.image_id], sigmas[r.sigma_index], r.phase, r.counts,
-                                       r.round, r.seq_continue))
+            buffer.append(
+                CountsRecord(
+                    r.image_id, labels[r.image_id], sigmas[r.sigma_index], r.phase, r.counts, r.round, r.seq_continue
+                )
+            )
         if len(buffer) >= flush_every or time.monotonic() - state["last_flush"] > flush_seconds:
             flush()
 
     bar = progress or Progress(len(images))
-    driver = Driver(actors, images, planner, on_rows=on_rows, max_in_flight_per_actor=ray_cfg.max_in_flight_per_actor,
-                    samples_per_task=ray_cfg.samples_per_task, task_timeout_s=ray_cfg.task_timeout_s,
-                    progress=bar, give_up_after_s=ray_cfg.give_up_after_s)
+    driver = Driver(
+        actors,
+        images,
+        planner,
+        on_rows=on_rows,
+        max_in_flight_per_actor=ray_cfg.max_in_flight_per_actor,
+        samples_per_task=ray_cfg.samples_per_task,
+        task_timeout_s=ray_cfg.task_timeout_s,
+        progress=bar,
+        give_up_after_s=ray_cfg.give_up_after_s,
+    )
     try:
         driver.run()
     finally:

@@ -8,8 +8,9 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..errors import ConfigError, RaySmoothError, one_line
 from .driver import ActorSpec, DistributedError, start_actors, user_error_of
@@ -19,30 +20,46 @@ __all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas"]
 log = logging.getLogger("raysmooth")
 
 
-def connect(address: str | None, local_cpus: int | None = None) -> None:
+def connect(address: str | None, local_cpus: int | None = None, runtime_env: dict | None = None) -> None:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``, as inside ``ray job submit``), else start a
-    local one. A failure is one line that says what to try."""
+    local one; ``runtime_env`` (a user's model package) is merged into the job's. A failure is one
+    line that says what to try."""
     import ray
 
     if ray.is_initialized():
+        if runtime_env:
+            log.warning(
+                "Ray was already initialised in this process: %s is not shipped to the workers, which must "
+                "import it themselves",
+                runtime_env.get("py_modules"),
+            )
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
-            ray.init(num_cpus=local_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
-                     logging_level=logging.WARNING)
+            ray.init(
+                num_cpus=local_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=True,
+                logging_level=logging.WARNING,
+                runtime_env=runtime_env,
+            )
     except Exception as exc:  # noqa: BLE001 - ray.init raises many kinds (ConnectionError, TimeoutError, RuntimeError…)
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-        hint = ("check that the cluster is up (`ray status --address ...`) and the address is right"
-                if address else "a machine under heavy load starts Ray slowly: run again, end stale Ray processes "
-                "with `ray stop`, or start one yourself (`ray start --head`) and pass ray.address=auto")
-        raise DistributedError(f"could not start or reach {where} ({type(exc).__name__}: {one_line(exc, 160)}); {hint}") from None
+        hint = (
+            "check that the cluster is up (`ray status --address ...`) and the address is right"
+            if address
+            else "a machine under heavy load starts Ray slowly: run again, end stale Ray processes "
+            "with `ray stop`, or start one yourself (`ray start --head`) and pass ray.address=auto"
+        )
+        raise DistributedError(
+            f"could not start or reach {where} ({type(exc).__name__}: {one_line(exc, 160)}); {hint}"
+        ) from None
 
 
-def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float, max_restarts: int,
-               runtime_env: dict | None = None) -> ActorSpec:
+def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float, max_restarts: int) -> ActorSpec:
     """One actor per GPU (or per ``cpus_per_actor`` CPUs) of the cluster unless ``num_actors`` is set."""
     import ray
 
@@ -51,17 +68,20 @@ def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: fl
         if gpus_per_actor > 0:
             num_actors = int(resources.get("GPU", 0) // gpus_per_actor)
             if num_actors < 1:
-                raise ConfigError(f"ray.gpus_per_actor={gpus_per_actor:g} but the cluster has {resources.get('GPU', 0):g} "
-                                  "GPU(s); use engine=cpu ray=local on a machine without a GPU")
+                raise ConfigError(
+                    f"ray.gpus_per_actor={gpus_per_actor:g} but the cluster has {resources.get('GPU', 0):g} "
+                    "GPU(s); use engine=cpu ray=local on a machine without a GPU"
+                )
         else:
             num_actors = int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-9))
         num_actors = max(1, num_actors)
-    return ActorSpec(int(num_actors), cpus_per_actor, gpus_per_actor, max_restarts, runtime_env)
+    return ActorSpec(int(num_actors), cpus_per_actor, gpus_per_actor, max_restarts)
 
 
 def runtime_env_for(base: str) -> dict | None:
     """For ``model.base=pkg.module:builder``: ship ``pkg`` to the workers with Ray's runtime environment
-    (``py_modules``), unless it is installed in site-packages, where every node has it anyway."""
+    (``py_modules``, given to ``ray.init``: Ray uploads local folders for the whole job), unless it is
+    installed in site-packages, where every node has it anyway."""
     if ":" not in base:
         return None
     top = base.partition(":")[0].split(".")[0]
@@ -70,13 +90,19 @@ def runtime_env_for(base: str) -> dict | None:
         raise ConfigError(f"model.base={base}: cannot find the module {top} (is it installed or on PYTHONPATH?)")
     module = sys.modules.get(top) or importlib.import_module(top)
     location = Path(next(iter(getattr(module, "__path__", [])), None) or module.__file__ or "")
-    if any(part in ("site-packages", "dist-packages") for part in location.parts):
+    if not str(location) or any(part in ("site-packages", "dist-packages") for part in location.parts):
         return None
-    return {"py_modules": [module]}
+    return {"py_modules": [str(location)]}  # a package's folder, or a single module's file
 
 
-def start_replicas(spec: ActorSpec, model: Mapping[str, Any], sigmas: Sequence[float], seed: int,
-                   engine: Mapping[str, Any], threads: int | None) -> tuple[list, list[dict]]:
+def start_replicas(
+    spec: ActorSpec,
+    model: Mapping[str, Any],
+    sigmas: Sequence[float],
+    seed: int,
+    engine: Mapping[str, Any],
+    threads: int | None,
+) -> tuple[list, list[dict]]:
     """Start the actors and wait until each has built its model; returns them and what each reports
     (classes, input shape, model id, batch size, the σ its noise really has)."""
     import ray
@@ -93,8 +119,10 @@ def start_replicas(spec: ActorSpec, model: Mapping[str, Any], sigmas: Sequence[f
         if cause is not None:  # a model the actor could not build: the user's to fix
             raise type(cause)(str(cause)) from None
         if isinstance(exc, RayActorError) or "RuntimeEnvSetupError" in type(exc).__name__:
-            raise DistributedError(f"a replica actor could not start ({type(exc).__name__}: {one_line(exc, 200)}); "
-                                   "see the worker logs (`ray logs`) for the reason") from None
+            raise DistributedError(
+                f"a replica actor could not start ({type(exc).__name__}: {one_line(exc, 200)}); "
+                "see the worker logs (`ray logs`) for the reason"
+            ) from None
         raise
     except RaySmoothError:
         raise

@@ -7,7 +7,8 @@ logits. With a denoiser in front it becomes denoised smoothing (``dds``) around 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,18 +31,29 @@ def _infer_num_classes(module: nn.Module, shape: Sequence[int]) -> int:
             out = module(torch.zeros((1, *shape), device=device))
         module.train(was_training)
     except Exception as exc:  # noqa: BLE001 - any failure means we cannot tell; say so in one line
-        raise ConfigError(f"cannot run the model on an input of shape (1, {', '.join(map(str, shape))}) to find its number "
-                          f"of classes ({type(exc).__name__}: {one_line(exc, 160)}); give num_classes") from None
+        raise ConfigError(
+            f"cannot run the model on an input of shape (1, {', '.join(map(str, shape))}) to find its number "
+            f"of classes ({type(exc).__name__}: {one_line(exc, 160)}); give num_classes"
+        ) from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ConfigError(f"the model must return logits of shape (batch, classes); it returned "
-                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        raise ConfigError(
+            f"the model must return logits of shape (batch, classes); it returned "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+        )
     return int(out.shape[1])
 
 
-def as_classifier(module: nn.Module, *, input_shape: Sequence[int], num_classes: int | None = None,
-                  input_size: Sequence[int] | None = None, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None, interpolation: str = "bicubic",
-                  model_id: str | None = None) -> NormalizedClassifier:
+def as_classifier(
+    module: nn.Module,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int | None = None,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str = "bicubic",
+    model_id: str | None = None,
+) -> NormalizedClassifier:
     """Wrap ``module`` so that it takes images in [0,1] of ``input_shape`` (C, H, W): resized to
     ``input_size`` and normalised by ``mean``/``std`` first when given (identity otherwise)."""
     if not isinstance(module, nn.Module):
@@ -63,8 +75,9 @@ def as_classifier(module: nn.Module, *, input_shape: Sequence[int], num_classes:
     return NormalizedClassifier(module, InputContract(size, interpolation, mean, std), int(num_classes), model_id=name)
 
 
-def from_module(module: nn.Module | NormalizedClassifier, input_shape: Sequence[int], *, denoiser: Any = None,
-                **adapter: Any) -> BaseClassifier:
+def from_module(
+    module: nn.Module | NormalizedClassifier, input_shape: Sequence[int], *, denoiser: Any = None, **adapter: Any
+) -> BaseClassifier:
     """A base classifier around a user's module: plain (Cohen et al.) or, with a ``denoiser``
     (``DiffusionDenoiser``, diffusers folder path or ``DenoiserConfig`` fields), denoise-then-classify."""
     shape = tuple(int(s) for s in input_shape)
@@ -76,26 +89,38 @@ def from_module(module: nn.Module | NormalizedClassifier, input_shape: Sequence[
     from .denoiser import DiffusionDenoiser, load_denoiser
 
     if not isinstance(denoiser, DiffusionDenoiser):
-        denoiser = load_denoiser({"path": str(denoiser)} if isinstance(denoiser, (str,)) or hasattr(denoiser, "__fspath__")
-                                 else denoiser)
+        denoiser = load_denoiser(
+            {"path": str(denoiser)} if isinstance(denoiser, (str,)) or hasattr(denoiser, "__fspath__") else denoiser
+        )
     return DenoiseThenClassify(denoiser, clf, shape)
 
 
 _ADAPTER_KEYS = ("num_classes", "input_size", "mean", "std", "interpolation")
 
 
-def user_base_classifier(target: str, builder: Callable[..., nn.Module], *, input_shape: Sequence[int],
-                         classifier: dict | None = None, denoiser: dict | None = None, **options: Any) -> BaseClassifier:
+def user_base_classifier(
+    target: str,
+    builder: Callable[..., nn.Module],
+    *,
+    input_shape: Sequence[int],
+    classifier: dict | None = None,
+    denoiser: dict | None = None,
+    **options: Any,
+) -> BaseClassifier:
     """``model.base=pkg.module:builder``: ``builder(**model.options)`` returns the module; the
     ``model.classifier`` section may give its input contract (num_classes, input_size, mean, std,
     interpolation) and ``model.denoiser`` puts a diffusion denoiser in front."""
     extra = sorted(set(classifier or {}) - set(_ADAPTER_KEYS))
     if extra:
-        raise ConfigError(f"model.classifier for model.base={target} takes only {', '.join(_ADAPTER_KEYS)}; got {extra}")
+        raise ConfigError(
+            f"model.classifier for model.base={target} takes only {', '.join(_ADAPTER_KEYS)}; got {extra}"
+        )
     try:
         module = builder(**options)
     except TypeError as exc:
-        raise ConfigError(f"model.base={target}: the builder does not take model.options {sorted(options)} ({exc})") from None
+        raise ConfigError(
+            f"model.base={target}: the builder does not take model.options {sorted(options)} ({exc})"
+        ) from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"model.base={target}: the builder returned {type(module).__name__}, not a torch.nn.Module")
     return from_module(module, input_shape, denoiser=denoiser, model_id=target, **(classifier or {}))

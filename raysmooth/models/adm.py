@@ -11,17 +11,24 @@ be de-interleaved; a plain split into three thirds is wrong for more than one he
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..errors import ModelLoadError
 from .checkpoints import load_state_dict_file, mismatch
 
-__all__ = ["ADMConfig", "ADM_PRESETS", "adm_key_shapes", "adm_to_diffusers", "unet_config", "convert_adm_checkpoint",
-           "deinterleave_qkv"]
+__all__ = [
+    "ADMConfig",
+    "ADM_PRESETS",
+    "adm_key_shapes",
+    "adm_to_diffusers",
+    "unet_config",
+    "convert_adm_checkpoint",
+    "deinterleave_qkv",
+]
 
 
 @dataclass
@@ -56,9 +63,19 @@ ADM_PRESETS: dict[str, ADMConfig] = {
     # improved-diffusion cifar10_uncond_50M_500K.pt (Carlini et al., Jeong & Shin, DiffSmooth on CIFAR-10)
     "cifar10": ADMConfig(),
     # guided-diffusion 256x256_diffusion_uncond.pt (Carlini et al., DiffSmooth on ImageNet)
-    "imagenet256": ADMConfig(image_size=256, model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_res_blocks=2,
-                             attention_resolutions=[32, 16, 8], num_heads=4, num_head_channels=64, resblock_updown=True,
-                             diffusion_steps=1000, noise_schedule="linear", rescale_timesteps=False),
+    "imagenet256": ADMConfig(
+        image_size=256,
+        model_channels=256,
+        channel_mult=[1, 1, 2, 2, 4, 4],
+        num_res_blocks=2,
+        attention_resolutions=[32, 16, 8],
+        num_heads=4,
+        num_head_channels=64,
+        resblock_updown=True,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        rescale_timesteps=False,
+    ),
 }
 
 
@@ -137,8 +154,10 @@ def adm_key_shapes(cfg: ADMConfig) -> dict[str, tuple]:
     """Every key of an ADM state dict with this config, with its shape (as in the released files)."""
     mc, emb = cfg.model_channels, 4 * cfg.model_channels
     shapes: dict[str, tuple] = {
-        "time_embed.0.weight": (emb, mc), "time_embed.0.bias": (emb,),
-        "time_embed.2.weight": (emb, emb), "time_embed.2.bias": (emb,),
+        "time_embed.0.weight": (emb, mc),
+        "time_embed.0.bias": (emb,),
+        "time_embed.2.weight": (emb, emb),
+        "time_embed.2.bias": (emb,),
     }
     for kind, adm, _, cin, cout in _walk(cfg):
         if kind == "conv_in":
@@ -152,7 +171,9 @@ def adm_key_shapes(cfg: ADMConfig) -> dict[str, tuple]:
         elif kind == "up" and cfg.conv_resample:
             shapes[f"{adm}.conv.weight"], shapes[f"{adm}.conv.bias"] = (cout, cin, 3, 3), (cout,)
         elif kind == "out":
-            shapes.update({"out.0.weight": (cin,), "out.0.bias": (cin,), "out.2.weight": (cout, cin, 3, 3), "out.2.bias": (cout,)})
+            shapes.update(
+                {"out.0.weight": (cin,), "out.0.bias": (cin,), "out.2.weight": (cout, cin, 3, 3), "out.2.bias": (cout,)}
+            )
     return shapes
 
 
@@ -180,12 +201,25 @@ def unet_config(cfg: ADMConfig) -> dict:
         else:
             up.append("ResnetUpsampleBlock2D" if cfg.resblock_updown else "UpBlock2D")
     return dict(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        layers_per_block=cfg.num_res_blocks, block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
-        down_block_types=down, up_block_types=up, time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0,
-        norm_num_groups=32, norm_eps=1e-5, attn_norm_num_groups=32, attention_head_dim=head_dim,
-        resnet_time_scale_shift="scale_shift", downsample_type="resnet" if cfg.resblock_updown else "conv",
-        upsample_type="resnet" if cfg.resblock_updown else "conv", act_fn="silu", add_attention=True,
+        sample_size=cfg.image_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        layers_per_block=cfg.num_res_blocks,
+        block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult],
+        down_block_types=down,
+        up_block_types=up,
+        time_embedding_type="positional",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        attn_norm_num_groups=32,
+        attention_head_dim=head_dim,
+        resnet_time_scale_shift="scale_shift",
+        downsample_type="resnet" if cfg.resblock_updown else "conv",
+        upsample_type="resnet" if cfg.resblock_updown else "conv",
+        act_fn="silu",
+        add_attention=True,
     )
 
 
@@ -201,11 +235,16 @@ def deinterleave_qkv(w: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.T
 
 def _map_resblock(sd: dict, adm: str, dif: str) -> dict:
     out = {
-        f"{dif}.norm1.weight": sd[f"{adm}.in_layers.0.weight"], f"{dif}.norm1.bias": sd[f"{adm}.in_layers.0.bias"],
-        f"{dif}.conv1.weight": sd[f"{adm}.in_layers.2.weight"], f"{dif}.conv1.bias": sd[f"{adm}.in_layers.2.bias"],
-        f"{dif}.time_emb_proj.weight": sd[f"{adm}.emb_layers.1.weight"], f"{dif}.time_emb_proj.bias": sd[f"{adm}.emb_layers.1.bias"],
-        f"{dif}.norm2.weight": sd[f"{adm}.out_layers.0.weight"], f"{dif}.norm2.bias": sd[f"{adm}.out_layers.0.bias"],
-        f"{dif}.conv2.weight": sd[f"{adm}.out_layers.3.weight"], f"{dif}.conv2.bias": sd[f"{adm}.out_layers.3.bias"],
+        f"{dif}.norm1.weight": sd[f"{adm}.in_layers.0.weight"],
+        f"{dif}.norm1.bias": sd[f"{adm}.in_layers.0.bias"],
+        f"{dif}.conv1.weight": sd[f"{adm}.in_layers.2.weight"],
+        f"{dif}.conv1.bias": sd[f"{adm}.in_layers.2.bias"],
+        f"{dif}.time_emb_proj.weight": sd[f"{adm}.emb_layers.1.weight"],
+        f"{dif}.time_emb_proj.bias": sd[f"{adm}.emb_layers.1.bias"],
+        f"{dif}.norm2.weight": sd[f"{adm}.out_layers.0.weight"],
+        f"{dif}.norm2.bias": sd[f"{adm}.out_layers.0.bias"],
+        f"{dif}.conv2.weight": sd[f"{adm}.out_layers.3.weight"],
+        f"{dif}.conv2.bias": sd[f"{adm}.out_layers.3.bias"],
     }
     if f"{adm}.skip_connection.weight" in sd:
         out[f"{dif}.conv_shortcut.weight"] = sd[f"{adm}.skip_connection.weight"]
@@ -217,10 +256,16 @@ def _map_attention(sd: dict, adm: str, dif: str, heads: int) -> dict:
     qw, kw, vw = deinterleave_qkv(sd[f"{adm}.qkv.weight"][..., 0], heads)
     qb, kb, vb = deinterleave_qkv(sd[f"{adm}.qkv.bias"], heads)
     return {
-        f"{dif}.group_norm.weight": sd[f"{adm}.norm.weight"], f"{dif}.group_norm.bias": sd[f"{adm}.norm.bias"],
-        f"{dif}.to_q.weight": qw, f"{dif}.to_q.bias": qb, f"{dif}.to_k.weight": kw, f"{dif}.to_k.bias": kb,
-        f"{dif}.to_v.weight": vw, f"{dif}.to_v.bias": vb,
-        f"{dif}.to_out.0.weight": sd[f"{adm}.proj_out.weight"][..., 0], f"{dif}.to_out.0.bias": sd[f"{adm}.proj_out.bias"],
+        f"{dif}.group_norm.weight": sd[f"{adm}.norm.weight"],
+        f"{dif}.group_norm.bias": sd[f"{adm}.norm.bias"],
+        f"{dif}.to_q.weight": qw,
+        f"{dif}.to_q.bias": qb,
+        f"{dif}.to_k.weight": kw,
+        f"{dif}.to_k.bias": kb,
+        f"{dif}.to_v.weight": vw,
+        f"{dif}.to_v.bias": vb,
+        f"{dif}.to_out.0.weight": sd[f"{adm}.proj_out.weight"][..., 0],
+        f"{dif}.to_out.0.bias": sd[f"{adm}.proj_out.bias"],
     }
 
 
@@ -230,14 +275,18 @@ def _check_layout(sd: dict, cfg: ADMConfig, source: str) -> None:
         raise ModelLoadError(f"{source}: not an ADM checkpoint of this config: {problem}")
 
 
-def adm_to_diffusers(sd: dict[str, torch.Tensor], cfg: ADMConfig, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def adm_to_diffusers(
+    sd: dict[str, torch.Tensor], cfg: ADMConfig, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Rename (and de-interleave) an ADM state dict into ``UNet2DModel(**unet_config(cfg))`` keys."""
     _check_layout(sd, cfg, source)
     out = {
-        "time_embedding.linear_1.weight": sd["time_embed.0.weight"], "time_embedding.linear_1.bias": sd["time_embed.0.bias"],
-        "time_embedding.linear_2.weight": sd["time_embed.2.weight"], "time_embedding.linear_2.bias": sd["time_embed.2.bias"],
+        "time_embedding.linear_1.weight": sd["time_embed.0.weight"],
+        "time_embedding.linear_1.bias": sd["time_embed.0.bias"],
+        "time_embedding.linear_2.weight": sd["time_embed.2.weight"],
+        "time_embedding.linear_2.bias": sd["time_embed.2.bias"],
     }
-    for kind, adm, dif, cin, cout in _walk(cfg):
+    for kind, adm, dif, cin, _cout in _walk(cfg):
         if kind == "conv_in":
             out["conv_in.weight"], out["conv_in.bias"] = sd[f"{adm}.weight"], sd[f"{adm}.bias"]
         elif kind in ("res", "res_down", "res_up"):
@@ -249,8 +298,14 @@ def adm_to_diffusers(sd: dict[str, torch.Tensor], cfg: ADMConfig, source: str = 
         elif kind == "up" and cfg.conv_resample:
             out[f"{dif}.conv.weight"], out[f"{dif}.conv.bias"] = sd[f"{adm}.conv.weight"], sd[f"{adm}.conv.bias"]
         elif kind == "out":
-            out.update({"conv_norm_out.weight": sd["out.0.weight"], "conv_norm_out.bias": sd["out.0.bias"],
-                        "conv_out.weight": sd["out.2.weight"], "conv_out.bias": sd["out.2.bias"]})
+            out.update(
+                {
+                    "conv_norm_out.weight": sd["out.0.weight"],
+                    "conv_norm_out.bias": sd["out.0.bias"],
+                    "conv_out.weight": sd["out.2.weight"],
+                    "conv_out.bias": sd["out.2.bias"],
+                }
+            )
     return out
 
 
@@ -269,14 +324,24 @@ def convert_adm_checkpoint(src: str | Path, dst: str | Path, cfg: ADMConfig) -> 
         raise RuntimeError(f"ADM mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
     tmp = dst.with_name(f"_{dst.name}.tmp")
     unet.save_pretrained(tmp / "unet")
-    DDPMScheduler(num_train_timesteps=cfg.diffusion_steps,
-                  beta_schedule="squaredcos_cap_v2" if cfg.noise_schedule == "cosine" else "linear",
-                  beta_start=1e-4 * 1000 / cfg.diffusion_steps, beta_end=0.02 * 1000 / cfg.diffusion_steps,
-                  variance_type="learned_range" if cfg.learn_sigma else "fixed_small").save_pretrained(tmp / "scheduler")
-    (tmp / "raysmooth.json").write_text(json.dumps({
-        "source": str(src), "adm_config": asdict(cfg),
-        "timestep_scale": 1000 / cfg.diffusion_steps if cfg.rescale_timesteps else 1.0,
-    }, indent=2) + "\n")
+    DDPMScheduler(
+        num_train_timesteps=cfg.diffusion_steps,
+        beta_schedule="squaredcos_cap_v2" if cfg.noise_schedule == "cosine" else "linear",
+        beta_start=1e-4 * 1000 / cfg.diffusion_steps,
+        beta_end=0.02 * 1000 / cfg.diffusion_steps,
+        variance_type="learned_range" if cfg.learn_sigma else "fixed_small",
+    ).save_pretrained(tmp / "scheduler")
+    (tmp / "raysmooth.json").write_text(
+        json.dumps(
+            {
+                "source": str(src),
+                "adm_config": asdict(cfg),
+                "timestep_scale": 1000 / cfg.diffusion_steps if cfg.rescale_timesteps else 1.0,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.rmdir()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,10 +38,10 @@ __all__ = [
     "import_builder",
 ]
 
-_REGISTRY: dict[str, Callable[..., "BaseClassifier"]] = {}
+_REGISTRY: dict[str, Callable[..., BaseClassifier]] = {}
 
 
-def register_base_classifier(fn: Callable[..., "BaseClassifier"]) -> Callable[..., "BaseClassifier"]:
+def register_base_classifier(fn: Callable[..., BaseClassifier]) -> Callable[..., BaseClassifier]:
     _REGISTRY[fn.__name__] = fn
     return fn
 
@@ -53,13 +54,17 @@ def import_builder(target: str) -> Callable[..., nn.Module]:
     """The function named by ``pkg.module:builder`` (a one-line error when it cannot be imported)."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise ConfigError(f"model.base: {target!r} is neither a registered base classifier "
-                          f"({', '.join(list_base_classifiers())}) nor an import path pkg.module:builder")
+        raise ConfigError(
+            f"model.base: {target!r} is neither a registered base classifier "
+            f"({', '.join(list_base_classifiers())}) nor an import path pkg.module:builder"
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises while importing
-        raise ConfigError(f"model.base={target}: cannot import {module_name} ({type(exc).__name__}: {one_line(exc, 160)}); "
-                          "is it installed or on PYTHONPATH?") from None
+        raise ConfigError(
+            f"model.base={target}: cannot import {module_name} ({type(exc).__name__}: {one_line(exc, 160)}); "
+            "is it installed or on PYTHONPATH?"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"model.base={target}: {module_name} has no callable {attr!r}")
@@ -77,11 +82,13 @@ def _bind(name: str, fn: Callable, kwargs: dict[str, Any]) -> None:
         if missing:
             raise ConfigError(f"model.base={name} needs model.{missing}") from None
         if unexpected:
-            raise ConfigError(f"model.base={name} takes no {unexpected!r} (model.{unexpected} or model.options.{unexpected})") from None
+            raise ConfigError(
+                f"model.base={name} takes no {unexpected!r} (model.{unexpected} or model.options.{unexpected})"
+            ) from None
         raise ConfigError(f"model.base={name}: {text}") from None
 
 
-def create_base_classifier(name: str, **kwargs: Any) -> "BaseClassifier":
+def create_base_classifier(name: str, **kwargs: Any) -> BaseClassifier:
     """Build the base classifier registered as ``name`` (or a user's ``pkg.module:builder``) from
     config sections: each builder takes the sections its parameters name."""
     if ":" in name and name not in _REGISTRY:
@@ -90,8 +97,10 @@ def create_base_classifier(name: str, **kwargs: Any) -> "BaseClassifier":
         builder = import_builder(name)
         return user_base_classifier(name, builder, **kwargs)
     if name not in _REGISTRY:
-        raise ConfigError(f"model.base: unknown base classifier {name!r}; choose one of {', '.join(list_base_classifiers())} "
-                          "or give an import path pkg.module:builder")
+        raise ConfigError(
+            f"model.base: unknown base classifier {name!r}; choose one of {', '.join(list_base_classifiers())} "
+            "or give an import path pkg.module:builder"
+        )
     _bind(name, _REGISTRY[name], kwargs)
     return _REGISTRY[name](**kwargs)
 
@@ -148,7 +157,9 @@ class PlainBase(BaseClassifier):
 class DenoiseThenClassify(BaseClassifier):
     """Carlini et al. / Jeong & Shin: one-shot (or multi-step) diffusion denoising, then classify."""
 
-    def __init__(self, denoiser: DiffusionDenoiser, classifier: NormalizedClassifier, input_shape: tuple[int, int, int]):
+    def __init__(
+        self, denoiser: DiffusionDenoiser, classifier: NormalizedClassifier, input_shape: tuple[int, int, int]
+    ):
         super().__init__()
         self.denoiser = denoiser
         self.classifier = classifier
@@ -167,8 +178,15 @@ class DiffSmoothBase(BaseClassifier):
     deterministic function and Cohen's certificate applies with the global σ.
     """
 
-    def __init__(self, denoiser: DiffusionDenoiser, classifier: NormalizedClassifier, input_shape: tuple[int, int, int],
-                 local_sigma: float = 0.25, local_samples: int = 5, local_seed: int = 42):
+    def __init__(
+        self,
+        denoiser: DiffusionDenoiser,
+        classifier: NormalizedClassifier,
+        input_shape: tuple[int, int, int],
+        local_sigma: float = 0.25,
+        local_samples: int = 5,
+        local_seed: int = 42,
+    ):
         super().__init__()
         if local_samples < 1 or local_sigma < 0:
             raise ConfigError("diffsmooth needs local_samples >= 1 and local_sigma >= 0")
@@ -240,10 +258,22 @@ def dds(denoiser: dict | DenoiserConfig, classifier: dict | ClassifierConfig, in
 
 
 @register_base_classifier
-def diffsmooth(denoiser: dict | DenoiserConfig, classifier: dict | ClassifierConfig, input_shape,
-               local_sigma: float = 0.25, local_samples: int = 5, local_seed: int = 42) -> DiffSmoothBase:
-    return DiffSmoothBase(load_denoiser(denoiser), load_classifier(classifier), _shape(input_shape),
-                          local_sigma, local_samples, local_seed)
+def diffsmooth(
+    denoiser: dict | DenoiserConfig,
+    classifier: dict | ClassifierConfig,
+    input_shape,
+    local_sigma: float = 0.25,
+    local_samples: int = 5,
+    local_seed: int = 42,
+) -> DiffSmoothBase:
+    return DiffSmoothBase(
+        load_denoiser(denoiser),
+        load_classifier(classifier),
+        _shape(input_shape),
+        local_sigma,
+        local_samples,
+        local_seed,
+    )
 
 
 @register_base_classifier

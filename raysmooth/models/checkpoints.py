@@ -16,13 +16,24 @@ import torch
 
 from ..errors import ModelLoadError, one_line
 
-__all__ = ["load_state_dict_file", "unwrap_state_dict", "mismatch", "load_strict", "read_folder_config", "save_folder",
-           "CONFIG_NAME", "WEIGHTS_NAME", "CARD_NAME"]
+__all__ = [
+    "load_state_dict_file",
+    "unwrap_state_dict",
+    "mismatch",
+    "load_strict",
+    "read_folder_config",
+    "save_folder",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "CARD_NAME",
+]
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "card.json"
 
 
-def unwrap_state_dict(obj: object, source: str, prefer: tuple[str, ...] = ("model_ema", "state_dict", "model")) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(
+    obj: object, source: str, prefer: tuple[str, ...] = ("model_ema", "state_dict", "model")
+) -> dict[str, torch.Tensor]:
     """The tensor dict inside a training checkpoint (``{'state_dict': …}`` etc.), minus ``module.``."""
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in prefer:
@@ -53,12 +64,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         found = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)", text)
         if found:
             raise ModelLoadError(
-                f"{path}: refused: the checkpoint holds a {found.group(1) or found.group(2)} object, and loading it would "
-                "execute arbitrary pickled code; save only its tensors (a state dict), or convert it to safetensors"
+                f"{path}: refused: the checkpoint holds a {found.group(1) or found.group(2)} object, and loading "
+                "it would execute arbitrary pickled code; save only its tensors (a state dict), or convert it to "
+                "safetensors"
             ) from None
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", text, flags=re.S)
         detail = one_line(reason.group(1) if reason else text, 120)
-        raise ModelLoadError(f"{path}: not a readable torch checkpoint (damaged, or not a checkpoint: {detail})") from None
+        raise ModelLoadError(
+            f"{path}: not a readable torch checkpoint (damaged, or not a checkpoint: {detail})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as exc:
         raise ModelLoadError(f"{path}: not a readable torch checkpoint ({one_line(exc, 160)})") from None
     return unwrap_state_dict(obj, str(path))
@@ -68,8 +82,11 @@ def mismatch(expected: dict[str, tuple], state: dict[str, torch.Tensor]) -> str 
     """A one-line account of how ``state`` differs from the expected key → shape layout, or None."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v)
+    ]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
@@ -106,8 +123,13 @@ def read_folder_config(folder: str | Path, kind: str) -> tuple[dict[str, Any], P
     return {k: v for k, v in fields.items() if k != "raysmooth_model"}, weights
 
 
-def save_folder(folder: str | Path, kind: str, fields: dict[str, Any], state: dict[str, torch.Tensor],
-                card: dict[str, Any] | None = None) -> Path:
+def save_folder(
+    folder: str | Path,
+    kind: str,
+    fields: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    card: dict[str, Any] | None = None,
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``card.json``) into a new folder, then rename it
     into place, so a reader never sees half a model."""
     from safetensors.torch import save_file

@@ -8,8 +8,9 @@ as self-describing folders, in diffusers' manner: ``config.json`` (the ``Classif
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,14 @@ from torch import nn
 from ..errors import ModelLoadError
 from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 
-__all__ = ["ClassifierConfig", "InputContract", "NormalizedClassifier", "create_timm_model", "load_classifier",
-           "save_classifier"]
+__all__ = [
+    "ClassifierConfig",
+    "InputContract",
+    "NormalizedClassifier",
+    "create_timm_model",
+    "load_classifier",
+    "save_classifier",
+]
 
 
 @dataclass
@@ -80,8 +87,14 @@ def create_timm_model(cfg: ClassifierConfig, **extra: Any) -> nn.Module:
     import timm
 
     try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=cfg.num_classes,
-                                 in_chans=cfg.in_chans, **cfg.model_kwargs, **extra)
+        return timm.create_model(
+            cfg.name,
+            pretrained=cfg.pretrained,
+            num_classes=cfg.num_classes,
+            in_chans=cfg.in_chans,
+            **cfg.model_kwargs,
+            **extra,
+        )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ModelLoadError(f"classifier.name: timm has no model {cfg.name!r}") from None
@@ -97,7 +110,9 @@ def contract_for(model: nn.Module, cfg: ClassifierConfig) -> InputContract:
     std = tuple(cfg.std) if cfg.std is not None else tuple(data_cfg["std"])
     if len(mean) != cfg.in_chans:  # a grey model with an RGB default: repeat the first entry
         mean, std = (mean[0],) * cfg.in_chans, (std[0],) * cfg.in_chans
-    return InputContract((int(size[0]), int(size[1])), cfg.interpolation or data_cfg.get("interpolation", "bicubic"), mean, std)
+    return InputContract(
+        (int(size[0]), int(size[1])), cfg.interpolation or data_cfg.get("interpolation", "bicubic"), mean, std
+    )
 
 
 def _folder_config(cfg: ClassifierConfig | dict) -> ClassifierConfig:
@@ -108,7 +123,9 @@ def _folder_config(cfg: ClassifierConfig | dict) -> ClassifierConfig:
     if not path:
         return cfg if isinstance(cfg, ClassifierConfig) else ClassifierConfig(**given)
     saved, weights = read_folder_config(path, "classifier")
-    explicit = given if isinstance(cfg, dict) else {k: v for k, v in given.items() if v != getattr(ClassifierConfig(), k)}
+    explicit = (
+        given if isinstance(cfg, dict) else {k: v for k, v in given.items() if v != getattr(ClassifierConfig(), k)}
+    )
     fields = {**saved, **{k: v for k, v in explicit.items() if k != "path"}}
     try:
         out = ClassifierConfig(**fields)
@@ -141,8 +158,9 @@ def load_classifier(cfg: ClassifierConfig | dict) -> NormalizedClassifier:
     else:
         raise ModelLoadError(f"classifier.checkpoint_format must be timm or hf_vit, got {cfg.checkpoint_format!r}")
     model.eval().requires_grad_(False)
-    return NormalizedClassifier(model, contract_for(model, cfg), cfg.num_classes,
-                                model_id=cfg.path or cfg.checkpoint or cfg.name)
+    return NormalizedClassifier(
+        model, contract_for(model, cfg), cfg.num_classes, model_id=cfg.path or cfg.checkpoint or cfg.name
+    )
 
 
 def _load_hf_vit(cfg: ClassifierConfig) -> nn.Module:

@@ -39,7 +39,7 @@ class DenoiserConfig:
     unet: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     timestep_scale: float | None = None  # t·scale is fed to the UNet; None: the folder's raysmooth.json, else 1
-                                         # (improved-diffusion's rescale_timesteps: 1000/T)
+    # (improved-diffusion's rescale_timesteps: 1000/T)
     steps: int = 1  # 1 = one-shot; more = that many reverse steps from t* to 0
     eta: float = 0.0  # multi-step only: 0 = DDIM (deterministic), 1 = DDPM-like ancestral steps
     extra: dict[str, Any] = field(default_factory=dict)
@@ -48,8 +48,16 @@ class DenoiserConfig:
 class DiffusionDenoiser(nn.Module):
     """x̂₀ of a noisy image in [0,1] at smoothing noise σ, per sample (one UNet call per step)."""
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: np.ndarray, *, timestep_scale: float = 1.0,
-                 steps: int = 1, eta: float = 0.0, model_id: str = "denoiser"):
+    def __init__(
+        self,
+        unet: nn.Module,
+        alphas_cumprod: np.ndarray,
+        *,
+        timestep_scale: float = 1.0,
+        steps: int = 1,
+        eta: float = 0.0,
+        model_id: str = "denoiser",
+    ):
         super().__init__()
         if steps < 1:
             raise ValueError("steps must be at least 1")
@@ -120,7 +128,9 @@ def _scheduler_config(cfg: DenoiserConfig) -> dict[str, Any]:
     try:
         sched = DDPMScheduler.from_pretrained(str(cfg.path).removeprefix("hf://"), subfolder=cfg.scheduler_subfolder)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{cfg.path}: no noise schedule in {cfg.scheduler_subfolder or '.'} ({_first_line(exc)})") from None
+        raise ModelLoadError(
+            f"{cfg.path}: no noise schedule in {cfg.scheduler_subfolder or '.'} ({_first_line(exc)})"
+        ) from None
     return dict(sched.config)
 
 
@@ -138,19 +148,23 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
     if cfg.path is not None and cfg.weights is None:
         source = str(cfg.path)
         if source.startswith("hf://"):
-            source = source[len("hf://"):]  # a hub id (needs the network or a warm cache)
+            source = source[len("hf://") :]  # a hub id (needs the network or a warm cache)
         elif not Path(source).is_dir():
             raise ModelLoadError(f"{cfg.path}: no such denoiser folder (for a hub id write hf://owner/name)")
         try:
             unet = UNet2DModel.from_pretrained(source, subfolder=cfg.subfolder, low_cpu_mem_usage=False)
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ModelLoadError(f"{cfg.path}: cannot load a UNet2DModel from {cfg.subfolder or '.'} ({_first_line(exc)})") from None
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"{cfg.path}: cannot load a UNet2DModel from {cfg.subfolder or '.'} ({_first_line(exc)})"
+            ) from None
         model_id = str(cfg.path)
     elif cfg.weights is not None:
         if cfg.unet is None:
             config_file = Path(cfg.weights).with_name("config.json")
             if not config_file.is_file():
-                raise ModelLoadError(f"{cfg.weights}: no UNet config given (denoiser.unet) and no {config_file.name} beside it")
+                raise ModelLoadError(
+                    f"{cfg.weights}: no UNet config given (denoiser.unet) and no {config_file.name} beside it"
+                )
             cfg.unet = {k: v for k, v in json.loads(config_file.read_text()).items() if not k.startswith("_")}
         try:
             unet = UNet2DModel(**cfg.unet)
@@ -168,4 +182,3 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
         scale = json.loads(info.read_text()).get("timestep_scale", 1.0) if info is not None and info.is_file() else 1.0
     unet.eval().requires_grad_(False)
     return DiffusionDenoiser(unet, acp, timestep_scale=scale, steps=cfg.steps, eta=cfg.eta, model_id=model_id)
-

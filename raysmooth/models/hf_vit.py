@@ -21,11 +21,26 @@ __all__ = ["hf_vit_to_timm", "hf_vit_layer_norm_eps"]
 # Released checkpoints (transformers 4.x) name layers vit.encoder.layer.N; transformers 5 vit.layers.N.
 _LAYER = re.compile(r"^vit\.(?:encoder\.layer|layers)\.(\d+)\.(.+)$")
 _LAYOUTS = {
-    "legacy": {"q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value",
-               "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
-               "norm1": "layernorm_before", "norm2": "layernorm_after"},
-    "v5": {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "attn.proj": "attention.o_proj",
-           "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "norm1": "layernorm_before", "norm2": "layernorm_after"},
+    "legacy": {
+        "q": "attention.attention.query",
+        "k": "attention.attention.key",
+        "v": "attention.attention.value",
+        "attn.proj": "attention.output.dense",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+    },
+    "v5": {
+        "q": "attention.q_proj",
+        "k": "attention.k_proj",
+        "v": "attention.v_proj",
+        "attn.proj": "attention.o_proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+    },
 }
 
 
@@ -40,7 +55,9 @@ def hf_vit_layer_norm_eps(checkpoint: str | Path) -> float:
 def hf_vit_to_timm(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Rename a ``ViTForImageClassification`` state dict into timm ``VisionTransformer`` keys."""
     if "vit.embeddings.cls_token" not in sd:
-        raise ModelLoadError(f"{source}: not a transformers ViTForImageClassification state dict (no vit.embeddings.cls_token)")
+        raise ModelLoadError(
+            f"{source}: not a transformers ViTForImageClassification state dict (no vit.embeddings.cls_token)"
+        )
     out = {
         "cls_token": sd["vit.embeddings.cls_token"],
         "pos_embed": sd["vit.embeddings.position_embeddings"],

@@ -53,8 +53,11 @@ class NoiseConditionedClassifier(nn.Module):
 
 
 def build_onestep(cfg: OneStepConfig) -> NoiseConditionedClassifier:
-    model = create_timm_model(ClassifierConfig(name=cfg.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans + 1,
-                                               model_kwargs=cfg.model_kwargs))
+    model = create_timm_model(
+        ClassifierConfig(
+            name=cfg.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans + 1, model_kwargs=cfg.model_kwargs
+        )
+    )
     return NoiseConditionedClassifier(model, cfg.num_classes, model_id=cfg.path or cfg.checkpoint or cfg.name)
 
 
@@ -68,8 +71,11 @@ def load_onestep(cfg: OneStepConfig | dict) -> NoiseConditionedClassifier:
     given = dict(cfg) if isinstance(cfg, dict) else dict(cfg.__dict__)
     if given.get("path"):
         saved, weights = read_folder_config(given["path"], "onestep")
-        overrides = {k: v for k, v in given.items() if k != "path" and (not isinstance(cfg, OneStepConfig)
-                                                                         or v != getattr(OneStepConfig(), k))}
+        overrides = {
+            k: v
+            for k, v in given.items()
+            if k != "path" and (not isinstance(cfg, OneStepConfig) or v != getattr(OneStepConfig(), k))
+        }
         given = {**saved, **overrides, "path": given["path"], "checkpoint": given.get("checkpoint") or str(weights)}
     try:
         cfg = OneStepConfig(**given)

@@ -12,8 +12,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["linear_betas", "cosine_betas", "alphas_cumprod", "noise_ratio", "timestep_for_sigma", "schedule_from_config",
-           "DDPM_LINEAR"]
+__all__ = [
+    "linear_betas",
+    "cosine_betas",
+    "alphas_cumprod",
+    "noise_ratio",
+    "timestep_for_sigma",
+    "schedule_from_config",
+    "DDPM_LINEAR",
+]
 
 DDPM_LINEAR: dict[str, Any] = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
 
@@ -26,6 +33,7 @@ def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: 
 
 def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
     """improved-diffusion's cosine schedule (diffusers' ``squaredcos_cap_v2``)."""
+
     def abar(s: float) -> float:
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -70,7 +78,9 @@ def schedule_from_config(cfg: dict[str, Any]) -> np.ndarray:
     elif kind == "squaredcos_cap_v2":
         betas = cosine_betas(t)
     elif kind == "scaled_linear":
-        betas = np.linspace(cfg.get("beta_start", 1e-4) ** 0.5, cfg.get("beta_end", 0.02) ** 0.5, t, dtype=np.float64) ** 2
+        betas = (
+            np.linspace(cfg.get("beta_start", 1e-4) ** 0.5, cfg.get("beta_end", 0.02) ** 0.5, t, dtype=np.float64) ** 2
+        )
     else:
         raise ModelLoadError(f"unsupported beta_schedule {kind!r} (linear, scaled_linear, squaredcos_cap_v2)")
     return alphas_cumprod(betas)

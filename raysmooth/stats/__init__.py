@@ -14,8 +14,8 @@ from .cascade import (
     level_stops,
     prepare_levels,
 )
-from .checks import check_alpha, check_p0, check_sigma
 from .certify import ABSTAIN, Certificates, Reason, certify, predict
+from .checks import check_alpha, check_p0, check_sigma
 from .counts import SparseCounts, reference_groups
 
 __all__ = [

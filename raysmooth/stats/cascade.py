@@ -23,15 +23,15 @@ over the K levels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy.stats import norm
 
 from .bounds import cp_lower, cp_upper, goodman_upper
-from .checks import check_alpha, check_p0
 from .certify import ABSTAIN, Certificates, Reason, check_margin
+from .checks import check_alpha, check_p0
 from .counts import SparseCounts, reference_groups
 
 __all__ = [
@@ -80,8 +80,13 @@ class CascadeSweep:
     p_lower: np.ndarray | None = None  # (P, M) lower bound on p_A at the answering level (NaN: none)
 
     def at(self, i: int) -> Certificates:
-        return Certificates(self.prediction[i], self.radius[i], self.reason[i], self.level[i],
-                            None if self.p_lower is None else self.p_lower[i])
+        return Certificates(
+            self.prediction[i],
+            self.radius[i],
+            self.reason[i],
+            self.level[i],
+            None if self.p_lower is None else self.p_lower[i],
+        )
 
 
 @dataclass(frozen=True)
@@ -159,15 +164,18 @@ def cascade_sweep(
     margin = check_margin(margin)
     prep = levels if isinstance(levels, _Prepared) else prepare_levels(levels, (policy,))
     if policy not in prep.policies:
-        raise ValueError(f"these levels were summarised for the {', '.join(prep.policies)} policy; "
-                         f"prepare_levels(levels, policies=({policy!r},)) for {policy}")
+        raise ValueError(
+            f"these levels were summarised for the {', '.join(prep.policies)} policy; "
+            f"prepare_levels(levels, policies=({policy!r},)) for {policy}"
+        )
     if policy == "strict":
         return _strict(prep, p0s, float(alpha), margin)
     return _reference(prep, p0s, float(alpha), margin)
 
 
-def cascade_certify(levels: Sequence[Level] | _Prepared, p0: float, alpha: float, policy: str = "strict",
-                    margin: float = 0.0) -> Certificates:
+def cascade_certify(
+    levels: Sequence[Level] | _Prepared, p0: float, alpha: float, policy: str = "strict", margin: float = 0.0
+) -> Certificates:
     """Cascade certificates at one threshold."""
     return cascade_sweep(levels, [p0], alpha, policy, margin).at(0)
 
@@ -183,8 +191,17 @@ def _require(prep: _Prepared, k: int, open_: np.ndarray, p0s: np.ndarray) -> Non
         )
 
 
-def level_stops(selection: SparseCounts, estimation: SparseCounts, *, p0: float, alpha: float, policy: str,
-                num_levels: int, level: int, margin: float = 0.0) -> np.ndarray:
+def level_stops(
+    selection: SparseCounts,
+    estimation: SparseCounts,
+    *,
+    p0: float,
+    alpha: float,
+    policy: str,
+    num_levels: int,
+    level: int,
+    margin: float = 0.0,
+) -> np.ndarray:
     """Whether the cascade stops at ``level`` (index into ascending σ) for each image, from that level's
     counts alone: the lazy cascade samples the next σ down only where this is False."""
     _check(np.atleast_1d(np.float64(p0)), alpha, policy)
@@ -204,8 +221,9 @@ def _finish(p0s, chosen, radius, reason_if_chosen_abstains, abstain_reason, c_ha
     answered = chosen >= 0
 
     def at_chosen(per_level: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(np.broadcast_to(per_level.T[None], (len(p0s), m, k_levels)),
-                                  np.maximum(chosen, 0)[..., None], axis=2)[..., 0]
+        return np.take_along_axis(
+            np.broadcast_to(per_level.T[None], (len(p0s), m, k_levels)), np.maximum(chosen, 0)[..., None], axis=2
+        )[..., 0]
 
     cls = at_chosen(c_hat)
     certified = answered & ~reason_if_chosen_abstains
@@ -228,8 +246,10 @@ def _strict(prep: _Prepared, p0s: np.ndarray, alpha: float, margin: float) -> Ca
     z_lb = norm.ppf(lb)
     # Off-class bound of level j for answer ĉ_k: Bonferroni over all C classes, and only the largest
     # count other than ĉ_k matters because the CP upper bound grows with the count.
-    z_ub = {jk: norm.ppf(np.minimum(cp_upper(o, prep.n[jk[0]], alpha_b / prep.num_classes) + margin, 1.0))
-            for jk, o in prep.other.items()}
+    z_ub = {
+        jk: norm.ppf(np.minimum(cp_upper(o, prep.n[jk[0]], alpha_b / prep.num_classes) + margin, 1.0))
+        for jk, o in prep.other.items()
+    }
 
     chosen = np.full((len(p0s), m), -1, dtype=np.int64)
     radius = np.zeros((len(p0s), m))

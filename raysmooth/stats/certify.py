@@ -46,7 +46,9 @@ def check_margin(margin: float) -> float:
     return value
 
 
-def certify(selection: SparseCounts, estimation: SparseCounts, sigma: float, alpha: float, margin: float = 0.0) -> Certificates:
+def certify(
+    selection: SparseCounts, estimation: SparseCounts, sigma: float, alpha: float, margin: float = 0.0
+) -> Certificates:
     """Cohen's CERTIFY: pick ĉ from the selection counts, bound its probability from the estimation
     counts, and certify radius σ·Φ⁻¹(p̲) when p̲ ≥ 1/2 (p̲ = 1/2 gives the class with radius 0).
 

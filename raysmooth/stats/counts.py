@@ -40,7 +40,7 @@ class SparseCounts:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, dense: np.ndarray) -> "SparseCounts":
+    def from_dense(cls, dense: np.ndarray) -> SparseCounts:
         dense = np.asarray(dense)
         if dense.ndim != 2:
             raise ValueError("dense counts must be a 2-d array (images, classes)")
@@ -50,14 +50,14 @@ class SparseCounts:
         return cls(offsets, cols.astype(np.int32), dense[rows, cols].astype(np.int64), dense.shape[1])
 
     @classmethod
-    def from_flat(cls, offsets, classes, counts, num_classes: int) -> "SparseCounts":
+    def from_flat(cls, offsets, classes, counts, num_classes: int) -> SparseCounts:
         """From flat CSR arrays in any within-row order: sorts by class and drops zero entries."""
         offsets = np.asarray(offsets, dtype=np.int64)
         rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         return cls.from_coo(rows, classes, counts, len(offsets) - 1, num_classes)
 
     @classmethod
-    def from_coo(cls, rows, classes, counts, num_rows: int, num_classes: int) -> "SparseCounts":
+    def from_coo(cls, rows, classes, counts, num_rows: int, num_classes: int) -> SparseCounts:
         """From (row, class, count) triplets in any order; rows without entries stay empty."""
         rows = np.asarray(rows, dtype=np.int64)
         classes = np.asarray(classes, dtype=np.int32)
@@ -91,7 +91,7 @@ class SparseCounts:
         out[self.row_ids, self.classes] = self.counts
         return out
 
-    def take(self, rows: np.ndarray) -> "SparseCounts":
+    def take(self, rows: np.ndarray) -> SparseCounts:
         """The given rows, in the given order."""
         rows = np.asarray(rows, dtype=np.int64)
         lengths = np.diff(self.offsets)[rows]

@@ -1,0 +1,149 @@
+"""One front end: the hydra apps behind `raysmooth certify|sweep|finetune` and `python jobs/*.py`,
+typed configs checked once at the edge, and a torch-free path for the statistics commands."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raysmooth.apps import certify_main
+from raysmooth.config import CertifyCfg, compose
+from raysmooth.errors import ConfigError
+from raysmooth.store import RunStore
+
+from helpers import random_levels, write_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data=synthetic", "model=linear", "smoothing.n=40", "smoothing.n0=8", "ray.num_actors=1", "plot=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _run(args, **kw):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, **kw)
+
+
+def test_the_script_and_the_command_are_one_hydra_app():
+    script = _run(["jobs/certify.py", "smoothing.n=123", "--cfg", "job"])
+    command = _run(["-m", "raysmooth.cli", "certify", "smoothing.n=123", "--cfg", "job"])
+    assert script.returncode == command.returncode == 0, script.stderr + command.stderr
+    assert "'n': 123" in script.stdout and script.stdout == command.stdout
+
+
+def test_a_run_keeps_hydras_records_beside_its_results(tmp_path):
+    assert certify_main([*SMALL, f"out={tmp_path}"]) == 0
+    records = list((tmp_path / ".hydra").glob("*/.hydra/config.yaml"))
+    assert len(records) == 1 and "'n': 40" in records[0].read_text()
+    assert (records[0].parent.parent / "certify.log").is_file()
+
+
+def test_a_multirun_grid_gives_each_job_its_own_run_directory(tmp_path):
+    assert certify_main(["-m", *SMALL, "smoothing.n=40,60", f"out={tmp_path}"]) == 0
+    runs = sorted(p.parent for p in tmp_path.glob("*/linear/manifest.json"))
+    assert [r.parent.name for r in runs] == ["smoothing.n=40", "smoothing.n=60"]
+    assert [RunStore.open(r).manifest["n"] for r in runs] == [40, 60]
+    assert len(list((tmp_path / ".hydra").glob("multirun-*/*/.hydra/overrides.yaml"))) == 2
+
+
+def test_a_mistake_is_one_line_and_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert certify_main([*SMALL, "smoothing.alpha=2", f"out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "smoothing.alpha" in err
+    assert not out.exists()
+
+
+def test_composition_gives_a_typed_config_that_survives():
+    cfg = compose("certify", ["smoothing.n=500", "engine.batch_size=auto"])
+    assert isinstance(cfg, CertifyCfg)
+    assert (
+        cfg.smoothing.n == 500
+        and cfg.engine.batch_size == "auto"
+        and cfg.model.classifier["path"].endswith("classifier")
+    )
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("smoothing.sigmas=[0.5,nan]", "smoothing.sigmas"),
+        ("smoothing.sigmas=[0.5,inf]", "smoothing.sigmas"),
+        ("smoothing.alpha=nan", "smoothing.alpha"),
+        ("smoothing.p0=[nan]", "smoothing.p0"),
+        ("smoothing.p0=[0.4]", "smoothing.p0"),
+        ("smoothing.n0=0", "smoothing.n0"),
+        ("smoothing.mode=adaptive", "smoothing.mode"),
+        ("engine.batch_size=0", "engine.batch_size"),
+        ("engine.batch_size=big", "engine.batch_size"),
+        ("engine.precision=fp8", "engine.precision"),
+        ("engine.noise=uniform", "engine.noise"),
+        ("ray.num_actors=0", "ray.num_actors"),
+        ("data.skip=0", "data.skip"),
+        ("model.input_shape=[1,8]", "model.input_shape"),
+        ("model.denoiser.path=/no/such/folder", "model.denoiser.path"),
+    ],
+)
+def test_every_value_is_checked_once_with_a_line_naming_its_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        compose("certify", [override])
+    assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_statistics_commands_never_import_torch(tmp_path):
+    levels, _ = random_levels(np.random.default_rng(0), 10, [0.25, 0.5], 10)
+    write_run(tmp_path / "run", levels, np.zeros(10, int))
+    code = (
+        "import sys; from raysmooth.cli import main; "
+        f"assert main(['sweep', {str(tmp_path / 'run')!r}, '--p0', '0.5:0.7:0.1']) == 0; "
+        f"assert main(['analyze', {str(tmp_path / 'run' / 'sweeps')!r}]) in (0, 2); "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'diffusers', 'timm'}); "
+        "print('heavy:', heavy)"
+    )
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert "heavy: []" in proc.stdout
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_the_front_ends_do_not_import_each_other():
+    pkg = ROOT / "raysmooth"
+    assert not (pkg / "jobs.py").exists()
+    assert not any(m in (".cli", "raysmooth.cli") for m in _imports(pkg / "apps.py"))
+    assert not any(m in (".runner", ".apps", ".cli") for m in _imports(pkg / "finetune.py"))
+    assert not any("torch" in m for m in _imports(pkg / "config.py") | _imports(pkg / "certificates.py"))
+
+
+def test_sweep_and_its_script_share_their_defaults():
+    """`raysmooth sweep` passes only the flags given as overrides of the one sweep job, so configs/sweep.yaml
+    (which must agree with its schema) holds the defaults of both."""
+    import yaml
+
+    from raysmooth.config import DEFAULT_RADII, SweepCfg
+
+    yml = yaml.safe_load((ROOT / "configs" / "sweep.yaml").read_text())
+    schema = SweepCfg()
+    assert yml["radii"] == schema.radii == DEFAULT_RADII
+    assert (yml["p0"], yml["policy"], yml["alpha"]) == (schema.p0, schema.policy, schema.alpha)

@@ -1,0 +1,338 @@
+"""Nothing wrong ever looks right: what a careless or hostile user can do ends in one line and exit
+status 2 (or cannot happen), with nothing lost and nothing counted twice."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from raysmooth import stats
+from raysmooth.apps import certify_main
+from raysmooth.cli import main as cli
+from raysmooth.engine import EngineConfig, Replica
+from raysmooth.errors import InputError
+from raysmooth.models import BaseClassifier, LinearBase
+from raysmooth.store import RunStore, StoreError
+from raysmooth.units import WorkUnit
+
+from helpers import random_levels, write_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data=synthetic", "model=linear", "smoothing.n=40", "smoothing.n0=8", "ray.num_actors=1", "plot=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _one_line(capsys) -> str:
+    """The error as one line, last on stderr; before it at most the run's own progress log lines."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("raysmooth ") and ": error: " in lines[-1], lines
+    assert all(" raysmooth INFO " in ln or " raysmooth WARNING " in ln for ln in lines[:-1]), lines
+    return lines[-1]
+
+
+# ---- numbers that must never be produced ------------------------------------------------------------
+class NaNModel(BaseClassifier):
+    num_classes, input_shape = 3, (1, 2, 2)
+
+    def logits(self, z, sigma, aux_noise=None):
+        return torch.full((len(z), 3), float("nan"))
+
+
+def test_nan_logits_are_refused_not_counted_as_votes_for_class_zero():
+    replica = Replica(NaNModel(), [0.25], 0, EngineConfig(batch_size=64))
+    with pytest.raises(InputError, match=r"NaN or inf logits .* image 7 at σ=0.25"):
+        replica.run([WorkUnit(7, 0, "estimation", 0, 100)], {7: np.full((1, 2, 2), 0.5, np.float32)})
+
+
+def test_a_single_overflowing_sample_is_caught_too():
+    class Overflow(NaNModel):
+        def logits(self, z, sigma, aux_noise=None):
+            out = torch.zeros((len(z), 3))
+            out[z.flatten(1)[:, 0] > 1.5, 0] = float("inf")  # only far-out noise draws overflow
+            return out
+
+    replica = Replica(Overflow(), [1.0], 0, EngineConfig(batch_size=50))
+    with pytest.raises(InputError, match="NaN or inf"):
+        replica.run([WorkUnit(0, 0, "estimation", 0, 200)], {0: np.full((1, 2, 2), 0.9, np.float32)})
+
+
+@pytest.mark.parametrize("sigma", [float("nan"), float("inf"), -0.5, 0.0])
+def test_certify_refuses_a_sigma_that_is_not_a_positive_number(sigma):
+    counts = stats.SparseCounts.from_dense(np.array([[990, 10]]))
+    with pytest.raises(ValueError, match="sigma"):
+        stats.certify(counts, counts, sigma, 0.001)
+
+
+@pytest.mark.parametrize("p0", [float("nan"), float("inf"), 0.3, 1.0])
+def test_the_cascade_refuses_a_threshold_outside_its_range(p0):
+    levels, _ = random_levels(np.random.default_rng(0), 5, [0.25, 0.5], 4)
+    with pytest.raises(ValueError, match=r"\[0.5, 1\)"):
+        stats.cascade_sweep(levels, [0.5, p0], 0.001, "strict")
+
+
+def test_a_summary_prepared_for_one_policy_refuses_the_other_in_words():
+    levels, _ = random_levels(np.random.default_rng(0), 5, [0.25, 0.5], 4)
+    prepared = stats.prepare_levels(levels, ("strict",))
+    with pytest.raises(ValueError, match="summarised for the strict policy"):
+        stats.cascade_sweep(prepared, [0.5], 0.001, "reference")
+
+
+def test_the_radius_uses_the_sigma_the_noise_really_had(tmp_path):
+    """σ = 0.12 is 0.11999999731779099 in float32, the noise's σ; the radius must not use the larger 0.12."""
+    from raysmooth.certificates import counts_view, derive_certificates, noise_info
+
+    levels, _ = random_levels(np.random.default_rng(3), 20, [0.12], 5, concentration=0.05)
+    store = write_run(tmp_path / "run", levels, np.zeros(20, int))
+    certs = derive_certificates(
+        counts_view(store.read_counts()), alpha=0.001, methods=("certify",), noise=noise_info(store.manifest)
+    )
+    ok = certs.column("prediction").to_numpy() >= 0
+    assert ok.any()
+    applied = float(np.float32(0.12))
+    radius = certs.column("radius").to_numpy()[ok]
+    expect = applied * norm.ppf(certs.column("p_lower").to_numpy()[ok])
+    assert np.allclose(radius, expect, rtol=0, atol=1e-15) and np.all(
+        radius < 0.12 * norm.ppf(certs["p_lower"].to_numpy()[ok])
+    )
+
+
+@pytest.mark.parametrize("bad", ["nan", "", "abc", "1.5"])
+@pytest.mark.parametrize("column", ["predict", "label"])
+def test_analyze_refuses_a_tsv_with_a_bad_cell(tmp_path, capsys, bad, column):
+    rows = {
+        "idx": ["0", "1"],
+        "label": ["1", "2"],
+        "predict": ["1", "2"],
+        "radius": ["0.5", "0.2"],
+        "correct": ["1", "1"],
+    }
+    rows[column][1] = bad
+    lines = ["\t".join(rows)] + ["\t".join(rows[c][i] for c in rows) for i in range(2)]
+    path = tmp_path / "cert.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    assert cli(["analyze", str(path)]) == 2
+    assert column in _one_line(capsys)
+
+
+# ---- runs that must refuse, lock or clean up ----------------------------------------------------------
+def test_a_second_run_into_a_locked_directory_is_refused_naming_the_holder(tmp_path, capsys):
+    holder = RunStore.for_run(tmp_path / "linear", {"x": 1})
+    try:
+        with pytest.raises(StoreError, match=rf"in use by another run \(pid {os.getpid()} on"):
+            RunStore.for_run(tmp_path / "linear", {"x": 1})
+    finally:
+        holder.release()
+    RunStore.for_run(tmp_path / "linear", {"x": 1}).release()  # free again
+
+
+def test_a_crashed_run_leaves_no_lock_behind(tmp_path):
+    """The lock is an flock: the kernel drops it with the process, however the process ends."""
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from raysmooth.store import RunStore; "
+        f"s = RunStore.for_run({str(tmp_path / 'run')!r}, {{'x': 1}}); print('locked', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(StoreError, match="in use"):
+        RunStore.for_run(tmp_path / "run", {"x": 1})
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    RunStore.for_run(tmp_path / "run", {"x": 1}).release()
+
+
+def test_two_jobs_into_one_directory_store_every_row_once(tmp_path, capsys):
+    """The second job is refused while the first holds the directory; nothing is doubled."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    args = [sys.executable, "jobs/certify.py", *SMALL, "smoothing.n=60000", f"out={tmp_path}"]
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "linear" / ".lock").exists() or not (tmp_path / "linear" / ".lock").read_text():
+        assert time.time() < deadline and first.poll() is None, first.stderr.read() if first.poll() is not None else ""
+        time.sleep(0.2)
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.wait(timeout=300) == 0
+    assert second.returncode == 2 and "in use by another run" in second.stderr
+    assert second.stderr.strip().splitlines()[-1].startswith("raysmooth certify: error:")
+    table = RunStore.open(tmp_path / "linear").read_counts()
+    import pyarrow.parquet as pq
+
+    raw = pq.read_table(tmp_path / "linear" / "counts")  # what DuckDB or polars would see
+    assert raw.num_rows == table.num_rows == 16 * 3 * 2
+
+
+def test_the_directory_of_a_failed_start_takes_the_corrected_command(tmp_path, capsys):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert (
+        certify_main(
+            [
+                *SMALL,
+                "model=toy_onestep",
+                "data=digits",
+                "data.max_images=4",
+                f"+model.onestep.checkpoint={bad}",
+                f"out={tmp_path}",
+            ]
+        )
+        == 2
+    )
+    assert "not a valid safetensors file" in _one_line(capsys)
+    assert not (tmp_path / "onestep" / "manifest.json").exists()
+    assert certify_main([*SMALL, "model=toy_onestep", "data=digits", "data.max_images=4", f"out={tmp_path}"]) == 0
+
+
+def _checkpoint(tmp_path, kind):
+    path = tmp_path / ("clf.pt" if "pt" in kind.split("_") else "clf.safetensors")
+    if kind == "garbage_safetensors":
+        path.write_bytes(os.urandom(256))
+    elif kind == "garbage_pt":
+        path.write_bytes(b"\x80\x02garbage" * 10)
+    elif kind == "pt_custom_class":
+        torch.save({"model": LinearBase(np.eye(2, 4), np.zeros(2), (1, 2, 2))}, path)
+    elif kind == "wrong_keys":
+        from safetensors.torch import save_file
+
+        save_file({"conv.weight": torch.zeros(3, 3)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,message,where",
+    [
+        (
+            "garbage_safetensors",
+            "not a valid safetensors file",
+            "model.onestep.checkpoint",
+        ),  # its header: on the driver
+        ("garbage_pt", "not a readable torch checkpoint", "on Ray worker"),
+        ("pt_custom_class", "arbitrary pickled code", "on Ray worker"),
+        ("wrong_keys", "does not fit the model", "on Ray worker"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_loaded_is_one_line(tmp_path, capsys, kind, message, where):
+    path = _checkpoint(tmp_path, kind)
+    assert (
+        certify_main(
+            [
+                *SMALL,
+                "model=toy_onestep",
+                "data=digits",
+                "data.max_images=4",
+                f"+model.onestep.checkpoint={path}",
+                f"out={tmp_path / 'out'}",
+            ]
+        )
+        == 2
+    )
+    err = _one_line(capsys)
+    assert message in err and where in err
+
+
+def test_a_bad_batch_size_is_refused_before_any_actor_starts(tmp_path, capsys):
+    assert certify_main([*SMALL, "engine.batch_size=0", f"out={tmp_path}"]) == 2
+    assert "engine.batch_size" in _one_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_local_ray_that_does_not_start_is_one_line_that_says_what_to_try(tmp_path, capsys, monkeypatch):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+    def slow_start(*args, **kwargs):
+        raise TimeoutError("The current node timed out during startup")
+
+    monkeypatch.setattr(ray, "init", slow_start)
+    assert certify_main([*SMALL, f"out={tmp_path}"]) == 2
+    err = _one_line(capsys)
+    assert "could not start or reach a local Ray cluster" in err and "ray stop" in err
+
+
+@pytest.mark.parametrize("target", ["folder", "/sys/raysmooth-plot.png", "missing/plot.png", "plot.jpg"])
+def test_analyze_plot_to_a_place_it_cannot_write_is_one_line(tmp_path, capsys, target):
+    levels, _ = random_levels(np.random.default_rng(1), 8, [0.25, 0.5], 4)
+    store = write_run(tmp_path / "run", levels, np.zeros(8, int))
+    from raysmooth.certificates import counts_view, derive_certificates
+
+    store.append_certificates(derive_certificates(counts_view(store.read_counts()), alpha=0.001))
+    (tmp_path / "folder").mkdir()
+    plot = target if target.startswith("/") else str(tmp_path / target)
+    assert cli(["analyze", str(tmp_path / "run"), "--plot", plot]) == 2
+    _one_line(capsys)
+    assert capsys.readouterr().out == ""  # nothing printed before the refusal
+    assert not list(tmp_path.rglob("*.tmp.png")) and not list(Path("/sys").glob("*raysmooth*"))
+
+
+def test_a_cifar_batch_that_is_not_a_dict_is_one_line(tmp_path, capsys):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    assert (
+        certify_main(
+            [
+                *SMALL,
+                "data=cifar10",
+                f"data.root={tmp_path}",
+                "model=linear",
+                "model.input_shape=[3,32,32]",
+                f"out={tmp_path / 'out'}",
+            ]
+        )
+        == 2
+    )
+    assert "holds a list, not a dict" in _one_line(capsys)
+
+
+def test_terminal_escape_codes_never_reach_our_messages(tmp_path):
+    from raysmooth.errors import ModelLoadError
+    from raysmooth.models.checkpoints import load_state_dict_file
+
+    path = _checkpoint(tmp_path, "pt_custom_class")
+    with pytest.raises(ModelLoadError) as info:
+        load_state_dict_file(path)
+    assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_convert_adm_has_no_image_size_option_that_could_not_work(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli(["convert-adm", "in.pt", "out", "--preset", "cifar10", "--image-size", "64"])
+    assert info.value.code == 2
+    assert "--image-size" in capsys.readouterr().err
+
+
+def test_a_damaged_part_file_is_named_with_what_to_do(tmp_path, capsys):
+    levels, _ = random_levels(np.random.default_rng(2), 6, [0.25, 0.5], 4)
+    write_run(tmp_path / "run", levels, np.zeros(6, int))
+    part = sorted((tmp_path / "run" / "counts").glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:40])
+    assert cli(["sweep", str(tmp_path / "run"), "--p0", "0.5"]) == 2
+    err = _one_line(capsys)
+    assert part.name in err and "move it aside" in err and "sampled again with the same noise" in err
+
+
+def test_staging_files_of_a_crash_are_cleaned_by_the_next_run(tmp_path):
+    levels, _ = random_levels(np.random.default_rng(2), 6, [0.25], 4)
+    store = write_run(tmp_path / "run", levels, np.zeros(6, int))
+    stale = tmp_path / "run" / "counts" / "_staging-dead.parquet.tmp"
+    stale.write_bytes(b"half a file")
+    RunStore.for_run(tmp_path / "run", store.manifest["config"]).release()
+    assert not stale.exists()

@@ -1,0 +1,217 @@
+"""The Python API: Smoothed(model, sigma).certify(x, …) in one process, the same counts as the job."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from raysmooth import Certificate, Smoothed, stats
+from raysmooth.data import load_dataset
+from raysmooth.errors import ConfigError, InputError
+from raysmooth.models import DenoiseThenClassify, PlainBase, save_classifier
+from raysmooth.models.classifier import ClassifierConfig, create_timm_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "raysmooth" / "embedded" / "digits"
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    found = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, flags=re.S)
+    assert found, f"README has no python block after <!-- {marker} -->"
+    return found.group(1)
+
+
+def test_the_readme_notebook_example_runs(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # the example names the embedded denoiser by its path in the checkout
+    code = _readme_block("example: api")
+    assert len(code.strip().splitlines()) <= 12
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    cert = scope["cert"]
+    assert isinstance(cert, Certificate) and cert.n_used == 100 + 1000 and cert.counts.sum() == 1000
+    assert capsys.readouterr().out.strip()
+
+
+def _linear_module(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+
+def test_the_same_seeds_give_the_job_paths_counts(tmp_path, monkeypatch):
+    """The API and `raysmooth certify` draw the same noise for the same (seed, image id, σ, chunk)."""
+    import os
+
+    from raysmooth import runner
+    from raysmooth.config import compose
+    from raysmooth.store import RunStore
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cfg = compose(
+        "certify",
+        [
+            "data=synthetic",
+            "model=linear",
+            f"out={tmp_path}",
+            "smoothing.n=300",
+            "smoothing.n0=30",
+            "smoothing.chunk=100",
+            "ray.num_actors=1",
+            "plot=false",
+            "smoothing.seed=7",
+            "data.options.num_images=6",
+        ],
+    )
+    runner.certify(cfg)
+    counts = RunStore.open(tmp_path / "linear").read_counts()
+    data = load_dataset("synthetic", num_images=6)
+    smoothed = Smoothed(
+        "linear",
+        cfg.smoothing.sigmas,
+        input_shape=(1, 8, 8),
+        seed=7,
+        chunk=100,
+        model_kwargs={"num_classes": 10, "seed": 0},
+    )
+    for sigma in cfg.smoothing.sigmas:
+        certs = smoothed.certify_batch(data.images, n0=30, n=300, sigma=sigma, ids=data.ids)
+        for phase, got in (
+            ("selection", [c.selection_counts for c in certs]),
+            ("estimation", [c.counts for c in certs]),
+        ):
+            rows = counts.filter(pc.and_(pc.equal(counts["sigma"], sigma), pc.equal(counts["phase"], phase)))
+            stored = {
+                i: dict(zip(c, k))
+                for i, c, k in zip(
+                    rows["image_id"].to_pylist(), rows["classes"].to_pylist(), rows["counts"].to_pylist()
+                )
+            }
+            for image_id, dense in zip(data.ids, got):
+                assert {c: int(k) for c, k in enumerate(dense) if k} == stored[int(image_id)], (sigma, phase, image_id)
+
+
+def test_certify_is_cohens_certify_on_its_own_counts():
+    digits = load_dataset("digits")
+    smoothed = Smoothed(_linear_module(), 0.5, num_classes=10)
+    cert = smoothed.certify(digits.images[0], n0=50, n=500, alpha=0.01)
+    expect = stats.certify(
+        stats.SparseCounts.from_dense(cert.selection_counts[None]),
+        stats.SparseCounts.from_dense(cert.counts[None]),
+        float(np.float32(0.5)),
+        0.01,
+    )
+    assert cert.prediction == expect.prediction[0] and cert.radius == pytest.approx(expect.radius[0])
+    assert cert.p_lower == pytest.approx(expect.p_lower[0])
+    assert cert.n_used == 550 and cert.sigma == 0.5
+
+
+def test_certify_batch_equals_one_image_at_a_time():
+    digits = load_dataset("digits")
+    smoothed = Smoothed(_linear_module(), 0.25, batch_size=128)
+    batch = smoothed.certify_batch(digits.images[:5], n0=20, n=200, ids=[10, 11, 12, 13, 14])
+    single = [smoothed.certify(digits.images[i], n0=20, n=200, image_id=10 + i) for i in range(5)]
+    for a, b in zip(batch, single):
+        assert np.array_equal(a.counts, b.counts) and a.radius == b.radius
+
+
+def test_the_adapter_normalises_and_resizes_as_the_module_was_trained():
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen["x"] = x
+            return torch.zeros((len(x), 3))
+
+    smoothed = Smoothed(Probe(), 0.25, input_shape=(1, 8, 8), mean=[0.5], std=[0.25], input_size=(16, 16))
+    smoothed.certify(np.full((1, 8, 8), 0.75, np.float32), n0=2, n=4)
+    x = seen["x"]
+    assert tuple(x.shape[1:]) == (1, 16, 16) and smoothed.num_classes == 3
+    base = smoothed._replica.base
+    assert isinstance(base, PlainBase)
+    clean = base.classifier(torch.full((1, 1, 8, 8), 0.75))  # through the contract: resize, then (x − 0.5)/0.25
+    assert torch.allclose(seen["x"][:1].mean(), torch.tensor(1.0)) and clean.shape == (1, 3)
+
+
+def test_a_denoiser_goes_in_front_of_the_users_own_classifier():
+    smoothed = Smoothed(_linear_module(), [0.25, 0.5], denoiser=str(EMBEDDED / "denoiser"), input_shape=(1, 8, 8))
+    assert isinstance(smoothed._replica.base, DenoiseThenClassify)
+    cert = smoothed.cascade(load_dataset("digits").images[0], n0=20, n=200, p0=0.5)
+    assert cert.sigma in (None, 0.25, 0.5)
+
+
+def test_a_model_folder_certifies_like_the_module_it_holds(tmp_path):
+    cfg = ClassifierConfig(
+        name="resnet18",
+        num_classes=10,
+        in_chans=1,
+        input_size=(8, 8),
+        mean=(0.5,),
+        std=(0.5,),
+        model_kwargs={"channels": [8, 8, 8, 8]},
+    )
+    torch.manual_seed(0)
+    module = create_timm_model(cfg)
+    folder = save_classifier(module, cfg, tmp_path / "clf")
+    x = load_dataset("digits").images[3]
+    from_folder = Smoothed(str(folder), 0.5).certify(x, n0=10, n=300)
+    from_module = Smoothed(module, 0.5, mean=[0.5], std=[0.5]).certify(x, n0=10, n=300)
+    assert np.array_equal(from_folder.counts, from_module.counts)
+
+
+def test_the_cascade_is_the_strict_cascade_of_its_levels():
+    smoothed = Smoothed(str(EMBEDDED / "onestep"), [0.25, 0.5, 1.0])
+    x = load_dataset("digits").images[1]
+    cert = smoothed.cascade(x, n0=30, n=400, p0=0.6, alpha=0.01)
+    levels = []
+    for s in (0.25, 0.5, 1.0):
+        one = smoothed.certify(x, n0=30, n=400, sigma=s)
+        levels.append(
+            stats.Level(
+                float(np.float32(s)),
+                stats.SparseCounts.from_dense(one.selection_counts[None]),
+                stats.SparseCounts.from_dense(one.counts[None]),
+            )
+        )
+    expect = stats.cascade_certify(levels, 0.6, 0.01, "strict")
+    assert cert.prediction == expect.prediction[0] and cert.radius == pytest.approx(expect.radius[0])
+
+
+def test_predict_abstains_on_a_coin_flip():
+    class Coin(torch.nn.Module):
+        def forward(self, x):  # class 0 or 1 by the sign of the first noisy pixel: a fair coin
+            first = x.flatten(1)[:, :1] - 0.5
+            return torch.cat([first, -first], dim=1)
+
+    p = Smoothed(Coin(), 0.5, input_shape=(1, 2, 2)).predict(np.full((1, 2, 2), 0.5, np.float32), n=400, alpha=0.001)
+    assert p.abstained and p.counts.sum() == 400
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"sigma": float("nan")}, ConfigError, "sigma"),
+        ({"sigma": -1.0}, ConfigError, "sigma"),
+        ({"sigma": [0.5, 0.5]}, ConfigError, "twice"),
+    ],
+)
+def test_bad_parameters_are_refused_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Smoothed(_linear_module(), **kwargs)
+
+
+def test_bad_calls_are_one_clear_error():
+    smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8))
+    x = np.zeros((1, 8, 8), np.float32)
+    with pytest.raises(ConfigError, match="say which"):
+        smoothed.certify(x, n0=5, n=50)
+    with pytest.raises(ConfigError, match="not one of"):
+        smoothed.certify(x, n0=5, n=50, sigma=0.3)
+    with pytest.raises(InputError, match="shape"):
+        smoothed.certify(np.zeros((3, 8, 8), np.float32), n0=5, n=50, sigma=0.25)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        smoothed.certify(np.full((1, 8, 8), 2.0, np.float32), n0=5, n=50, sigma=0.25)
+    with pytest.raises(ConfigError, match="alpha"):
+        smoothed.certify(x, n0=5, n=50, alpha=float("nan"), sigma=0.25)
