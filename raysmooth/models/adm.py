@@ -28,6 +28,8 @@ __all__ = [
     "unet_config",
     "convert_adm_checkpoint",
     "deinterleave_qkv",
+    "scheduler_config",
+    "timestep_scale",
 ]
 
 
@@ -309,6 +311,23 @@ def adm_to_diffusers(
     return out
 
 
+def scheduler_config(cfg: ADMConfig) -> dict:
+    """``DDPMScheduler`` arguments of the schedule the ADM model was trained with (guided-diffusion
+    scales the linear betas by 1000/T)."""
+    return dict(
+        num_train_timesteps=cfg.diffusion_steps,
+        beta_schedule="squaredcos_cap_v2" if cfg.noise_schedule == "cosine" else "linear",
+        beta_start=1e-4 * 1000 / cfg.diffusion_steps,
+        beta_end=0.02 * 1000 / cfg.diffusion_steps,
+        variance_type="learned_range" if cfg.learn_sigma else "fixed_small",
+    )
+
+
+def timestep_scale(cfg: ADMConfig) -> float:
+    """What the UNet is told for timestep t is t·scale (improved-diffusion's rescale_timesteps)."""
+    return 1000 / cfg.diffusion_steps if cfg.rescale_timesteps else 1.0
+
+
 def convert_adm_checkpoint(src: str | Path, dst: str | Path, cfg: ADMConfig) -> Path:
     """Write a diffusers folder (``unet/``, ``scheduler/``, ``raysmooth.json``) from an ADM ``.pt``."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -324,22 +343,9 @@ def convert_adm_checkpoint(src: str | Path, dst: str | Path, cfg: ADMConfig) -> 
         raise RuntimeError(f"ADM mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
     tmp = dst.with_name(f"_{dst.name}.tmp")
     unet.save_pretrained(tmp / "unet")
-    DDPMScheduler(
-        num_train_timesteps=cfg.diffusion_steps,
-        beta_schedule="squaredcos_cap_v2" if cfg.noise_schedule == "cosine" else "linear",
-        beta_start=1e-4 * 1000 / cfg.diffusion_steps,
-        beta_end=0.02 * 1000 / cfg.diffusion_steps,
-        variance_type="learned_range" if cfg.learn_sigma else "fixed_small",
-    ).save_pretrained(tmp / "scheduler")
+    DDPMScheduler(**scheduler_config(cfg)).save_pretrained(tmp / "scheduler")
     (tmp / "raysmooth.json").write_text(
-        json.dumps(
-            {
-                "source": str(src),
-                "adm_config": asdict(cfg),
-                "timestep_scale": 1000 / cfg.diffusion_steps if cfg.rescale_timesteps else 1.0,
-            },
-            indent=2,
-        )
+        json.dumps({"source": str(src), "adm_config": asdict(cfg), "timestep_scale": timestep_scale(cfg)}, indent=2)
         + "\n"
     )
     dst.parent.mkdir(parents=True, exist_ok=True)

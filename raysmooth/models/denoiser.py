@@ -115,7 +115,7 @@ class DiffusionDenoiser(nn.Module):
             x_t = x_t.to(z.dtype)
             t = t_next
             x0 = self._x0(x_t, t)
-        return (x0 + 1.0) / 2.0
+        return ((x0 + 1.0) / 2.0).to(z.dtype)  # float32 math inside; the caller's dtype out
 
 
 def _scheduler_config(cfg: DenoiserConfig) -> dict[str, Any]:

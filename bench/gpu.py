@@ -1,0 +1,355 @@
+"""GPU benchmark: the engine on the papers' real architectures (random weights, nothing downloaded).
+
+    bash bench/gpu.sh            # about 7 minutes on an H100; writes bench/results/gpu.json
+    python bench/gpu.py --smoke  # the same code path on the CPU with toy sizes (a test of the script)
+
+Pairs: CIFAR-10 (ADM 32×32 + ViT-B/16 at 224) and ImageNet (ADM-256 run at 224×224 + BEiT-L/16 at 512),
+built by raysmooth.models.architectures from our ADM presets and timm. For each: samples/s in fp32
+and bf16, eager and compiled; FLOPs per sample counted by torch.utils.flop_counter (attention
+included) and the share of the bf16 dense peak that rate reaches; measured activation memory per
+sample against the meta-device memory model; the batch engine.batch_size=auto picks. Then, on the
+CIFAR pair: 125-sample units against 10,000-sample units, lattice against Gaussian noise, the
+reference per-image loop against the engine, and the number of host syncs inside a run. Timings are
+medians of interleaved repeats; every step is written to the JSON as soon as it is measured, so a
+run cut short keeps what it measured. Sections that would overrun --budget-s are skipped and listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from reference_loop import reference_certify_counts  # noqa: E402
+
+from raysmooth.engine import EngineConfig, Replica  # noqa: E402
+from raysmooth.models.architectures import PAPER_PAIRS, paper_pair  # noqa: E402
+from raysmooth.models.memory import estimate_memory  # noqa: E402
+from raysmooth.units import WorkUnit  # noqa: E402
+
+SIGMA = 0.5
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = "cpu" if args.smoke else "cuda"
+        self.started = time.monotonic()
+        self.out = {
+            "benchmark": "engine on the papers' architectures (random weights)",
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu (smoke test)",
+            "peak_bf16_tflops": args.peak_tflops,
+            "peak_source": args.peak_source,
+            "rows": [],
+            "skipped": [],
+            "errors": [],
+        }
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            self.out["device_memory_gb"] = round(total / 1e9, 1)
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.started)
+
+    def save(self) -> None:
+        self.out["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        self.args.out.parent.mkdir(parents=True, exist_ok=True)
+        self.args.out.write_text(json.dumps(self.out, indent=2) + "\n")
+
+    def row(self, **kw) -> None:
+        self.out["rows"].append(kw)
+        print(json.dumps(kw), flush=True)
+        self.save()
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def build(name: str, device: str, smoke: bool):
+    if not smoke:
+        return paper_pair(name, device)
+    # The same code path with toy sizes: a small ADM-like UNet and a tiny timm net.
+    from diffusers import UNet2DModel
+
+    from raysmooth.models import ClassifierConfig, DenoiseThenClassify, DiffusionDenoiser, load_classifier
+    from raysmooth.models.schedule import DDPM_LINEAR, schedule_from_config
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=6,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    den = DiffusionDenoiser(unet.eval().requires_grad_(False), schedule_from_config(DDPM_LINEAR))
+    clf = load_classifier(
+        ClassifierConfig(
+            name="test_efficientnet",
+            num_classes=10 if name == "cifar10" else 1000,
+            input_size=(16, 16),
+            mean=(0.5,) * 3,
+            std=(0.5,) * 3,
+        )
+    )
+    return DenoiseThenClassify(den, clf, (3, 8, 8)).to(device).eval()
+
+
+def flops_per_sample(base, device: str) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z = torch.rand((2, *base.input_shape), device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        base(z, torch.full((2,), SIGMA, device=device))
+    return counter.get_total_flops() / 2
+
+
+def work(shape, images: int, n: int, unit: int, device: str, seed: int = 0):
+    """``images`` random images, each with n samples in units of ``unit``."""
+    g = torch.Generator().manual_seed(seed)
+    imgs = {i: torch.rand(shape, generator=g) for i in range(images)}
+    units = [
+        WorkUnit(i, 0, "estimation", c, min(unit, n - c * unit)) for i in range(images) for c in range(-(-n // unit))
+    ]
+    return units, imgs
+
+
+def timed(bench: Bench, replica: Replica, units, imgs) -> float:
+    bench.sync()
+    t0 = time.perf_counter()
+    replica.run(units, imgs)
+    bench.sync()
+    return time.perf_counter() - t0
+
+
+def interleaved(bench: Bench, cases: dict, repeats: int) -> dict:
+    """{name: [seconds…]} measured round-robin (after one warm-up each)."""
+    times = {k: [] for k in cases}
+    for fn in cases.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            times[k].append(fn())
+    return times
+
+
+def summary(samples: int, secs: list[float]) -> dict:
+    rates = [samples / s for s in secs]
+    return {"samples_per_s": round(statistics.median(rates), 1), "spread": [round(min(rates), 1), round(max(rates), 1)]}
+
+
+def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = False) -> None:
+    args, dev = bench.args, bench.device
+    base = build(name, dev, args.smoke)
+    batch = 8 if args.smoke else (96 if name == "imagenet" else 1000)
+    flops = flops_per_sample(base, dev)
+    est = estimate_memory(build(name, "meta", args.smoke), torch.bfloat16)
+    info = {
+        "pair": name,
+        "architectures": PAPER_PAIRS[name]["classifier"].name,
+        "input_shape": list(base.input_shape),
+        "gflops_per_sample": round(flops / 1e9, 2),
+        "batch": batch,
+        "memory_model_gb_per_sample_bf16": round(est.per_sample_bytes / 1e9, 4),
+    }
+    replicas = {
+        "fp32": Replica(
+            base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="fp32", channels_last=True), device=dev
+        ),
+        "bf16": Replica(
+            base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="bf16", channels_last=True), device=dev
+        ),
+    }
+    # Measured activation memory per sample (bf16 eager), against the memory model.
+    if dev == "cuda" and eager:
+        peaks = []
+        for b in (batch // 2, batch):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            units, imgs = work(base.input_shape, 1, b, b, dev)
+            replicas["bf16"].run(units, imgs)
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+        info["measured_gb_per_sample_bf16"] = round((peaks[1] - peaks[0]) / (batch - batch // 2) / 1e9, 4)
+        info["measured_peak_gb_at_batch"] = round(peaks[1] / 1e9, 2)
+    n_batches = 2 if name == "imagenet" else 3
+    units, imgs = work(base.input_shape, 2, n_batches * batch // 2, batch, dev)
+    samples = sum(u.n_samples for u in units)
+    if eager:
+        cases = {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}
+        times = interleaved(bench, cases, repeats=2 if name == "imagenet" else 3)
+        for k, secs in times.items():
+            s = summary(samples, secs)
+            s["share_of_bf16_peak"] = round(flops * s["samples_per_s"] / (args.peak_tflops * 1e12), 4)
+            bench.row(**info, precision=k, compiled=False, **s)
+    if compiled:
+        r = Replica(
+            base,
+            [SIGMA],
+            0,
+            EngineConfig(batch_size=batch, precision="bf16", channels_last=True, compile=True),
+            device=dev,
+        )
+        t0 = time.perf_counter()
+        timed(bench, r, units[:1], imgs)  # compiles (static batch shape)
+        compile_s = time.perf_counter() - t0
+        secs = [timed(bench, r, units, imgs) for _ in range(2 if name == "imagenet" else 3)]
+        s = summary(samples, secs)
+        s["share_of_bf16_peak"] = round(flops * s["samples_per_s"] / (args.peak_tflops * 1e12), 4)
+        bench.row(**info, precision="bf16", compiled=True, compile_seconds=round(compile_s, 1), **s)
+    if dev == "cuda" and eager:
+        t0 = time.perf_counter()
+        auto = Replica(
+            base, [SIGMA], 0, EngineConfig(batch_size="auto", precision="bf16", channels_last=True), device=dev
+        )
+        bench.row(
+            pair=name,
+            auto_batch_size=auto.batch_size,
+            probe_seconds=round(time.perf_counter() - t0, 1),
+            memory_model_largest_batch=est.largest_batch(torch.cuda.mem_get_info()[1]),
+        )
+    del replicas, base
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cifar_extras(bench: Bench) -> None:
+    """Unit size, lattice noise, the reference loop, and host syncs, on the CIFAR pair in bf16."""
+    args, dev = bench.args, bench.device
+    base = build("cifar10", dev, args.smoke)
+    batch = 8 if args.smoke else 1000
+    total = 40 if args.smoke else 20_000
+    bf16 = Replica(base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="bf16", channels_last=True), device=dev)
+    lattice = Replica(
+        base,
+        [SIGMA],
+        0,
+        EngineConfig(batch_size=batch, precision="bf16", channels_last=True, noise="lattice", levels=255),
+        device=dev,
+    )
+    small = work(base.input_shape, total // 125 if not args.smoke else 4, 125 if not args.smoke else 10, 125, dev)
+    large = work(base.input_shape, 2, total // 2, 10_000, dev, seed=1)
+    # Lattice noise needs images on the 8-bit grid.
+    q_units, q_imgs = large[0], {i: (x * 255).round() / 255 for i, x in large[1].items()}
+    cases = {
+        "units_125": lambda: timed(bench, bf16, *small),
+        "units_10000": lambda: timed(bench, bf16, *large),
+        "gaussian": lambda: timed(bench, bf16, q_units, q_imgs),
+        "lattice": lambda: timed(bench, lattice, q_units, q_imgs),
+    }
+    times = interleaved(bench, cases, repeats=3)
+    res = {k: summary(sum(u.n_samples for u in (small if k == "units_125" else large)[0]), v) for k, v in times.items()}
+    bench.row(
+        pair="cifar10",
+        test="unit size (bf16 eager)",
+        units_125=res["units_125"],
+        units_10000=res["units_10000"],
+        ratio_125_over_10000=round(res["units_125"]["samples_per_s"] / res["units_10000"]["samples_per_s"], 3),
+    )
+    bench.row(
+        pair="cifar10",
+        test="lattice noise cost (bf16 eager)",
+        gaussian=res["gaussian"],
+        lattice=res["lattice"],
+        ratio_lattice_over_gaussian=round(res["lattice"]["samples_per_s"] / res["gaussian"]["samples_per_s"], 3),
+    )
+    # The reference loop (fp32 as the reference runs it) against the engine, fp32 and bf16.
+    images = [x.to(dev) for x in list(small[1].values())[: (2 if args.smoke else 16)]]
+    n0, n = (4, 20) if args.smoke else (100, 2000)
+    fp32 = Replica(base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="fp32"), device=dev)
+    units = [WorkUnit(i, 0, "selection", 0, n0) for i in range(len(images))] + [
+        WorkUnit(i, 0, "estimation", 0, n) for i in range(len(images))
+    ]
+    imgs = {i: x for i, x in enumerate(images)}
+    cases = {
+        "reference_fp32": lambda: reference_certify_counts(base, images, SIGMA, n0, n, batch, dev),
+        "engine_fp32": lambda: timed(bench, fp32, units, imgs),
+        "engine_bf16": lambda: timed(bench, bf16, units, imgs),
+    }
+    times = interleaved(bench, cases, repeats=3)
+    samples = len(images) * (n0 + n)
+    res = {k: summary(samples, v) for k, v in times.items()}
+    bench.row(
+        pair="cifar10",
+        test=f"reference loop vs engine (n0={n0}, n={n}, batch {batch})",
+        **res,
+        engine_fp32_over_reference=round(
+            res["engine_fp32"]["samples_per_s"] / res["reference_fp32"]["samples_per_s"], 2
+        ),
+    )
+    if dev == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                bf16.run(*large)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        bench.row(
+            pair="cifar10",
+            test="host syncs in one run of 20,000 samples (20 batches)",
+            syncs=len(syncs),
+            messages=sorted(set(syncs))[:5],
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would run past this")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM 989, PCIe 756)")
+    parser.add_argument("--peak-source", default="NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
+    parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes: checks the script, measures nothing")
+    args = parser.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs a CUDA device (use --smoke to check the script on a CPU)")
+    bench = Bench(args)
+    # (section, seconds it needs at least on an H100, callable)
+    sections = [
+        ("cifar10: fp32, bf16, bf16 compiled", 120, lambda: pair_section(bench, "cifar10", compiled=True)),
+        ("cifar10: unit size, lattice noise, reference loop, syncs", 60, lambda: cifar_extras(bench)),
+        ("imagenet: fp32, bf16", 100, lambda: pair_section(bench, "imagenet")),
+        ("imagenet: bf16 compiled", 200, lambda: pair_section(bench, "imagenet", eager=False, compiled=True)),
+    ]
+    for title, need, fn in sections:
+        if bench.left() < need and not args.smoke:
+            bench.out["skipped"].append(f"{title} (needs ~{need} s, {bench.left():.0f} s left)")
+            bench.save()
+            continue
+        print(f"== {title} ({bench.left():.0f} s left)", flush=True)
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - keep what the other sections measure
+            bench.out["errors"].append(f"{title}: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            bench.save()
+            if bench.device == "cuda":
+                torch.cuda.empty_cache()
+    bench.save()
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
