@@ -171,13 +171,17 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
         "batch": batch,
         "memory_model_gb_per_sample_bf16": round(est.per_sample_bytes / 1e9, 4),
     }
+    # One model per replica: a bf16 replica converts its model (weights and activations) to bf16.
+    precisions = args.precisions.split(",") if eager else ["bf16"]
     replicas = {
-        "fp32": Replica(
-            base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="fp32", channels_last=True), device=dev
-        ),
-        "bf16": Replica(
-            base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="bf16", channels_last=True), device=dev
-        ),
+        p: Replica(
+            build(name, dev, args.smoke),
+            [SIGMA],
+            0,
+            EngineConfig(batch_size=batch, precision=p, channels_last=True),
+            device=dev,
+        )
+        for p in dict.fromkeys(precisions + ["bf16"])
     }
     # Measured activation memory per sample (bf16 eager), against the memory model.
     if dev == "cuda" and eager:
@@ -204,7 +208,7 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
             bench.row(**info, precision=k, compiled=False, **s)
     if compiled:
         r = Replica(
-            base,
+            replicas["bf16"].base,
             [SIGMA],
             0,
             EngineConfig(batch_size=batch, precision="bf16", channels_last=True, compile=True),
@@ -220,7 +224,11 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
     if dev == "cuda" and eager:
         t0 = time.perf_counter()
         auto = Replica(
-            base, [SIGMA], 0, EngineConfig(batch_size="auto", precision="bf16", channels_last=True), device=dev
+            replicas["bf16"].base,
+            [SIGMA],
+            0,
+            EngineConfig(batch_size="auto", precision="bf16", channels_last=True),
+            device=dev,
         )
         bench.row(
             pair=name,
@@ -236,12 +244,13 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
 def cifar_extras(bench: Bench) -> None:
     """Unit size, lattice noise, the reference loop, and host syncs, on the CIFAR pair in bf16."""
     args, dev = bench.args, bench.device
-    base = build("cifar10", dev, args.smoke)
+    base = build("cifar10", dev, args.smoke)  # float32: the reference loop and the fp32 engine
+    base16 = build("cifar10", dev, args.smoke)  # converted to bf16 by the first replica that holds it
     batch = 8 if args.smoke else 1000
     total = 40 if args.smoke else 20_000
-    bf16 = Replica(base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="bf16", channels_last=True), device=dev)
+    bf16 = Replica(base16, [SIGMA], 0, EngineConfig(batch_size=batch, precision="bf16", channels_last=True), device=dev)
     lattice = Replica(
-        base,
+        base16,
         [SIGMA],
         0,
         EngineConfig(batch_size=batch, precision="bf16", channels_last=True, noise="lattice", levels=255),
@@ -257,7 +266,7 @@ def cifar_extras(bench: Bench) -> None:
         "gaussian": lambda: timed(bench, bf16, q_units, q_imgs),
         "lattice": lambda: timed(bench, lattice, q_units, q_imgs),
     }
-    times = interleaved(bench, cases, repeats=3)
+    times = interleaved(bench, cases, repeats=2)
     res = {k: summary(sum(u.n_samples for u in (small if k == "units_125" else large)[0]), v) for k, v in times.items()}
     bench.row(
         pair="cifar10",
@@ -274,8 +283,8 @@ def cifar_extras(bench: Bench) -> None:
         ratio_lattice_over_gaussian=round(res["lattice"]["samples_per_s"] / res["gaussian"]["samples_per_s"], 3),
     )
     # The reference loop (fp32 as the reference runs it) against the engine, fp32 and bf16.
-    images = [x.to(dev) for x in list(small[1].values())[: (2 if args.smoke else 16)]]
-    n0, n = (4, 20) if args.smoke else (100, 2000)
+    images = [x.to(dev) for x in list(small[1].values())[: (2 if args.smoke else 8)]]
+    n0, n = (4, 20) if args.smoke else (100, 1000)
     fp32 = Replica(base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="fp32"), device=dev)
     units = [WorkUnit(i, 0, "selection", 0, n0) for i in range(len(images))] + [
         WorkUnit(i, 0, "estimation", 0, n) for i in range(len(images))
@@ -321,17 +330,22 @@ def main() -> None:
     parser.add_argument("--peak-source", default="NVIDIA H100 SXM datasheet: 989 TFLOP/s dense bf16")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes: checks the script, measures nothing")
+    parser.add_argument("--precisions", default="fp32,bf16-mixed,bf16", help="eager precisions to compare")
+    parser.add_argument("--sections", default="cifar10,cifar10-extras,imagenet,imagenet-compiled")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA device (use --smoke to check the script on a CPU)")
     bench = Bench(args)
     # (section, seconds it needs at least on an H100, callable)
     sections = [
-        ("cifar10: fp32, bf16, bf16 compiled", 120, lambda: pair_section(bench, "cifar10", compiled=True)),
+        ("cifar10: eager precisions, bf16 compiled", 120, lambda: pair_section(bench, "cifar10", compiled=True)),
+        ("imagenet: eager precisions", 60, lambda: pair_section(bench, "imagenet")),
         ("cifar10: unit size, lattice noise, reference loop, syncs", 60, lambda: cifar_extras(bench)),
-        ("imagenet: fp32, bf16", 100, lambda: pair_section(bench, "imagenet")),
         ("imagenet: bf16 compiled", 200, lambda: pair_section(bench, "imagenet", eager=False, compiled=True)),
     ]
+    wanted = args.sections.split(",")
+    keys = ["cifar10", "imagenet", "cifar10-extras", "imagenet-compiled"]
+    sections = [s for k, s in zip(keys, sections) if k in wanted]
     for title, need, fn in sections:
         if bench.left() < need and not args.smoke:
             bench.out["skipped"].append(f"{title} (needs ~{need} s, {bench.left():.0f} s left)")

@@ -97,7 +97,7 @@ class SmoothingCfg:
 class EngineCfg:
     batch_size: int | str | None = None  # None: the model's own; an int; or "auto" (probe the device)
     noise_block: int = 256  # part of the noise definition: changing it changes the counts
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (model and activations) | bf16-mixed (autocast)
     channels_last: bool = False
     compile: bool = False
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; needs quantised images)
@@ -317,8 +317,8 @@ def validate_certify(cfg: CertifyCfg) -> None:
     _check("engine.noise_block", en.noise_block >= 1, f"must be at least 1, got {en.noise_block}")
     _check(
         "engine.precision",
-        en.precision in ("fp32", "bf16", "fp16"),
-        f"must be fp32, bf16 or fp16, got {en.precision!r}",
+        en.precision in ("fp32", "bf16", "fp16", "bf16-mixed"),
+        f"must be fp32, bf16, fp16 or bf16-mixed, got {en.precision!r}",
     )
     _check("engine.noise", en.noise in ("gaussian", "lattice"), f"must be gaussian or lattice, got {en.noise!r}")
     _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")

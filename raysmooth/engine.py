@@ -27,6 +27,8 @@ from .units import WorkUnit, block_seed
 __all__ = ["EngineConfig", "Replica", "validate_images", "validate_sampling", "DEFAULT_BATCH_SIZE"]
 
 log = logging.getLogger("raysmooth")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-mixed")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -36,7 +38,7 @@ class EngineConfig:
 
     batch_size: int | str = DEFAULT_BATCH_SIZE  # an int, or "auto": probe the device once at start
     noise_block: int = 256
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast over the whole denoise-then-classify step)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (weights and activations) | bf16-mixed (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile the whole base classifier at a static batch shape
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
@@ -49,8 +51,8 @@ class EngineConfig:
             raise InputError(f"engine.batch_size must be a positive integer or auto, got {bs!r}")
         if self.noise_block < 1:
             raise InputError(f"engine.noise_block must be at least 1, got {self.noise_block}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise InputError(f"engine.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"engine.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.noise not in ("gaussian", "lattice"):
             raise InputError(f"engine.noise must be gaussian or lattice, got {self.noise!r}")
 
@@ -143,6 +145,11 @@ class Replica:
         if self.config.threads:
             torch.set_num_threads(int(self.config.threads))
         self.base = base.to(self.device).eval()
+        # bf16/fp16: the whole denoise-then-classify step in that dtype, weights and activations (the
+        # denoiser keeps its noise schedule in float64); the noisy input is cast once, after the noise.
+        self.input_dtype = _DTYPES.get(self.config.precision, torch.float32)
+        if self.input_dtype != torch.float32:
+            self.base = self.base.to(self.input_dtype)
         if self.config.channels_last and self.device.type == "cuda":
             self.base = self.base.to(memory_format=torch.channels_last)
         self.num_classes = base.num_classes
@@ -207,10 +214,11 @@ class Replica:
             yield batch
 
     def _autocast(self):
-        if self.config.precision == "fp32":
+        """bf16-mixed only: autocast runs matmuls and convolutions in bf16 but casts norms and
+        reductions to float32, which costs memory traffic; bf16 and fp16 convert the model instead."""
+        if self.config.precision != "bf16-mixed":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ---- the work ---------------------------------------------------------------------------
     def _stage_images(self, units: Sequence[WorkUnit], images: Mapping[int, torch.Tensor | np.ndarray]):
@@ -235,8 +243,8 @@ class Replica:
                     f"are {off:.3g} steps off it: set engine.levels to the data's quantisation (8-bit: 255)"
                 )
             host = scaled.round().to(torch.int64)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
+        if self.device.type == "cuda" and host.device.type == "cpu":
+            host = host.pin_memory()  # the copy below then overlaps with queued work
         return host.to(self.device, non_blocking=True), {i: r for r, i in enumerate(ids)}
 
     def run(
@@ -316,9 +324,11 @@ class Replica:
                     z = stack[rows] + sigma.view(-1, 1, 1, 1) * noise_buf[:width]
                 else:  # exact integer lattice point, then one deterministic conversion to [0,1] units
                     z = (stack[rows] + noise_buf[:width]).to(torch.float32) * (1.0 / self.config.levels)
+                z = z.to(self.input_dtype)
                 if self.config.channels_last and dev.type == "cuda":
                     z = z.contiguous(memory_format=torch.channels_last)
-                logits = self._forward(z, sigma, aux_buf[:width] if aux_buf is not None else None)
+                aux = aux_buf[:width].to(self.input_dtype) if aux_buf is not None else None
+                logits = self._forward(z, sigma, aux)
                 owner = sample_unit[start : start + width]
                 nonfinite.index_add_(0, owner, (~torch.isfinite(logits).all(dim=1)).to(torch.int64))
                 counts.index_add_(0, owner * c + logits.argmax(dim=1), ones[:width])
@@ -336,43 +346,45 @@ class Replica:
         return {unit.key: dense[i] for i, unit in enumerate(units)}
 
     # ---- batch size ------------------------------------------------------------------------
-    def probe_batch_size(self, headroom: float = 0.2, cap: int = 4096) -> int:
+    def probe_batch_size(self, headroom: float = 0.15, cap: int = 4096) -> int:
         """The largest batch that fits in the device memory this replica has, with ``headroom`` left
-        over: two trial batches measure the fixed and the per-sample memory, then the estimate is
-        tried and halved until it runs. On a CPU, the default batch."""
+        over: two trial batches measure the fixed and the per-sample memory (PyTorch's cached but
+        unused blocks count as free), then the estimate is tried and halved until it runs. On a CPU,
+        the default batch."""
         if self.device.type != "cuda":
             return DEFAULT_BATCH_SIZE
-        sigma_index = 0
+        aux_n = self.base.aux_noise_per_sample
 
         def peak(b: int) -> int:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
-            z = torch.rand((b, *self.shape), device=self.device)
-            sig = self.sigmas[torch.full((b,), sigma_index, device=self.device)]
-            aux = (
-                torch.randn((b, self.base.aux_noise_per_sample, *self.shape), device=self.device)
-                if self.base.aux_noise_per_sample
-                else None
-            )
+            z = torch.rand((b, *self.shape), device=self.device, dtype=self.input_dtype)
+            sig = self.sigmas[torch.zeros(b, dtype=torch.int64, device=self.device)]
+            aux = torch.randn((b, aux_n, *self.shape), device=self.device, dtype=self.input_dtype) if aux_n else None
             with torch.inference_mode(), self._autocast():
                 self.base(z, sig, aux)
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - before
 
-        small = 2
+        torch.cuda.empty_cache()
+        b1, b2 = 4, 16
         try:
-            p1, p2 = peak(small), peak(2 * small)
+            p1, p2 = peak(b1), peak(b2)
         except Exception as exc:  # noqa: BLE001
             if _is_oom(exc):
+                torch.cuda.empty_cache()
                 return 1
             raise
-        per_sample = max(1, p2 - p1) / small
-        fixed = max(0.0, p1 - small * per_sample)
-        free, _total = torch.cuda.mem_get_info(self.device)
-        guess = int(((1 - headroom) * free - fixed) // (1.6 * per_sample))  # 1.6: the counting buffers and cat copies
+        per_sample = max(1.0, (p2 - p1) / (b2 - b1))
+        fixed = max(0.0, p1 - b1 * per_sample)
+        free = torch.cuda.mem_get_info(self.device)[0]
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        # 1.25: what a sampling call adds to the forward (noise, counting buffers, the input copy)
+        guess = int(((1 - headroom) * free - fixed) // (1.25 * per_sample))
         b = max(1, min(cap, guess))
-        b = 1 << (b.bit_length() - 1) if b > 64 else b  # a power of two above 64: friendlier to kernels
+        if b > 64:  # whole multiples of 64 suit the kernels
+            b -= b % 64
         while b > 1:
             try:
                 peak(b)
@@ -382,6 +394,7 @@ class Replica:
                     raise
                 torch.cuda.empty_cache()
                 b //= 2
+        torch.cuda.empty_cache()
         log.info(
             "engine.batch_size=auto: %d samples per batch (%.1f MB per sample, %.1f GB free)",
             b,

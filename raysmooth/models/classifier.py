@@ -76,10 +76,11 @@ class NormalizedClassifier(nn.Module):
         size = tuple(self.contract.input_size)
         if tuple(x.shape[-2:]) != size:
             mode = self.contract.interpolation
+            dtype = x.dtype  # resampled in float32 (not every kernel has bf16), then back
             if mode in ("bicubic", "bilinear"):
-                x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+                x = F.interpolate(x.float(), size=size, mode=mode, align_corners=False, antialias=True).to(dtype)
             else:
-                x = F.interpolate(x, size=size, mode="nearest")
+                x = F.interpolate(x.float(), size=size, mode="nearest").to(dtype)
         return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 

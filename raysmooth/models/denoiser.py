@@ -73,6 +73,13 @@ class DiffusionDenoiser(nn.Module):
         self.model_id = model_id
         self.in_channels = int(getattr(unet.config, "in_channels", 3)) if hasattr(unet, "config") else 3
 
+    def _apply(self, fn, recurse=True):
+        """Moving or casting the model (``.to(bfloat16)`` for a bf16 engine) keeps the noise schedule in
+        float64: t* and √ᾱ must not move with the compute dtype."""
+        super()._apply(fn, recurse)
+        self.acp, self.ratio = self.acp.to(torch.float64), self.ratio.to(torch.float64)
+        return self
+
     @property
     def num_timesteps(self) -> int:
         return len(self.acp)
