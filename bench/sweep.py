@@ -71,6 +71,7 @@ def synthetic_counts_table(
                     "label": labels.astype(np.int32),
                     "sigma": np.full(images, sigma),
                     "phase": [phase] * images,
+                    "round": np.zeros(images, np.int32),
                     "n": np.full(images, samples, np.int64),
                     "num_classes": np.full(images, num_classes, np.int32),
                     "classes": pa.ListArray.from_arrays(
@@ -79,6 +80,7 @@ def synthetic_counts_table(
                     "counts": pa.ListArray.from_arrays(
                         pa.array(offsets.astype(np.int32)), pa.array(u_n.astype(np.int64))
                     ),
+                    "seq_continue": pa.nulls(images, pa.bool_()),
                 },
                 schema=COUNTS_SCHEMA,
             )

@@ -48,6 +48,11 @@ class Curve:
     radius: np.ndarray  # [0,1] pixel units, 0 when abstaining
     correct: np.ndarray  # bool: certified class equals the label
     abstained: np.ndarray  # bool
+    n_used: np.ndarray | None = None  # samples drawn per image (None: not recorded)
+
+    @property
+    def sequential(self) -> bool:
+        return self.source.split(": ")[-1].startswith("sequential")
 
     def certified_accuracy(self, radii: Sequence[float]) -> np.ndarray:
         return certified_accuracy(self.radius, self.correct, radii)
@@ -108,14 +113,18 @@ def curves_from_certificates(table: pa.Table, prefix: str = "") -> list[Curve]:
     several_alphas = len(np.unique(cols["alpha"])) > 1
     order = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[order], np.arange(len(first) + 1))
-    method_rank = {"certify": 0, "cascade": 1, "predict": 2}
+    # certify and sequential rows of one σ side by side (an audit run computes both on the same noise)
+    family = {"certify": 0, "sequential": 0, "cascade": 1, "predict": 2}
+    within = {"certify": 0, "sequential": 1}
+    n_used = table.column("n_used").to_numpy(zero_copy_only=False) if "n_used" in table.column_names else None
 
     def sort_key(g: int):
         row = first[g]
         return (
             str(cols["model_id"][row]),
-            method_rank.get(cols["method"][row], 3),
+            family.get(cols["method"][row], 3),
             np.nan_to_num(cols["sigma"][row]),
+            within.get(cols["method"][row], 0),
             str(cols["policy"][row]),
             np.nan_to_num(cols["p0"][row]),
             cols["alpha"][row],
@@ -134,7 +143,11 @@ def curves_from_certificates(table: pa.Table, prefix: str = "") -> list[Curve]:
             several_alphas,
             cols["model_id"][row] if several_models else None,
         )
-        curves.append(Curve(prefix + label, radius[idx], correct[idx], abstained[idx]))
+        used = None
+        if n_used is not None:
+            values = np.asarray(n_used[idx], dtype=np.float64)  # nulls (older tables) read as NaN
+            used = values if np.all(np.isfinite(values)) else None
+        curves.append(Curve(prefix + label, radius[idx], correct[idx], abstained[idx], used))
     return curves
 
 
@@ -259,18 +272,33 @@ def summarise(curves: Sequence[Curve], radii: Sequence[float]) -> list[dict]:
                 "certified_accuracy": c.certified_accuracy(radii),
                 "acr": c.acr,
                 "abstention": c.abstention_rate,
+                "mean_n": float(np.mean(c.n_used)) if c.n_used is not None and len(c.n_used) else None,
+                "median_n": float(np.median(c.n_used)) if c.n_used is not None and len(c.n_used) else None,
             }
         )
     return rows
 
 
+SEQUENTIAL_NOTE = (
+    "Sequential rows stop sampling once the decision grid is settled: their certified accuracy is comparable "
+    "with fixed n at the grid radii, their ACR is not (radii between grid points are conservative)."
+)
+
+
 def format_markdown(curves: Sequence[Curve], radii: Sequence[float]) -> str:
+    """The table; with sequential rows, samples per image beside it and one line on how to read it."""
+    samples = any(c.sequential for c in curves)
     head = ["source", "images"] + [f"r={r:g}" for r in radii] + ["ACR", "abstain"]
+    head += ["mean n", "median n"] if samples else []
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in summarise(curves, radii):
         cells = [row["source"], str(row["images"])] + [f"{100 * a:.1f}" for a in row["certified_accuracy"]]
         cells += [f"{row['acr']:.3f}", f"{100 * row['abstention']:.1f}%"]
+        if samples:
+            cells += ["–" if row["mean_n"] is None else f"{row[k]:,.0f}" for k in ("mean_n", "median_n")]
         lines.append("| " + " | ".join(cells) + " |")
+    if samples:
+        lines += ["", SEQUENTIAL_NOTE]
     return "\n".join(lines)
 
 

@@ -33,6 +33,9 @@ __all__ = [
     "append_new_certificates",
     "run_sweep",
     "SweepResult",
+    "sequential_designs",
+    "sequential_certificates",
+    "sequential_progress",
 ]
 
 
@@ -395,6 +398,12 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     directory under ``RUN_DIR/sweeps``. Never samples. Parameters are validated by the caller
     (``config.validate_sweep``)."""
     store = RunStore.open(run_dir)
+    mode = ((store.manifest.get("config") or {}).get("smoothing") or {}).get("mode")
+    if mode == "sequential":
+        raise StoreError(
+            f"{run_dir} is a sequential run: it samples each σ on its own, so it has no cascade to "
+            "sweep (run smoothing.mode=full for threshold sweeps)"
+        )
     started = time.perf_counter()
     counts = store.read_counts()
     if not alphas:  # the α the run was certified at
@@ -411,3 +420,181 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
         json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids), "sigmas": view.sigmas}, indent=2)
     )
     return SweepResult(table, out_dir, len(p0) * len(alphas), len(view.image_ids), elapsed)
+
+
+# ---- sequential runs ------------------------------------------------------------------------------
+def sequential_designs(manifest: dict | None) -> dict[float, stats.sequential.Design]:
+    """The designs (look schedule, levels, critical counts) a sequential run recorded per σ."""
+    designs = ((manifest or {}).get("sequential") or {}).get("designs") or {}
+    return {float(k): stats.sequential.Design.from_dict(v) for k, v in designs.items()}
+
+
+@dataclass(frozen=True)
+class _SequentialLevel:
+    """One σ of a sequential run, aligned by image: the selection counts and the per-round counts of ĉ."""
+
+    sigma: float
+    selection: stats.SparseCounts  # (M, C)
+    c_hat: np.ndarray  # (M,)
+    per_round: np.ndarray  # (M, K) count of ĉ in each stored round (0 where none)
+    samples: np.ndarray  # (M, K) samples in each stored round
+    rounds: np.ndarray  # (M,) rounds stored (contiguous from 1)
+    stored_stop: np.ndarray  # (M,) first stored round (0-based) after which the run stopped; −1 if none
+    totals: stats.SparseCounts  # (M, C) the estimation counts of every stored round, summed
+
+
+def _sequential_levels(table: pa.Table, designs: dict[float, stats.sequential.Design]):
+    import pyarrow.compute as pc
+
+    table = table.filter(pc.is_valid(table.column("image_id")))
+    num_classes = int(table.column("num_classes")[0].as_py())
+    image_col = table.column("image_id").to_numpy()
+    image_ids = np.unique(image_col)
+    labels = np.full(len(image_ids), -1, np.int64)
+    labels[np.searchsorted(image_ids, image_col)] = table.column("label").to_numpy()
+    sigma_col = table.column("sigma").to_numpy()
+    phase_col = np.asarray(table.column("phase").to_pylist())
+    round_col = np.asarray(pc.fill_null(table.column("round"), 0).to_numpy())
+    flag_col = np.asarray(table.column("seq_continue").to_pylist(), dtype=object)
+    m = len(image_ids)
+    levels = []
+    for sigma, design in sorted(designs.items()):
+        k_looks = design.num_looks
+        sel_rows = np.flatnonzero((sigma_col == sigma) & (phase_col == "selection"))
+        selection = _sparse_rows(table.take(sel_rows), np.searchsorted(image_ids, image_col[sel_rows]), m, num_classes)
+        c_hat = selection.argmax()
+        est = np.flatnonzero((sigma_col == sigma) & (phase_col == "estimation") & (round_col >= 1))
+        pos = np.searchsorted(image_ids, image_col[est])
+        rnd = round_col[est].astype(np.int64) - 1
+        if len(rnd) and rnd.max() >= k_looks:
+            raise StoreError(f"σ={sigma:g}: a stored round lies beyond the run's {k_looks} looks")
+        rows = _sparse_rows(table.take(est), np.arange(len(est)), len(est), num_classes)
+        per_round = np.zeros((m, k_looks), np.int64)
+        samples = np.zeros((m, k_looks), np.int64)
+        per_round[pos, rnd] = rows.count_of(c_hat[pos])
+        samples[pos, rnd] = rows.totals()
+        stored = np.zeros((m, k_looks), bool)
+        stored[pos, rnd] = True
+        rounds = np.where(stored.all(axis=1), k_looks, np.argmin(stored, axis=1))  # contiguous prefix
+        stop_flags = np.zeros((m, k_looks), bool)
+        stop_flags[pos, rnd] = np.array([f is False for f in flag_col[est]], dtype=bool)
+        stored_stop = np.where(stop_flags.any(axis=1), np.argmax(stop_flags, axis=1), -1)
+        flat = pos.astype(np.int64)[rows.row_ids] * num_classes + rows.classes
+        keys, inverse = np.unique(flat, return_inverse=True)
+        summed = np.bincount(inverse.reshape(-1), weights=rows.counts, minlength=len(keys)).astype(np.int64)
+        totals = stats.SparseCounts.from_coo(keys // num_classes, keys % num_classes, summed, m, num_classes)
+        levels.append(_SequentialLevel(float(sigma), selection, c_hat, per_round, samples, rounds, stored_stop, totals))
+    return image_ids, labels, num_classes, levels
+
+
+def sequential_certificates(table: pa.Table, designs: dict[float, stats.sequential.Design], *, audit: bool) -> pa.Table:
+    """Certificates of a sequential run from its stored rounds: the rule replayed (with the stored
+    decisions, so nothing is re-decided), and in audit mode also CERTIFY on every round, which is
+    fixed n = N_max on the same noise."""
+    import logging
+
+    if table.num_rows == 0:
+        raise StoreError("the counts table is empty")
+    image_ids, labels, num_classes, levels = _sequential_levels(table, designs)
+    view = CountsView(
+        str(table.column("run_id")[0].as_py()),
+        str(table.column("model_id")[0].as_py()),
+        image_ids,
+        labels,
+        [],
+        num_classes,
+    )
+    parts = []
+    for level in levels:
+        d = designs[level.sigma]
+        cumulative = np.cumsum(level.per_round, axis=1)
+        cert, out = stats.sequential.sequential_certify(level.c_hat, cumulative, d, level.rounds, level.stored_stop)
+        rule_only = stats.sequential.replay(d, cumulative, level.rounds)
+        differ = (level.stored_stop >= 0) & (rule_only.stop_look != out.stop_look)
+        if differ.any():
+            logging.getLogger("raysmooth").warning(
+                "σ=%g: replaying the stop rule on %d pair(s) gives another stop than the one stored; the stored "
+                "decisions are used (the run's own)",
+                level.sigma,
+                int(differ.sum()),
+            )
+        tau = np.maximum(out.stop_look, 0)
+        used_est = np.where(out.stop_look >= 0, np.cumsum(level.samples, axis=1)[np.arange(len(tau)), tau], 0)
+        grid = np.where(out.grid_index >= 0, d.radii[np.maximum(out.grid_index, 0)], np.nan)
+        extra = {
+            "rounds": np.where(out.stop_look >= 0, out.stop_look + 1, 0).astype(np.int32),
+            "grid_radius": grid,
+            "stop_reason": pa.DictionaryArray.from_arrays(
+                out.reason.astype(np.int32), pa.array(stats.sequential.STOP_REASONS)
+            ),
+        }
+        parts.append(
+            _rows(
+                view,
+                cert,
+                method="sequential",
+                sigma=level.sigma,
+                policy="",
+                p0=np.nan,
+                alpha=d.alpha,
+                n_used=level.selection.totals() + used_est,
+                extra=extra,
+            )
+        )
+        if audit:
+            fixed = stats.certify(level.selection, level.totals, d.sigma, d.alpha, margin=d.margin)
+            parts.append(
+                _rows(
+                    view,
+                    fixed,
+                    method="certify",
+                    sigma=level.sigma,
+                    policy="",
+                    p0=np.nan,
+                    alpha=d.alpha,
+                    n_used=level.selection.totals() + level.totals.totals(),
+                )
+            )
+    return _table(parts)
+
+
+def sequential_progress(
+    store: RunStore, image_ids: Sequence[int], sigmas: Sequence[float], designs: dict[float, stats.sequential.Design]
+):
+    """What a resumed sequential run finds, per (image, σ index): (ĉ or None, cumulative counts of ĉ at
+    the stored looks, selection stored?, the stored decision after the last stored round)."""
+    table = store.read_counts()
+    resume: dict[tuple[int, int], tuple] = {}
+    if table.num_rows == 0:
+        return resume
+    index = {float(s): i for i, s in enumerate(sigmas)}
+    ids, _labels, _c, levels = _sequential_levels(table, {s: designs[s] for s in sigmas if s in designs})
+    wanted = set(int(i) for i in image_ids)
+    sel_keys = {(img, s) for img, s, ph, rnd in store.completed_keys() if ph == "selection"}
+    flags = _last_flags(table)
+    for level in levels:
+        s = index[level.sigma]
+        cumulative = np.cumsum(level.per_round, axis=1)
+        for r, image in enumerate(ids.tolist()):
+            if image not in wanted:
+                continue
+            has_sel = (image, level.sigma) in sel_keys
+            k = int(level.rounds[r])
+            if not has_sel and k == 0:
+                continue
+            resume[(image, s)] = (
+                int(level.c_hat[r]) if has_sel else None,
+                cumulative[r, :k].tolist(),
+                has_sel,
+                flags.get((image, level.sigma, k)),
+            )
+    return resume
+
+
+def _last_flags(table: pa.Table) -> dict[tuple[int, float, int], bool | None]:
+    cols = table.select(["image_id", "sigma", "phase", "round", "seq_continue"]).to_pydict()
+    return {
+        (i, s, r): f
+        for i, s, ph, r, f in zip(cols["image_id"], cols["sigma"], cols["phase"], cols["round"], cols["seq_continue"])
+        if ph == "estimation"
+    }

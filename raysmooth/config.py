@@ -81,16 +81,34 @@ class ModelCfg:
 
 
 @dataclass
+class SequentialCfg:
+    """smoothing.mode=sequential (docs/sequential.md): rounds of whole units, looked at on a doubling
+    schedule, stopped once the answer at the radius grid is settled. Every key changes which rounds
+    are sampled, so all enter the run's identity."""
+
+    unit: int = 125  # samples per estimation unit: round k is the units between looks k-1 and k
+    n_max: int = 100_000  # the last look (a multiple of unit)
+    look_ratio: float = 2.0  # N_k = unit * ceil(look_ratio^(k-1)) while below n_max
+    alpha_spending: str = "half_final"  # half_final: alpha/2 on the last look | uniform
+    radii: list[float] | None = None  # the decision grid; None: the report radii (`radii`)
+    futility_beta: float = 0.05  # futility upper bounds at this level (power and cost only, never validity)
+    precision: float | None = None  # mode ii: stop when the radius interval is this many σ wide
+    r_cap: float | None = None  # mode ii: radii above this need not be resolved
+    stop: str = "rule"  # rule | never (audit: sample every look to n_max, store rounds separately)
+
+
+@dataclass
 class SmoothingCfg:
     sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     n0: int = 100
     n: int = 1000
     alpha: float = 0.001
     chunk: int = 10_000  # split each budget into units of at most this many samples
-    mode: str = "full"  # full: every σ for every image; cascade: lazily, largest σ first
+    mode: str = "full"  # full: every σ for every image; cascade: lazily, largest σ first; sequential
     p0: list[float] = field(default_factory=lambda: [0.5])  # cascade thresholds to report
     policies: list[str] = field(default_factory=lambda: ["strict", "reference"])
     seed: int = 0
+    sequential: SequentialCfg = field(default_factory=SequentialCfg)
 
 
 @dataclass
@@ -297,7 +315,11 @@ def validate_certify(cfg: CertifyCfg) -> None:
     _check("smoothing.n", sm.n >= 1, f"must be at least 1, got {sm.n}")
     _stats_check("smoothing.alpha", lambda: stats.check_alpha(sm.alpha))
     _check("smoothing.chunk", sm.chunk >= 1, f"must be at least 1, got {sm.chunk}")
-    _check("smoothing.mode", sm.mode in ("full", "cascade"), f"must be full or cascade, got {sm.mode!r}")
+    _check(
+        "smoothing.mode",
+        sm.mode in ("full", "cascade", "sequential"),
+        f"must be full, cascade or sequential, got {sm.mode!r}",
+    )
     _check("smoothing.p0", bool(sm.p0), "needs at least one threshold")
     for p in sm.p0:
         _stats_check("smoothing.p0", lambda p=p: stats.check_p0(p))
@@ -307,6 +329,8 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be among {stats.POLICIES}, got {sm.policies}",
     )
     _check("smoothing.mode", sm.mode != "cascade" or len(sm.sigmas) >= 2, "=cascade needs two or more σ")
+    if sm.mode == "sequential":
+        _check_sequential(sm.sequential, cfg.radii)
 
     bs = en.batch_size
     _check(
@@ -371,6 +395,49 @@ def validate_certify(cfg: CertifyCfg) -> None:
     f32 = {float(np.float32(s)) for s in sm.sigmas}
     _check("smoothing.sigmas", len(f32) == len(sm.sigmas), f"holds two σ that are equal in float32: {sm.sigmas}")
     _check_files(cfg)
+
+
+def _check_sequential(sq: SequentialCfg, report_radii: list[float]) -> None:
+    from .stats import sequential
+
+    _check("smoothing.sequential.unit", sq.unit >= 1, f"must be at least 1, got {sq.unit}")
+    _check(
+        "smoothing.sequential.n_max",
+        sq.n_max >= sq.unit and sq.n_max % sq.unit == 0,
+        f"must be a positive multiple of smoothing.sequential.unit ({sq.unit}), got {sq.n_max}",
+    )
+    _check(
+        "smoothing.sequential.look_ratio",
+        _finite(sq.look_ratio) and sq.look_ratio > 1,
+        f"must be greater than 1, got {sq.look_ratio}",
+    )
+    _check(
+        "smoothing.sequential.alpha_spending",
+        sq.alpha_spending in sequential.SPENDINGS,
+        f"must be one of {sequential.SPENDINGS}, got {sq.alpha_spending!r}",
+    )
+    radii = sq.radii if sq.radii is not None else report_radii
+    _check(
+        "smoothing.sequential.radii",
+        bool(radii) and all(_finite(r) and r >= 0 for r in radii),
+        f"must be non-negative numbers, got {radii}",
+    )
+    _check(
+        "smoothing.sequential.futility_beta",
+        _finite(sq.futility_beta) and 0 <= sq.futility_beta < 1,
+        f"must lie in [0, 1), got {sq.futility_beta}",
+    )
+    _check(
+        "smoothing.sequential.precision",
+        sq.precision is None or (_finite(sq.precision) and sq.precision > 0),
+        f"must be positive or null, got {sq.precision}",
+    )
+    _check(
+        "smoothing.sequential.r_cap",
+        sq.r_cap is None or (_finite(sq.r_cap) and sq.r_cap > 0),
+        f"must be positive or null, got {sq.r_cap}",
+    )
+    _check("smoothing.sequential.stop", sq.stop in ("rule", "never"), f"must be rule or never, got {sq.stop!r}")
 
 
 def validate_sweep(cfg: SweepCfg) -> None:
@@ -515,10 +582,16 @@ def counts_relevant_config(cfg: CertifyCfg) -> dict[str, Any]:
     Actor counts, batch sizes and the output path may change on resume."""
     model = dataclasses.asdict(cfg.model)
     model.pop("batch_size")
+    smoothing = dataclasses.asdict(cfg.smoothing)
+    if cfg.smoothing.mode == "sequential":  # the look schedule and the rule decide which rounds exist
+        if smoothing["sequential"]["radii"] is None:
+            smoothing["sequential"]["radii"] = list(cfg.radii)
+    else:  # other modes never read these keys: leave them out of the identity
+        smoothing.pop("sequential")
     relevant = {
         "data": dataclasses.asdict(cfg.data),
         "model": model,
-        "smoothing": dataclasses.asdict(cfg.smoothing),
+        "smoothing": smoothing,
         "noise_block": cfg.engine.noise_block,
         "precision": cfg.engine.precision,
     }

@@ -97,6 +97,8 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
     out = Path(cfg.out).expanduser().resolve() / cfg.model.name
     sigmas = sorted(float(s) for s in sm.sigmas)  # index order = ascending σ: the cascade walks it down
     noise = run_noise(cfg, sigmas)
+    if sm.mode == "sequential":
+        return _certify_sequential(cfg, data, model, out, sigmas, noise, started)
     if sm.n < stats.min_samples_to_certify(sm.alpha):
         log.warning(
             "n=%d is below %d: at alpha=%g every image will abstain",
@@ -139,6 +141,80 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
         p0s = sm.p0 if sm.mode == "full" else sm.p0[:1]
         policies = sm.policies if sm.mode == "full" else sm.policies[:1]
         certs = derive_certificates(view, alpha=sm.alpha, p0=p0s, policies=policies, noise=noise_info(store.manifest))
+        append_new_certificates(store, certs)
+        store.compact()
+    return CertifyResult(cfg.model.name, out, len(data), rows_written, time.perf_counter() - started)
+
+
+def sequential_designs_for(cfg: CertifyCfg, sigmas: Sequence[float], noise: NoiseInfo) -> dict:
+    """One design per σ (look schedule, levels, integer critical counts), made once per run."""
+    sq = cfg.smoothing.sequential
+    radii = sq.radii if sq.radii is not None else cfg.radii
+    return {
+        float(s): stats.sequential.design(
+            cfg.smoothing.alpha,
+            sq.unit,
+            sq.n_max,
+            radii,
+            noise.sigma(s),
+            ratio=sq.look_ratio,
+            spending=sq.alpha_spending,
+            beta=sq.futility_beta,
+            margin=noise.margin_of(s),
+            precision=sq.precision,
+            r_cap=sq.r_cap,
+        )
+        for s in sigmas
+    }
+
+
+def _certify_sequential(
+    cfg: CertifyCfg, data, model, out: Path, sigmas: list[float], noise: NoiseInfo, started: float
+) -> CertifyResult:
+    """smoothing.mode=sequential: rounds decided by the rule; the designs live in the manifest, so a
+    resumed run decides with exactly the critical counts it started with."""
+    from .certificates import sequential_certificates, sequential_designs, sequential_progress
+    from .distributed import SequentialPlanner
+
+    sm, sq = cfg.smoothing, cfg.smoothing.sequential
+    with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
+        designs = sequential_designs(store.manifest) or sequential_designs_for(cfg, sigmas, noise)
+        resume = sequential_progress(store, data.ids.tolist(), sigmas, designs)
+        if resume:
+            log.info("resuming %s: %d (image, σ) pairs already started", out, len(resume))
+
+        def select(counts: np.ndarray) -> int:  # ĉ: the most frequent class of the selection samples
+            return int(np.argmax(counts))
+
+        def rule(s: int, history: list[int]) -> bool:
+            return bool(stats.sequential.decide(designs[sigmas[s]], np.asarray([history]))[0])
+
+        planner = SequentialPlanner(
+            data.ids.tolist(),
+            len(sigmas),
+            sm.n0,
+            sm.chunk,
+            designs[sigmas[0]].looks,
+            sq.unit,
+            select=select,
+            rule=rule,
+            audit=sq.stop == "never",
+            resume=resume,
+        )
+        rows_written = 0
+        if planner.has_work():
+            extra = {
+                "sequential": {
+                    "looks": designs[sigmas[0]].looks.tolist(),
+                    "alphas": designs[sigmas[0]].alphas.tolist(),
+                    "audit": sq.stop == "never",
+                    "designs": {repr(s): d.to_dict() for s, d in designs.items()},
+                }
+            }
+            rows_written = _sample(cfg, model, data, sigmas, store, planner, noise, extra)
+        else:
+            log.info("nothing to sample: every round is stored")
+        certs = sequential_certificates(store.read_counts(), designs, audit=sq.stop == "never")
         append_new_certificates(store, certs)
         store.compact()
     return CertifyResult(cfg.model.name, out, len(data), rows_written, time.perf_counter() - started)
@@ -192,7 +268,16 @@ class _ImageMap:
         return len(self.row)
 
 
-def _sample(cfg: CertifyCfg, model, data, sigmas: list[float], store: RunStore, planner, noise: NoiseInfo) -> int:
+def _sample(
+    cfg: CertifyCfg,
+    model,
+    data,
+    sigmas: list[float],
+    store: RunStore,
+    planner,
+    noise: NoiseInfo,
+    manifest_extra: dict | None = None,
+) -> int:
     from .distributed import actor_spec, connect, runtime_env_for, sample_counts, start_replicas
     from .engine import validate_images
 
@@ -230,6 +315,7 @@ def _sample(cfg: CertifyCfg, model, data, sigmas: list[float], store: RunStore, 
         model_id=info["model_id"],
         noise=_manifest_noise(cfg, noise),
         engine={"batch_sizes": batch_sizes, "devices": sorted({i["device"] for i in infos})},
+        **(manifest_extra or {}),
     )
     labels = {int(i): int(lab) for i, lab in zip(data.ids, data.labels)}
     result = sample_counts(
@@ -259,8 +345,9 @@ def report(
     for r in results:
         table = RunStore.open(r.out_dir).read_certificates()
         prefix = f"{r.name}: " if len(results) > 1 else ""
+        wanted = set(methods) | {"sequential"}  # a sequential run's own rows are always its report
         curves += [
-            c for c in curves_from_certificates(table, prefix) if c.source.removeprefix(prefix).split(" ")[0] in methods
+            c for c in curves_from_certificates(table, prefix) if c.source.removeprefix(prefix).split(" ")[0] in wanted
         ]
     if plot_path is not None:
         plot_curves(curves, plot_path, title=title)

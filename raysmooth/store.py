@@ -163,10 +163,8 @@ def append_table(directory: Path | str, table: pa.Table, metadata: dict[str, str
     return final
 
 
-def _live_parts(directory: Path) -> list[Path]:
-    """Committed part files, minus those a compacted file says it replaces (still present only when a
-    compaction was interrupted between writing the new file and removing the old ones)."""
-    files = sorted(directory.glob("part-*.parquet"))
+def _replaced(directory: Path, files: list[Path]) -> set[str]:
+    """Names of the parts that compacted files say they replace."""
     replaced: set[str] = set()
     for f in files:
         if "-compact-" in f.name:
@@ -175,7 +173,25 @@ def _live_parts(directory: Path) -> list[Path]:
             except (pa.ArrowInvalid, OSError) as exc:
                 raise _damaged(directory, f, exc) from exc
             replaced |= set(json.loads(meta.get(b"raysmooth.replaces", b"[]")))
+    return replaced
+
+
+def _live_parts(directory: Path) -> list[Path]:
+    """Committed part files, minus those a compacted file says it replaces (still present only when a
+    compaction was interrupted between writing the new file and removing the old ones)."""
+    files = sorted(directory.glob("part-*.parquet"))
+    replaced = _replaced(directory, files)
     return [f for f in files if f.name not in replaced]
+
+
+def finish_compaction(directory: Path | str) -> int:
+    """Remove the parts an interrupted compaction already replaced; returns how many."""
+    directory = Path(directory)
+    files = sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
+    stale = [f for f in files if f.name in _replaced(directory, files)]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _damaged(directory: Path, f: Path | None, exc: BaseException) -> StoreError:
@@ -233,8 +249,9 @@ def compact_table(
     directory = Path(directory)
     if not directory.is_dir():
         return None
+    finish_compaction(directory)
     parts = _live_parts(directory)
-    if len(parts) <= above:
+    if len(parts) <= above or len(parts) < 2:
         return None
     table = read_table(directory, schema)
     meta = dict(metadata or {})
@@ -379,10 +396,12 @@ class RunStore:
         self.release()
 
     def _clean_staging(self) -> None:
-        """Remove the staging files of an interrupted write (only the lock holder may)."""
+        """Remove the staging files of an interrupted write, and the parts an interrupted compaction
+        already replaced (only the lock holder may)."""
         for sub in ("counts", "certificates"):
             for f in (self.root / sub).glob("_staging-*") if (self.root / sub).is_dir() else ():
                 f.unlink(missing_ok=True)
+            finish_compaction(self.root / sub)
         for f in self.root.glob("_staging-*.json.tmp"):
             f.unlink(missing_ok=True)
 

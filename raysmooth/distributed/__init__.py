@@ -4,7 +4,7 @@ It knows how to move work units and counts around; it knows nothing of bounds or
 """
 
 from .driver import ActorSpec, DistributedError, Driver, ReplicaActor, start_actors, user_error_of
-from .planner import FinishedRow, Planner
+from .planner import FinishedRow, Planner, SequentialPlanner
 from .progress import Progress
 from .sampling import SampleResult, sample_counts
 from .session import actor_spec, connect, runtime_env_for, start_replicas
@@ -18,6 +18,7 @@ __all__ = [
     "Progress",
     "ReplicaActor",
     "SampleResult",
+    "SequentialPlanner",
     "actor_spec",
     "connect",
     "runtime_env_for",

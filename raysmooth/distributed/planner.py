@@ -1,4 +1,5 @@
-"""Which work units to run next: the whole grid (``full``) or the lazy cascade, and what is finished.
+"""Which work units to run next: the whole grid (``full``), the lazy cascade, or sequential rounds; and
+what is finished.
 
 Pure Python and numpy: no Ray, no torch, no formulas. The cascade's stop rule arrives as a callback,
 so this layer never needs to know how a certificate is computed. Finished rows leave as soon as they
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..units import PHASES, WorkUnit, split_budget
 
-__all__ = ["Planner", "RowKey", "FinishedRow", "StopRule"]
+__all__ = ["Planner", "SequentialPlanner", "RowKey", "FinishedRow", "StopRule", "SequentialRule", "Selector"]
 
 RowKey = tuple[int, int, str]  # (image_id, sigma_index, phase)
 # Given an image and a σ index with both phases complete, does the cascade stop there?
@@ -162,3 +163,170 @@ class Planner:
         elif self._image_complete(image):
             self.finished_images.add(image)
         return [FinishedRow(image, s, unit.phase, total)]
+
+
+# Given σ index and the cumulative counts of ĉ at looks 1..k, sample round k+1?
+SequentialRule = Callable[[int, list[int]], bool]
+# The candidate class from a complete selection row (dense counts).
+Selector = Callable[[np.ndarray], int]
+
+
+@dataclass
+class _Pair:
+    """One (image, σ) of a sequential run."""
+
+    selection: dict[int, np.ndarray]  # chunk -> counts, until complete
+    c_hat: int | None = None
+    history: list[int] | None = None  # cumulative count of ĉ at each decided look
+    round: int = 0  # the round being sampled (1-based); 0 before the first
+    parts: dict[int, np.ndarray] | None = None  # chunk -> counts of the current round
+    waiting: list[tuple[int, np.ndarray]] | None = None  # complete rounds awaiting the selection
+    done: bool = False
+
+
+class SequentialPlanner:
+    """Rounds of whole units for every (image, σ), decided one complete round at a time.
+
+    Round k of a pair is the estimation chunks between looks k−1 and k (each ``unit`` samples, the
+    same keys and seeds as a fixed-n run with chunk = unit). When a round is complete the ``rule``
+    sees the cumulative counts of ĉ at every look so far and says whether to sample the next one;
+    only complete rounds are decided, so completion order and timing never change a row. The
+    finished row carries its own round's counts and the decision. With ``audit`` every pair is
+    sampled to the last look whatever the rule says (the decisions are still recorded).
+    ``resume`` maps (image, σ index) to what the store holds: (ĉ or None, cumulative counts at the
+    stored looks, selection stored?, the stored decision after the last stored round). A stored
+    decision is never re-taken. The planner holds integers per pair, not count vectors.
+    """
+
+    total_known = False
+
+    def __init__(
+        self,
+        image_ids: Sequence[int],
+        num_sigmas: int,
+        n0: int,
+        chunk: int,
+        looks: Sequence[int],
+        unit: int,
+        *,
+        select: Selector,
+        rule: SequentialRule,
+        audit: bool = False,
+        resume: Mapping[tuple[int, int], tuple[int | None, list[int], bool, bool | None]] | None = None,
+    ):
+        if any(n % unit for n in looks):
+            raise ValueError("every look must be a whole number of units")
+        self.num_sigmas = num_sigmas
+        self.n0, self.chunk, self.unit = n0, chunk, unit
+        self.looks = [int(n) for n in looks]
+        self.select, self.rule, self.audit = select, rule, audit
+        self._sel_chunks = len(split_budget(n0, chunk))
+        self._queue: deque[WorkUnit] = deque()
+        self._done_units: set[tuple] = set()
+        self._pairs: dict[tuple[int, int], _Pair] = {}
+        self._open: dict[int, int] = {}  # image -> pairs still open
+        self.finished_images: set[int] = set()
+        self.samples_planned = 0
+        self.samples_done = 0
+        resume = resume or {}
+        for image in image_ids:
+            self._open[image] = 0
+            for s in range(num_sigmas):
+                c_hat, history, sel_stored, decision = resume.get((image, s), (None, [], False, None))
+                pair = _Pair(selection={}, c_hat=c_hat, history=list(history), round=len(history))
+                self._pairs[(image, s)] = pair
+                if not sel_stored:
+                    for c, size in enumerate(split_budget(n0, chunk)):
+                        self._push(WorkUnit(image, s, "selection", c, size))
+                if history and not self._continues(s, pair, decision):
+                    pair.done = True
+                    continue
+                self._open[image] += 1
+                self._next_round(image, s, pair)
+            if self._open[image] == 0:
+                self.finished_images.add(image)
+
+    # ---- planning ---------------------------------------------------------------------------
+    def _push(self, unit: WorkUnit) -> None:
+        self._queue.append(unit)
+        self.samples_planned += unit.n_samples
+
+    def _continues(self, s: int, pair: _Pair, stored: bool | None) -> bool:
+        if len(pair.history) >= len(self.looks):
+            return False
+        if self.audit:
+            return True
+        return bool(stored) if stored is not None else bool(self.rule(s, list(pair.history)))
+
+    def _next_round(self, image: int, s: int, pair: _Pair) -> None:
+        pair.round += 1
+        pair.parts = {}
+        start = 0 if pair.round == 1 else self.looks[pair.round - 2]
+        for c in range(start // self.unit, self.looks[pair.round - 1] // self.unit):
+            self._push(WorkUnit(image, s, "estimation", c, self.unit))
+
+    @property
+    def open_images(self) -> int:
+        return sum(1 for n in self._open.values() if n > 0)
+
+    # ---- the driver's side ---------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def take(self, max_samples: int) -> list[WorkUnit]:
+        out, total = [], 0
+        while self._queue and (not out or total + self._queue[0].n_samples <= max_samples):
+            unit = self._queue.popleft()
+            out.append(unit)
+            total += unit.n_samples
+        return out
+
+    def requeue(self, units: Iterable[WorkUnit]) -> None:
+        for unit in reversed(list(units)):
+            if unit.key not in self._done_units:
+                self._queue.appendleft(unit)
+
+    def complete(self, unit: WorkUnit, counts: np.ndarray) -> list[FinishedRow]:
+        """Record a unit's counts (idempotent); return the rows this completes."""
+        if unit.key in self._done_units:
+            return []
+        self._done_units.add(unit.key)
+        self.samples_done += unit.n_samples
+        image, s = unit.image_id, unit.sigma_index
+        pair = self._pairs[(image, s)]
+        rows: list[FinishedRow] = []
+        if unit.phase == "selection":
+            pair.selection[unit.chunk_index] = np.asarray(counts)
+            if len(pair.selection) == self._sel_chunks:
+                total = np.sum([pair.selection[c] for c in sorted(pair.selection)], axis=0)
+                pair.selection = {}
+                pair.c_hat = int(self.select(total))
+                rows.append(FinishedRow(image, s, "selection", total))
+                for k, round_counts in pair.waiting or []:
+                    rows += self._decide(image, s, pair, k, round_counts)
+                pair.waiting = None
+            return rows
+        pair.parts[unit.chunk_index] = np.asarray(counts)
+        start = 0 if pair.round == 1 else self.looks[pair.round - 2]
+        if len(pair.parts) < (self.looks[pair.round - 1] - start) // self.unit:
+            return rows
+        round_counts = np.sum([pair.parts[c] for c in sorted(pair.parts)], axis=0)
+        pair.parts = None
+        if pair.c_hat is None:  # the round is complete before the selection: decide when it is
+            pair.waiting = (pair.waiting or []) + [(pair.round, round_counts)]
+            return rows
+        return rows + self._decide(image, s, pair, pair.round, round_counts)
+
+    def _decide(self, image: int, s: int, pair: _Pair, k: int, round_counts: np.ndarray) -> list[FinishedRow]:
+        previous = pair.history[-1] if pair.history else 0
+        pair.history.append(previous + int(round_counts[pair.c_hat]))
+        proceed = len(pair.history) < len(self.looks) and bool(self.rule(s, list(pair.history)))
+        row = FinishedRow(image, s, "estimation", round_counts, round=k, seq_continue=proceed)
+        if proceed or (self.audit and len(pair.history) < len(self.looks)):
+            self._next_round(image, s, pair)
+        else:
+            pair.done = True
+            self._open[image] -= 1
+            if self._open[image] == 0:
+                self.finished_images.add(image)
+        return [row]

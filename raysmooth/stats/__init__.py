@@ -3,6 +3,7 @@
 numpy and scipy only (no torch, no ray), so certificates can be recomputed anywhere from stored counts.
 """
 
+from . import sequential  # noqa: E402 - the submodule, as stats.sequential
 from .bounds import binomial_test_pvalue, cp_lower, cp_upper, goodman_upper, min_samples_to_certify
 from .cascade import (
     POLICIES,
@@ -42,4 +43,5 @@ __all__ = [
     "predict",
     "prepare_levels",
     "reference_groups",
+    "sequential",
 ]

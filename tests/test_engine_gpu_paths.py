@@ -1,0 +1,131 @@
+"""The GPU-minded engine paths, checked on the CPU: out-of-memory halving, one copy to the host per
+call, bf16 and compiled runs against fp32, padding, the memory model behind the presets' batch."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raysmooth.config import compose, resolve_model_paths
+from raysmooth.data import load_dataset
+from raysmooth.engine import EngineConfig, Replica
+from raysmooth.models import LinearBase, create_base_classifier, model_sections
+from raysmooth.units import WorkUnit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _embedded(name: str):
+    cfg = compose("certify", [f"model={name}"])
+    base_name, kwargs = model_sections(dataclasses.asdict(resolve_model_paths(cfg.model)))
+    return create_base_classifier(base_name, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_dataset("digits")
+    return {i: d.images[i] for i in range(8)}
+
+
+def _units(images, n=500, phase="estimation"):
+    return [WorkUnit(i, 0, phase, 0, n) for i in images]
+
+
+class FlakyMemory(LinearBase):
+    """A linear model that 'runs out of device memory' on batches above 64."""
+
+    def logits(self, z, sigma, aux_noise=None):
+        if len(z) > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().logits(z, sigma, aux_noise)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_count():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 16))
+    images = {i: rng.random((1, 4, 4), dtype=np.float32) for i in range(6)}
+    units = _units(images, n=300)
+    flaky = Replica(FlakyMemory(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=256))
+    counts = flaky.run(units, images)
+    assert flaky.batch_size == 64
+    plain = Replica(LinearBase(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=64)).run(units, images)
+    assert all(np.array_equal(counts[k], plain[k]) for k in plain)
+
+
+def test_a_call_copies_to_the_host_once_and_never_asks_the_device_for_a_value(monkeypatch, digits):
+    replica = Replica(_embedded("toy_onestep"), [0.25, 0.5], 0, EngineConfig(batch_size=128))
+    calls = {"cpu": 0, "item": 0, "tolist": 0, "bool": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in ("cpu", "item", "tolist", "__bool__")}
+
+    def counting(name, key):
+        def wrapper(self, *args, **kwargs):
+            calls[key] += 1
+            return originals[name](self, *args, **kwargs)
+
+        return wrapper
+
+    for name, key in (("cpu", "cpu"), ("item", "item"), ("tolist", "tolist"), ("__bool__", "bool")):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, key))
+    replica.run(_units(digits, n=600) + [WorkUnit(i, 1, "selection", 0, 70) for i in digits], digits)
+    monkeypatch.undo()
+    # 5,360 samples in 42 batches: one copy of the counts at the end, no value read inside the loop.
+    assert calls == {"cpu": 1, "item": 0, "tolist": 0, "bool": 0}
+
+
+def _flip_bound(a: dict, b: dict) -> float:
+    """A lower bound on the share of samples whose class differs: half the L1 distance of the counts."""
+    diff = sum(np.abs(a[k] - b[k]).sum() for k in a)
+    total = sum(a[k].sum() for k in a)
+    return diff / (2 * total)
+
+
+@pytest.mark.parametrize("model", ["toy_onestep", "toy_dds"])
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_bf16_counts_agree_with_fp32_to_within_two_percent_of_the_samples(model, precision, digits):
+    units = _units(digits)
+    fp32 = Replica(_embedded(model), [0.5], 0, EngineConfig(batch_size=500)).run(units, digits)
+    low = Replica(_embedded(model), [0.5], 0, EngineConfig(batch_size=500, precision=precision)).run(units, digits)
+    # Same noise, a rounder model: a few labels flip near the decision boundaries, never many.
+    assert _flip_bound(fp32, low) <= 0.02
+    assert sum(c.sum() for c in low.values()) == 8 * 500
+
+
+def test_a_compiled_model_counts_like_the_eager_one_and_padding_is_never_counted(digits):
+    units = _units(digits, n=150)  # 1,200 samples in batches of 512: the last one is padded
+    eager = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512)).run(units, digits)
+    compiled = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512, compile=True)).run(
+        units, digits
+    )
+    assert all(compiled[u.key].sum() == 150 for u in units)
+    assert _flip_bound(eager, compiled) <= 0.002  # reordered float arithmetic may flip a rare label
+
+
+def test_the_imagenet_preset_starts_with_a_batch_that_fits_an_80_gb_gpu(tmp_path):
+    """+experiment=carlini_imagenet engine=gpu: the batch the run would start with, through the memory
+    model of the real architectures (ADM-256 at 224 + BEiT-L/16 at 512) on the meta device."""
+    from safetensors.numpy import save_file
+
+    from raysmooth.models.architectures import paper_pair
+    from raysmooth.models.memory import estimate_memory
+    from raysmooth.runner import engine_settings
+
+    (tmp_path / "val").mkdir()
+    (tmp_path / "adm").mkdir()
+    save_file({"stand_in": np.zeros(1, np.float32)}, str(tmp_path / "beit.safetensors"))
+    cfg = compose(
+        "certify",
+        [
+            "+experiment=carlini_imagenet",
+            "engine=gpu",
+            f"data.root={tmp_path / 'val'}",
+            f"model.denoiser.path={tmp_path / 'adm'}",
+            f"model.classifier.checkpoint={tmp_path / 'beit.safetensors'}",
+        ],
+    )
+    batch = engine_settings(cfg)["batch_size"]
+    assert batch == cfg.model.batch_size == 96 and cfg.engine.batch_size is None  # the model's own batch
+    est = estimate_memory(paper_pair("imagenet", "meta"), torch.bfloat16)
+    assert 0.2e9 < est.per_sample_bytes < 0.4e9  # an H100 measured 0.28 GB per sample in bf16
+    assert est.batch_bytes(batch) * 1.25 < 0.85 * 80e9  # with the engine's own buffers, under 85% of 80 GB
