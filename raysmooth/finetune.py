@@ -2,7 +2,7 @@
 
 The paper fine-tunes the denoiser so that denoise-then-classify is *consistent* where the image is
 recoverable and *diverse* where it is not, so that a high-σ level stays below p0 instead of being
-confidently wrong. Its code does not ship this part (algorithms.md §5), so the loss here is a
+confidently wrong. Its code does not ship this part (docs/methods.md §5), so the loss here is a
 reconstruction with every weight configurable:
 
     L = w_B · (1/m) Σ_i ‖P_i − e_y‖²  +  λ · 1[majority(ŷ_1..ŷ_m) ≠ y] · (1 − d)

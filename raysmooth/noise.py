@@ -1,4 +1,4 @@
-"""Lattice noise: randomized smoothing that stays sound in floating point (docs/methods.md, "Sound noise").
+"""Lattice noise: randomized smoothing that stays sound in floating point (docs/methods.md §8.2).
 
 Voráček & Hein (ICLR'23) show that x + σε computed in floating point is not a Gaussian draw around x:
 the rounding depends on x's low-order bits, and a classifier can read them, so a certified radius can

@@ -73,7 +73,7 @@ def test_reference_two_cell_branch_bounds_the_levels_own_candidate():
     low = _level(0.5, [0, 100], [20, 980])
     ref = cascade_certify([low, top], p0=0.5, alpha=0.001, policy="reference")
     # Excluding class 1 leaves one cell, so the reference uses 1 - CP_lo(count of ĉ_top = class 0),
-    # about 0.93: the off-class radius is negative and the certificate dies (algorithms.md §4.4 item 5).
+    # about 0.93: the off-class radius is negative and the certificate dies (docs/methods.md §4.3).
     p_b = 1 - _cp(100, 1000, 0.0005)[0]
     assert p_b > 0.9
     assert ref.prediction[0] == ABSTAIN and ref.reason[0] == Reason.OFF_CLASS
@@ -84,7 +84,7 @@ def test_reference_two_cell_branch_bounds_the_levels_own_candidate():
 
 # ---- both policies against literal per-image transcriptions -------------------------------------
 def _reference_oracle(levels, p0, alpha):
-    """algorithms.md §4.3, one image at a time, with statsmodels."""
+    """docs/methods.md §4.3, one image at a time, with statsmodels."""
     stages = sorted(levels, key=lambda lv: -lv.sigma)
     out = []
     for i in range(stages[0].estimation.num_rows):
@@ -115,7 +115,7 @@ def _reference_oracle(levels, p0, alpha):
 
 
 def _strict_oracle(levels, p0, alpha):
-    """The strict policy of algorithms.md decision 1, one image at a time."""
+    """The strict policy of docs/methods.md §4.4, one image at a time."""
     stages = sorted(levels, key=lambda lv: -lv.sigma)
     k_levels = len(stages)
     a = alpha / (2 * k_levels - 1)
@@ -186,7 +186,7 @@ def test_cascade_refuses_thresholds_and_levels_out_of_range():
 
 # ---- coverage ------------------------------------------------------------------------------------
 def _true_radius(probs_by_level, sigmas, y, p0):
-    """The theorem's radius for answer y with the true probabilities (algorithms.md §4.2), maximised
+    """The theorem's radius for answer y with the true probabilities (docs/methods.md §4.2), maximised
     over the levels that are truly confident on y; -inf when no level is."""
     z0 = norm.ppf(p0)
     best = -np.inf
@@ -240,7 +240,7 @@ def test_strict_cascade_on_a_linear_classifier_never_exceeds_the_true_radius_bey
 
 
 def test_strict_cascade_keeps_the_failure_rate_under_alpha_at_a_tie_on_the_top_level():
-    # algorithms.md §4.4: the top level sits exactly at the threshold on class z, the lower level
+    # docs/methods.md §4.4: the top level sits exactly at the threshold on class z, the lower level
     # is confident on class y. The true certificate for y has radius 0, so any positive radius is wrong.
     rng = np.random.default_rng(16)
     sigmas, p0, alpha, trials = [0.5, 1.0], 0.5, 0.05, 100_000
@@ -251,7 +251,7 @@ def test_strict_cascade_keeps_the_failure_rate_under_alpha_at_a_tie_on_the_top_l
 
 
 def test_reference_cascade_exceeds_alpha_at_a_tie_on_the_top_level():
-    # The data-dependent α/(k+1) split of the paper is not a valid union bound (algorithms.md §4.4):
+    # The data-dependent α/(k+1) split of the paper is not a valid union bound (docs/methods.md §4.4):
     # in the same scenario its failure rate lands above α. This is why strict is the default.
     rng = np.random.default_rng(16)
     sigmas, p0, alpha, trials = [0.5, 1.0], 0.5, 0.05, 100_000

@@ -57,7 +57,7 @@ def test_from_flat_sorts_rows_and_refuses_a_class_twice():
 
 
 def _paper_reduction(counts: np.ndarray, c: int) -> list[int]:
-    """algorithms.md §4.3 step 1, transcribed literally: the oracle for the vectorised version."""
+    """docs/methods.md §4.3, transcribed literally: the oracle for the vectorised version."""
     counts = counts.copy()
     r = [counts[c]]
     counts[c] = 0

@@ -1,4 +1,4 @@
-"""Denoisers, classifiers and base classifiers: the rules of algorithms.md §3 and safe loading."""
+"""Denoisers, classifiers and base classifiers: the rules of docs/methods.md §3 and safe loading."""
 
 import re
 from pathlib import Path

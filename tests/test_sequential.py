@@ -377,3 +377,29 @@ def test_a_threshold_sweep_of_a_sequential_run_is_refused_in_one_line(reference_
 
     assert main(["sweep", str(reference_run), "--p0", "0.5"]) == 2
     assert "sequential run" in capsys.readouterr().err
+
+
+def test_the_sequential_imagenet_preset_is_the_papers_budget_on_a_doubling_schedule(tmp_path):
+    from safetensors.numpy import save_file
+
+    from raysmooth.config import compose
+    from raysmooth.runner import run_noise, sequential_designs_for
+
+    (tmp_path / "val").mkdir()
+    (tmp_path / "adm").mkdir()
+    save_file({"stand_in": np.zeros(1, np.float32)}, str(tmp_path / "beit.safetensors"))
+    cfg = compose(
+        "certify",
+        [
+            "+experiment=sequential_imagenet",
+            f"data.root={tmp_path / 'val'}",
+            f"model.denoiser.path={tmp_path / 'adm'}",
+            f"model.classifier.checkpoint={tmp_path / 'beit.safetensors'}",
+        ],
+    )
+    assert cfg.smoothing.mode == "sequential" and cfg.smoothing.sigmas == [0.25, 0.5, 1.0]
+    designs = sequential_designs_for(cfg, cfg.smoothing.sigmas, run_noise(cfg, cfg.smoothing.sigmas))
+    d = designs[0.25]
+    assert d.looks.tolist()[-1] == 100_000 and len(d.looks) == 11
+    assert d.radii.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert d.radii[d.feasible] == 0.5  # at σ = 0.25, radii above 0.5 cannot be certified from 100,000 samples

@@ -2,7 +2,7 @@
 
 Ray does what it does well: actors that are restarted when they die (``max_restarts``), ``ray.wait``
 for backpressure. The driver does the rest: a task whose actor died is handed to any healthy actor
-(``max_task_retries=0`` plus re-queueing, ecosystem.md §1.2), results are keyed by unit so a unit that
+(``max_task_retries=0`` plus re-queueing, docs/distributed.md), results are keyed by unit so a unit that
 runs twice never counts twice, and finished rows go to a callback (the store) as they complete.
 """
 

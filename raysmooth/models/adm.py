@@ -5,7 +5,7 @@ The papers' denoisers are ADM UNets saved as plain state dicts (``cifar10_uncond
 scale-shift time conditioning, GroupNorm eps 1e-5, 32-group attention norms, and one subtlety: ADM's
 "legacy" attention lays the fused qkv projection out per head as [q_h, k_h, v_h] blocks, so it must
 be de-interleaved; a plain split into three thirds is wrong for more than one head
-(ecosystem.md §5.2). Files load with ``torch.load(weights_only=True)``.
+(docs/methods.md §3.5). Files load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One-shot (and optional multi-step) diffusion denoising around ``diffusers.UNet2DModel``.
 
-Noise is added exactly (algorithms.md decision 2): the engine adds σ·ε in [0,1] space, and the
+Noise is added exactly (docs/methods.md §3.2): the engine adds σ·ε in [0,1] space, and the
 denoiser maps z ↦ u = 2z − 1, scales by √ᾱ_{t*} and predicts x̂₀ — it never q-samples.
 """
 

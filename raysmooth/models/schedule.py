@@ -1,4 +1,4 @@
-"""Noise schedules and the σ → t* rule of denoised smoothing (algorithms.md §3.1).
+"""Noise schedules and the σ → t* rule of denoised smoothing (docs/methods.md §3.1).
 
 Images live in [0,1]; diffusion models in [-1,1], where smoothing noise σ becomes 2σ. The timestep
 whose noise-to-signal ratio r_t = √(1−ᾱ_t)/√ᾱ_t first reaches 2σ is t*; all three reference codebases

@@ -1,6 +1,6 @@
 """Exact one-sided binomial bounds and tests, vectorised over images.
 
-Everything here is numpy/scipy only. Conventions follow algorithms.md §1: a one-sided bound at level
+Everything here is numpy/scipy only. Conventions follow docs/methods.md §1: a one-sided bound at level
 ``alpha`` holds with probability at least ``1 - alpha``; the reference codebases obtain the same numbers
 by calling statsmodels' two-sided ``proportion_confint`` with ``2 * alpha``.
 """

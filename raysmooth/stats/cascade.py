@@ -1,6 +1,6 @@
 """The multi-scale cascade certificate (Jeong & Shin, NeurIPS'23), from per-σ counts.
 
-Two policies (algorithms.md, decision 1):
+Two policies (docs/methods.md §4.4):
 
 ``strict`` (default)
     A fixed α budget split over every bound the cascade may use: one-sided Clopper–Pearson lower
@@ -11,7 +11,7 @@ Two policies (algorithms.md, decision 1):
     when no level stops or R ≤ 0. Provably valid at level α by a union bound.
 
 ``reference``
-    What the paper's code computes (algorithms.md §4.3): stage s (s = 0 the largest σ) at α/(s+1),
+    What the paper's code computes (docs/methods.md §4.3): stage s (s = 0 the largest σ) at α/(s+1),
     outcomes class / undecided (abstain) / not confident (fall through), Goodman intervals on pooled
     counts for the off-class bound, and its branch for two or fewer cells. Reproduces published
     numbers; not provably valid at α (§4.4).

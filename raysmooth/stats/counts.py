@@ -147,7 +147,7 @@ class SparseCounts:
 
 
 def reference_groups(counts: SparseCounts, exclude: np.ndarray, min_count: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """The multi-scale paper's count reduction (algorithms.md §4.3 step 1), vectorised over rows.
+    """The multi-scale paper's count reduction (docs/methods.md §4.3), vectorised over rows.
 
     Excluding class ``exclude[i]``, the other counts of row i are sorted descending; each count of at
     least ``min_count`` is its own group; smaller counts are pooled in that order into a group whenever
