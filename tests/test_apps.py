@@ -21,14 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data=synthetic", "model=linear", "smoothing.n=40", "smoothing.n0=8", "ray.num_actors=1", "plot=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray_per_module")
 
 
 def _run(args, **kw):

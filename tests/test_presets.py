@@ -2,7 +2,6 @@
 an ADM .pt converted with convert-adm, a transformers ViT folder, CIFAR-10 python batches, an
 ImageNet-style class-folder tree, timm safetensors."""
 
-import os
 import pickle
 
 import numpy as np
@@ -21,14 +20,7 @@ from test_adm import random_adm
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray_per_module")
 
 
 def _adm_folder(tmp, image_size):

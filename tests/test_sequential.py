@@ -1,7 +1,6 @@
 """Sequential certification: valid under its own data-dependent stopping, deterministic, resumable,
 and never fed the selection samples (docs/sequential.md)."""
 
-import os
 import random
 
 import numpy as np
@@ -202,12 +201,7 @@ def test_a_resumed_planner_plans_the_next_round_only():
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray_per_module")
 
 
 def _cfg(out, **over):

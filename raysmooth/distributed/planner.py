@@ -34,7 +34,48 @@ class FinishedRow:
     seq_continue: bool | None = None  # sequential runs: the stop rule's decision after this round
 
 
-class Planner:
+class _UnitQueue:
+    """The queue both planners share: units go out in order, failed ones come back to the front, and
+    a unit's counts are accepted once (a retried task that also finished late is not counted twice)."""
+
+    def __init__(self) -> None:
+        self._queue: deque[WorkUnit] = deque()
+        self._done_units: set[tuple] = set()
+        self.samples_planned = 0
+        self.samples_done = 0
+
+    def _push(self, unit: WorkUnit) -> None:
+        self._queue.append(unit)
+        self.samples_planned += unit.n_samples
+
+    def _accept(self, unit: WorkUnit) -> bool:
+        """Mark ``unit`` done; False when it already was (its counts must then be dropped)."""
+        if unit.key in self._done_units:
+            return False
+        self._done_units.add(unit.key)
+        self.samples_done += unit.n_samples
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self._queue)
+
+    def take(self, max_samples: int) -> list[WorkUnit]:
+        """Units from the front of the queue, about ``max_samples`` samples in all (at least one unit)."""
+        out, total = [], 0
+        while self._queue and (not out or total + self._queue[0].n_samples <= max_samples):
+            unit = self._queue.popleft()
+            out.append(unit)
+            total += unit.n_samples
+        return out
+
+    def requeue(self, units: Iterable[WorkUnit]) -> None:
+        """Put units whose task failed back at the front."""
+        for unit in reversed(list(units)):
+            if unit.key not in self._done_units:
+                self._queue.appendleft(unit)
+
+
+class Planner(_UnitQueue):
     """Issues units incrementally and assembles their chunk counts into finished rows.
 
     ``existing`` lists the rows already in the store (a resumed run): they are never planned again.
@@ -61,6 +102,7 @@ class Planner:
             raise ValueError(f"mode must be full or cascade, got {mode!r}")
         if mode == "cascade" and stop_rule is None:
             raise ValueError("cascade mode needs a stop rule")
+        super().__init__()
         self.mode = mode
         self.num_sigmas = num_sigmas
         self.budget = {"selection": n0, "estimation": n}
@@ -73,12 +115,8 @@ class Planner:
         for (image, s, phase), counts in (half_levels or {}).items():
             self._level_counts.setdefault((image, s), {})[phase] = np.asarray(counts)
         self._chunks = {p: len(split_budget(self.budget[p], chunk)) for p in PHASES}
-        self._queue: deque[WorkUnit] = deque()
-        self._done_units: set[tuple] = set()
         self._open_levels: dict[int, int] = {}  # image -> σ index being sampled (cascade)
         self.finished_images: set[int] = set()
-        self.samples_planned = 0
-        self.samples_done = 0
         for image in image_ids:
             if mode == "full":
                 for s in range(num_sigmas):
@@ -100,8 +138,7 @@ class Planner:
             if (image, s, phase) in self.done_rows:
                 continue
             for c, size in enumerate(split_budget(self.budget[phase], self.chunk)):
-                self._queue.append(WorkUnit(image, s, phase, c, size))
-                self.samples_planned += size
+                self._push(WorkUnit(image, s, phase, c, size))
 
     def _advance_cascade(self, image: int, s: int) -> None:
         """Walk down from σ index ``s`` through levels already decided; plan the first open one."""
@@ -119,30 +156,10 @@ class Planner:
             s -= 1
 
     # ---- the driver's side ---------------------------------------------------------------------
-    def has_work(self) -> bool:
-        return bool(self._queue)
-
-    def take(self, max_samples: int) -> list[WorkUnit]:
-        """Units from the front of the queue, about ``max_samples`` samples in all (at least one unit)."""
-        out, total = [], 0
-        while self._queue and (not out or total + self._queue[0].n_samples <= max_samples):
-            unit = self._queue.popleft()
-            out.append(unit)
-            total += unit.n_samples
-        return out
-
-    def requeue(self, units: Iterable[WorkUnit]) -> None:
-        """Put units whose task failed back at the front."""
-        for unit in reversed(list(units)):
-            if unit.key not in self._done_units:
-                self._queue.appendleft(unit)
-
     def complete(self, unit: WorkUnit, counts: np.ndarray) -> list[FinishedRow]:
         """Record a unit's counts (idempotent); return the rows this completes."""
-        if unit.key in self._done_units:
+        if not self._accept(unit):
             return []
-        self._done_units.add(unit.key)
-        self.samples_done += unit.n_samples
         row = (unit.image_id, unit.sigma_index, unit.phase)
         parts = self._parts.setdefault(row, {})
         parts[unit.chunk_index] = np.asarray(counts)
@@ -184,7 +201,7 @@ class _Pair:
     done: bool = False
 
 
-class SequentialPlanner:
+class SequentialPlanner(_UnitQueue):
     """Rounds of whole units for every (image, σ), decided one complete round at a time.
 
     Round k of a pair is the estimation chunks between looks k−1 and k (each ``unit`` samples, the
@@ -216,18 +233,15 @@ class SequentialPlanner:
     ):
         if any(n % unit for n in looks):
             raise ValueError("every look must be a whole number of units")
+        super().__init__()
         self.num_sigmas = num_sigmas
         self.n0, self.chunk, self.unit = n0, chunk, unit
         self.looks = [int(n) for n in looks]
         self.select, self.rule, self.audit = select, rule, audit
         self._sel_chunks = len(split_budget(n0, chunk))
-        self._queue: deque[WorkUnit] = deque()
-        self._done_units: set[tuple] = set()
         self._pairs: dict[tuple[int, int], _Pair] = {}
         self._open: dict[int, int] = {}  # image -> pairs still open
         self.finished_images: set[int] = set()
-        self.samples_planned = 0
-        self.samples_done = 0
         resume = resume or {}
         for image in image_ids:
             self._open[image] = 0
@@ -247,10 +261,6 @@ class SequentialPlanner:
                 self.finished_images.add(image)
 
     # ---- planning ---------------------------------------------------------------------------
-    def _push(self, unit: WorkUnit) -> None:
-        self._queue.append(unit)
-        self.samples_planned += unit.n_samples
-
     def _continues(self, s: int, pair: _Pair, stored: bool | None) -> bool:
         if len(pair.history) >= len(self.looks):
             return False
@@ -270,28 +280,10 @@ class SequentialPlanner:
         return sum(1 for n in self._open.values() if n > 0)
 
     # ---- the driver's side ---------------------------------------------------------------------
-    def has_work(self) -> bool:
-        return bool(self._queue)
-
-    def take(self, max_samples: int) -> list[WorkUnit]:
-        out, total = [], 0
-        while self._queue and (not out or total + self._queue[0].n_samples <= max_samples):
-            unit = self._queue.popleft()
-            out.append(unit)
-            total += unit.n_samples
-        return out
-
-    def requeue(self, units: Iterable[WorkUnit]) -> None:
-        for unit in reversed(list(units)):
-            if unit.key not in self._done_units:
-                self._queue.appendleft(unit)
-
     def complete(self, unit: WorkUnit, counts: np.ndarray) -> list[FinishedRow]:
         """Record a unit's counts (idempotent); return the rows this completes."""
-        if unit.key in self._done_units:
+        if not self._accept(unit):
             return []
-        self._done_units.add(unit.key)
-        self.samples_done += unit.n_samples
         image, s = unit.image_id, unit.sigma_index
         pair = self._pairs[(image, s)]
         rows: list[FinishedRow] = []
