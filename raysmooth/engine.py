@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import DEFAULT_BATCH_SIZE
+from .config import DEFAULT_BATCH_SIZE, EngineCfg
 from .errors import InputError
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
@@ -37,12 +37,12 @@ class EngineConfig:
     (changing them changes the counts); everything else only changes speed."""
 
     batch_size: int | str = DEFAULT_BATCH_SIZE  # an int, or "auto": probe the device once at start
-    noise_block: int = 256
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (weights and activations) | bf16-mixed (autocast)
+    noise_block: int = EngineCfg.noise_block
+    precision: str = EngineCfg.precision  # fp32 | bf16 | fp16 (weights and activations) | bf16-mixed (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile the whole base classifier at a static batch shape
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
-    levels: int = 255  # lattice noise: images lie on (1/levels)ℤ
+    levels: int = EngineCfg.levels  # lattice noise: images lie on (1/levels)ℤ
     threads: int | None = None  # torch intra-op threads on CPU
 
     def __post_init__(self) -> None:

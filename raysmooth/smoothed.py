@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import stats
-from .config import DEFAULT_BATCH_SIZE
+from .config import DEFAULT_BATCH_SIZE, EngineCfg, SmoothingCfg
 from .engine import EngineConfig, Replica, validate_images
 from .errors import ConfigError, InputError
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
@@ -93,11 +93,11 @@ class Smoothed:
         seed: int = 0,
         batch_size: int | str = DEFAULT_BATCH_SIZE,
         device: str = "auto",
-        precision: str = "fp32",
-        noise_block: int = 256,
-        chunk: int = 10_000,
+        precision: str = EngineCfg.precision,
+        noise_block: int = EngineCfg.noise_block,
+        chunk: int = SmoothingCfg.chunk,
         noise: str = "gaussian",
-        levels: int = 255,
+        levels: int = EngineCfg.levels,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         input_size: Sequence[int] | None = None,

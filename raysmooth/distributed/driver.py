@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import GIVE_UP_AFTER_S
+from ..config import GIVE_UP_AFTER_S, RayCfg
 from ..errors import ModelLoadError, RaySmoothError, one_line
 from ..units import WorkUnit
 from .planner import FinishedRow, Planner
@@ -142,8 +142,8 @@ class Driver:
         planner: Planner,
         *,
         on_rows: Callable[[list[FinishedRow]], None],
-        max_in_flight_per_actor: int = 2,
-        samples_per_task: int = 4000,
+        max_in_flight_per_actor: int = RayCfg.max_in_flight_per_actor,
+        samples_per_task: int = RayCfg.samples_per_task,
         task_timeout_s: float | None = None,
         progress: Callable[[Planner, float], None] | None = None,
         give_up_after_s: float = GIVE_UP_AFTER_S,
