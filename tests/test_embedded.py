@@ -49,13 +49,17 @@ def demo(tmp_path_factory):
     return out
 
 
-def test_the_default_job_certifies_all_three_methods_with_the_embedded_models(demo, capsys):
-    for name in ("dds", "diffsmooth", "onestep"):
+def test_the_default_job_certifies_plain_and_fine_tuned_dds_and_onestep(demo, capsys):
+    for name in ("dds", "dds_ft", "onestep"):
         store = RunStore.open(demo / name)
         assert store.read_counts().num_rows == 24 * 3 * 2
         methods = set(store.read_certificates().column("method").to_pylist())
         assert methods == {"certify", "predict", "cascade"}
     assert (demo / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    denoisers = {
+        name: RunStore.open(demo / name).manifest["config"]["model"]["denoiser"]["path"] for name in ("dds", "dds_ft")
+    }
+    assert denoisers["dds"].endswith("digits/denoiser") and denoisers["dds_ft"].endswith("digits/denoiser_ft")
 
 
 def test_analyze_recomputes_the_reported_table(demo, capsys):

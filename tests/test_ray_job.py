@@ -31,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     ray_bin = _ray_bin()
     if ray_bin is None:
@@ -86,12 +86,8 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_certify_job_and_writes_parquet(ray_head, tmp_path):
-    import pyarrow.parquet as pq
-
+def _submit(ray_head, *overrides: str) -> subprocess.CompletedProcess:
     ray_bin, env, url = ray_head
-    out = tmp_path / "out"
     cmd = [
         ray_bin,
         "job",
@@ -107,16 +103,45 @@ def test_ray_job_submit_runs_the_certify_job_and_writes_parquet(ray_head, tmp_pa
         "jobs/certify.py",
         "data=synthetic",
         "model=linear",
-        "smoothing.n=200",
-        "smoothing.n0=20",
         "ray.num_actors=1",
         "plot=false",
-        f"out={out}",
+        *overrides,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_certify_job_and_writes_parquet(ray_head, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    proc = _submit(ray_head, "smoothing.n=200", "smoothing.n0=20", f"out={out}")
     assert f"output directory: {out}" in proc.stdout
     counts = pq.read_table(out / "linear" / "counts")
     assert counts.num_rows == 16 * 3 * 2
     certs = pq.read_table(out / "linear" / "certificates")
     assert certs.num_rows > 0
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_sequential_certification(ray_head, tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    _submit(
+        ray_head,
+        "smoothing.mode=sequential",
+        "smoothing.n0=20",
+        "smoothing.sequential.unit=100",
+        "smoothing.sequential.n_max=800",
+        f"out={out}",
+    )
+    counts = pq.read_table(out / "linear" / "counts")
+    assert pc.max(counts["round"]).as_py() >= 1  # estimation came in rounds
+    certs = pq.read_table(out / "linear" / "certificates").to_pylist()
+    seq = [c for c in certs if c["method"] == "sequential"]
+    assert len(seq) == 16 * 3
+    assert all(c["n_used"] <= 20 + 800 for c in seq)  # n_used counts the n0 selection samples too
