@@ -79,3 +79,21 @@ def test_an_output_path_that_cannot_be_created_is_one_line(tmp_path, capsys):
     assert certify_main(["data=synthetic", "model=linear", f"out={blocker / 'x'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Not a directory" in err
+
+
+def test_the_readme_module_map_names_every_module_and_only_real_ones():
+    block = (ROOT / "README.md").read_text().split("## Development", 1)[1].split("```")[1]
+    named = set()
+    for line in block.splitlines():
+        words = line.split()
+        if not words or not words[0].startswith("raysmooth/"):
+            continue
+        paths = [words[0].rstrip(",")]
+        while words[len(paths) - 1].endswith(","):  # "raysmooth/finetune.py, toy.py"
+            paths.append(str(Path(paths[0]).parent / words[len(paths)]))
+        named |= {p.rstrip("/") for p in paths}
+    package = ROOT / "raysmooth"
+    modules = {f"raysmooth/{p.name}" for p in package.glob("*.py") if p.name != "__init__.py"}
+    modules |= {f"raysmooth/{p.name}" for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert modules - named == set(), "modules the README does not map"
+    assert {n for n in named if not (ROOT / n).exists()} == set(), "README names modules that do not exist"
