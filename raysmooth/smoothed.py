@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import stats
-from .config import DEFAULT_BATCH_SIZE, EngineCfg, SmoothingCfg
+from .config import DEFAULT_BATCH_SIZE, DEFAULT_RADII, EngineCfg, SequentialCfg, SmoothingCfg
 from .engine import EngineConfig, Replica, validate_images
 from .errors import ConfigError, InputError
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
@@ -45,6 +45,9 @@ class Certificate:
     sigma: float | None = None  # the σ whose counts gave the answer
     reason: str = ""  # why it abstains ("" when it does not)
     selection_counts: np.ndarray | None = field(default=None, repr=False)
+    rounds: int | None = None  # sequential: estimation rounds drawn
+    stop_reason: str = ""  # sequential: why sampling stopped (certified_all, futile, n_max, …)
+    grid_radius: float | None = None  # sequential: the largest grid radius the decisions certified
 
     @property
     def abstained(self) -> bool:
@@ -290,6 +293,93 @@ class Smoothed:
     ) -> Certificate:
         """CERTIFY for one image ``x`` of shape (C, H, W) in [0, 1]."""
         return self.certify_batch(_as_image(x)[None], n0, n, alpha, sigma=sigma, ids=[image_id])[0]
+
+    def certify_sequential(
+        self,
+        xs: Any,
+        n0: int = 100,
+        n_max: int = SequentialCfg.n_max,
+        alpha: float = 0.001,
+        *,
+        radii: Sequence[float] = tuple(DEFAULT_RADII),
+        unit: int = SequentialCfg.unit,
+        look_ratio: float = SequentialCfg.look_ratio,
+        alpha_spending: str = SequentialCfg.alpha_spending,
+        futility_beta: float = SequentialCfg.futility_beta,
+        precision: float | None = None,
+        r_cap: float | None = None,
+        sigma: float | None = None,
+        ids: Sequence[int] | None = None,
+        group_samples: int = 200_000,
+    ) -> list[Certificate]:
+        """Sequential CERTIFY (docs/sequential.md) for many images: rounds of ``unit`` samples, looked at
+        on a doubling schedule up to ``n_max``, each image stopped once every radius of ``radii`` is
+        decided. Valid at level ``alpha`` under that stopping. With the same seed, σ list and unit it
+        draws exactly the noise of ``raysmooth certify smoothing.mode=sequential``."""
+        _check_alpha(alpha)
+        batch = self._stack(xs)
+        ids = list(range(len(batch))) if ids is None else [int(i) for i in ids]
+        if len(ids) != len(batch) or len(set(ids)) != len(ids):
+            raise InputError(f"ids must name each of the {len(batch)} images once")
+        s = self._sigma_index(sigma)
+        applied, margin = self._noise(s)
+        try:
+            if unit < 1 or n_max < unit:
+                raise ValueError(f"need 1 <= unit <= n_max, got unit={unit}, n_max={n_max}")
+            d = stats.sequential.design(
+                alpha,
+                int(unit),
+                int(n_max),
+                list(radii),
+                applied,
+                ratio=look_ratio,
+                spending=alpha_spending,
+                beta=futility_beta,
+                margin=margin,
+                precision=precision,
+                r_cap=r_cap,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        sel = self.counts(batch, phase="selection", n=n0, sigma_index=s, ids=ids)
+        c_hat = sel.argmax(axis=1)  # ĉ from the selection samples only, as the job chooses it
+        est = np.zeros_like(sel)
+        cumulative = np.zeros((len(ids), d.num_looks), np.int64)
+        rounds = np.zeros(len(ids), np.int64)
+        still_open = np.arange(len(ids))
+        for k in range(d.num_looks):
+            first, last = (0 if k == 0 else int(d.looks[k - 1])) // unit, int(d.looks[k]) // unit
+            per_group = max(1, group_samples // ((last - first) * unit))
+            for g in range(0, len(still_open), per_group):
+                rows = still_open[g : g + per_group]
+                units = [WorkUnit(ids[r], s, "estimation", c, unit) for r in rows for c in range(first, last)]
+                counts = self._replica.run(units, {ids[r]: batch[r] for r in rows})
+                row_of = {ids[r]: r for r in rows}
+                for u in units:
+                    est[row_of[u.image_id]] += counts[u.key]
+            cumulative[still_open, k] = est[still_open, c_hat[still_open]]
+            rounds[still_open] = k + 1
+            go_on = stats.sequential.decide(d, cumulative[still_open, : k + 1])
+            still_open = still_open[go_on]
+            if len(still_open) == 0:
+                break
+        cert, out = stats.sequential.sequential_certify(c_hat, cumulative, d, rounds)
+        return [
+            Certificate(
+                int(cert.prediction[i]),
+                float(cert.radius[i]),
+                float(cert.p_lower[i]),
+                est[i],
+                int(sel[i].sum() + est[i].sum()),
+                self.sigmas[s],
+                stats.Reason.NAMES[cert.reason[i]],
+                sel[i],
+                rounds=int(rounds[i]),
+                stop_reason=stats.sequential.STOP_REASONS[out.reason[i]],
+                grid_radius=float(d.radii[out.grid_index[i]]) if out.grid_index[i] >= 0 else None,
+            )
+            for i in range(len(ids))
+        ]
 
     def predict(
         self, x: Any, n: int = 10_000, alpha: float = 0.001, *, sigma: float | None = None, image_id: int = 0

@@ -397,3 +397,41 @@ def test_the_sequential_imagenet_preset_is_the_papers_budget_on_a_doubling_sched
     assert d.looks.tolist()[-1] == 100_000 and len(d.looks) == 11
     assert d.radii.tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
     assert d.radii[d.feasible] == 0.5  # at σ = 0.25, radii above 0.5 cannot be certified from 100,000 samples
+
+
+def test_the_python_api_gives_the_jobs_sequential_certificates(reference_run):
+    """Smoothed.certify_sequential draws the job's noise round by round and stops where the job did."""
+    from raysmooth import Smoothed
+    from raysmooth.data import load_dataset
+
+    cfg = _cfg(reference_run.parent)
+    sq_cfg = cfg.smoothing.sequential
+    data = load_dataset("synthetic", **cfg.data.options)
+    smoothed = Smoothed(
+        "linear",
+        cfg.smoothing.sigmas,
+        input_shape=(1, 8, 8),
+        model_kwargs={"num_classes": 10, "seed": 0, "scale": 12.0},
+    )
+    _, certs = _tables(reference_run)
+    stored = {(r["image_id"], r["sigma"]): r for r in certs.to_pylist()}
+    for sigma in cfg.smoothing.sigmas:
+        got = smoothed.certify_sequential(
+            data.images,
+            n0=cfg.smoothing.n0,
+            n_max=sq_cfg.n_max,
+            alpha=cfg.smoothing.alpha,
+            radii=cfg.radii,
+            unit=sq_cfg.unit,
+            sigma=sigma,
+            ids=data.ids,
+        )
+        for image_id, cert in zip(data.ids.tolist(), got):
+            row = stored[(image_id, sigma)]
+            assert (cert.prediction, cert.n_used, cert.rounds, cert.stop_reason) == (
+                row["prediction"],
+                row["n_used"],
+                row["rounds"],
+                row["stop_reason"],
+            ), (sigma, image_id)
+            assert cert.radius == pytest.approx(row["radius"], abs=1e-12)

@@ -215,3 +215,25 @@ def test_bad_calls_are_one_clear_error():
         smoothed.certify(np.full((1, 8, 8), 2.0, np.float32), n0=5, n=50, sigma=0.25)
     with pytest.raises(ConfigError, match="alpha"):
         smoothed.certify(x, n0=5, n=50, alpha=float("nan"), sigma=0.25)
+
+
+def test_a_sequential_schedule_that_cannot_work_is_one_clear_error():
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    with pytest.raises(ConfigError, match="multiple of the unit"):
+        smoothed.certify_sequential(x, n0=5, n_max=250, unit=100)
+    with pytest.raises(ConfigError, match="unit"):
+        smoothed.certify_sequential(x, n0=5, n_max=100, unit=0)
+    with pytest.raises(ConfigError, match="spending"):
+        smoothed.certify_sequential(x, n0=5, n_max=400, unit=100, alpha_spending="greedy")
+
+
+def test_certify_sequential_stops_early_where_the_answer_is_clear():
+    digits = load_dataset("digits")
+    smoothed = Smoothed(_linear_module(), 0.25)
+    certs = smoothed.certify_sequential(digits.images[:4], n0=20, n_max=1600, unit=100, radii=[0.0])
+    for cert in certs:
+        assert cert.stop_reason in ("certified_all", "futile", "n_max")
+        assert cert.n_used == 20 + int(cert.counts.sum()) and cert.counts.sum() == 100 * 2 ** (cert.rounds - 1)
+    certified = [c for c in certs if not c.abstained]
+    assert certified and all(c.stop_reason == "certified_all" and c.rounds < 5 for c in certified)
