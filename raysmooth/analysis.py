@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from .config import DEFAULT_RADII
 from .errors import RaySmoothError
 from .store import CERTIFICATES_SCHEMA, RunStore, read_table
 
@@ -32,7 +33,6 @@ __all__ = [
     "DEFAULT_RADII",
 ]
 
-DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct")
 
 
