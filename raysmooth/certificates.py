@@ -167,9 +167,9 @@ def _rows(
     *,
     method: str,
     sigma: float,
-    policy: str,
-    p0: float,
     alpha: float,
+    policy: str = "",  # cascade rows only
+    p0: float = np.nan,  # cascade rows only
     n_used: np.ndarray,
     subset: np.ndarray | None = None,
     extra: dict | None = None,
@@ -220,22 +220,16 @@ def _table(parts: list[pa.Table]) -> pa.Table:
     return pa.concat_tables(parts).unify_dictionaries()
 
 
-def _level_samples(level: stats.Level) -> np.ndarray:
-    return level.selection.totals() + level.estimation.totals()
-
-
 def _cascade_levels(view: CountsView, noise: NoiseInfo) -> list[stats.Level]:
     """The view's levels with the σ the noise really had: the cascade's radii are built from them."""
     return [stats.Level(noise.sigma(lv.sigma), lv.selection, lv.estimation, lv.present) for lv in view.levels]
 
 
-def _cascade_samples(view: CountsView, cert: stats.Certificates) -> np.ndarray:
-    """Samples a cascade certificate rests on: every level from the top down to the one that answered
-    (all levels when it abstains), as a lazy run would draw them."""
-    per_level = np.stack([_level_samples(lv) for lv in view.levels])  # (K, M)
-    k = len(view.levels)
+def _cascade_samples(per_level: np.ndarray, cert: stats.Certificates) -> np.ndarray:
+    """Samples a cascade certificate rests on: every level (rows of ``per_level``) from the top down to
+    the one that answered (all levels when it abstains), as a lazy run would draw them."""
     lowest = np.where(cert.level >= 0, cert.level, 0)
-    used = np.arange(k)[:, None] >= lowest[None, :]
+    used = np.arange(len(per_level))[:, None] >= lowest[None, :]
     return (per_level * used).sum(axis=0)
 
 
@@ -266,8 +260,6 @@ def derive_certificates(
                     cert,
                     method="certify",
                     sigma=level.sigma,
-                    policy="",
-                    p0=np.nan,
                     alpha=alpha,
                     n_used=used,
                     subset=subset,
@@ -282,8 +274,6 @@ def derive_certificates(
                     cert,
                     method="predict",
                     sigma=level.sigma,
-                    policy="",
-                    p0=np.nan,
                     alpha=alpha,
                     n_used=est.totals(),
                     subset=subset,
@@ -299,6 +289,7 @@ def _cascade_rows(
 ) -> list[pa.Table]:
     prepared = stats.prepare_levels(_cascade_levels(view, noise), policies)
     margin = max((noise.margin_of(s) for s in view.sigmas), default=0.0)
+    per_level = np.stack([lv.selection.totals() + lv.estimation.totals() for lv in view.levels])  # (K, M)
     parts = []
     for alpha in alphas:
         for policy in policies:
@@ -314,7 +305,7 @@ def _cascade_rows(
                         policy=policy,
                         p0=float(threshold),
                         alpha=alpha,
-                        n_used=_cascade_samples(view, cert),
+                        n_used=_cascade_samples(per_level, cert),
                     )
                 )
     return parts
@@ -534,8 +525,6 @@ def sequential_certificates(table: pa.Table, designs: dict[float, stats.sequenti
                 cert,
                 method="sequential",
                 sigma=level.sigma,
-                policy="",
-                p0=np.nan,
                 alpha=d.alpha,
                 n_used=level.selection.totals() + used_est,
                 extra=extra,
@@ -549,8 +538,6 @@ def sequential_certificates(table: pa.Table, designs: dict[float, stats.sequenti
                     fixed,
                     method="certify",
                     sigma=level.sigma,
-                    policy="",
-                    p0=np.nan,
                     alpha=d.alpha,
                     n_used=level.selection.totals() + level.totals.totals(),
                 )
@@ -570,7 +557,8 @@ def sequential_progress(
     index = {float(s): i for i, s in enumerate(sigmas)}
     ids, _labels, _c, levels = _sequential_levels(table, {s: designs[s] for s in sigmas if s in designs})
     wanted = set(int(i) for i in image_ids)
-    sel_keys = {(img, s) for img, s, ph, rnd in store.completed_keys() if ph == "selection"}
+    cols = table.select(["image_id", "sigma", "phase"]).to_pydict()
+    sel_keys = {(i, s) for i, s, ph in zip(cols["image_id"], cols["sigma"], cols["phase"]) if ph == "selection"}
     flags = _last_flags(table)
     for level in levels:
         s = index[level.sigma]

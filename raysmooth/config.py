@@ -135,7 +135,6 @@ class RayCfg:
     task_timeout_s: float | None = None  # re-queue a task that takes longer (hung or pending actor)
     give_up_after_s: float = GIVE_UP_AFTER_S  # stop (resumably) when no actor has finished a task for this long
     local_cpus: int | None = None  # CPUs of a local cluster started by the job
-    init_timeout_s: float = 60.0  # a local cluster that does not come up in this time is one clear error
 
 
 @dataclass
@@ -375,7 +374,6 @@ def validate_certify(cfg: CertifyCfg) -> None:
         ry.task_timeout_s is None or (_finite(ry.task_timeout_s) and ry.task_timeout_s > 0),
         "must be positive or null",
     )
-    _check("ray.init_timeout_s", _finite(ry.init_timeout_s) and ry.init_timeout_s > 0, "must be positive")
 
     _check("data.skip", da.skip >= 1, f"must be at least 1, got {da.skip}")
     _check("data.max_images", da.max_images is None or da.max_images >= 1, f"must be at least 1, got {da.max_images}")

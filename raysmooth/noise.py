@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LATTICE_BITS", "LatticeTable", "lattice_table", "lattice_margin", "quantisation_error"]
+__all__ = ["LATTICE_BITS", "LatticeTable", "lattice_table", "lattice_margin"]
 
 LATTICE_BITS = 62  # uniform integers in [0, 2^62): int64 on every device
 _TAIL_Z = 9.5  # Φ(−9.5) ≈ 1e-21 < 2^-62: lattice points beyond ±9.5σ carry no representable mass
@@ -67,9 +67,3 @@ def lattice_table(sigma: float, levels: int, bits: int = LATTICE_BITS) -> Lattic
 def lattice_margin(sigma: float, levels: int, dim: int, bits: int = LATTICE_BITS) -> float:
     """How much lower the true p_A can be than the sampled one: d pixels × the per-pixel distance."""
     return float(dim) * lattice_table(float(sigma), int(levels), bits).tv_per_coordinate
-
-
-def quantisation_error(images: np.ndarray, levels: int) -> float:
-    """Largest distance of a pixel from the grid (1/levels)ℤ, in grid steps (0 for quantised images)."""
-    scaled = np.asarray(images, dtype=np.float64) * levels
-    return float(np.max(np.abs(scaled - np.round(scaled)))) if scaled.size else 0.0

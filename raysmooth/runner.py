@@ -278,7 +278,7 @@ def _sample(
     noise: NoiseInfo,
     manifest_extra: dict | None = None,
 ) -> int:
-    from .distributed import actor_spec, connect, runtime_env_for, sample_counts, start_replicas
+    from .distributed import actor_spec, connect, runtime_env_for, sample_counts, start_replicas, stop_actors
     from .engine import validate_images
 
     ry, sm = cfg.ray, cfg.smoothing
@@ -292,10 +292,7 @@ def _sample(
             data.images, data.labels, info["input_shape"], info["num_classes"], num_classes=data.num_classes
         )
     except BaseException:
-        import ray
-
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        stop_actors(actors)
         raise
     batch_sizes = sorted({i["batch_size"] for i in infos})
     log.info(

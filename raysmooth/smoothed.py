@@ -152,21 +152,17 @@ class Smoothed:
         )
 
     def _from_folder(self, folder: Path, shape: tuple[int, int, int]) -> BaseClassifier:
-        import json
-
         from .models import OneStepBase, load_onestep
         from .models.adapter import from_module
-        from .models.checkpoints import CONFIG_NAME
+        from .models.checkpoints import CONFIG_NAME, folder_kind
         from .models.classifier import load_classifier
 
-        config = folder / CONFIG_NAME
-        if not config.is_file():
+        if not (folder / CONFIG_NAME).is_file():
             raise ConfigError(
                 f"{folder}: neither a registered base classifier ({', '.join(list_base_classifiers())}) "
                 f"nor a model folder with {CONFIG_NAME}"
             )
-        kind = json.loads(config.read_text()).get("raysmooth_model")
-        if kind == "onestep":
+        if folder_kind(folder) == "onestep":
             return OneStepBase(load_onestep({"path": str(folder)}), shape)
         return from_module(load_classifier({"path": str(folder)}), shape, denoiser=self._denoiser)
 
@@ -212,29 +208,66 @@ class Smoothed:
         validate_images(batch, None, replica.shape, replica.num_classes)
         return batch
 
+    def _ids(self, batch: torch.Tensor, ids: Sequence[int] | None) -> list[int]:
+        ids = list(range(len(batch))) if ids is None else [int(i) for i in ids]
+        if len(ids) != len(batch) or len(set(ids)) != len(ids):
+            raise InputError(f"ids must name each of the {len(batch)} images once")
+        return ids
+
+    def _draw(
+        self,
+        batch: torch.Tensor,
+        ids: list[int],
+        rows: Sequence[int],
+        sigma_index: int,
+        phase: str,
+        chunks: list[tuple[int, int]],
+        out: np.ndarray,
+        group_samples: int,
+    ) -> None:
+        """Add to ``out[r]``, for every row ``r``, the counts of the work units (chunk index, size) in
+        ``chunks`` of image ``ids[r]``: the job's units, so the job's noise. Images go to the engine in
+        groups of about ``group_samples`` samples, so memory stays bounded."""
+        per_group = max(1, group_samples // max(1, sum(size for _, size in chunks)))
+        for g in range(0, len(rows), per_group):
+            row_of = {ids[r]: r for r in rows[g : g + per_group]}
+            units = [WorkUnit(i, sigma_index, phase, c, size) for i in row_of for c, size in chunks]
+            counts = self._replica.run(units, {i: batch[r] for i, r in row_of.items()})
+            for u in units:
+                out[row_of[u.image_id]] += counts[u.key]
+
     def counts(
         self, xs: Any, *, phase: str, n: int, sigma_index: int, ids: Sequence[int], group_samples: int = 200_000
     ) -> np.ndarray:
         """Dense counts (N, classes) of ``n`` draws per image in ``phase`` at σ number ``sigma_index``,
-        split into chunks and seeded exactly as the job's work units. Images go to the engine in groups
-        of about ``group_samples`` samples, so memory stays bounded for large test sets."""
+        split into chunks and seeded exactly as the job's work units."""
         batch = self._stack(xs)
         if n < 1:
             raise InputError(f"the number of samples must be at least 1, got {n}")
-        ids = [int(i) for i in ids]
-        if len(ids) != len(batch) or len(set(ids)) != len(ids):
-            raise InputError(f"ids must name each of the {len(batch)} images once")
-        sizes = split_budget(int(n), self.chunk)
-        per_group = max(1, group_samples // int(n))
+        ids = self._ids(batch, ids)
         out = np.zeros((len(ids), self._replica.num_classes), dtype=np.int64)
-        for g in range(0, len(ids), per_group):
-            group = ids[g : g + per_group]
-            units = [WorkUnit(i, sigma_index, phase, c, size) for i in group for c, size in enumerate(sizes)]
-            images = {i: batch[g + r] for r, i in enumerate(group)}
-            counts = self._replica.run(units, images)
-            for u in units:
-                out[g + group.index(u.image_id)] += counts[u.key]
+        chunks = list(enumerate(split_budget(int(n), self.chunk)))
+        self._draw(batch, ids, range(len(ids)), sigma_index, phase, chunks, out, group_samples)
         return out
+
+    def _certificates(
+        self, cert: stats.Certificates, sel: np.ndarray, est: np.ndarray, sigma_index: int, **extra: Any
+    ) -> list[Certificate]:
+        """One Certificate per image from vectorised results; ``extra`` holds per-image arrays."""
+        return [
+            Certificate(
+                int(cert.prediction[i]),
+                float(cert.radius[i]),
+                float(cert.p_lower[i]),
+                est[i],
+                int(sel[i].sum() + est[i].sum()),
+                self.sigmas[sigma_index],
+                stats.Reason.NAMES[cert.reason[i]],
+                sel[i],
+                **{k: v[i] for k, v in extra.items()},
+            )
+            for i in range(len(sel))
+        ]
 
     # ---- certificates ------------------------------------------------------------------------
     def _noise(self, sigma_index: int) -> tuple[float, float]:
@@ -259,7 +292,7 @@ class Smoothed:
         """CERTIFY (Cohen et al.) for many images, packed into full batches."""
         _check_alpha(alpha)
         batch = self._stack(xs)
-        ids = list(range(len(batch))) if ids is None else list(ids)
+        ids = self._ids(batch, ids)
         s = self._sigma_index(sigma)
         sel = self.counts(batch, phase="selection", n=n0, sigma_index=s, ids=ids)
         est = self.counts(batch, phase="estimation", n=n, sigma_index=s, ids=ids)
@@ -267,19 +300,7 @@ class Smoothed:
         cert = stats.certify(
             stats.SparseCounts.from_dense(sel), stats.SparseCounts.from_dense(est), applied, alpha, margin=margin
         )
-        return [
-            Certificate(
-                int(cert.prediction[i]),
-                float(cert.radius[i]),
-                float(cert.p_lower[i]),
-                est[i],
-                int(sel[i].sum() + est[i].sum()),
-                self.sigmas[s],
-                stats.Reason.NAMES[cert.reason[i]],
-                sel[i],
-            )
-            for i in range(len(ids))
-        ]
+        return self._certificates(cert, sel, est, s)
 
     def certify(
         self,
@@ -318,14 +339,10 @@ class Smoothed:
         draws exactly the noise of ``raysmooth certify smoothing.mode=sequential``."""
         _check_alpha(alpha)
         batch = self._stack(xs)
-        ids = list(range(len(batch))) if ids is None else [int(i) for i in ids]
-        if len(ids) != len(batch) or len(set(ids)) != len(ids):
-            raise InputError(f"ids must name each of the {len(batch)} images once")
+        ids = self._ids(batch, ids)
         s = self._sigma_index(sigma)
         applied, margin = self._noise(s)
         try:
-            if unit < 1 or n_max < unit:
-                raise ValueError(f"need 1 <= unit <= n_max, got unit={unit}, n_max={n_max}")
             d = stats.sequential.design(
                 alpha,
                 int(unit),
@@ -349,37 +366,17 @@ class Smoothed:
         still_open = np.arange(len(ids))
         for k in range(d.num_looks):
             first, last = (0 if k == 0 else int(d.looks[k - 1])) // unit, int(d.looks[k]) // unit
-            per_group = max(1, group_samples // ((last - first) * unit))
-            for g in range(0, len(still_open), per_group):
-                rows = still_open[g : g + per_group]
-                units = [WorkUnit(ids[r], s, "estimation", c, unit) for r in rows for c in range(first, last)]
-                counts = self._replica.run(units, {ids[r]: batch[r] for r in rows})
-                row_of = {ids[r]: r for r in rows}
-                for u in units:
-                    est[row_of[u.image_id]] += counts[u.key]
+            chunks = [(c, unit) for c in range(first, last)]  # round k: the units between looks k-1 and k
+            self._draw(batch, ids, still_open, s, "estimation", chunks, est, group_samples)
             cumulative[still_open, k] = est[still_open, c_hat[still_open]]
             rounds[still_open] = k + 1
-            go_on = stats.sequential.decide(d, cumulative[still_open, : k + 1])
-            still_open = still_open[go_on]
+            still_open = still_open[stats.sequential.decide(d, cumulative[still_open, : k + 1])]
             if len(still_open) == 0:
                 break
         cert, out = stats.sequential.sequential_certify(c_hat, cumulative, d, rounds)
-        return [
-            Certificate(
-                int(cert.prediction[i]),
-                float(cert.radius[i]),
-                float(cert.p_lower[i]),
-                est[i],
-                int(sel[i].sum() + est[i].sum()),
-                self.sigmas[s],
-                stats.Reason.NAMES[cert.reason[i]],
-                sel[i],
-                rounds=int(rounds[i]),
-                stop_reason=stats.sequential.STOP_REASONS[out.reason[i]],
-                grid_radius=float(d.radii[out.grid_index[i]]) if out.grid_index[i] >= 0 else None,
-            )
-            for i in range(len(ids))
-        ]
+        grid = [float(d.radii[j]) if j >= 0 else None for j in out.grid_index]
+        reasons = [stats.sequential.STOP_REASONS[r] for r in out.reason]
+        return self._certificates(cert, sel, est, s, rounds=rounds.tolist(), stop_reason=reasons, grid_radius=grid)
 
     def predict(
         self, x: Any, n: int = 10_000, alpha: float = 0.001, *, sigma: float | None = None, image_id: int = 0

@@ -63,3 +63,17 @@ def write_run(
     store.append_counts(records[:half], model_id="synthetic", seed=seed, alpha=alpha)
     store.append_counts(records[half:], model_id="synthetic", seed=seed, alpha=alpha)
     return store
+
+
+def imagenet_stand_in_overrides(tmp_path: Path) -> list[str]:
+    """Overrides that satisfy an ImageNet preset's file checks with empty stand-ins (nothing is loaded)."""
+    from safetensors.numpy import save_file
+
+    (tmp_path / "val").mkdir()
+    (tmp_path / "adm").mkdir()
+    save_file({"stand_in": np.zeros(1, np.float32)}, str(tmp_path / "beit.safetensors"))
+    return [
+        f"data.root={tmp_path / 'val'}",
+        f"model.denoiser.path={tmp_path / 'adm'}",
+        f"model.classifier.checkpoint={tmp_path / 'beit.safetensors'}",
+    ]

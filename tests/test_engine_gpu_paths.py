@@ -105,25 +105,13 @@ def test_a_compiled_model_counts_like_the_eager_one_and_padding_is_never_counted
 def test_the_imagenet_preset_starts_with_a_batch_that_fits_an_80_gb_gpu(tmp_path):
     """+experiment=carlini_imagenet engine=gpu: the batch the run would start with, through the memory
     model of the real architectures (ADM-256 at 224 + BEiT-L/16 at 512) on the meta device."""
-    from safetensors.numpy import save_file
-
     from raysmooth.models.architectures import paper_pair
     from raysmooth.models.memory import estimate_memory
     from raysmooth.runner import engine_settings
 
-    (tmp_path / "val").mkdir()
-    (tmp_path / "adm").mkdir()
-    save_file({"stand_in": np.zeros(1, np.float32)}, str(tmp_path / "beit.safetensors"))
-    cfg = compose(
-        "certify",
-        [
-            "+experiment=carlini_imagenet",
-            "engine=gpu",
-            f"data.root={tmp_path / 'val'}",
-            f"model.denoiser.path={tmp_path / 'adm'}",
-            f"model.classifier.checkpoint={tmp_path / 'beit.safetensors'}",
-        ],
-    )
+    from helpers import imagenet_stand_in_overrides
+
+    cfg = compose("certify", ["+experiment=carlini_imagenet", "engine=gpu", *imagenet_stand_in_overrides(tmp_path)])
     batch = engine_settings(cfg)["batch_size"]
     assert batch == cfg.model.batch_size == 96 and cfg.engine.batch_size is None  # the model's own batch
     est = estimate_memory(paper_pair("imagenet", "meta"), torch.bfloat16)

@@ -71,33 +71,29 @@ def test_cascade_starts_at_the_largest_sigma_and_descends_only_when_open():
     assert p.finished_images == {0, 1} and not p.has_work()
 
 
+def _resumed_cascade(existing, decided, **kw) -> Planner:
+    """One image, three σ, a cascade that never stops by itself, resumed from ``existing`` rows."""
+    return Planner(
+        [0],
+        num_sigmas=3,
+        n0=10,
+        n=10,
+        chunk=10,
+        mode="cascade",
+        stop_rule=lambda *a: False,
+        existing=existing,
+        decided=decided,
+        **kw,
+    )
+
+
 def test_resume_plans_only_missing_rows_and_replays_cascade_decisions():
     existing = {(0, 2, "selection"), (0, 2, "estimation")}
     full = Planner([0], num_sigmas=3, n0=10, n=10, chunk=10, existing=existing)
     assert {u.sigma_index for u in full.take(10**9)} == {0, 1}
-    casc = Planner(
-        [0],
-        num_sigmas=3,
-        n0=10,
-        n=10,
-        chunk=10,
-        mode="cascade",
-        stop_rule=lambda *a: False,
-        existing=existing,
-        decided={(0, 2): False},
-    )
+    casc = _resumed_cascade(existing, {(0, 2): False})
     assert {u.sigma_index for u in casc.take(10**9)} == {1}
-    done = Planner(
-        [0],
-        num_sigmas=3,
-        n0=10,
-        n=10,
-        chunk=10,
-        mode="cascade",
-        stop_rule=lambda *a: False,
-        existing=existing,
-        decided={(0, 2): True},
-    )
+    done = _resumed_cascade(existing, {(0, 2): True})
     assert not done.has_work() and done.finished_images == {0}
 
 
@@ -112,18 +108,7 @@ def test_the_planner_keeps_keys_not_counts_of_finished_rows():
 def test_a_cascade_level_interrupted_between_its_phases_is_decided_when_the_other_phase_arrives():
     # Stored: level 2 decided "go on"; level 1 has its selection row only.
     existing = {(0, 2, "selection"), (0, 2, "estimation"), (0, 1, "selection")}
-    p = Planner(
-        [0],
-        num_sigmas=3,
-        n0=10,
-        n=10,
-        chunk=10,
-        mode="cascade",
-        stop_rule=lambda *a: False,
-        existing=existing,
-        decided={(0, 2): False},
-        half_levels={(0, 1, "selection"): _counts(10)},
-    )
+    p = _resumed_cascade(existing, {(0, 2): False}, half_levels={(0, 1, "selection"): _counts(10)})
     units = p.take(10**9)
     assert [(u.sigma_index, u.phase) for u in units] == [(1, "estimation")]
     p.complete(units[0], _counts(10))

@@ -374,23 +374,12 @@ def test_a_threshold_sweep_of_a_sequential_run_is_refused_in_one_line(reference_
 
 
 def test_the_sequential_imagenet_preset_is_the_papers_budget_on_a_doubling_schedule(tmp_path):
-    from safetensors.numpy import save_file
-
     from raysmooth.config import compose
     from raysmooth.runner import run_noise, sequential_designs_for
 
-    (tmp_path / "val").mkdir()
-    (tmp_path / "adm").mkdir()
-    save_file({"stand_in": np.zeros(1, np.float32)}, str(tmp_path / "beit.safetensors"))
-    cfg = compose(
-        "certify",
-        [
-            "+experiment=sequential_imagenet",
-            f"data.root={tmp_path / 'val'}",
-            f"model.denoiser.path={tmp_path / 'adm'}",
-            f"model.classifier.checkpoint={tmp_path / 'beit.safetensors'}",
-        ],
-    )
+    from helpers import imagenet_stand_in_overrides
+
+    cfg = compose("certify", ["+experiment=sequential_imagenet", *imagenet_stand_in_overrides(tmp_path)])
     assert cfg.smoothing.mode == "sequential" and cfg.smoothing.sigmas == [0.25, 0.5, 1.0]
     designs = sequential_designs_for(cfg, cfg.smoothing.sigmas, run_noise(cfg, cfg.smoothing.sigmas))
     d = designs[0.25]

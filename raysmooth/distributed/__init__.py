@@ -3,7 +3,7 @@
 It knows how to move work units and counts around; it knows nothing of bounds or radii.
 """
 
-from .driver import ActorSpec, DistributedError, Driver, ReplicaActor, start_actors, user_error_of
+from .driver import ActorSpec, DistributedError, Driver, ReplicaActor, start_actors, stop_actors, user_error_of
 from .planner import FinishedRow, Planner, SequentialPlanner
 from .progress import Progress
 from .sampling import SampleResult, sample_counts
@@ -25,5 +25,6 @@ __all__ = [
     "sample_counts",
     "start_actors",
     "start_replicas",
+    "stop_actors",
     "user_error_of",
 ]

@@ -23,7 +23,7 @@ from ..errors import ModelLoadError, RaySmoothError, one_line
 from ..units import WorkUnit
 from .planner import FinishedRow, Planner
 
-__all__ = ["ReplicaActor", "ActorSpec", "start_actors", "Driver", "DistributedError", "user_error_of"]
+__all__ = ["ReplicaActor", "ActorSpec", "start_actors", "stop_actors", "Driver", "DistributedError", "user_error_of"]
 
 log = logging.getLogger("raysmooth")
 
@@ -115,6 +115,14 @@ def start_actors(spec: ActorSpec, *args: Any, **kwargs: Any) -> list:
         num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=spec.max_restarts, max_task_retries=0
     )
     return [remote.remote(*args, **kwargs) for _ in range(spec.num_actors)]
+
+
+def stop_actors(actors: Sequence) -> None:
+    """End the replicas for good (no restart): their devices are free for the next model or run."""
+    import ray
+
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
 
 
 def user_error_of(exc: BaseException) -> RaySmoothError | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..store import CountsRecord, RunStore
-from .driver import Driver
+from .driver import Driver, stop_actors
 from .planner import FinishedRow, Planner
 from .progress import Progress
 
@@ -42,7 +42,6 @@ def sample_counts(
     progress: Callable[[Planner, float], None] | None = None,
 ) -> SampleResult:
     """Run the planner's work on ``actors`` until none is left; returns how many rows were committed."""
-    import ray
 
     buffer: list[CountsRecord] = []
     state = {"written": 0, "last_flush": time.monotonic()}
@@ -82,8 +81,7 @@ def sample_counts(
         flush()  # nothing finished is lost, whatever stopped the loop
         if isinstance(bar, Progress):
             bar.close()
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        stop_actors(actors)
     if driver.retried_units:
         log.info("%d units were re-run after actor failures", driver.retried_units)
     return SampleResult(state["written"], driver.retried_units)

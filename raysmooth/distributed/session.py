@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, RaySmoothError, one_line
-from .driver import ActorSpec, DistributedError, start_actors, user_error_of
+from ..errors import ConfigError, one_line
+from .driver import ActorSpec, DistributedError, start_actors, stop_actors, user_error_of
 
 __all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas"]
 
@@ -113,8 +113,7 @@ def start_replicas(
     try:
         infos = ray.get([a.describe.remote() for a in actors])
     except RayError as exc:
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        stop_actors(actors)
         cause = user_error_of(exc)
         if cause is not None:  # a model the actor could not build: the user's to fix
             raise type(cause)(str(cause)) from None
@@ -123,7 +122,5 @@ def start_replicas(
                 f"a replica actor could not start ({type(exc).__name__}: {one_line(exc, 200)}); "
                 "see the worker logs (`ray logs`) for the reason"
             ) from None
-        raise
-    except RaySmoothError:
         raise
     return actors, infos

@@ -90,7 +90,7 @@ def from_module(
 
     if not isinstance(denoiser, DiffusionDenoiser):
         denoiser = load_denoiser(
-            {"path": str(denoiser)} if isinstance(denoiser, (str,)) or hasattr(denoiser, "__fspath__") else denoiser
+            {"path": str(denoiser)} if isinstance(denoiser, str) or hasattr(denoiser, "__fspath__") else denoiser
         )
     return DenoiseThenClassify(denoiser, clf, shape)
 

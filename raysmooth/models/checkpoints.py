@@ -22,6 +22,7 @@ __all__ = [
     "mismatch",
     "load_strict",
     "read_folder_config",
+    "folder_kind",
     "save_folder",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
@@ -105,6 +106,21 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
     module.load_state_dict(state, strict=True)
 
 
+def _folder_fields(config: Path) -> dict[str, Any] | None:
+    try:
+        fields = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config}: not valid JSON ({exc})") from None
+    return fields if isinstance(fields, dict) else None
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """What a model folder holds (``classifier``, ``onestep``), or None when it has no config of ours."""
+    config = Path(folder) / CONFIG_NAME
+    fields = _folder_fields(config) if config.is_file() else None
+    return (fields or {}).get("raysmooth_model")
+
+
 def read_folder_config(folder: str | Path, kind: str) -> tuple[dict[str, Any], Path]:
     """The saved config of a model folder and its weights file, checked to be a ``kind`` folder."""
     folder = Path(folder)
@@ -113,12 +129,9 @@ def read_folder_config(folder: str | Path, kind: str) -> tuple[dict[str, Any], P
         raise ModelLoadError(f"{folder}: no such model folder")
     if not config.is_file() or not weights.is_file():
         raise ModelLoadError(f"{folder}: a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        fields = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{config}: not valid JSON ({exc})") from None
-    if not isinstance(fields, dict) or fields.get("raysmooth_model") != kind:
-        found = fields.get("raysmooth_model") if isinstance(fields, dict) else None
+    fields = _folder_fields(config)
+    found = (fields or {}).get("raysmooth_model")
+    if found != kind:
         raise ModelLoadError(f"{folder}: a {found or 'foreign'} folder where a {kind} folder was expected")
     return {k: v for k, v in fields.items() if k != "raysmooth_model"}, weights
 

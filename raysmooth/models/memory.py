@@ -4,7 +4,7 @@ The model runs once on the ``meta`` device (shapes only, no data, no allocation)
 mode that keeps a ledger of every tensor storage the forward creates and frees, as the caching
 allocator would see them; the peak of that ledger is the activation memory of the batch. Two batch
 sizes separate the per-sample part from the fixed part. This is what lets a CPU test say that a
-preset's batch fits an 80 GB H100, and what the auto batch size starts from.
+preset's batch fits an 80 GB H100 (``engine.batch_size=auto`` measures on the device instead).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["MemoryEstimate", "estimate_memory", "meta_copy"]
+__all__ = ["MemoryEstimate", "estimate_memory"]
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,6 @@ class _Ledger(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self._track(t)
         return out
-
-
-def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """The module with its parameters and buffers on the meta device (no memory, shapes kept)."""
-    return module.to("meta")
 
 
 def _peak(base: torch.nn.Module, batch: int, shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -30,8 +30,8 @@ import numpy as np
 from scipy.stats import norm
 
 from .bounds import cp_lower, cp_upper, goodman_upper
-from .certify import ABSTAIN, Certificates, Reason, check_margin
-from .checks import check_alpha, check_p0
+from .certify import ABSTAIN, Certificates, Reason
+from .checks import check_alpha, check_margin, check_p0
 from .counts import SparseCounts, reference_groups
 
 __all__ = [

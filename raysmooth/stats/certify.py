@@ -8,10 +8,10 @@ import numpy as np
 from scipy.stats import norm
 
 from .bounds import binomial_test_pvalue, cp_lower
-from .checks import check_alpha, check_sigma
+from .checks import check_alpha, check_margin, check_sigma
 from .counts import SparseCounts
 
-__all__ = ["ABSTAIN", "Reason", "Certificates", "certify", "predict", "check_margin"]
+__all__ = ["ABSTAIN", "Reason", "Certificates", "certify", "predict"]
 
 ABSTAIN = -1
 
@@ -37,13 +37,6 @@ class Certificates:
     reason: np.ndarray  # int8 codes of ``Reason``
     level: np.ndarray  # int64: index (ascending σ) of the level that answered, -1 if none
     p_lower: np.ndarray | None = None  # float64: the lower bound on p_A behind the answer (NaN: none)
-
-
-def check_margin(margin: float) -> float:
-    value = float(margin)
-    if not (np.isfinite(value) and 0.0 <= value < 0.5):
-        raise ValueError(f"the margin on p_A must lie in [0, 0.5), got {margin}")
-    return value
 
 
 def certify(

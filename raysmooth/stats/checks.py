@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_alpha", "check_p0", "check_sigma"]
+__all__ = ["check_alpha", "check_p0", "check_sigma", "check_margin"]
 
 
 def _real(x: object) -> float | None:
@@ -37,4 +37,12 @@ def check_sigma(sigma: object) -> float:
     value = _real(sigma)
     if value is None or not value > 0:
         raise ValueError(f"sigma must be a positive finite number, got {sigma}")
+    return value
+
+
+def check_margin(margin: object) -> float:
+    """How far the sampled distribution may be from the certified one (lattice noise): in [0, 0.5)."""
+    value = _real(margin)
+    if value is None or not 0.0 <= value < 0.5:
+        raise ValueError(f"the margin on p_A must lie in [0, 0.5), got {margin}")
     return value

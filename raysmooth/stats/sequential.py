@@ -28,8 +28,8 @@ import numpy as np
 from scipy.stats import norm
 
 from .bounds import cp_lower, cp_upper
-from .certify import ABSTAIN, Certificates, Reason, check_margin
-from .checks import check_alpha, check_sigma
+from .certify import ABSTAIN, Certificates, Reason
+from .checks import check_alpha, check_margin, check_sigma
 
 __all__ = [
     "SPENDINGS",
