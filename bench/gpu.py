@@ -47,6 +47,8 @@ class Bench:
         self.args = args
         self.device = "cpu" if args.smoke else "cuda"
         self.started = time.monotonic()
+        self.best_cudnn_benchmark = False  # set by the ImageNet profile section
+        self.ceiling: float | None = None  # TFLOP/s of a large bf16 matrix product, when measured
         self.out = {
             "benchmark": "engine on the papers' architectures (random weights)",
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -75,6 +77,13 @@ class Bench:
         self.out["rows"].append(kw)
         print(json.dumps(kw), flush=True)
         self.save()
+
+    def shares(self, flop_rate: float) -> dict:
+        """A FLOP rate as a share of the datasheet peak, and of the measured matrix-product rate."""
+        out = {"share_of_bf16_peak": round(flop_rate / (self.args.peak_tflops * 1e12), 4)}
+        if self.ceiling:
+            out["share_of_measured_matmul"] = round(flop_rate / (self.ceiling * 1e12), 4)
+        return out
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -204,9 +213,11 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
         times = interleaved(bench, cases, repeats=2 if name == "imagenet" else 3)
         for k, secs in times.items():
             s = summary(samples, secs)
-            s["share_of_bf16_peak"] = round(flops * s["samples_per_s"] / (args.peak_tflops * 1e12), 4)
+            s.update(bench.shares(flops * s["samples_per_s"]))
             bench.row(**info, precision=k, compiled=False, **s)
     if compiled:
+        # cuDNN autotuning as the profile section found best on this machine (off when it did not run).
+        torch.backends.cudnn.benchmark = bench.best_cudnn_benchmark
         r = Replica(
             replicas["bf16"].base,
             [SIGMA],
@@ -219,8 +230,16 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
         compile_s = time.perf_counter() - t0
         secs = [timed(bench, r, units, imgs) for _ in range(2 if name == "imagenet" else 3)]
         s = summary(samples, secs)
-        s["share_of_bf16_peak"] = round(flops * s["samples_per_s"] / (args.peak_tflops * 1e12), 4)
-        bench.row(**info, precision="bf16", compiled=True, compile_seconds=round(compile_s, 1), **s)
+        s.update(bench.shares(flops * s["samples_per_s"]))
+        bench.row(
+            **info,
+            precision="bf16",
+            compiled=True,
+            cudnn_benchmark=bench.best_cudnn_benchmark,
+            compile_seconds=round(compile_s, 1),
+            **s,
+        )
+        torch.backends.cudnn.benchmark = False
     if dev == "cuda" and eager:
         t0 = time.perf_counter()
         auto = Replica(
@@ -239,6 +258,161 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
     del replicas, base
     if dev == "cuda":
         torch.cuda.empty_cache()
+
+
+KERNEL_KINDS = (  # first match wins: (kind, substrings of the CUDA kernel name, lower case)
+    ("attention", ("fmha", "flash", "attention", "efficient_attention")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("convolution", ("fprop", "conv", "implicit", "winograd", "dgrad")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "matmul", "addmm", "bmm")),
+    ("normalisation", ("norm", "moments", "welford")),
+    ("resize", ("upsample", "bicubic", "bilinear", "interp")),
+    ("fused (triton)", ("triton",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "copy", "cat", "reduce", "softmax", "silu", "gelu")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def matmul_ceiling(bench: Bench) -> None:
+    """The measured bf16 matrix-product rate (8192^3, random data), the ceiling the peak share is read against."""
+    n = 256 if bench.args.smoke else 8192
+    a, b = (torch.randn((n, n), device=bench.device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    secs = []
+    for _ in range(10):
+        bench.sync()
+        t0 = time.perf_counter()
+        a @ b
+        bench.sync()
+        secs.append(time.perf_counter() - t0)
+    tflops = 2 * n**3 / statistics.median(secs) / 1e12
+    bench.ceiling = tflops
+    bench.row(test=f"bf16 matrix product {n}^3, random data (median of 10)", tflops=round(tflops, 1))
+
+
+def imagenet_profile(bench: Bench) -> None:
+    """Where the ImageNet pair's time goes (bf16 eager): layout and cuDNN autotuning variants, the
+    denoiser and classifier timed alone, and the CUDA kernels by kind over one batch."""
+    args, dev = bench.args, bench.device
+    name = "imagenet"
+    batch = 8 if args.smoke else 96
+    flops = flops_per_sample(build(name, dev, args.smoke), dev)
+
+    def replica(cl: bool, b: int = batch, base=None) -> Replica:
+        cfg = EngineConfig(batch_size=b, precision="bf16", channels_last=cl)
+        return Replica(base if base is not None else build(name, dev, args.smoke), [SIGMA], 0, cfg, device=dev)
+
+    cl, plain = replica(True), replica(False)
+    shape = cl.base.input_shape
+    big = replica(True, 8 if args.smoke else 128, base=cl.base)
+    work_96 = work(shape, 2, batch, batch, dev)
+    work_128 = work(shape, 2, big.batch_size, big.batch_size, dev)
+
+    def case(r, w, flag):
+        def fn():
+            torch.backends.cudnn.benchmark = flag
+            return timed(bench, r, *w)
+
+        return fn
+
+    cases = {
+        "channels_last, cudnn heuristics": case(cl, work_96, False),
+        "channels_last, cudnn.benchmark": case(cl, work_96, True),
+        "contiguous, cudnn heuristics": case(plain, work_96, False),
+        "contiguous, cudnn.benchmark": case(plain, work_96, True),
+        "channels_last, cudnn.benchmark, batch 128": case(big, work_128, True),
+    }
+    times = interleaved(bench, cases, repeats=3)
+    torch.backends.cudnn.benchmark = False
+    results = {}
+    for k, secs in times.items():
+        samples = 2 * (big.batch_size if "128" in k else batch)
+        s = summary(samples, secs)
+        s.update(bench.shares(flops * s["samples_per_s"]))
+        results[k] = s
+    bench.row(pair=name, test="bf16 eager variants (engine, 2 batches per timing)", batch=batch, **results)
+    best = max(list(results)[:4], key=lambda k: results[k]["samples_per_s"])
+    bench.best_cudnn_benchmark = "cudnn.benchmark" in best
+    torch.backends.cudnn.benchmark = bench.best_cudnn_benchmark
+    del plain, big
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    # The two halves alone, at the batch and settings of the best variant above.
+    base = cl.base
+    z = torch.rand((batch, *shape), device=dev).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    sig = torch.full((batch,), SIGMA, device=dev)
+    with torch.inference_mode():
+        x = base.denoiser(z, sig, None)
+
+    def call(fn):
+        def run():
+            bench.sync()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            bench.sync()
+            return time.perf_counter() - t0
+
+        return run
+
+    parts = {
+        "denoiser": call(lambda: base.denoiser(z, sig, None)),
+        "classifier": call(lambda: base.classifier(x)),
+        "both": call(lambda: base(z, sig, None)),
+    }
+    part_times = interleaved(bench, parts, repeats=3)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    part_flops = {}
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        xx = base.denoiser(z[:2], sig[:2], None)
+    part_flops["denoiser"] = counter.get_total_flops() / 2
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        base.classifier(xx)
+    part_flops["classifier"] = counter.get_total_flops() / 2
+    part_flops["both"] = part_flops["denoiser"] + part_flops["classifier"]
+    split = {}
+    for k, secs in part_times.items():
+        ms = statistics.median(secs) * 1e3
+        split[k] = {
+            "ms_per_batch": round(ms, 2),
+            "gflops_per_sample": round(part_flops[k] / 1e9, 1),
+            "tflops": round(part_flops[k] * batch / (ms / 1e3) / 1e12, 1),
+        }
+    bench.row(pair=name, test="halves alone (bf16, channels_last, one batch)", batch=batch, **split)
+    # CUDA kernels by kind over one forward batch.
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if dev == "cuda" else [ProfilerActivity.CPU]
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        base(z, sig, None)
+        bench.sync()
+    by_kind: dict[str, float] = {}
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        if dev != "cuda":
+            us = ev.self_cpu_time_total
+        if us <= 0:
+            continue
+        kind = kernel_kind(ev.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
+        kernels.append((us, kind, ev.key[:90]))
+    total = sum(by_kind.values()) or 1.0
+    kernels.sort(reverse=True)
+    bench.row(
+        pair=name,
+        test="CUDA kernel time by kind, one forward batch (bf16, channels_last)",
+        total_ms=round(total / 1e3, 2),
+        share_by_kind={k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        top_kernels=[{"share": round(us / total, 3), "kind": kind, "name": n} for us, kind, n in kernels[:12]],
+    )
 
 
 def cifar_extras(bench: Bench) -> None:
@@ -331,20 +505,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes: checks the script, measures nothing")
     parser.add_argument("--precisions", default="fp32,bf16-mixed,bf16", help="eager precisions to compare")
-    parser.add_argument("--sections", default="cifar10,cifar10-extras,imagenet,imagenet-compiled")
+    parser.add_argument(
+        "--sections", default="ceiling,cifar10,imagenet,cifar10-extras,imagenet-profile,imagenet-compiled"
+    )
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA device (use --smoke to check the script on a CPU)")
     bench = Bench(args)
     # (section, seconds it needs at least on an H100, callable)
     sections = [
+        ("bf16 matrix-product ceiling", 15, lambda: matmul_ceiling(bench)),
         ("cifar10: eager precisions, bf16 compiled", 120, lambda: pair_section(bench, "cifar10", compiled=True)),
         ("imagenet: eager precisions", 60, lambda: pair_section(bench, "imagenet")),
         ("cifar10: unit size, lattice noise, reference loop, syncs", 60, lambda: cifar_extras(bench)),
+        ("imagenet: where the time goes", 90, lambda: imagenet_profile(bench)),
         ("imagenet: bf16 compiled", 200, lambda: pair_section(bench, "imagenet", eager=False, compiled=True)),
     ]
     wanted = args.sections.split(",")
-    keys = ["cifar10", "imagenet", "cifar10-extras", "imagenet-compiled"]
+    keys = ["ceiling", "cifar10", "imagenet", "cifar10-extras", "imagenet-profile", "imagenet-compiled"]
     sections = [s for k, s in zip(keys, sections) if k in wanted]
     for title, need, fn in sections:
         if bench.left() < need and not args.smoke:
