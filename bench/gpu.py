@@ -415,6 +415,57 @@ def imagenet_profile(bench: Bench) -> None:
     )
 
 
+def layout_section(bench: Bench, name: str) -> None:
+    """bf16 with channels_last against contiguous (PyTorch's default) layout, eager and compiled, timed
+    interleaved; on the ImageNet pair also compiled with inductor's freezing (weights folded as constants)."""
+    args, dev = bench.args, bench.device
+    batch = 8 if args.smoke else (96 if name == "imagenet" else 1000)
+    flops = flops_per_sample(build(name, dev, args.smoke), dev)
+    bases = {cl: build(name, dev, args.smoke) for cl in (True, False)}
+
+    def replica(cl: bool, compiled: bool) -> Replica:
+        cfg = EngineConfig(batch_size=batch, precision="bf16", channels_last=cl, compile=compiled)
+        return Replica(bases[cl], [SIGMA], 0, cfg, device=dev)
+
+    replicas = {
+        "eager, channels_last": replica(True, False),
+        "eager, contiguous": replica(False, False),
+        "compiled, channels_last": replica(True, True),
+        "compiled, contiguous": replica(False, True),
+    }
+    n_batches = 2 if name == "imagenet" else 3
+    units, imgs = work(bases[True].input_shape, 2, n_batches * batch // 2, batch, dev)
+    samples = sum(u.n_samples for u in units)
+    compile_s = {}
+    for k, r in replicas.items():  # compile each (static batch shape) before the timed rounds
+        if k.startswith("compiled"):
+            t0 = time.perf_counter()
+            timed(bench, r, units[:1], imgs)
+            compile_s[k] = round(time.perf_counter() - t0, 1)
+    if name == "imagenet" and (args.smoke or bench.left() > 150):
+        import torch._inductor.config as inductor
+
+        saved = inductor.freezing
+        inductor.freezing = True
+        try:
+            cfg = EngineConfig(batch_size=batch, precision="bf16", compile=True)
+            r = Replica(build(name, dev, args.smoke), [SIGMA], 0, cfg, device=dev)
+            t0 = time.perf_counter()
+            timed(bench, r, units[:1], imgs)
+            compile_s["compiled, contiguous, freezing"] = round(time.perf_counter() - t0, 1)
+            replicas["compiled, contiguous, freezing"] = r
+        finally:
+            inductor.freezing = saved
+    cases = {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}
+    times = interleaved(bench, cases, repeats=3)
+    res = {}
+    for k, secs in times.items():
+        res[k] = summary(samples, secs) | bench.shares(flops * statistics.median([samples / s for s in secs]))
+        if k in compile_s:
+            res[k]["compile_seconds"] = compile_s[k]
+    bench.row(pair=name, test="bf16 layout, eager and compiled (interleaved)", batch=batch, **res)
+
+
 def cifar_extras(bench: Bench) -> None:
     """Unit size, lattice noise, the reference loop, and host syncs, on the CIFAR pair in bf16."""
     args, dev = bench.args, bench.device
@@ -519,10 +570,21 @@ def main() -> None:
         ("imagenet: eager precisions", 60, lambda: pair_section(bench, "imagenet")),
         ("cifar10: unit size, lattice noise, reference loop, syncs", 60, lambda: cifar_extras(bench)),
         ("imagenet: where the time goes", 90, lambda: imagenet_profile(bench)),
+        ("imagenet: layout, eager and compiled", 330, lambda: layout_section(bench, "imagenet")),
+        ("cifar10: layout, eager and compiled", 120, lambda: layout_section(bench, "cifar10")),
         ("imagenet: bf16 compiled", 200, lambda: pair_section(bench, "imagenet", eager=False, compiled=True)),
     ]
     wanted = args.sections.split(",")
-    keys = ["ceiling", "cifar10", "imagenet", "cifar10-extras", "imagenet-profile", "imagenet-compiled"]
+    keys = [
+        "ceiling",
+        "cifar10",
+        "imagenet",
+        "cifar10-extras",
+        "imagenet-profile",
+        "imagenet-layout",
+        "cifar10-layout",
+        "imagenet-compiled",
+    ]
     sections = [s for k, s in zip(keys, sections) if k in wanted]
     for title, need, fn in sections:
         if bench.left() < need and not args.smoke:
