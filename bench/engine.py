@@ -6,8 +6,10 @@ For each of dds, diffsmooth and onestep (the committed models, as `raysmooth cer
 and two budgets (the embedded default n0=20, n=250; and n0=100, n=1000), both sides produce the
 selection and estimation counts of the same images with the same model, batch size and threads:
 the reference loop (bench/reference_loop.py) image by image, with its own n0 pass; the engine with
-every image's units packed into full batches. Repeats are interleaved (reference, engine, reference,
-…) and the result is the median of the per-repeat ratios with its spread. The lattice-noise row
+every image's units packed into full batches, eager and with engine.compile=true (inductor, weights
+frozen; the one-time compile is reported beside, not timed; the padding of the last batch is).
+Repeats are interleaved (reference, engine, compiled, …) and the result is the median of the
+per-repeat ratios with its spread. The lattice-noise row
 measures what sound sampling costs on the same runs. GPU numbers: bench/gpu.sh.
 """
 
@@ -80,14 +82,19 @@ def main() -> None:
         base, batch = embedded(config)
         gaussian = Replica(base, [SIGMA], 0, EngineConfig(batch_size=batch))
         lattice = Replica(base, [SIGMA], 0, EngineConfig(batch_size=batch, noise="lattice", levels=16))
+        # engine.compile=true: its own copy of the model (inductor folds the weights in), compiled once.
+        compiled = Replica(embedded(config)[0], [SIGMA], 0, EngineConfig(batch_size=batch, compile=True))
+        compile_seconds = engine_seconds(compiled, {0: images[0]}, 1, 1)
         for n0, n in BUDGETS:
             samples = args.images * (n0 + n)
-            reference_certify_counts(base, tensors[:2], SIGMA, n0, n, batch, "cpu")  # warm both paths
+            reference_certify_counts(base, tensors[:2], SIGMA, n0, n, batch, "cpu")  # warm every path
             engine_seconds(gaussian, images, n0, n)
-            ref, eng, lat = [], [], []
+            engine_seconds(compiled, images, n0, n)
+            ref, eng, comp, lat = [], [], [], []
             for _ in range(args.repeats):
                 ref.append(reference_certify_counts(base, tensors, SIGMA, n0, n, batch, "cpu"))
                 eng.append(engine_seconds(gaussian, images, n0, n))
+                comp.append(engine_seconds(compiled, images, n0, n))
                 lat.append(engine_seconds(lattice, images, n0, n))
             row = {
                 "model": label,
@@ -96,6 +103,8 @@ def main() -> None:
                 "images": args.images,
                 "batch": batch,
                 **ratio_summary(ref, eng, samples),
+                **{f"compiled_{k}": v for k, v in ratio_summary(ref, comp, samples).items() if "reference" not in k},
+                "compile_seconds_once": round(compile_seconds, 1),
             }
             lat_ratio = [e / x for e, x in zip(eng, lat)]
             row["lattice_over_gaussian_median"] = round(statistics.median(lat_ratio), 3)
@@ -105,6 +114,8 @@ def main() -> None:
     out = {
         "benchmark": "engine vs the reference per-image loop (with its n0 pass), embedded digits models",
         "goal": "engine >= 1.5x the reference loop on dds, diffsmooth and onestep (median of interleaved repeats)",
+        "sides": "reference: bench/reference_loop.py, eager; engine: engine.compile=false; compiled_*: "
+        "engine.compile=true (inductor, frozen weights; the padded last batch is timed, the one-time compile is not)",
         "sigma": SIGMA,
         "threads": args.threads,
         "repeats": args.repeats,

@@ -160,10 +160,17 @@ class Replica:
 
             tables = [lattice_table(s, int(self.config.levels)) for s in self.sigma_values]
             self._lattice = [(torch.from_numpy(t.thresholds).to(self.device), t.offset) for t in tables]
-        self._forward = torch.compile(self.base, dynamic=False) if self.config.compile else self.base
+        self._forward = self._compiled() if self.config.compile else self.base
         if self.config.batch_size == "auto":
             self.config.batch_size = self.probe_batch_size()
         self.batch_size = int(self.config.batch_size)
+
+    def _compiled(self):
+        """The whole base classifier compiled at one static batch shape. On a CPU inductor also folds the
+        weights in as constants (``freezing``), which lets it pre-pack them for oneDNN: 1.5-2x over eager
+        on the embedded models, against 1.2x without it; on an H100 it changed nothing and cost compile time."""
+        options = {"freezing": True} if self.device.type == "cpu" else None
+        return torch.compile(self.base, dynamic=False, options=options)
 
     @property
     def applied_sigmas(self) -> list[float]:
