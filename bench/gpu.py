@@ -1,17 +1,21 @@
 """GPU benchmark: the engine on the papers' real architectures (random weights, nothing downloaded).
 
-    bash bench/gpu.sh            # about 7 minutes on an H100; writes bench/results/gpu.json
+    bash bench/gpu.sh            # under 8 minutes on an H100; writes bench/results/gpu.json
+    bash bench/gpu.sh --sections all --budget-s 1000   # every section, about 16 minutes
     python bench/gpu.py --smoke  # the same code path on the CPU with toy sizes (a test of the script)
 
 Pairs: CIFAR-10 (ADM 32×32 + ViT-B/16 at 224) and ImageNet (ADM-256 run at 224×224 + BEiT-L/16 at 512),
-built by raysmooth.models.architectures from our ADM presets and timm. For each: samples/s in fp32
-and bf16, eager and compiled; FLOPs per sample counted by torch.utils.flop_counter (attention
-included) and the share of the bf16 dense peak that rate reaches; measured activation memory per
-sample against the meta-device memory model; the batch engine.batch_size=auto picks. Then, on the
-CIFAR pair: 125-sample units against 10,000-sample units, lattice against Gaussian noise, the
-reference per-image loop against the engine, and the number of host syncs inside a run. Timings are
-medians of interleaved repeats; every step is written to the JSON as soon as it is measured, so a
-run cut short keeps what it measured. Sections that would overrun --budget-s are skipped and listed.
+built by raysmooth.models.architectures from our ADM presets and timm. Sections (--sections, run in the
+order given): the measured bf16 matrix-product rate (the real ceiling beside the datasheet peak); per
+pair, bf16 in channels_last and contiguous layout, eager and compiled, interleaved; on the CIFAR pair,
+125- against 10,000-sample units, lattice against Gaussian noise, the reference per-image loop against
+the engine, and the host syncs inside a run; per pair, fp32 / bf16-mixed / bf16 eager, the measured
+activation memory per sample against the meta-device memory model, and the batch
+engine.batch_size=auto picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by
+kind); inductor freezing. Rates are samples/s with FLOPs per sample counted by
+torch.utils.flop_counter (attention included) and their share of the bf16 peak. Timings are medians
+of interleaved repeats; every step is written to the JSON as soon as it is measured, so a run cut
+short keeps what it measured. Sections that would overrun --budget-s are skipped and listed.
 """
 
 from __future__ import annotations
@@ -571,37 +575,47 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes: checks the script, measures nothing")
     parser.add_argument("--precisions", default="fp32,bf16-mixed,bf16", help="eager precisions to compare")
     parser.add_argument(
-        "--sections", default="ceiling,cifar10,imagenet,cifar10-extras,imagenet-profile,imagenet-compiled"
+        "--sections",
+        default="ceiling,imagenet-layout,cifar10-layout,cifar10-extras,imagenet",
+        help="comma-separated, run in this order (or all: about 16 minutes on an H100)",
     )
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA device (use --smoke to check the script on a CPU)")
     bench = Bench(args)
-    # (section, seconds it needs at least on an H100, callable)
-    sections = [
-        ("bf16 matrix-product ceiling", 15, lambda: matmul_ceiling(bench)),
-        ("cifar10: eager precisions, bf16 compiled", 120, lambda: pair_section(bench, "cifar10", compiled=True)),
-        ("imagenet: eager precisions", 60, lambda: pair_section(bench, "imagenet")),
-        ("cifar10: unit size, lattice noise, reference loop, syncs", 60, lambda: cifar_extras(bench)),
-        ("imagenet: where the time goes", 90, lambda: imagenet_profile(bench)),
-        ("imagenet: layout, eager and compiled", 330, lambda: layout_section(bench, "imagenet")),
-        ("cifar10: layout, eager and compiled", 120, lambda: layout_section(bench, "cifar10")),
-        ("imagenet: compiled with freezing", 130, lambda: freezing_section(bench, "imagenet")),
-        ("imagenet: bf16 compiled", 200, lambda: pair_section(bench, "imagenet", eager=False, compiled=True)),
-    ]
-    wanted = args.sections.split(",")
-    keys = [
-        "ceiling",
-        "cifar10",
-        "imagenet",
-        "cifar10-extras",
-        "imagenet-profile",
-        "imagenet-layout",
-        "cifar10-layout",
-        "imagenet-freezing",
-        "imagenet-compiled",
-    ]
-    sections = [s for k, s in zip(keys, sections) if k in wanted]
+    # name: (title, seconds it needs at least on an H100 (measured), callable)
+    known = {
+        "ceiling": ("bf16 matrix-product ceiling", 15, lambda: matmul_ceiling(bench)),
+        "imagenet-layout": (
+            "imagenet: layout, eager and compiled",
+            230,
+            lambda: layout_section(bench, "imagenet"),
+        ),
+        "cifar10-layout": ("cifar10: layout, eager and compiled", 110, lambda: layout_section(bench, "cifar10")),
+        "cifar10-extras": (
+            "cifar10: unit size, lattice noise, reference loop, syncs",
+            60,
+            lambda: cifar_extras(bench),
+        ),
+        "imagenet": ("imagenet: eager precisions, memory, auto batch", 60, lambda: pair_section(bench, "imagenet")),
+        "cifar10": (
+            "cifar10: eager precisions, memory, auto batch, bf16 compiled",
+            120,
+            lambda: pair_section(bench, "cifar10", compiled=True),
+        ),
+        "imagenet-profile": ("imagenet: where the time goes", 90, lambda: imagenet_profile(bench)),
+        "imagenet-freezing": ("imagenet: compiled with freezing", 130, lambda: freezing_section(bench, "imagenet")),
+        "imagenet-compiled": (
+            "imagenet: bf16 compiled",
+            200,
+            lambda: pair_section(bench, "imagenet", eager=False, compiled=True),
+        ),
+    }
+    wanted = list(known) if args.sections == "all" else args.sections.split(",")
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        sys.exit(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(known)} or all")
+    sections = [known[w] for w in wanted]
     for title, need, fn in sections:
         if bench.left() < need and not args.smoke:
             bench.out["skipped"].append(f"{title} (needs ~{need} s, {bench.left():.0f} s left)")
