@@ -272,12 +272,25 @@ class Replica:
             try:
                 return self._run(units, images, self.batch_size)
             except Exception as exc:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
+                if self._compile_failed(exc):
+                    continue
                 if not _is_oom(exc) or self.batch_size == 1:
                     raise
                 self.batch_size = max(1, self.batch_size // 2)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 log.warning("out of device memory: batch size halved to %d (counts are unchanged)", self.batch_size)
+
+    def _compile_failed(self, exc: BaseException) -> bool:
+        """A model torch.compile cannot build (a GPU its backend does not support, an operator it cannot
+        trace) runs eager on this replica instead of ending the run; nothing was counted by the failed call."""
+        if self._forward is self.base or _is_oom(exc) or isinstance(exc, InputError):
+            return False
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning("engine.compile: torch.compile failed (%s: %s); this replica runs eager", type(exc).__name__, first)
+        self._forward = self.base
+        self.config.compile = False
+        return True
 
     def _run(self, units: Sequence[WorkUnit], images, batch_size: int) -> dict[tuple, np.ndarray]:
         dev, c = self.device, self.num_classes

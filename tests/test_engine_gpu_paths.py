@@ -130,3 +130,19 @@ def test_the_papers_imagenet_presets_compile_while_engine_gpu_stays_eager(tmp_pa
     eager = compose("certify", [f"+experiment={experiment}", "engine=gpu", *stand_ins]).engine
     assert (eager.precision, eager.compile, eager.channels_last) == ("bf16", False, False)
     assert compose("certify", [f"+experiment={experiment}", "engine=cpu", *stand_ins]).engine.compile is False
+
+
+def test_a_model_torch_compile_cannot_build_runs_eager_with_a_warning(digits, caplog):
+    units = _units(digits, n=150)
+    eager = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512)).run(units, digits)
+    replica = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512, compile=True))
+
+    def unbuildable(*args):
+        raise RuntimeError("backend='inductor' raised: the GPU is too old for Triton")
+
+    replica._forward = unbuildable  # what a failed compile raises at the first call
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        counts = replica.run(units, digits)
+    assert all(np.array_equal(counts[u.key], eager[u.key]) for u in units)  # the eager model's counts exactly
+    assert "torch.compile failed" in caplog.text and "too old for Triton" in caplog.text
+    assert replica.config.compile is False
