@@ -265,13 +265,13 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
 
 
 KERNEL_KINDS = (  # first match wins: (kind, substrings of the CUDA kernel name, lower case)
+    ("fused (triton)", ("triton",)),
     ("attention", ("fmha", "flash", "attention", "efficient_attention")),
     ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
     ("convolution", ("fprop", "conv", "implicit", "winograd", "dgrad")),
     ("matmul", ("gemm", "nvjet", "cutlass", "matmul", "addmm", "bmm")),
     ("normalisation", ("norm", "moments", "welford")),
     ("resize", ("upsample", "bicubic", "bilinear", "interp")),
-    ("fused (triton)", ("triton",)),
     ("elementwise", ("elementwise", "vectorized", "unrolled", "copy", "cat", "reduce", "softmax", "silu", "gelu")),
 )
 
@@ -390,12 +390,21 @@ def imagenet_profile(bench: Bench) -> None:
             "tflops": round(part_flops[k] * batch / (ms / 1e3) / 1e12, 1),
         }
     bench.row(pair=name, test="halves alone (bf16, channels_last, one batch)", batch=batch, **split)
-    # CUDA kernels by kind over one forward batch.
+    bench.row(
+        pair=name,
+        test="CUDA kernel time by kind, one forward batch (bf16, channels_last)",
+        **kernels_by_kind(bench, lambda: base(z, sig, None)),
+    )
+
+
+def kernels_by_kind(bench: Bench, forward) -> dict:
+    """Device time of one call of ``forward`` (already warm), by kernel kind, and the largest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    dev = bench.device
     activities = [ProfilerActivity.CUDA] if dev == "cuda" else [ProfilerActivity.CPU]
     with torch.inference_mode(), profile(activities=activities) as prof:
-        base(z, sig, None)
+        forward()
         bench.sync()
     by_kind: dict[str, float] = {}
     kernels = []
@@ -407,15 +416,44 @@ def imagenet_profile(bench: Bench) -> None:
             continue
         kind = kernel_kind(ev.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + us
-        kernels.append((us, kind, ev.key[:90]))
+        kernels.append((us, kind, ev.key[:120]))
     total = sum(by_kind.values()) or 1.0
     kernels.sort(reverse=True)
+    return {
+        "total_ms": round(total / 1e3, 2),
+        "share_by_kind": {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"share": round(us / total, 3), "kind": kind, "name": n} for us, kind, n in kernels[:15]],
+    }
+
+
+def compiled_profile(bench: Bench, name: str) -> None:
+    """Where the compiled pair's time goes (engine=gpu_compiled: bf16, channels_last): kernels by kind
+    over one batch, inductor's fused kernels counted apart."""
+    args, dev = bench.args, bench.device
+    batch = 8 if args.smoke else (96 if name == "imagenet" else 1000)
+    r = Replica(
+        build(name, dev, args.smoke),
+        [SIGMA],
+        0,
+        EngineConfig(batch_size=batch, precision="bf16", channels_last=True, compile=True),
+        device=dev,
+    )
+    units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
+    t0 = time.perf_counter()
+    timed(bench, r, units, imgs)  # compiles
+    compile_s = round(time.perf_counter() - t0, 1)
+    z = torch.rand((batch, *r.base.input_shape), device=dev).to(torch.bfloat16)
+    if dev == "cuda":
+        z = z.contiguous(memory_format=torch.channels_last)
+    sig = torch.full((batch,), SIGMA, device=dev)
+    with torch.inference_mode():
+        r._forward(z, sig, None)  # the shape the engine compiled for
     bench.row(
         pair=name,
-        test="CUDA kernel time by kind, one forward batch (bf16, channels_last)",
-        total_ms=round(total / 1e3, 2),
-        share_by_kind={k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        top_kernels=[{"share": round(us / total, 3), "kind": kind, "name": n} for us, kind, n in kernels[:12]],
+        test="kernel time by kind, one compiled forward batch (bf16, channels_last)",
+        batch=batch,
+        compile_seconds=compile_s,
+        **kernels_by_kind(bench, lambda: r._forward(z, sig, None)),
     )
 
 
@@ -604,6 +642,11 @@ def main() -> None:
             lambda: pair_section(bench, "cifar10", compiled=True),
         ),
         "imagenet-profile": ("imagenet: where the time goes", 90, lambda: imagenet_profile(bench)),
+        "imagenet-profile-compiled": (
+            "imagenet: where the compiled time goes",
+            130,
+            lambda: compiled_profile(bench, "imagenet"),
+        ),
         "imagenet-freezing": ("imagenet: compiled with freezing", 130, lambda: freezing_section(bench, "imagenet")),
         "imagenet-compiled": (
             "imagenet: bf16 compiled",
