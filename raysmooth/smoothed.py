@@ -82,7 +82,8 @@ class Smoothed:
     ``model_kwargs``), an import path ``pkg.module:builder``, or a folder saved by
     ``save_classifier``/``save_onestep``. ``denoiser`` (a diffusers folder, ``DenoiserConfig`` fields or a
     ``DiffusionDenoiser``) puts one-shot diffusion denoising in front of a module or classifier folder.
-    ``sigma``: one noise level or several (for ``cascade``).
+    ``sigma``: one noise level or several (for ``cascade``). ``compile=True`` runs the model through
+    ``torch.compile`` (as ``engine.compile``; worth it for long runs, docs/methods.md §8.5).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class Smoothed:
         batch_size: int | str = DEFAULT_BATCH_SIZE,
         device: str = "auto",
         precision: str = EngineCfg.precision,
+        compile: bool = False,
         noise_block: int = EngineCfg.noise_block,
         chunk: int = SmoothingCfg.chunk,
         noise: str = "gaussian",
@@ -121,7 +123,12 @@ class Smoothed:
         self.seed = int(seed)
         self.chunk = int(chunk)
         self.engine = EngineConfig(
-            batch_size=batch_size, noise_block=noise_block, precision=precision, noise=noise, levels=levels
+            batch_size=batch_size,
+            noise_block=noise_block,
+            precision=precision,
+            compile=bool(compile),
+            noise=noise,
+            levels=levels,
         )
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self._model, self._denoiser, self._num_classes = model, denoiser, num_classes
