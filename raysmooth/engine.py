@@ -161,6 +161,7 @@ class Replica:
             tables = [lattice_table(s, int(self.config.levels)) for s in self.sigma_values]
             self._lattice = [(torch.from_numpy(t.thresholds).to(self.device), t.offset) for t in tables]
         self._forward = self._compiled() if self.config.compile else self.base
+        self._compiled_runs = 0  # calls the compiled model has finished
         if self.config.batch_size == "auto":
             self.config.batch_size = self.probe_batch_size()
         self.batch_size = int(self.config.batch_size)
@@ -270,7 +271,9 @@ class Replica:
                 raise InputError(f"unit {unit.key}: image {unit.image_id} was not provided")
         while True:
             try:
-                return self._run(units, images, self.batch_size)
+                counts = self._run(units, images, self.batch_size)
+                self._compiled_runs += self._forward is not self.base
+                return counts
             except Exception as exc:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
                 if self._compile_failed(exc):
                     continue
@@ -283,8 +286,12 @@ class Replica:
 
     def _compile_failed(self, exc: BaseException) -> bool:
         """A model torch.compile cannot build (a GPU its backend does not support, an operator it cannot
-        trace) runs eager on this replica instead of ending the run; nothing was counted by the failed call."""
+        trace) runs eager on this replica instead of ending the run; nothing was counted by the failed call.
+        Only a first call, or an error raised by the compiler itself, counts as such a failure."""
         if self._forward is self.base or _is_oom(exc) or isinstance(exc, InputError):
+            return False
+        from_compiler = type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
+        if self._compiled_runs and not from_compiler:
             return False
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         log.warning("engine.compile: torch.compile failed (%s: %s); this replica runs eager", type(exc).__name__, first)

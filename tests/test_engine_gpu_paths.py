@@ -146,3 +146,17 @@ def test_a_model_torch_compile_cannot_build_runs_eager_with_a_warning(digits, ca
     assert all(np.array_equal(counts[u.key], eager[u.key]) for u in units)  # the eager model's counts exactly
     assert "torch.compile failed" in caplog.text and "too old for Triton" in caplog.text
     assert replica.config.compile is False
+
+
+def test_a_compiled_model_that_fails_after_working_is_an_error_not_a_silent_switch(digits):
+    units = _units(digits, n=150)
+    replica = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512, compile=True))
+    replica.run(units, digits)  # compiles and counts
+
+    def broken(*args):
+        raise RuntimeError("a model bug, not the compiler")
+
+    replica._forward = broken
+    with pytest.raises(RuntimeError, match="a model bug"):
+        replica.run(units, digits)
+    assert replica.config.compile is True
