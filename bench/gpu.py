@@ -21,6 +21,7 @@ short keeps what it measured. Sections that would overrun --budget-s are skipped
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -127,13 +128,18 @@ def build(name: str, device: str, smoke: bool):
     return DenoiseThenClassify(den, clf, (3, 8, 8)).to(device).eval()
 
 
-def flops_per_sample(base, device: str) -> float:
+def flops_of(fn) -> float:
+    """FLOPs of one call of ``fn`` (torch.utils.flop_counter: matmuls, convolutions and attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    z = torch.rand((2, *base.input_shape), device=device)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        base(z, torch.full((2,), SIGMA, device=device))
-    return counter.get_total_flops() / 2
+        fn()
+    return counter.get_total_flops()
+
+
+def flops_per_sample(base, device: str) -> float:
+    z = torch.rand((2, *base.input_shape), device=device)
+    return flops_of(lambda: base(z, torch.full((2,), SIGMA, device=device))) / 2
 
 
 def work(shape, images: int, n: int, unit: int, device: str, seed: int = 0):
@@ -170,11 +176,32 @@ def summary(samples: int, secs: list[float]) -> dict:
     return {"samples_per_s": round(statistics.median(rates), 1), "spread": [round(min(rates), 1), round(max(rates), 1)]}
 
 
+def rates(bench: Bench, samples: int, secs: list[float], flops: float) -> dict:
+    """samples/s (median and spread) and the share of the peak the median rate reaches."""
+    return summary(samples, secs) | bench.shares(flops * statistics.median([samples / s for s in secs]))
+
+
+def batch_for(bench: Bench, name: str) -> int:
+    """The presets' batch: 96 for the ImageNet pair, 1000 for the CIFAR pair (8 in a smoke run)."""
+    return 8 if bench.args.smoke else (96 if name == "imagenet" else 1000)
+
+
+@functools.cache
+def pair_flops(name: str, smoke: bool) -> float:
+    """FLOPs per sample of a pair, counted on the meta device: nothing is allocated or run."""
+    return flops_per_sample(build(name, "meta", smoke), "meta")
+
+
+def compile_seconds(bench: Bench, replica: Replica, units, imgs) -> float:
+    """The first call of a compiled replica (one unit, padded to the static batch shape) compiles it."""
+    return round(timed(bench, replica, units[:1], imgs), 1)
+
+
 def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = False) -> None:
     args, dev = bench.args, bench.device
     base = build(name, dev, args.smoke)
-    batch = 8 if args.smoke else (96 if name == "imagenet" else 1000)
-    flops = flops_per_sample(base, dev)
+    batch = batch_for(bench, name)
+    flops = pair_flops(name, args.smoke)
     est = estimate_memory(build(name, "meta", args.smoke), torch.bfloat16)
     info = {
         "pair": name,
@@ -216,9 +243,7 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
         cases = {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}
         times = interleaved(bench, cases, repeats=2 if name == "imagenet" else 3)
         for k, secs in times.items():
-            s = summary(samples, secs)
-            s.update(bench.shares(flops * s["samples_per_s"]))
-            bench.row(**info, precision=k, compiled=False, **s)
+            bench.row(**info, precision=k, compiled=False, **rates(bench, samples, secs, flops))
     if compiled:
         # cuDNN autotuning as the profile section found best on this machine (off when it did not run).
         torch.backends.cudnn.benchmark = bench.best_cudnn_benchmark
@@ -229,19 +254,15 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
             EngineConfig(batch_size=batch, precision="bf16", channels_last=True, compile=True),
             device=dev,
         )
-        t0 = time.perf_counter()
-        timed(bench, r, units[:1], imgs)  # compiles (static batch shape)
-        compile_s = time.perf_counter() - t0
+        compile_s = compile_seconds(bench, r, units, imgs)
         secs = [timed(bench, r, units, imgs) for _ in range(2 if name == "imagenet" else 3)]
-        s = summary(samples, secs)
-        s.update(bench.shares(flops * s["samples_per_s"]))
         bench.row(
             **info,
             precision="bf16",
             compiled=True,
             cudnn_benchmark=bench.best_cudnn_benchmark,
-            compile_seconds=round(compile_s, 1),
-            **s,
+            compile_seconds=compile_s,
+            **rates(bench, samples, secs, flops),
         )
         torch.backends.cudnn.benchmark = False
     if dev == "cuda" and eager:
@@ -304,8 +325,8 @@ def imagenet_profile(bench: Bench) -> None:
     denoiser and classifier timed alone, and the CUDA kernels by kind over one batch."""
     args, dev = bench.args, bench.device
     name = "imagenet"
-    batch = 8 if args.smoke else 96
-    flops = flops_per_sample(build(name, dev, args.smoke), dev)
+    batch = batch_for(bench, name)
+    flops = pair_flops(name, args.smoke)
 
     def replica(cl: bool, b: int = batch, base=None) -> Replica:
         cfg = EngineConfig(batch_size=b, precision="bf16", channels_last=cl)
@@ -335,10 +356,7 @@ def imagenet_profile(bench: Bench) -> None:
     torch.backends.cudnn.benchmark = False
     results = {}
     for k, secs in times.items():
-        samples = 2 * (big.batch_size if "128" in k else batch)
-        s = summary(samples, secs)
-        s.update(bench.shares(flops * s["samples_per_s"]))
-        results[k] = s
+        results[k] = rates(bench, 2 * (big.batch_size if "128" in k else batch), secs, flops)
     bench.row(pair=name, test="bf16 eager variants (engine, 2 batches per timing)", batch=batch, **results)
     best = max(list(results)[:4], key=lambda k: results[k]["samples_per_s"])
     bench.best_cudnn_benchmark = "cudnn.benchmark" in best
@@ -370,16 +388,10 @@ def imagenet_profile(bench: Bench) -> None:
         "both": call(lambda: base(z, sig, None)),
     }
     part_times = interleaved(bench, parts, repeats=3)
-    from torch.utils.flop_counter import FlopCounterMode
-
-    part_flops = {}
-
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        xx = base.denoiser(z[:2], sig[:2], None)
-    part_flops["denoiser"] = counter.get_total_flops() / 2
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        base.classifier(xx)
-    part_flops["classifier"] = counter.get_total_flops() / 2
+    part_flops = {
+        "denoiser": flops_of(lambda: base.denoiser(z[:2], sig[:2], None)) / 2,
+        "classifier": flops_of(lambda: base.classifier(x[:2])) / 2,
+    }
     part_flops["both"] = part_flops["denoiser"] + part_flops["classifier"]
     split = {}
     for k, secs in part_times.items():
@@ -430,7 +442,7 @@ def compiled_profile(bench: Bench, name: str) -> None:
     """Where the compiled pair's time goes (engine=gpu_compiled: bf16, channels_last): kernels by kind
     over one batch, inductor's fused kernels counted apart."""
     args, dev = bench.args, bench.device
-    batch = 8 if args.smoke else (96 if name == "imagenet" else 1000)
+    batch = batch_for(bench, name)
     r = Replica(
         build(name, dev, args.smoke),
         [SIGMA],
@@ -439,9 +451,7 @@ def compiled_profile(bench: Bench, name: str) -> None:
         device=dev,
     )
     units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
-    t0 = time.perf_counter()
-    timed(bench, r, units, imgs)  # compiles
-    compile_s = round(time.perf_counter() - t0, 1)
+    compile_s = compile_seconds(bench, r, units, imgs)
     z = torch.rand((batch, *r.base.input_shape), device=dev).to(torch.bfloat16)
     if dev == "cuda":
         z = z.contiguous(memory_format=torch.channels_last)
@@ -461,8 +471,8 @@ def layout_section(bench: Bench, name: str) -> None:
     """bf16 with channels_last against contiguous (PyTorch's default) layout, eager and compiled, timed
     interleaved."""
     args, dev = bench.args, bench.device
-    batch = 8 if args.smoke else (96 if name == "imagenet" else 1000)
-    flops = flops_per_sample(build(name, dev, args.smoke), dev)
+    batch = batch_for(bench, name)
+    flops = pair_flops(name, args.smoke)
     bases = {cl: build(name, dev, args.smoke) for cl in (True, False)}
 
     def replica(cl: bool, compiled: bool) -> Replica:
@@ -478,17 +488,13 @@ def layout_section(bench: Bench, name: str) -> None:
     n_batches = 2 if name == "imagenet" else 3
     units, imgs = work(bases[True].input_shape, 2, n_batches * batch // 2, batch, dev)
     samples = sum(u.n_samples for u in units)
-    compile_s = {}
-    for k, r in replicas.items():  # compile each (static batch shape) before the timed rounds
-        if k.startswith("compiled"):
-            t0 = time.perf_counter()
-            timed(bench, r, units[:1], imgs)
-            compile_s[k] = round(time.perf_counter() - t0, 1)
+    # Compile each compiled replica before the timed rounds.
+    compile_s = {k: compile_seconds(bench, r, units, imgs) for k, r in replicas.items() if k.startswith("compiled")}
     cases = {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}
     times = interleaved(bench, cases, repeats=3)
     res = {}
     for k, secs in times.items():
-        res[k] = summary(samples, secs) | bench.shares(flops * statistics.median([samples / s for s in secs]))
+        res[k] = rates(bench, samples, secs, flops)
         if k in compile_s:
             res[k]["compile_seconds"] = compile_s[k]
     bench.row(pair=name, test="bf16 layout, eager and compiled (interleaved)", batch=batch, **res)
@@ -501,22 +507,20 @@ def freezing_section(bench: Bench, name: str) -> None:
     import torch._inductor.config as inductor
 
     args, dev = bench.args, bench.device
-    batch = 8 if args.smoke else (96 if name == "imagenet" else 1000)
+    batch = batch_for(bench, name)
     base = build(name, dev, args.smoke)
-    flops = flops_per_sample(base, dev)
+    flops = pair_flops(name, args.smoke)
     units, imgs = work(base.input_shape, 2, batch, batch, dev)
     samples = sum(u.n_samples for u in units)
     torch._dynamo.reset()
     saved, inductor.freezing = inductor.freezing, True
     try:
         r = Replica(base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="bf16", compile=True), device=dev)
-        t0 = time.perf_counter()
-        timed(bench, r, units[:1], imgs)
-        compile_s = round(time.perf_counter() - t0, 1)
+        compile_s = compile_seconds(bench, r, units, imgs)
         secs = [timed(bench, r, units, imgs) for _ in range(3)]
     finally:
         inductor.freezing = saved
-    res = summary(samples, secs) | bench.shares(flops * statistics.median([samples / s for s in secs]))
+    res = rates(bench, samples, secs, flops)
     bench.row(
         pair=name, test="bf16 compiled, contiguous, inductor freezing", batch=batch, compile_seconds=compile_s, **res
     )
