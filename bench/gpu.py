@@ -21,6 +21,7 @@ short keeps what it measured. Sections that would overrun --budget-s are skipped
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import platform
@@ -32,6 +33,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -467,6 +469,104 @@ def compiled_profile(bench: Bench, name: str) -> None:
     )
 
 
+def attention_section(bench: Bench) -> None:
+    """The ImageNet pair's attention by SDPA backend. BEiT-L/512 calls attention with a relative-position
+    bias (1025 tokens, 16 heads of 64): flash cannot take a bias, so PyTorch picks cuDNN or the
+    memory-efficient kernel. The eager profile (run 3) put attention at 8% of the time for 4% of the
+    FLOPs. Here: one BEiT-shaped attention call per backend (and without the bias, and at 1088 tokens),
+    then the classifier alone under each backend that took the bias; each timed interleaved."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    args, dev = bench.args, bench.device
+    batch = batch_for(bench, "imagenet")
+    heads, tokens, dim = (2, 33, 16) if args.smoke else (16, 1025, 64)
+    padded = -(-tokens // 64) * 64  # the next multiple of 64 (1088)
+    backends = {
+        "default": None,  # what PyTorch picks on its own
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+
+    def qkv(n: int):
+        g = torch.Generator(device=dev).manual_seed(0)
+        return [torch.randn((batch, heads, n, dim), generator=g, device=dev).to(torch.bfloat16) for _ in range(3)] + [
+            torch.randn((1, heads, n, n), generator=g, device=dev).to(torch.bfloat16)
+        ]
+
+    def call(backend, inputs, bias: bool):
+        q, k, v, b = inputs
+
+        def fn():
+            with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext(), torch.inference_mode():
+                F.scaled_dot_product_attention(q, k, v, attn_mask=b if bias else None)
+
+        return fn
+
+    cases, failed, sizes = {}, {}, {}
+    for n in (tokens, padded):
+        inputs = qkv(n)
+        for bname, backend in backends.items():
+            for bias in (True, False):
+                if not bias and (bname == "math" or n != tokens):
+                    continue
+                key = f"{bname}, {n} tokens, {'bias' if bias else 'no bias'}"
+                fn = call(backend, inputs, bias)
+                try:
+                    fn()
+                except RuntimeError as exc:  # this backend cannot take these inputs on this device
+                    failed[key] = (str(exc).strip().splitlines() or [""])[0][:120]
+                    continue
+                cases[key], sizes[key] = _timed_fn(bench, fn), n
+    times = interleaved(bench, cases, repeats=5)
+    res = {}
+    for key, secs in times.items():
+        flops = 4.0 * batch * heads * sizes[key] ** 2 * dim
+        res[key] = {
+            "ms": round(statistics.median(secs) * 1e3, 3),
+            "tflops": round(flops / statistics.median(secs) / 1e12, 1),
+        }
+    bench.row(
+        pair="imagenet",
+        test=f"BEiT attention call by SDPA backend (batch {batch}, {heads} heads of {dim}, bf16)",
+        **res,
+        unavailable=failed,
+    )
+    del inputs
+    # The classifier alone, under each backend that took the bias.
+    pair = build("imagenet", dev, args.smoke)
+    clf = pair.classifier.to(torch.bfloat16)
+    x = torch.rand((batch, *pair.input_shape), device=dev).to(torch.bfloat16)  # the denoiser's output size
+    flops = flops_of(lambda: clf(x[:2])) / 2
+    usable = [b for b in backends if f"{b}, {tokens} tokens, bias" in cases]
+
+    def classify(backend):
+        def fn():
+            ctx = sdpa_kernel([backends[backend]]) if backends[backend] is not None else contextlib.nullcontext()
+            with ctx, torch.inference_mode():
+                clf(x)
+
+        return fn
+
+    times = interleaved(bench, {b: _timed_fn(bench, classify(b)) for b in usable}, repeats=3)
+    res = {b: rates(bench, batch, secs, flops) for b, secs in times.items()}
+    bench.row(pair="imagenet", test="classifier alone by SDPA backend (bf16 eager)", batch=batch, **res)
+
+
+def _timed_fn(bench: Bench, fn):
+    """``fn`` wrapped to return its wall time, the device synchronised on both sides."""
+
+    def run() -> float:
+        bench.sync()
+        t0 = time.perf_counter()
+        fn()
+        bench.sync()
+        return time.perf_counter() - t0
+
+    return run
+
+
 def layout_section(bench: Bench, name: str) -> None:
     """bf16 with channels_last against contiguous (PyTorch's default) layout, eager and compiled, timed
     interleaved."""
@@ -652,6 +752,7 @@ def main() -> None:
             lambda: compiled_profile(bench, "imagenet"),
         ),
         "imagenet-freezing": ("imagenet: compiled with freezing", 130, lambda: freezing_section(bench, "imagenet")),
+        "imagenet-attention": ("imagenet: attention by SDPA backend", 45, lambda: attention_section(bench)),
         "imagenet-compiled": (
             "imagenet: bf16 compiled",
             200,

@@ -10,14 +10,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    sections = "ceiling,cifar10-extras,imagenet-profile,imagenet"
+    sections = "ceiling,cifar10-extras,imagenet-profile,imagenet-attention,imagenet"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--sections", sections, "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["errors"] == [] and result["skipped"] == []
     tests = [row.get("test", "") for row in result["rows"]]
-    for expected in ("matrix product", "lattice noise", "reference loop", "eager variants", "halves alone", "by kind"):
+    for expected in (
+        "matrix product",
+        "lattice noise",
+        "reference loop",
+        "eager variants",
+        "halves alone",
+        "by kind",
+        "attention call by SDPA backend",
+        "classifier alone by SDPA backend",
+    ):
         assert any(expected in t for t in tests), f"no row for {expected!r}"
     rates = [row for row in result["rows"] if row.get("precision") == "bf16" and not row.get("compiled")]
     assert rates and all(row["samples_per_s"] > 0 and "share_of_measured_matmul" in row for row in rates)
@@ -28,5 +37,6 @@ def test_an_unknown_benchmark_section_is_one_line():
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
-        "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-freezing, imagenet-compiled or all"
+        "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-freezing, imagenet-attention, "
+        "imagenet-compiled or all"
     ]

@@ -1,0 +1,63 @@
+"""bench/roofline.py: the operator trace behind the GPU bounds counts FLOPs and bytes correctly."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import roofline  # noqa: E402
+
+
+def tiny_block():
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU())
+    return net.to("meta", torch.bfloat16)
+
+
+def test_a_convolution_group_norm_and_silu_are_counted_by_hand():
+    x = torch.empty((2, 4, 6, 6), device="meta", dtype=torch.bfloat16)
+    ops = roofline.trace(tiny_block(), (x,))
+    assert [op.kind for op in ops] == ["convolution", "group_norm", "elementwise"]
+    conv, norm, act = ops
+    activation_in, activation_out = 2 * 4 * 36 * 2, 2 * 8 * 36 * 2  # bf16: 2 bytes per element
+    assert conv.flops == 2 * (2 * 8 * 36) * (4 * 3 * 3)  # a multiply-add per weight per output element
+    assert conv.bytes_in == activation_in + 8 * 4 * 9 * 2 + 8 * 2  # input, weight, bias
+    assert conv.bytes_out == activation_out and conv.spatial == 36
+    assert norm.flops == 0 and norm.bytes_in == activation_out + 2 * 8 * 2 and norm.bytes_out == activation_out
+    assert act.bytes_in == act.bytes_out == activation_out
+
+
+def test_a_broadcast_tensor_counts_its_distinct_elements_once():
+    bias = torch.empty((1, 16, 100, 100), device="meta", dtype=torch.bfloat16)
+    assert roofline.tensor_bytes(bias.expand(96, 16, 100, 100)) == 16 * 100 * 100 * 2
+
+
+def test_views_and_eval_dropout_move_nothing():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(12, 3)).eval()
+    ops = roofline.trace(net.to("meta"), (torch.empty((5, 3, 2, 2), device="meta"),))
+    assert [op.kind for op in ops] == ["matmul"] and ops[0].flops == 2 * 5 * 3 * 12
+
+
+def test_the_pair_flops_agree_with_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raysmooth.models.architectures import paper_pair
+
+    model = paper_pair("cifar10", "meta")
+    z = torch.empty((2, *model.input_shape), device="meta")
+    sigma = torch.full((2,), 0.5, device="meta")
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(z, sigma, None)
+    traced = sum(op.flops for op in roofline.trace(model, (z, sigma, None)))
+    assert traced == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_each_bound_is_faster_than_the_one_that_moves_more():
+    ops = roofline.pair_ops("cifar10")
+    b = roofline.bounds(ops, 2, flop_rate=779e12, bandwidth=3.35e12, peak=989e12)
+    assert b["eager"]["samples_per_s"] < b["fused"]["samples_per_s"] < b["compute"]["samples_per_s"]
+    assert b["compute"]["share_of_bf16_peak"] == pytest.approx(779 / 989, abs=1e-4)  # FLOPs at the matmul rate
+    assert {op.part for op in ops} >= {"denoiser", "classifier"}
