@@ -1,7 +1,7 @@
 """GPU benchmark: the engine on the papers' real architectures (random weights, nothing downloaded).
 
     bash bench/gpu.sh            # under 8 minutes on an H100; writes bench/results/gpu.json
-    bash bench/gpu.sh --sections all --budget-s 1000   # every section, about 16 minutes
+    bash bench/gpu.sh --sections all --budget-s 1300   # every section, about 18 minutes
     python bench/gpu.py --smoke  # the same code path on the CPU with toy sizes (a test of the script)
 
 Pairs: CIFAR-10 (ADM 32×32 + ViT-B/16 at 224) and ImageNet (ADM-256 run at 224×224 + BEiT-L/16 at 512),
@@ -12,7 +12,8 @@ pair, bf16 in channels_last and contiguous layout, eager and compiled, interleav
 the engine, and the host syncs inside a run; per pair, fp32 / bf16-mixed / bf16 eager, the measured
 activation memory per sample against the meta-device memory model, and the batch
 engine.batch_size=auto picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by
-kind); inductor freezing. Rates are samples/s with FLOPs per sample counted by
+kind, eager and compiled); BEiT's biased attention under each SDPA backend and as FlexAttention;
+inductor freezing. Rates are samples/s with FLOPs per sample counted by
 torch.utils.flop_counter (attention included) and their share of the bf16 peak. Timings are medians
 of interleaved repeats; every step is written to the JSON as soon as it is measured, so a run cut
 short keeps what it measured. Sections that would overrun --budget-s are skipped and listed.
@@ -474,7 +475,8 @@ def attention_section(bench: Bench) -> None:
     bias (1025 tokens, 16 heads of 64): flash cannot take a bias, so PyTorch picks cuDNN or the
     memory-efficient kernel. The eager profile (run 3) put attention at 8% of the time for 4% of the
     FLOPs. Here: one BEiT-shaped attention call per backend (and without the bias, and at 1088 tokens),
-    then the classifier alone under each backend that took the bias; each timed interleaved."""
+    and as FlexAttention (compiled; the bias read inside the kernel), then the classifier alone under each
+    SDPA backend that took the bias; each timed interleaved."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     args, dev = bench.args, bench.device
@@ -505,6 +507,7 @@ def attention_section(bench: Bench) -> None:
         return fn
 
     cases, failed, sizes = {}, {}, {}
+    flex_error = None  # largest |flex - math| over the output, when flex ran
     for n in (tokens, padded):
         inputs = qkv(n)
         for bname, backend in backends.items():
@@ -519,6 +522,18 @@ def attention_section(bench: Bench) -> None:
                     failed[key] = (str(exc).strip().splitlines() or [""])[0][:120]
                     continue
                 cases[key], sizes[key] = _timed_fn(bench, fn), n
+        if n == tokens:  # FlexAttention reads the bias inside the kernel (compiled), so no backend limit applies
+            key = f"flex (compiled), {n} tokens, bias"
+            try:
+                fn = _flex_call(*inputs)
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a compiler or backend failure is a result here
+                failed[key] = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:120]
+            else:
+                cases[key], sizes[key] = _timed_fn(bench, fn), n
+                with sdpa_kernel([SDPBackend.MATH]), torch.inference_mode():
+                    exact = F.scaled_dot_product_attention(*inputs[:3], attn_mask=inputs[3])
+                flex_error = float((fn().float() - exact.float()).abs().max())
     times = interleaved(bench, cases, repeats=5)
     res = {}
     for key, secs in times.items():
@@ -531,6 +546,7 @@ def attention_section(bench: Bench) -> None:
         pair="imagenet",
         test=f"BEiT attention call by SDPA backend (batch {batch}, {heads} heads of {dim}, bf16)",
         **res,
+        flex_max_abs_error_vs_math=flex_error,
         unavailable=failed,
     )
     del inputs
@@ -552,6 +568,23 @@ def attention_section(bench: Bench) -> None:
     times = interleaved(bench, {b: _timed_fn(bench, classify(b)) for b in usable}, repeats=3)
     res = {b: rates(bench, batch, secs, flops) for b, secs in times.items()}
     bench.row(pair="imagenet", test="classifier alone by SDPA backend (bf16 eager)", batch=batch, **res)
+
+
+def _flex_call(q, k, v, bias):
+    """BEiT's attention as FlexAttention: the per-head relative-position bias added to each score."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    table = bias[0]
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx, kv_idx]
+
+    def fn():
+        with torch.inference_mode():
+            return flex(q, k, v, score_mod=add_bias)
+
+    return fn
 
 
 def _timed_fn(bench: Bench, fn):
@@ -719,7 +752,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="ceiling,imagenet-layout,cifar10-layout,cifar10-extras,imagenet",
-        help="comma-separated, run in this order (or all: about 16 minutes on an H100)",
+        help="comma-separated, run in this order (or all: about 18 minutes on an H100)",
     )
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -752,7 +785,7 @@ def main() -> None:
             lambda: compiled_profile(bench, "imagenet"),
         ),
         "imagenet-freezing": ("imagenet: compiled with freezing", 130, lambda: freezing_section(bench, "imagenet")),
-        "imagenet-attention": ("imagenet: attention by SDPA backend", 45, lambda: attention_section(bench)),
+        "imagenet-attention": ("imagenet: attention by SDPA backend", 90, lambda: attention_section(bench)),
         "imagenet-compiled": (
             "imagenet: bf16 compiled",
             200,
