@@ -472,12 +472,13 @@ def compiled_profile(bench: Bench, name: str) -> None:
 
 def attention_section(bench: Bench) -> None:
     """The ImageNet pair's attention by SDPA backend. BEiT-L/512 calls attention with a relative-position
-    bias (1025 tokens, 16 heads of 64): flash cannot take a bias, so PyTorch picks cuDNN or the
-    memory-efficient kernel. The eager profile (run 3) put attention at 8% of the time for 4% of the
-    FLOPs. Here: one BEiT-shaped attention call per backend (and without the bias, and at 1088 tokens),
-    and as FlexAttention (compiled; the bias read inside the kernel), then the classifier alone under each
-    SDPA backend that took the bias; each timed interleaved, with its largest difference from the math
-    backend (cuDNN attention has had silent-wrong-result bugs with masks)."""
+        bias (1025 tokens, 16 heads of 64): flash cannot take a bias, so PyTorch picks cuDNN or the
+        memory-efficient kernel. The eager profile (run 3) put attention at 8% of the time for 4% of the
+        FLOPs. Here: one BEiT-shaped attention call per backend (and without the bias, with the bias in rows
+    aligned to 16 elements, and at 1088 tokens),
+        and as FlexAttention (compiled; the bias read inside the kernel), then the classifier alone under each
+        SDPA backend that took the bias; each timed interleaved, with its largest difference from the math
+        backend (cuDNN attention has had silent-wrong-result bugs with masks)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     args, dev = bench.args, bench.device
@@ -524,6 +525,19 @@ def attention_section(bench: Bench) -> None:
                     continue
                 cases[key], sizes[key] = _timed_fn(bench, fn), n
                 errors[key] = float((out.float() - exact[bias]).abs().max())
+        if n == tokens:  # the bias in rows padded to a multiple of 16 elements (a strided view, same values)
+            b = inputs[3]
+            aligned = torch.zeros((*b.shape[:-1], -(-n // 16) * 16), device=dev, dtype=b.dtype)[..., :n].copy_(b)
+            for bname in ("default", "cudnn", "efficient"):
+                key = f"{bname}, {n} tokens, bias in aligned rows"
+                fn = call(backends[bname], (*inputs[:3], aligned), True)
+                try:
+                    out = fn()
+                except RuntimeError as exc:
+                    failed[key] = (str(exc).strip().splitlines() or [""])[0][:120]
+                    continue
+                cases[key], sizes[key] = _timed_fn(bench, fn), n
+                errors[key] = float((out.float() - exact[True]).abs().max())
         if n == tokens:  # FlexAttention reads the bias inside the kernel (compiled), so no backend limit applies
             key = f"flex (compiled), {n} tokens, bias"
             try:
