@@ -56,7 +56,7 @@ def test_the_pair_flops_agree_with_torch_flop_counter():
 
 
 def test_each_bound_is_faster_than_the_one_that_moves_more():
-    ops = roofline.pair_ops("cifar10")
+    ops = roofline.pair_ops("cifar10", batch=2)
     b = roofline.bounds(ops, 2, flop_rate=779e12, bandwidth=3.35e12, peak=989e12)
     assert b["eager"]["samples_per_s"] < b["fused"]["samples_per_s"] < b["compute"]["samples_per_s"]
     assert b["compute"]["share_of_bf16_peak"] == pytest.approx(779 / 989, abs=1e-4)  # FLOPs at the matmul rate
