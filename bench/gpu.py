@@ -1,6 +1,7 @@
 """GPU benchmark: the engine on the papers' real architectures (random weights, nothing downloaded).
 
     bash bench/gpu.sh            # under 8 minutes on an H100; writes bench/results/gpu.json
+    python bench/gpu_runs.py add OUT/gpu.json   # keep a run from a device machine as the next run
     bash bench/gpu.sh --sections all --budget-s 1300   # every section, about 18 minutes
     python bench/gpu.py --smoke  # the same code path on the CPU with toy sizes (a test of the script)
 
@@ -60,6 +61,7 @@ class Bench:
         self.out = {
             "benchmark": "engine on the papers' architectures (random weights)",
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "sections": args.sections,
             "machine": platform.machine(),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu (smoke test)",

@@ -36,6 +36,9 @@ from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu_runs import runs_of  # noqa: E402
 
 KINDS = {  # aten packet name -> kind; anything else that moves data is "elementwise"
     **dict.fromkeys(("conv2d", "convolution", "_convolution", "cudnn_convolution"), "convolution"),
@@ -227,7 +230,7 @@ def measured_rates(path: Path) -> dict:
     data = json.loads(path.read_text())
     best: dict = {}
     ceilings = []
-    for run in data.get("runs", []):
+    for run in runs_of(data):
         for row in run.get("rows", []):
             if "tflops" in row and "matrix product" in row.get("test", ""):
                 ceilings.append(row["tflops"])
@@ -255,7 +258,7 @@ def kernels_against_bound(
     if not path.exists():
         return []
     out = []
-    for run in json.loads(path.read_text()).get("runs", []):
+    for run in runs_of(json.loads(path.read_text())):
         rows = run.get("rows", [])
         batches = [r["batch"] for r in rows if r.get("pair") == name and isinstance(r.get("batch"), int)]
         for row in rows:
@@ -289,10 +292,16 @@ def main() -> None:
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="HBM bandwidth (H100 SXM datasheet)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM datasheet)")
     parser.add_argument("--pairs", default="cifar10,imagenet")
+    parser.add_argument(
+        "--gpu-json",
+        type=Path,
+        default=ROOT / "bench" / "results" / "gpu.json",
+        help="measured runs to read against the bounds: the kept file, or one fresh run of bench/gpu.py",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "roofline.json")
     args = parser.parse_args()
     rate, bw, peak = args.matmul_tflops * 1e12, args.bandwidth_tbs * 1e12, args.peak_tflops * 1e12
-    measured = measured_rates(ROOT / "bench" / "results" / "gpu.json")
+    measured = measured_rates(args.gpu_json)
     result = {
         "benchmark": "roofline bounds of the papers' pairs (a model from operator shapes, not a measurement)",
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -320,9 +329,7 @@ def main() -> None:
                     m["samples_per_s"] / row["eager" if mode == "eager" else "fused"]["samples_per_s"], 3
                 )
                 row[f"measured_best_{mode}"] = m
-        row["kernels_against_bound"] = kernels_against_bound(
-            ops, BATCH[name], name, ROOT / "bench" / "results" / "gpu.json", rate, bw
-        )
+        row["kernels_against_bound"] = kernels_against_bound(ops, BATCH[name], name, args.gpu_json, rate, bw)
         result["pairs"][name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

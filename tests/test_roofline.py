@@ -1,5 +1,6 @@
 """bench/roofline.py: the operator trace behind the GPU bounds counts FLOPs and bytes correctly."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -61,3 +62,24 @@ def test_each_bound_is_faster_than_the_one_that_moves_more():
     assert b["eager"]["samples_per_s"] < b["fused"]["samples_per_s"] < b["compute"]["samples_per_s"]
     assert b["compute"]["share_of_bf16_peak"] == pytest.approx(779 / 989, abs=1e-4)  # FLOPs at the matmul rate
     assert {op.part for op in ops} >= {"denoiser", "classifier"}
+
+
+def test_a_kernel_profile_is_set_against_the_bound_of_its_own_kind(tmp_path):
+    profile = {
+        "pair": "cifar10",
+        "test": "CUDA kernel time by kind, one forward batch (bf16, channels_last)",
+        "total_ms": 100.0,
+        "share_by_kind": {"convolution": 0.5, "elementwise": 0.3, "normalisation": 0.2},
+    }
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"rows": [{"pair": "cifar10", "batch": 10}, profile]}))  # one fresh run
+    ops = roofline.pair_ops("cifar10", batch=2)
+    (row,) = roofline.kernels_against_bound(ops, 2, "cifar10", path, 779e12, 3.35e12)
+    assert row["run"] == "new" and row["bound"] == "eager" and row["batch"] == 10
+    kinds = row["by_kind"]
+    assert kinds["convolution"]["measured_ms_per_sample"] == 5.0  # 50% of 100 ms over 10 samples
+    assert kinds["everything else"]["measured_ms_per_sample"] == 5.0  # elementwise and norms pooled
+    assert kinds["matmul"]["measured_ms_per_sample"] == 0.0 and kinds["matmul"]["bound_ms_per_sample"] > 0
+    conv = kinds["convolution"]
+    ratio = conv["measured_ms_per_sample"] / conv["bound_ms_per_sample"]  # the bound is rounded to 1 µs
+    assert conv["measured_over_bound"] == pytest.approx(ratio, rel=0.02)
