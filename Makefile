@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.raysmooth-installed
 
-.PHONY: install test lint demo bench clean-venv
+.PHONY: install test lint demo bench gpu-wheels clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/sweep.py
+
+# Wheels a GPU machine whose image has torch and timm but not diffusers needs for bench/gpu.sh
+# (it installs them from .whl when diffusers is missing): the versions this venv runs.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --dest .whl $$($(BIN)/python -c "import importlib.metadata as m; \
+		print(' '.join(f'{p}=={m.version(p)}' for p in ('diffusers', 'importlib_metadata')))")
+	@ls .whl
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,4 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+# A device image with torch and timm but no diffusers: install the wheels `make gpu-wheels` put in .whl.
+if ! python3 -c "import diffusers" 2>/dev/null; then
+  if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "bench/gpu.sh: diffusers is not installed here; run 'make gpu-wheels' on a machine with the venv and bring .whl/ along" >&2
+    exit 2
+  fi
+  site="${TMPDIR:-/tmp}/raysmooth-site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 exec python3 bench/gpu.py --budget-s 450 "$@"
