@@ -165,6 +165,20 @@ def timed(bench: Bench, replica: Replica, units, imgs) -> float:
     return time.perf_counter() - t0
 
 
+def timed_call(bench: Bench, fn):
+    """``fn`` wrapped to return its wall time (inference mode, the device synchronised on both sides)."""
+
+    def run() -> float:
+        bench.sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            fn()
+        bench.sync()
+        return time.perf_counter() - t0
+
+    return run
+
+
 def interleaved(bench: Bench, cases: dict, repeats: int) -> dict:
     """{name: [seconds…]} measured round-robin (after one warm-up each)."""
     times = {k: [] for k in cases}
@@ -376,21 +390,10 @@ def imagenet_profile(bench: Bench) -> None:
     with torch.inference_mode():
         x = base.denoiser(z, sig, None)
 
-    def call(fn):
-        def run():
-            bench.sync()
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                fn()
-            bench.sync()
-            return time.perf_counter() - t0
-
-        return run
-
     parts = {
-        "denoiser": call(lambda: base.denoiser(z, sig, None)),
-        "classifier": call(lambda: base.classifier(x)),
-        "both": call(lambda: base(z, sig, None)),
+        "denoiser": timed_call(bench, lambda: base.denoiser(z, sig, None)),
+        "classifier": timed_call(bench, lambda: base.classifier(x)),
+        "both": timed_call(bench, lambda: base(z, sig, None)),
     }
     part_times = interleaved(bench, parts, repeats=3)
     part_flops = {
@@ -472,92 +475,72 @@ def compiled_profile(bench: Bench, name: str) -> None:
     )
 
 
-def attention_section(bench: Bench) -> None:
-    """The ImageNet pair's attention by SDPA backend. BEiT-L/512 calls attention with a relative-position
-        bias (1025 tokens, 16 heads of 64): flash cannot take a bias, so PyTorch picks cuDNN or the
-        memory-efficient kernel. The eager profile (run 3) put attention at 8% of the time for 4% of the
-        FLOPs. Here: one BEiT-shaped attention call per backend (and without the bias, with the bias in rows
-    aligned to 16 elements, and at 1088 tokens),
-        and as FlexAttention (compiled; the bias read inside the kernel), then the classifier alone under each
-        SDPA backend that took the bias; each timed interleaved, with its largest difference from the math
-        backend (cuDNN attention has had silent-wrong-result bugs with masks)."""
+SDPA_BACKENDS = ("default", "cudnn", "efficient", "flash", "math")  # default: what PyTorch picks itself
+
+
+def sdpa_backend(name: str):
+    """A context that lets scaled_dot_product_attention use only the named backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    args, dev = bench.args, bench.device
-    batch = batch_for(bench, "imagenet")
-    heads, tokens, dim = (2, 33, 16) if args.smoke else (16, 1025, 64)
-    padded = -(-tokens // 64) * 64  # the next multiple of 64 (1088)
-    backends = {
-        "default": None,  # what PyTorch picks on its own
+    if name == "default":
+        return contextlib.nullcontext()
+    kinds = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
         "math": SDPBackend.MATH,
     }
+    return sdpa_kernel([kinds[name]])
 
-    def qkv(n: int):
-        g = torch.Generator(device=dev).manual_seed(0)
-        return [torch.randn((batch, heads, n, dim), generator=g, device=dev).to(torch.bfloat16) for _ in range(3)] + [
-            torch.randn((1, heads, n, n), generator=g, device=dev).to(torch.bfloat16)
-        ]
 
-    def call(backend, inputs, bias: bool):
-        q, k, v, b = inputs
-
-        def fn():
-            with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext(), torch.inference_mode():
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=b if bias else None)
-
-        return fn
-
-    cases, failed, sizes, errors = {}, {}, {}, {}
-    for n in (tokens, padded):
-        inputs = qkv(n)
-        exact = {bias: call(SDPBackend.MATH, inputs, bias)().float() for bias in (True, False)}
-        for bname, backend in backends.items():
-            for bias in (True, False):
-                if not bias and (bname == "math" or n != tokens):
-                    continue
-                key = f"{bname}, {n} tokens, {'bias' if bias else 'no bias'}"
-                fn = call(backend, inputs, bias)
-                try:
-                    out = fn()
-                except RuntimeError as exc:  # this backend cannot take these inputs on this device
-                    failed[key] = (str(exc).strip().splitlines() or [""])[0][:120]
-                    continue
-                cases[key], sizes[key] = _timed_fn(bench, fn), n
-                errors[key] = float((out.float() - exact[bias]).abs().max())
-        if n == tokens:  # the bias in rows padded to a multiple of 16 elements (a strided view, same values)
-            b = inputs[3]
-            aligned = torch.zeros((*b.shape[:-1], -(-n // 16) * 16), device=dev, dtype=b.dtype)[..., :n].copy_(b)
-            for bname in ("default", "cudnn", "efficient"):
-                key = f"{bname}, {n} tokens, bias in aligned rows"
-                fn = call(backends[bname], (*inputs[:3], aligned), True)
-                try:
-                    out = fn()
-                except RuntimeError as exc:
-                    failed[key] = (str(exc).strip().splitlines() or [""])[0][:120]
-                    continue
-                cases[key], sizes[key] = _timed_fn(bench, fn), n
-                errors[key] = float((out.float() - exact[True]).abs().max())
-        if n == tokens:  # FlexAttention reads the bias inside the kernel (compiled), so no backend limit applies
-            key = f"flex (compiled), {n} tokens, bias"
+def attention_section(bench: Bench) -> None:
+    """BEiT-L/512's attention, which takes a relative-position bias (1,025 tokens, 16 heads of 64): flash
+    cannot take a bias, so PyTorch picks cuDNN or the memory-efficient kernel, and the eager profile
+    (run 3) put attention at 8% of the time for 4.5% of the FLOPs. One BEiT-shaped call per backend,
+    with and without the bias, with the bias in rows aligned to 16 elements, at 1,088 tokens, and as
+    compiled FlexAttention (the bias read inside the kernel), each with its largest difference from the
+    math backend (cuDNN's masked attention has had silent-wrong-result bugs); then the classifier alone
+    under each backend that took the bias. All timed interleaved."""
+    batch = batch_for(bench, "imagenet")
+    heads, tokens, dim = (2, 33, 16) if bench.args.smoke else (16, 1025, 64)
+    cases: dict[str, tuple] = {}  # name: (call returning the output, tokens, which exact output it must match)
+    inputs = {}
+    for n in (tokens, -(-tokens // 64) * 64):
+        g = torch.Generator(device=bench.device).manual_seed(0)
+        q, k, v = (torch.randn((batch, heads, n, dim), generator=g, device=bench.device).bfloat16() for _ in range(3))
+        bias = torch.randn((1, heads, n, n), generator=g, device=bench.device).bfloat16()
+        inputs[n] = (q, k, v, bias)
+        for backend in SDPA_BACKENDS:
+            cases[f"{backend}, {n} tokens, bias"] = (_sdpa(backend, q, k, v, bias), n, True)
+            if n == tokens and backend != "math":
+                cases[f"{backend}, {n} tokens, no bias"] = (_sdpa(backend, q, k, v, None), n, False)
+        if n == tokens:
+            aligned = torch.zeros((1, heads, n, -(-n // 16) * 16), device=bench.device, dtype=bias.dtype)
+            aligned = aligned[..., :n].copy_(bias)  # a strided view with the same values
+            for backend in ("default", "cudnn", "efficient"):
+                cases[f"{backend}, {n} tokens, bias in aligned rows"] = (_sdpa(backend, q, k, v, aligned), n, True)
+            cases[f"flex (compiled), {n} tokens, bias"] = (_flex(q, k, v, bias), n, True)
+    timers, failed, errors = {}, {}, {}
+    for n, (q, k, v, bias) in inputs.items():
+        exact = {True: _sdpa("math", q, k, v, bias)().float(), False: _sdpa("math", q, k, v, None)().float()}
+        for key, (fn, size, with_bias) in cases.items():
+            if size != n:
+                continue
             try:
-                fn = _flex_call(*inputs)
                 out = fn()
-            except Exception as exc:  # noqa: BLE001 - a compiler or backend failure is a result here
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot take these inputs is a result here
                 failed[key] = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:120]
-            else:
-                cases[key], sizes[key] = _timed_fn(bench, fn), n
-                errors[key] = float((out.float() - exact[True]).abs().max())
+                continue
+            timers[key] = timed_call(bench, fn)
+            errors[key] = float((out.float() - exact[with_bias]).abs().max())
         del exact
-    times = interleaved(bench, cases, repeats=5)
+    times = interleaved(bench, timers, repeats=5)
     res = {}
     for key, secs in times.items():
-        flops = 4.0 * batch * heads * sizes[key] ** 2 * dim
+        seconds = statistics.median(secs)
         res[key] = {
-            "ms": round(statistics.median(secs) * 1e3, 3),
-            "tflops": round(flops / statistics.median(secs) / 1e12, 1),
+            "ms": round(seconds * 1e3, 3),
+            "tflops": round(4.0 * batch * heads * cases[key][1] ** 2 * dim / seconds / 1e12, 1),
             "max_abs_error_vs_math": round(errors[key], 5),  # bf16 outputs of N(0,1)-sized values
         }
     bench.row(
@@ -566,28 +549,39 @@ def attention_section(bench: Bench) -> None:
         **res,
         unavailable=failed,
     )
-    del inputs
-    # The classifier alone, under each backend that took the bias.
-    pair = build("imagenet", dev, args.smoke)
-    clf = pair.classifier.to(torch.bfloat16)
-    x = torch.rand((batch, *pair.input_shape), device=dev).to(torch.bfloat16)  # the denoiser's output size
-    flops = flops_of(lambda: clf(x[:2])) / 2
-    usable = [b for b in backends if f"{b}, {tokens} tokens, bias" in cases]
+    del inputs, cases, timers
+    usable = [b for b in SDPA_BACKENDS if f"{b}, {tokens} tokens, bias" in res]
+    classifier_by_backend(bench, batch, usable)
 
-    def classify(backend):
+
+def classifier_by_backend(bench: Bench, batch: int, backends: list[str]) -> None:
+    """The ImageNet classifier (BEiT-L/512, bf16 eager) alone on the denoiser's output size, per backend."""
+    pair = build("imagenet", bench.device, bench.args.smoke)
+    clf = pair.classifier.to(torch.bfloat16)
+    x = torch.rand((batch, *pair.input_shape), device=bench.device).bfloat16()
+    flops = flops_of(lambda: clf(x[:2])) / 2
+
+    def classify(backend: str):
         def fn():
-            ctx = sdpa_kernel([backends[backend]]) if backends[backend] is not None else contextlib.nullcontext()
-            with ctx, torch.inference_mode():
+            with sdpa_backend(backend):
                 clf(x)
 
         return fn
 
-    times = interleaved(bench, {b: _timed_fn(bench, classify(b)) for b in usable}, repeats=3)
+    times = interleaved(bench, {b: timed_call(bench, classify(b)) for b in backends}, repeats=3)
     res = {b: rates(bench, batch, secs, flops) for b, secs in times.items()}
     bench.row(pair="imagenet", test="classifier alone by SDPA backend (bf16 eager)", batch=batch, **res)
 
 
-def _flex_call(q, k, v, bias):
+def _sdpa(backend: str, q, k, v, bias):
+    def fn():
+        with sdpa_backend(backend), torch.inference_mode():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    return fn
+
+
+def _flex(q, k, v, bias):
     """BEiT's attention as FlexAttention: the per-head relative-position bias added to each score."""
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -602,19 +596,6 @@ def _flex_call(q, k, v, bias):
             return flex(q, k, v, score_mod=add_bias)
 
     return fn
-
-
-def _timed_fn(bench: Bench, fn):
-    """``fn`` wrapped to return its wall time, the device synchronised on both sides."""
-
-    def run() -> float:
-        bench.sync()
-        t0 = time.perf_counter()
-        fn()
-        bench.sync()
-        return time.perf_counter() - t0
-
-    return run
 
 
 def layout_section(bench: Bench, name: str) -> None:
