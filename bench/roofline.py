@@ -82,13 +82,13 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return distinct * t.element_size()
 
 
-def op_flops(kind: str, args: tuple, kwargs: dict, out) -> float:
+def op_flops(name: str, kind: str, args: tuple, out) -> float:
     """FLOPs (a multiply-add is two) of the compute operators, from their shapes."""
     if kind == "convolution":
         w = args[1]
         return 2.0 * out.numel() * math.prod(w.shape[1:])
     if kind == "matmul":
-        a = args[0]
+        a = args[1] if name in ("addmm", "baddbmm") else args[0]  # those take the added term first
         return 2.0 * out.numel() * a.shape[-1]
     if kind == "attention":
         q, k = args[0], args[1]  # (..., L, E) and (..., S, E); the output is (..., L, Ev)
@@ -119,7 +119,7 @@ class OperatorTrace(TorchDispatchMode):
                 name=name,
                 kind=kind,
                 part=self.part,
-                flops=op_flops(kind, args, kwargs, first),
+                flops=op_flops(name, kind, args, first),
                 bytes_in=sum(tensor_bytes(t) for t in ins.values()),
                 bytes_out=sum(tensor_bytes(t) for t in outs),
                 spatial=int(first.shape[-1] * first.shape[-2]) if first is not None and first.dim() == 4 else 0,

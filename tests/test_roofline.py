@@ -42,6 +42,13 @@ def test_views_and_eval_dropout_move_nothing():
     assert [op.kind for op in ops] == ["matmul"] and ops[0].flops == 2 * 5 * 3 * 12
 
 
+def test_a_matmul_counts_its_inner_dimension_whatever_the_call():
+    a, b = torch.empty((5, 12), device="meta"), torch.empty((12, 3), device="meta")
+    bias = torch.empty((3,), device="meta")
+    assert roofline.op_flops("mm", "matmul", (a, b), a @ b) == 2 * 5 * 3 * 12
+    assert roofline.op_flops("addmm", "matmul", (bias, a, b), a @ b) == 2 * 5 * 3 * 12
+
+
 def test_the_pair_flops_agree_with_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
