@@ -158,11 +158,8 @@ def work(shape, images: int, n: int, unit: int, device: str, seed: int = 0):
 
 
 def timed(bench: Bench, replica: Replica, units, imgs) -> float:
-    bench.sync()
-    t0 = time.perf_counter()
-    replica.run(units, imgs)
-    bench.sync()
-    return time.perf_counter() - t0
+    """Seconds for one ``replica.run``."""
+    return timed_call(bench, lambda: replica.run(units, imgs))()
 
 
 def timed_call(bench: Bench, fn):
@@ -413,6 +410,7 @@ def imagenet_profile(bench: Bench) -> None:
     bench.row(
         pair=name,
         test="CUDA kernel time by kind, one forward batch (bf16, channels_last)",
+        batch=batch,
         **kernels_by_kind(bench, lambda: base(z, sig, None)),
     )
 

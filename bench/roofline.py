@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_runs import runs_of  # noqa: E402
+from gpu_runs import runs_of, write_atomic  # noqa: E402
 
 KINDS = {  # aten packet name -> kind; anything else that moves data is "elementwise"
     **dict.fromkeys(("conv2d", "convolution", "_convolution", "cudnn_convolution"), "convolution"),
@@ -168,15 +168,15 @@ def op_seconds(op: Op, model: str, flop_rate: float, bandwidth: float) -> float:
 
 
 def bounds(ops: list[Op], batch: int, flop_rate: float, bandwidth: float, peak: float) -> dict:
-    """Samples/s and share of the peak at each bound, with where the eager and fused time goes."""
+    """Samples/s and share of the peak at each bound, with where the time goes (part and kind)."""
     flops = sum(op.flops for op in ops) / batch
     out: dict = {"gflops_per_sample": round(flops / 1e9, 2)}
     for model in ("eager", "fused", "compute"):
-        secs = sum(op_seconds(op, model, flop_rate, bandwidth) for op in ops) / batch
         by: dict[str, float] = {}
         for op in ops:
             key = f"{op.part}: {op.kind}"
             by[key] = by.get(key, 0.0) + op_seconds(op, model, flop_rate, bandwidth) / batch
+        secs = sum(by.values())
         out[model] = {
             "ms_per_sample": round(secs * 1e3, 3),
             "samples_per_s": round(1 / secs, 1),
@@ -223,17 +223,11 @@ def pair_ops(name: str, batch: int | None = None) -> list[Op]:
     return trace(model, (z, sigma, None))
 
 
-def measured_rates(path: Path) -> dict:
-    """The best measured samples/s per pair and mode (bf16) and the matmul ceilings, from gpu.json."""
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
+def measured_rates(runs: list[dict]) -> dict:
+    """The best measured bf16 samples/s per "pair mode" (eager or compiled) over the runs of gpu.json."""
     best: dict = {}
-    ceilings = []
-    for run in runs_of(data):
+    for run in runs:
         for row in run.get("rows", []):
-            if "tflops" in row and "matrix product" in row.get("test", ""):
-                ceilings.append(row["tflops"])
             cases = {k: v for k, v in row.items() if isinstance(v, dict) and "samples_per_s" in v}
             if row.get("precision") == "bf16" and "samples_per_s" in row:
                 cases[("compiled" if row.get("compiled") else "eager") + ", channels_last"] = row
@@ -243,22 +237,21 @@ def measured_rates(path: Path) -> dict:
                     key = f"{row['pair']} {mode}"
                     if v["samples_per_s"] > best.get(key, {}).get("samples_per_s", 0):
                         best[key] = {"samples_per_s": v["samples_per_s"], "run": run["run"], "case": label}
-    return {"best_bf16": best, "matmul_tflops": ceilings}
+    return best
 
 
 COMPUTE_KINDS = ("convolution", "matmul", "attention")
 
 
 def kernels_against_bound(
-    ops: list[Op], traced_batch: int, name: str, path: Path, flop_rate: float, bandwidth: float
+    ops: list[Op], traced_batch: int, name: str, runs: list[dict], flop_rate: float, bandwidth: float
 ) -> list[dict]:
-    """Each measured CUDA-kernel profile of the pair in gpu.json (kernel time by kind over one batch),
-    per sample against the bound of the same kind: the eager bound for an eager profile, the fused
-    bound for a compiled one. Everything that is not a convolution, matmul or attention is pooled."""
-    if not path.exists():
-        return []
+    """Each measured CUDA-kernel profile of the pair in the runs of gpu.json (kernel time by kind over
+    one batch), per sample against the bound of the same kind: the eager bound for an eager profile,
+    the fused bound for a compiled one. Everything that is not a convolution, matmul or attention is
+    pooled. Profiles written before they carried their batch take the batch of their run's other rows."""
     out = []
-    for run in runs_of(json.loads(path.read_text())):
+    for run in runs:
         rows = run.get("rows", [])
         batches = [r["batch"] for r in rows if r.get("pair") == name and isinstance(r.get("batch"), int)]
         for row in rows:
@@ -301,7 +294,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "roofline.json")
     args = parser.parse_args()
     rate, bw, peak = args.matmul_tflops * 1e12, args.bandwidth_tbs * 1e12, args.peak_tflops * 1e12
-    measured = measured_rates(args.gpu_json)
+    runs = runs_of(json.loads(args.gpu_json.read_text())) if args.gpu_json.exists() else []
+    measured = measured_rates(runs)
     result = {
         "benchmark": "roofline bounds of the papers' pairs (a model from operator shapes, not a measurement)",
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -322,18 +316,18 @@ def main() -> None:
         if name == "imagenet":
             row["denoiser_levels"] = unet_levels(ops, BATCH[name], rate, bw)
         for mode in ("eager", "compiled"):
-            m = measured.get("best_bf16", {}).get(f"{name} {mode}")
+            m = measured.get(f"{name} {mode}")
             if m:
                 m = dict(m, share_of_bf16_peak=round(row["gflops_per_sample"] * 1e9 * m["samples_per_s"] / peak, 4))
                 m["of_its_bound"] = round(
                     m["samples_per_s"] / row["eager" if mode == "eager" else "fused"]["samples_per_s"], 3
                 )
                 row[f"measured_best_{mode}"] = m
-        row["kernels_against_bound"] = kernels_against_bound(ops, BATCH[name], name, args.gpu_json, rate, bw)
+        row["kernels_against_bound"] = kernels_against_bound(ops, BATCH[name], name, runs, rate, bw)
         result["pairs"][name] = row
         print(json.dumps({name: row}, indent=1), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(args.out, result)
     print(f"written {args.out}")
 
 

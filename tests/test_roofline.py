@@ -81,7 +81,8 @@ def test_a_kernel_profile_is_set_against_the_bound_of_its_own_kind(tmp_path):
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps({"rows": [{"pair": "cifar10", "batch": 10}, profile]}))  # one fresh run
     ops = roofline.pair_ops("cifar10", batch=2)
-    (row,) = roofline.kernels_against_bound(ops, 2, "cifar10", path, 779e12, 3.35e12)
+    runs = roofline.runs_of(json.loads(path.read_text()))
+    (row,) = roofline.kernels_against_bound(ops, 2, "cifar10", runs, 779e12, 3.35e12)
     assert row["run"] == "new" and row["bound"] == "eager" and row["batch"] == 10
     kinds = row["by_kind"]
     assert kinds["convolution"]["measured_ms_per_sample"] == 5.0  # 50% of 100 ms over 10 samples
