@@ -118,6 +118,7 @@ class EngineCfg:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (model and activations) | bf16-mixed (autocast)
     channels_last: bool = False
     compile: bool = False
+    attention: str = "sdpa"  # sdpa | flex: BEiT's relative-position attention as FlexAttention (needs compile)
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; needs quantised images)
     levels: int = 255  # lattice noise: the images' quantisation (x·levels is an integer)
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
@@ -344,6 +345,12 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be fp32, bf16, fp16 or bf16-mixed, got {en.precision!r}",
     )
     _check("engine.noise", en.noise in ("gaussian", "lattice"), f"must be gaussian or lattice, got {en.noise!r}")
+    _check("engine.attention", en.attention in ("sdpa", "flex"), f"must be sdpa or flex, got {en.attention!r}")
+    _check(
+        "engine.attention=flex",
+        en.attention != "flex" or en.compile,
+        "needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)",
+    )
     _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")
     _check(
         "engine.device",

@@ -21,6 +21,7 @@ import torch
 
 from .config import DEFAULT_BATCH_SIZE, EngineCfg
 from .errors import InputError
+from .models.attention import ATTENTION_KERNELS, set_attention
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
 
@@ -29,6 +30,9 @@ __all__ = ["EngineConfig", "Replica", "validate_images", "validate_sampling", "D
 log = logging.getLogger("raysmooth")
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-mixed")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FLEX_NEEDS_COMPILE = (
+    "engine.attention=flex needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
+)
 
 
 @dataclass
@@ -41,6 +45,7 @@ class EngineConfig:
     precision: str = EngineCfg.precision  # fp32 | bf16 | fp16 (weights and activations) | bf16-mixed (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile the whole base classifier at a static batch shape
+    attention: str = "sdpa"  # sdpa | flex: BEiT's biased attention as FlexAttention (compiled runs only)
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
     levels: int = EngineCfg.levels  # lattice noise: images lie on (1/levels)ℤ
     threads: int | None = None  # torch intra-op threads on CPU
@@ -55,6 +60,10 @@ class EngineConfig:
             raise InputError(f"engine.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.noise not in ("gaussian", "lattice"):
             raise InputError(f"engine.noise must be gaussian or lattice, got {self.noise!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise InputError(f"engine.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
+        if self.attention == "flex" and not self.compile:
+            raise InputError(FLEX_NEEDS_COMPILE)
 
 
 def validate_sampling(sigmas: Sequence[float], n0: int, n: int) -> None:
@@ -160,6 +169,12 @@ class Replica:
 
             tables = [lattice_table(s, int(self.config.levels)) for s in self.sigma_values]
             self._lattice = [(torch.from_numpy(t.thresholds).to(self.device), t.offset) for t in tables]
+        if self.config.attention == "flex":
+            switched = set_attention(self.base, "flex")
+            if switched:
+                log.info("engine.attention=flex: %d attention layers run FlexAttention", switched)
+            else:
+                log.warning("engine.attention=flex: the model has no BEiT relative-position attention; nothing changes")
         self._forward = self._compiled() if self.config.compile else self.base
         self._compile_worked = False  # a compiled call has finished: later errors are not the compiler's
         if self.config.batch_size == "auto":
@@ -297,6 +312,9 @@ class Replica:
         log.warning("engine.compile: torch.compile failed (%s: %s); this replica runs eager", type(exc).__name__, first)
         self._forward = self.base
         self.config.compile = False
+        if self.config.attention == "flex":  # FlexAttention only pays compiled
+            set_attention(self.base, "sdpa")
+            self.config.attention = "sdpa"
         return True
 
     def _run(self, units: Sequence[WorkUnit], images, batch_size: int) -> dict[tuple, np.ndarray]:

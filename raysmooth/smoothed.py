@@ -83,7 +83,8 @@ class Smoothed:
     ``save_classifier``/``save_onestep``. ``denoiser`` (a diffusers folder, ``DenoiserConfig`` fields or a
     ``DiffusionDenoiser``) puts one-shot diffusion denoising in front of a module or classifier folder.
     ``sigma``: one noise level or several (for ``cascade``). ``compile=True`` runs the model through
-    ``torch.compile`` (as ``engine.compile``; worth it for long runs, docs/methods.md §8.5).
+    ``torch.compile`` (as ``engine.compile``; worth it for long runs, docs/methods.md §8.5);
+    ``attention="flex"`` then runs a timm BEiT's biased attention as FlexAttention (``engine.attention``).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class Smoothed:
         device: str = "auto",
         precision: str = EngineCfg.precision,
         compile: bool = False,
+        attention: str = "sdpa",
         noise_block: int = EngineCfg.noise_block,
         chunk: int = SmoothingCfg.chunk,
         noise: str = "gaussian",
@@ -127,6 +129,7 @@ class Smoothed:
             noise_block=noise_block,
             precision=precision,
             compile=bool(compile),
+            attention=attention,
             noise=noise,
             levels=levels,
         )

@@ -1,0 +1,105 @@
+"""FlexAttention for BEiT's relative-position-biased attention (``engine.attention=flex``).
+
+timm's BEiT passes its relative-position bias to ``scaled_dot_product_attention`` as a dense
+(heads, N, N) mask, which rules out the flash kernel; on an H100 the ImageNet classifier's attention ran
+at 7.7x its roofline bound (docs/performance.md). FlexAttention instead adds the bias inside a fused
+kernel, and here the bias is *computed* there: the relative offset of query and key follows from their
+token positions, so each score reads one entry of the small (distances, heads) table and no N×N index or
+bias is ever built or read. Outside ``torch.compile`` FlexAttention runs unfused, so this is for compiled
+runs only. The module keeps timm's parameters and state-dict keys: switching only changes the class.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["ATTENTION_KERNELS", "relative_position_index", "relative_position_score_mod", "set_attention"]
+
+log = logging.getLogger("raysmooth")
+ATTENTION_KERNELS = ("sdpa", "flex")
+
+
+def relative_position_index(window: tuple[int, int], q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """The row of BEiT's relative-position table for query token ``q_idx`` and key token ``kv_idx``
+    (token 0 is the class token, then the window's patches row by row), from the positions alone.
+    It reproduces the index buffer timm builds (a test checks it), with the three class-token entries
+    last: class→patch, patch→class, class→class."""
+    wh, ww = int(window[0]), int(window[1])
+    distances = (2 * wh - 1) * (2 * ww - 1)
+    i, j = q_idx - 1, kv_idx - 1
+    rel = (i // ww - j // ww + (wh - 1)) * (2 * ww - 1) + (i % ww - j % ww + (ww - 1))
+    rel = torch.where(kv_idx == 0, distances + 1, rel)
+    rel = torch.where(q_idx == 0, torch.where(kv_idx == 0, distances + 2, distances), rel)
+    return rel
+
+
+def relative_position_score_mod(table: torch.Tensor, window: tuple[int, int]) -> Callable:
+    """A FlexAttention ``score_mod`` adding ``table[index(q, k), head]`` to each score."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[relative_position_index(window, q_idx, kv_idx), h]
+
+    return score_mod
+
+
+def _flex_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's BEiT attention (eval, per-layer bias) with the bias added inside FlexAttention."""
+    if shared_rel_pos_bias is not None or (self.training and self.attn_drop.p > 0):
+        return _classes()[0].forward(self, x, shared_rel_pos_bias)  # timm's own SDPA path
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, n, _ = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv = nn.functional.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+    q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    score_mod = relative_position_score_mod(self.relative_position_bias_table, self.window_size)
+    x = flex_attention(q, k, v, score_mod=score_mod, scale=self.scale)
+    x = x.transpose(1, 2).reshape(b, n, -1)
+    return self.proj_drop(self.proj(x))
+
+
+@functools.cache
+def _classes() -> tuple[type, type]:
+    """(timm's BEiT attention, its FlexAttention twin); timm is imported only when asked."""
+    from timm.models.beit import Attention
+
+    flex = type("FlexBeitAttention", (Attention,), {"forward": _flex_forward, "__doc__": _flex_forward.__doc__})
+    return Attention, flex
+
+
+def _index_matches(module: nn.Module) -> bool:
+    """The module's own index buffer is the one ``relative_position_index`` computes (a model that
+    interpolated or edited it keeps SDPA)."""
+    index = module.relative_position_index
+    n = index.shape[0]
+    tokens = torch.arange(n, device=index.device)
+    computed = relative_position_index(module.window_size, tokens[:, None], tokens[None, :])
+    return computed.shape == index.shape and bool(torch.equal(computed, index.long()))
+
+
+def set_attention(model: nn.Module, kernel: str) -> int:
+    """Run every timm BEiT attention with a per-layer relative-position bias in ``model`` with
+    ``kernel`` (sdpa: timm's own; flex: FlexAttention); returns how many modules run it now."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
+    if "timm.models.beit" not in sys.modules:
+        return 0  # no BEiT can be in the model: timm need not be imported
+    sdpa, flex = _classes()
+    switched = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, sdpa) or module.relative_position_bias_table is None:
+            continue
+        if kernel == "flex" and not _index_matches(module):
+            log.warning("engine.attention=flex: %s has a relative-position index of its own; it keeps SDPA", name)
+            continue
+        module.__class__ = flex if kernel == "flex" else sdpa
+        switched += 1
+    return switched

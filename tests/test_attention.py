@@ -1,0 +1,140 @@
+"""engine.attention=flex: BEiT's relative-position attention as FlexAttention, checked against timm's
+own SDPA path on tiny BEiTs our code builds (no download)."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from timm.models.beit import Beit, gen_relative_position_index
+
+from raysmooth.config import ConfigError, compose
+from raysmooth.engine import EngineConfig, Replica
+from raysmooth.errors import InputError
+from raysmooth.models.attention import relative_position_index, set_attention
+from raysmooth.models.base import PlainBase
+from raysmooth.models.classifier import InputContract, NormalizedClassifier
+from raysmooth.units import WorkUnit
+
+
+def tiny_beit(seed: int = 0, **kw) -> Beit:
+    """Two blocks on 16×16 images in 4×4 patches (a 4×4 window, 17 tokens); every parameter drawn at a
+    scale that makes the bias matter (timm starts the bias tables at zero)."""
+    torch.manual_seed(seed)
+    args = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=4, num_classes=10)
+    args.update(use_abs_pos_emb=False, use_rel_pos_bias=True)
+    model = Beit(**{**args, **kw}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 2.0 if name.endswith("relative_position_bias_table") else 0.3)
+    return model
+
+
+def _flex_modules(model) -> int:
+    return sum(type(m).__name__ == "FlexBeitAttention" for m in model.modules())
+
+
+@pytest.mark.parametrize("window", [(4, 4), (3, 5), (32, 32)])
+def test_the_computed_relative_position_index_is_timms(window):
+    tokens = torch.arange(window[0] * window[1] + 1)
+    computed = relative_position_index(window, tokens[:, None], tokens[None, :])
+    assert torch.equal(computed, gen_relative_position_index(window))
+
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.04}  # bf16: a few units in the last place at logits ~2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_flex_attention_gives_the_logits_of_timms_sdpa(dtype):
+    model = tiny_beit().to(dtype)
+    x = torch.randn(6, 1, 16, 16, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x).float()
+        assert set_attention(model, "flex") == 2 and _flex_modules(model) == 2
+        got = torch.compile(model, dynamic=False)(x).float()
+    assert (got - expected).abs().max() < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_missing_bias_would_fail_that_check(dtype):
+    """The check above can fail: attention without the bias moves the logits well past its tolerance."""
+    model = tiny_beit().to(dtype)
+    x = torch.randn(6, 1, 16, 16, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x).float()
+        for block in model.blocks:
+            block.attn.relative_position_bias_table.zero_()
+        assert (model(x).float() - expected).abs().max() > 2 * TOLERANCE[dtype]
+
+
+def test_switching_keeps_every_parameter_and_state_dict_key_and_switches_back():
+    model = tiny_beit()
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    set_attention(model, "flex")
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+    assert set_attention(model, "sdpa") == 2 and _flex_modules(model) == 0
+
+
+def test_models_without_a_per_layer_bias_keep_sdpa(caplog):
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10)
+    assert set_attention(vit, "flex") == 0  # no relative-position bias: flash already applies
+    shared = tiny_beit(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+    assert set_attention(shared, "flex") == 0
+    edited = tiny_beit()
+    edited.blocks[1].attn.relative_position_index[1, 2] += 1  # an index of its own: not what flex computes
+    with caplog.at_level(logging.WARNING, logger="raysmooth"):
+        assert set_attention(edited, "flex") == 1
+    assert "blocks.1.attn" in caplog.text and "keeps SDPA" in caplog.text
+
+
+def test_an_unknown_attention_kernel_is_refused():
+    with pytest.raises(ValueError, match="sdpa, flex"):
+        set_attention(tiny_beit(), "xformers")
+
+
+def _beit_base() -> PlainBase:
+    contract = InputContract(input_size=(16, 16), interpolation="bilinear", mean=(0.5,), std=(0.5,))
+    return PlainBase(NormalizedClassifier(tiny_beit(), contract, 10), (1, 16, 16))
+
+
+def test_a_flex_replica_counts_like_an_sdpa_one():
+    images = {i: np.random.default_rng(i).random((1, 16, 16), dtype=np.float32) for i in range(3)}
+    units = [WorkUnit(i, 0, "estimation", 0, 200) for i in images]
+    z = torch.rand(256, 1, 16, 16)
+    counts, logits = {}, {}
+    for kernel in ("sdpa", "flex"):
+        replica = Replica(_beit_base(), [0.25], 0, EngineConfig(batch_size=256, compile=True, attention=kernel))
+        assert _flex_modules(replica.base) == (2 if kernel == "flex" else 0)
+        counts[kernel] = replica.run(units, images)
+        with torch.no_grad():
+            logits[kernel] = replica._forward(z, torch.full((256,), 0.25))
+    assert (logits["flex"] - logits["sdpa"]).abs().max() < TOLERANCE[torch.float32]
+    flips = sum(np.abs(counts["flex"][u.key] - counts["sdpa"][u.key]).sum() // 2 for u in units)
+    assert flips <= 1  # 600 samples: reordered float arithmetic may flip a rare near-tie
+
+
+def test_flex_attention_without_compile_is_refused_in_the_engine_and_the_config(tmp_path):
+    with pytest.raises(InputError, match="engine.compile=true"):
+        EngineConfig(attention="flex")
+    with pytest.raises(InputError, match="sdpa, flex"):
+        EngineConfig(attention="flash", compile=True)
+    with pytest.raises(ConfigError, match="engine.attention=flex needs engine.compile=true"):
+        compose("certify", ["engine.attention=flex", f"out={tmp_path}"])
+    assert compose("certify", ["engine=gpu_compiled", "engine.attention=flex"]).engine.attention == "flex"
+
+
+def test_a_replica_whose_compile_fails_goes_back_to_sdpa(caplog):
+    images = {0: np.random.default_rng(0).random((1, 16, 16), dtype=np.float32)}
+    units = [WorkUnit(0, 0, "estimation", 0, 50)]
+    replica = Replica(_beit_base(), [0.25], 0, EngineConfig(batch_size=64, compile=True, attention="flex"))
+
+    def unbuildable(*args):
+        raise RuntimeError("backend='inductor' raised: no flex template for this device")
+
+    replica._forward = unbuildable
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        counts = replica.run(units, images)
+    assert counts[units[0].key].sum() == 50
+    assert replica.config.attention == "sdpa" and _flex_modules(replica.base) == 0  # eager FlexAttention is slow
