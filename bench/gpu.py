@@ -13,9 +13,10 @@ pair, bf16 in channels_last and contiguous layout, eager and compiled, interleav
 the engine, and the host syncs inside a run; per pair, fp32 / bf16-mixed / bf16 eager, the measured
 activation memory per sample against the meta-device memory model, and the batch
 engine.batch_size=auto picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by
-kind, eager and compiled); BEiT's biased attention under each SDPA backend and as FlexAttention;
-inductor freezing. Rates are samples/s with FLOPs per sample counted by
-torch.utils.flop_counter (attention included) and their share of the bf16 peak. Timings are medians
+kind, eager and compiled); BEiT's biased attention under each SDPA backend and as FlexAttention, and
+the compiled pair with engine.attention=flex against SDPA; inductor freezing. Rates are samples/s with
+FLOPs per sample counted by torch.utils.flop_counter (attention included) and their share of the bf16
+peak. Timings are medians
 of interleaved repeats; every step is written to the JSON as soon as it is measured, so a run cut
 short keeps what it measured. Sections that would overrun --budget-s are skipped and listed.
 """
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import platform
 import statistics
 import sys
@@ -34,6 +36,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +48,7 @@ from reference_loop import reference_certify_counts  # noqa: E402
 
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
 from raysmooth.models.architectures import PAPER_PAIRS, paper_pair  # noqa: E402
+from raysmooth.models.attention import relative_position_index, relative_position_score_mod  # noqa: E402
 from raysmooth.models.memory import estimate_memory  # noqa: E402
 from raysmooth.units import WorkUnit  # noqa: E402
 
@@ -121,9 +125,12 @@ def build(name: str, device: str, smoke: bool):
         norm_num_groups=8,
     )
     den = DiffusionDenoiser(unet.eval().requires_grad_(False), schedule_from_config(DDPM_LINEAR))
+    # ImageNet's classifier is a two-block BEiT with a per-layer relative-position bias, as BEiT-L/16 has.
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    beit = dict(name="beit_base_patch16_224", model_kwargs=kw)
     clf = load_classifier(
         ClassifierConfig(
-            name="test_efficientnet",
+            **(dict(name="test_efficientnet") if name == "cifar10" else beit),
             num_classes=10 if name == "cifar10" else 1000,
             input_size=(16, 16),
             mean=(0.5,) * 3,
@@ -500,13 +507,20 @@ def attention_section(bench: Bench) -> None:
     math backend (cuDNN's masked attention has had silent-wrong-result bugs); then the classifier alone
     under each backend that took the bias. All timed interleaved."""
     batch = batch_for(bench, "imagenet")
-    heads, tokens, dim = (2, 33, 16) if bench.args.smoke else (16, 1025, 64)
+    heads, tokens, dim = (2, 17, 16) if bench.args.smoke else (16, 1025, 64)
+    side = math.isqrt(tokens - 1)  # the patch window (32×32 at 512 px): a class token, then the patches
+    window = (side, side)
     cases: dict[str, tuple] = {}  # name: (call returning the output, tokens, which exact output it must match)
     inputs = {}
     for n in (tokens, -(-tokens // 64) * 64):
         g = torch.Generator(device=bench.device).manual_seed(0)
         q, k, v = (torch.randn((batch, heads, n, dim), generator=g, device=bench.device).bfloat16() for _ in range(3))
-        bias = torch.randn((1, heads, n, n), generator=g, device=bench.device).bfloat16()
+        if n == tokens:  # BEiT's bias: a (distances, heads) table read at each pair's relative position
+            table = torch.randn(((2 * side - 1) ** 2 + 3, heads), generator=g, device=bench.device).bfloat16()
+            at = torch.arange(n, device=bench.device)
+            bias = table[relative_position_index(window, at[:, None], at[None, :])].permute(2, 0, 1)[None]
+        else:
+            bias = torch.randn((1, heads, n, n), generator=g, device=bench.device).bfloat16()
         inputs[n] = (q, k, v, bias)
         for backend in SDPA_BACKENDS:
             cases[f"{backend}, {n} tokens, bias"] = (_sdpa(backend, q, k, v, bias), n, True)
@@ -518,6 +532,8 @@ def attention_section(bench: Bench) -> None:
             for backend in ("default", "cudnn", "efficient"):
                 cases[f"{backend}, {n} tokens, bias in aligned rows"] = (_sdpa(backend, q, k, v, aligned), n, True)
             cases[f"flex (compiled), {n} tokens, bias"] = (_flex(q, k, v, bias), n, True)
+            score_mod = relative_position_score_mod(table, window)  # engine.attention=flex: no N×N tensor read
+            cases[f"flex (compiled), {n} tokens, bias from positions"] = (_flex(q, k, v, None, score_mod), n, True)
     timers, failed, errors = {}, {}, {}
     for n, (q, k, v, bias) in inputs.items():
         exact = {True: _sdpa("math", q, k, v, bias)().float(), False: _sdpa("math", q, k, v, None)().float()}
@@ -579,19 +595,21 @@ def _sdpa(backend: str, q, k, v, bias):
     return fn
 
 
-def _flex(q, k, v, bias):
-    """BEiT's attention as FlexAttention: the per-head relative-position bias added to each score."""
+def _flex(q, k, v, bias, score_mod=None):
+    """BEiT's attention as FlexAttention: the per-head relative-position bias added to each score, read
+    from the dense bias or computed by ``score_mod``."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    table = bias[0]
     flex = torch.compile(flex_attention, dynamic=False)
+    if score_mod is None:
+        dense = bias[0]
 
-    def add_bias(score, b, h, q_idx, kv_idx):
-        return score + table[h, q_idx, kv_idx]
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + dense[h, q_idx, kv_idx]
 
     def fn():
         with torch.inference_mode():
-            return flex(q, k, v, score_mod=add_bias)
+            return flex(q, k, v, score_mod=score_mod)
 
     return fn
 
@@ -652,6 +670,44 @@ def freezing_section(bench: Bench, name: str) -> None:
     res = rates(bench, samples, secs, flops)
     bench.row(
         pair=name, test="bf16 compiled, contiguous, inductor freezing", batch=batch, compile_seconds=compile_s, **res
+    )
+
+
+def attention_kernel_section(bench: Bench, name: str = "imagenet") -> None:
+    """The compiled pair as the papers' presets run it (bf16, channels_last) with BEiT's attention as
+    timm's SDPA call and as FlexAttention (engine.attention=flex: the bias computed inside the kernel),
+    timed interleaved; with the labels the two disagree on over the same noise."""
+    args, dev = bench.args, bench.device
+    batch = batch_for(bench, name)
+    flops = pair_flops(name, args.smoke)
+    replicas = {}
+    for kernel in ("sdpa", "flex"):
+        cfg = EngineConfig(batch_size=batch, precision="bf16", channels_last=True, compile=True, attention=kernel)
+        replicas[kernel] = Replica(build(name, dev, args.smoke), [SIGMA], 0, cfg, device=dev)
+    layers = sum(type(m).__name__ == "FlexBeitAttention" for m in replicas["flex"].base.modules())
+    units, imgs = work(replicas["sdpa"].base.input_shape, 2, batch, batch, dev)
+    samples = sum(u.n_samples for u in units)
+    compile_s = {k: compile_seconds(bench, r, units, imgs) for k, r in replicas.items()}
+    if replicas["flex"].config.attention != "flex":  # its compile failed: the replica went back to eager SDPA
+        bench.row(pair=name, test="attention sdpa vs flex", flex_failed="torch.compile failed; see the log")
+        return
+    counts = {k: r.run(units, imgs) for k, r in replicas.items()}
+    differing = sum(int(np.abs(counts["flex"][u.key] - counts["sdpa"][u.key]).sum()) // 2 for u in units)
+    times = interleaved(bench, {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}, repeats=3)
+    ratios = [a / b for a, b in zip(times["sdpa"], times["flex"], strict=True)]  # > 1: flex is faster
+    res = {k: rates(bench, samples, secs, flops) | {"compile_seconds": compile_s[k]} for k, secs in times.items()}
+    bench.row(
+        pair=name,
+        test="bf16 compiled, channels_last: BEiT attention as SDPA and as FlexAttention (interleaved)",
+        batch=batch,
+        flex_layers=layers,
+        flex_speedup={
+            "median": round(statistics.median(ratios), 3),
+            "spread": [round(min(ratios), 3), round(max(ratios), 3)],
+        },
+        labels_differing=differing,
+        of_samples=samples,
+        **res,
     )
 
 
@@ -782,6 +838,11 @@ def main() -> None:
         ),
         "imagenet-freezing": ("imagenet: compiled with freezing", 130, lambda: freezing_section(bench, "imagenet")),
         "imagenet-attention": ("imagenet: attention by SDPA backend", 90, lambda: attention_section(bench)),
+        "imagenet-flex": (
+            "imagenet: compiled, attention as SDPA and as FlexAttention",
+            230,
+            lambda: attention_kernel_section(bench, "imagenet"),
+        ),
         "imagenet-compiled": (
             "imagenet: bf16 compiled",
             200,

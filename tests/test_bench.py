@@ -29,10 +29,24 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
     ):
         assert any(expected in t for t in tests), f"no row for {expected!r}"
     attention = next(row for row in result["rows"] if "attention call" in row.get("test", ""))
-    flex = attention["flex (compiled), 33 tokens, bias"]  # FlexAttention with the bias is the same attention
-    assert 0 < flex["max_abs_error_vs_math"] < 0.05 and flex["ms"] > 0
+    for case in ("bias", "bias from positions"):  # FlexAttention with the bias is the same attention
+        flex = attention[f"flex (compiled), 17 tokens, {case}"]
+        assert 0 < flex["max_abs_error_vs_math"] < 0.05 and flex["ms"] > 0
     rates = [row for row in result["rows"] if row.get("precision") == "bf16" and not row.get("compiled")]
     assert rates and all(row["samples_per_s"] > 0 and "share_of_measured_matmul" in row for row in rates)
+
+
+def test_the_gpu_benchmark_compares_flex_attention_compiled_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--sections", "imagenet-flex", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == [], result["errors"]
+    row = next(row for row in result["rows"] if "FlexAttention" in row.get("test", ""))
+    assert row["flex_layers"] == 2  # the smoke pair's two BEiT blocks
+    assert row["labels_differing"] <= max(1, row["of_samples"] // 100)  # bf16 reordering flips a rare label
+    assert row["sdpa"]["samples_per_s"] > 0 and row["flex"]["samples_per_s"] > 0 and row["flex_speedup"]["median"] > 0
 
 
 def test_an_unknown_benchmark_section_is_one_line():
@@ -40,6 +54,6 @@ def test_an_unknown_benchmark_section_is_one_line():
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
-        "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-freezing, imagenet-attention, "
+        "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-freezing, imagenet-attention, imagenet-flex, "
         "imagenet-compiled or all"
     ]
