@@ -2,7 +2,7 @@
 
     bash bench/gpu.sh            # under 8 minutes on an H100; writes bench/results/gpu.json
     python bench/gpu_runs.py add OUT/gpu.json   # keep a run from a device machine as the next run
-    bash bench/gpu.sh --sections all --budget-s 1300   # every section, about 18 minutes
+    bash bench/gpu.sh --sections all --budget-s 1600   # every section, about 22 minutes
     python bench/gpu.py --smoke  # the same code path on the CPU with toy sizes (a test of the script)
 
 Pairs: CIFAR-10 (ADM 32×32 + ViT-B/16 at 224) and ImageNet (ADM-256 run at 224×224 + BEiT-L/16 at 512),
@@ -804,7 +804,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="ceiling,imagenet-layout,cifar10-layout,cifar10-extras,imagenet",
-        help="comma-separated, run in this order (or all: about 18 minutes on an H100)",
+        help="comma-separated, run in this order (or all: about 22 minutes on an H100)",
     )
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
