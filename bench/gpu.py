@@ -125,12 +125,16 @@ def build(name: str, device: str, smoke: bool):
         norm_num_groups=8,
     )
     den = DiffusionDenoiser(unet.eval().requires_grad_(False), schedule_from_config(DDPM_LINEAR))
-    # ImageNet's classifier is a two-block BEiT with a per-layer relative-position bias, as BEiT-L/16 has.
-    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-    beit = dict(name="beit_base_patch16_224", model_kwargs=kw)
+    if name == "cifar10":
+        arch = dict(name="test_efficientnet")
+    else:  # a two-block BEiT with a per-layer relative-position bias, as BEiT-L/16 has
+        arch = dict(
+            name="beit_base_patch16_224",
+            model_kwargs=dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+        )
     clf = load_classifier(
         ClassifierConfig(
-            **(dict(name="test_efficientnet") if name == "cifar10" else beit),
+            **arch,
             num_classes=10 if name == "cifar10" else 1000,
             input_size=(16, 16),
             mean=(0.5,) * 3,
@@ -503,7 +507,8 @@ def attention_section(bench: Bench) -> None:
     cannot take a bias, so PyTorch picks cuDNN or the memory-efficient kernel, and the eager profile
     (run 3) put attention at 8% of the time for 4.5% of the FLOPs. One BEiT-shaped call per backend,
     with and without the bias, with the bias in rows aligned to 16 elements, at 1,088 tokens, and as
-    compiled FlexAttention (the bias read inside the kernel), each with its largest difference from the
+    compiled FlexAttention (the dense bias read inside the kernel, or computed there from the token
+    positions as engine.attention=flex does), each with its largest difference from the
     math backend (cuDNN's masked attention has had silent-wrong-result bugs); then the classifier alone
     under each backend that took the bias. All timed interleaved."""
     batch = batch_for(bench, "imagenet")

@@ -48,6 +48,11 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+ATTENTION_KERNELS = (
+    "sdpa",
+    "flex",
+)  # engine.attention: timm's SDPA call, or FlexAttention (raysmooth.models.attention)
+FLEX_NEEDS_COMPILE = "needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
 DEFAULT_BATCH_SIZE = 1000  # samples per forward pass when neither the engine nor the model config says
 GIVE_UP_AFTER_S = 600.0  # a run stops (resumably) when no actor has finished a task for this long
 PATH_KEYS = ("path", "weights", "checkpoint")  # keys of a model section that name files or folders
@@ -345,12 +350,12 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be fp32, bf16, fp16 or bf16-mixed, got {en.precision!r}",
     )
     _check("engine.noise", en.noise in ("gaussian", "lattice"), f"must be gaussian or lattice, got {en.noise!r}")
-    _check("engine.attention", en.attention in ("sdpa", "flex"), f"must be sdpa or flex, got {en.attention!r}")
     _check(
-        "engine.attention=flex",
-        en.attention != "flex" or en.compile,
-        "needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)",
+        "engine.attention",
+        en.attention in ATTENTION_KERNELS,
+        f"must be {' or '.join(ATTENTION_KERNELS)}, got {en.attention!r}",
     )
+    _check("engine.attention=flex", en.attention != "flex" or en.compile, FLEX_NEEDS_COMPILE)
     _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")
     _check(
         "engine.device",

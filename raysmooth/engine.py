@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import DEFAULT_BATCH_SIZE, EngineCfg
+from .config import ATTENTION_KERNELS, DEFAULT_BATCH_SIZE, FLEX_NEEDS_COMPILE, EngineCfg
 from .errors import InputError
-from .models.attention import ATTENTION_KERNELS, set_attention
+from .models.attention import set_attention
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
 
@@ -30,9 +30,6 @@ __all__ = ["EngineConfig", "Replica", "validate_images", "validate_sampling", "D
 log = logging.getLogger("raysmooth")
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-mixed")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-FLEX_NEEDS_COMPILE = (
-    "engine.attention=flex needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
-)
 
 
 @dataclass
@@ -63,7 +60,7 @@ class EngineConfig:
         if self.attention not in ATTENTION_KERNELS:
             raise InputError(f"engine.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
         if self.attention == "flex" and not self.compile:
-            raise InputError(FLEX_NEEDS_COMPILE)
+            raise InputError(f"engine.attention=flex {FLEX_NEEDS_COMPILE}")
 
 
 def validate_sampling(sigmas: Sequence[float], n0: int, n: int) -> None:

@@ -19,10 +19,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..config import ATTENTION_KERNELS
+
 __all__ = ["ATTENTION_KERNELS", "relative_position_index", "relative_position_score_mod", "set_attention"]
 
 log = logging.getLogger("raysmooth")
-ATTENTION_KERNELS = ("sdpa", "flex")
 
 
 def relative_position_index(window: tuple[int, int], q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
@@ -79,10 +80,8 @@ def _index_matches(module: nn.Module) -> bool:
     """The module's own index buffer is the one ``relative_position_index`` computes (a model that
     interpolated or edited it keeps SDPA)."""
     index = module.relative_position_index
-    n = index.shape[0]
-    tokens = torch.arange(n, device=index.device)
-    computed = relative_position_index(module.window_size, tokens[:, None], tokens[None, :])
-    return computed.shape == index.shape and bool(torch.equal(computed, index.long()))
+    tokens = torch.arange(index.shape[0], device=index.device)
+    return torch.equal(relative_position_index(module.window_size, tokens[:, None], tokens[None, :]), index.long())
 
 
 def set_attention(model: nn.Module, kernel: str) -> int:
