@@ -12,6 +12,12 @@ from raysmooth.config import compose, resolve_model_paths
 from raysmooth.data import load_dataset
 from raysmooth.engine import EngineConfig, Replica
 from raysmooth.models import LinearBase, create_base_classifier, model_sections
+from raysmooth.models.adm import ADMConfig, scheduler_config, timestep_scale, unet_config
+from raysmooth.models.attention import set_attention
+from raysmooth.models.base import DenoiseThenClassify
+from raysmooth.models.classifier import InputContract, NormalizedClassifier
+from raysmooth.models.denoiser import DiffusionDenoiser
+from raysmooth.models.schedule import schedule_from_config
 from raysmooth.units import WorkUnit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +106,76 @@ def test_a_compiled_model_counts_like_the_eager_one_and_padding_is_never_counted
     )
     assert all(compiled[u.key].sum() == 150 for u in units)
     assert _flip_bound(eager, compiled) <= 0.002  # reordered float arithmetic may flip a rare label
+
+
+def _one_graph(base) -> None:
+    """Trace ``base`` as the engine's compile does, refusing graph breaks (dynamo raises on one)."""
+    z, sigma = torch.rand(4, *base.input_shape), torch.full((4,), 0.5)
+    n_aux = base.aux_noise_per_sample
+    aux = torch.randn(4, n_aux, *base.input_shape) if n_aux else None
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(base, fullgraph=True, backend="eager", dynamic=False)(z, sigma, aux)
+
+
+@pytest.mark.parametrize(
+    "model, overrides",
+    [
+        ("linear", []),
+        ("toy_dds", []),
+        ("toy_dds", ["+model.denoiser.steps=3", "+model.denoiser.eta=1"]),
+        ("toy_diffsmooth", []),
+        ("toy_onestep", []),
+    ],
+    ids=["linear", "dds", "dds-stochastic-multi-step", "diffsmooth", "onestep"],
+)
+def test_every_embedded_base_compiles_as_one_graph(model, overrides):
+    """engine.compile compiles the whole base classifier: a graph break would split what inductor
+    fuses and add a host round trip per batch, silently."""
+    cfg = compose("certify", [f"model={model}", *overrides])
+    base_name, kwargs = model_sections(dataclasses.asdict(resolve_model_paths(cfg.model)))
+    _one_graph(create_base_classifier(base_name, **kwargs).eval())
+
+
+def test_a_graph_break_is_what_that_check_catches():
+    """The check can fail: a base that branches on a value read from the device breaks the graph."""
+
+    class HostRead(LinearBase):
+        def logits(self, z, sigma, aux_noise=None):
+            out = super().logits(z, sigma, aux_noise)
+            return out if bool((sigma > 0).all()) else -out
+
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+        _one_graph(HostRead(np.ones((3, 4)), np.zeros(3), (1, 2, 2)))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_the_imagenet_pairs_layout_compiles_as_one_graph(attention):
+    """guided-diffusion's ADM layout (up/down-sampling resblocks, fixed-width heads) then a BEiT with a
+    per-layer relative-position bias, at toy sizes, with either attention kernel."""
+    from diffusers import UNet2DModel
+    from timm.models.beit import Beit
+
+    adm = ADMConfig(
+        image_size=16,
+        model_channels=32,
+        channel_mult=[1, 1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[8, 4],
+        num_head_channels=16,
+        resblock_updown=True,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        rescale_timesteps=False,
+    )
+    torch.manual_seed(0)
+    unet = UNet2DModel(**unet_config(adm)).eval()
+    denoiser = DiffusionDenoiser(unet, schedule_from_config(scheduler_config(adm)), timestep_scale=timestep_scale(adm))
+    beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=1000, use_rel_pos_bias=True)
+    beit.eval().requires_grad_(False)
+    assert set_attention(beit, attention) == 2
+    contract = InputContract((32, 32), "bicubic", (0.5,) * 3, (0.5,) * 3)
+    _one_graph(DenoiseThenClassify(denoiser, NormalizedClassifier(beit, contract, 1000), (3, 16, 16)).eval())
 
 
 def test_the_imagenet_preset_starts_with_a_batch_that_fits_an_80_gb_gpu(tmp_path):
