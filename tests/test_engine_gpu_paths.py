@@ -12,7 +12,7 @@ from raysmooth.config import compose, resolve_model_paths
 from raysmooth.data import load_dataset
 from raysmooth.engine import EngineConfig, Replica
 from raysmooth.models import LinearBase, create_base_classifier, model_sections
-from raysmooth.models.adm import ADMConfig, scheduler_config, timestep_scale, unet_config
+from raysmooth.models.adm import ADM_PRESETS, scheduler_config, timestep_scale, unet_config
 from raysmooth.models.attention import set_attention
 from raysmooth.models.base import DenoiseThenClassify
 from raysmooth.models.classifier import InputContract, NormalizedClassifier
@@ -156,18 +156,8 @@ def test_the_imagenet_pairs_layout_compiles_as_one_graph(attention):
     from diffusers import UNet2DModel
     from timm.models.beit import Beit
 
-    adm = ADMConfig(
-        image_size=16,
-        model_channels=32,
-        channel_mult=[1, 1, 2],
-        num_res_blocks=1,
-        attention_resolutions=[8, 4],
-        num_head_channels=16,
-        resblock_updown=True,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        rescale_timesteps=False,
-    )
+    shrunk = dict(image_size=16, model_channels=32, channel_mult=[1, 1, 2], num_res_blocks=1, num_head_channels=16)
+    adm = dataclasses.replace(ADM_PRESETS["imagenet256"], **shrunk, attention_resolutions=[8, 4])
     torch.manual_seed(0)
     unet = UNet2DModel(**unet_config(adm)).eval()
     denoiser = DiffusionDenoiser(unet, schedule_from_config(scheduler_config(adm)), timestep_scale=timestep_scale(adm))
