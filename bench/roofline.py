@@ -250,6 +250,12 @@ def kernels_against_bound(
     one batch), per sample against the bound of the same kind: the eager bound for an eager profile,
     the fused bound for a compiled one. Everything that is not a convolution, matmul or attention is
     pooled. Profiles written before they carried their batch take the batch of their run's other rows."""
+    bounds_ms: dict[str, dict[str, float]] = {}  # bound model -> kind -> ms per sample
+    for model in ("eager", "fused"):
+        by = bounds_ms[model] = {}
+        for op in ops:
+            key = op.kind if op.kind in COMPUTE_KINDS else "everything else"
+            by[key] = by.get(key, 0.0) + op_seconds(op, model, flop_rate, bandwidth) * 1e3 / traced_batch
     out = []
     for run in runs:
         rows = run.get("rows", [])
@@ -263,13 +269,9 @@ def kernels_against_bound(
             for kind, share in row["share_by_kind"].items():
                 key = kind if kind in COMPUTE_KINDS else "everything else"
                 measured[key] = measured.get(key, 0.0) + share * row["total_ms"] / batch
-            bound: dict[str, float] = {}
-            for op in ops:
-                key = op.kind if op.kind in COMPUTE_KINDS else "everything else"
-                bound[key] = bound.get(key, 0.0) + op_seconds(op, model, flop_rate, bandwidth) * 1e3 / traced_batch
             kinds = {}
             for key in (*COMPUTE_KINDS, "everything else"):
-                m, b = measured.get(key, 0.0), bound.get(key, 0.0)
+                m, b = measured.get(key, 0.0), bounds_ms[model].get(key, 0.0)
                 kinds[key] = {
                     "measured_ms_per_sample": round(m, 3),
                     "bound_ms_per_sample": round(b, 3),

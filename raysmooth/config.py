@@ -48,10 +48,8 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
-ATTENTION_KERNELS = (
-    "sdpa",
-    "flex",
-)  # engine.attention: timm's SDPA call, or FlexAttention (raysmooth.models.attention)
+# engine.attention: timm's SDPA call, or FlexAttention (raysmooth.models.attention)
+ATTENTION_KERNELS = ("sdpa", "flex")
 FLEX_NEEDS_COMPILE = "needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
 DEFAULT_BATCH_SIZE = 1000  # samples per forward pass when neither the engine nor the model config says
 GIVE_UP_AFTER_S = 600.0  # a run stops (resumably) when no actor has finished a task for this long

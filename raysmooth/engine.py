@@ -42,7 +42,7 @@ class EngineConfig:
     precision: str = EngineCfg.precision  # fp32 | bf16 | fp16 (weights and activations) | bf16-mixed (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile the whole base classifier at a static batch shape
-    attention: str = "sdpa"  # sdpa | flex: BEiT's biased attention as FlexAttention (compiled runs only)
+    attention: str = EngineCfg.attention  # sdpa | flex: BEiT's biased attention as FlexAttention (compiled runs only)
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
     levels: int = EngineCfg.levels  # lattice noise: images lie on (1/levels)ℤ
     threads: int | None = None  # torch intra-op threads on CPU

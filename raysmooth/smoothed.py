@@ -100,7 +100,7 @@ class Smoothed:
         device: str = "auto",
         precision: str = EngineCfg.precision,
         compile: bool = False,
-        attention: str = "sdpa",
+        attention: str = EngineCfg.attention,
         noise_block: int = EngineCfg.noise_block,
         chunk: int = SmoothingCfg.chunk,
         noise: str = "gaussian",

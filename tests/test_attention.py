@@ -44,12 +44,18 @@ def test_the_computed_relative_position_index_is_timms(window):
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.04}  # bf16: a few units in the last place at logits ~2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_flex_attention_gives_the_logits_of_timms_sdpa(dtype):
+def _beit_and_its_logits(dtype) -> tuple[Beit, torch.Tensor, torch.Tensor]:
+    """A tiny BEiT in ``dtype``, a batch of inputs, and timm's own (SDPA) logits for them."""
     model = tiny_beit().to(dtype)
     x = torch.randn(6, 1, 16, 16, dtype=dtype)
     with torch.no_grad():
-        expected = model(x).float()
+        return model, x, model(x).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_flex_attention_gives_the_logits_of_timms_sdpa(dtype):
+    model, x, expected = _beit_and_its_logits(dtype)
+    with torch.no_grad():
         assert set_attention(model, "flex") == 2 and _flex_modules(model) == 2
         got = torch.compile(model, dynamic=False)(x).float()
     assert (got - expected).abs().max() < TOLERANCE[dtype]
@@ -58,10 +64,8 @@ def test_compiled_flex_attention_gives_the_logits_of_timms_sdpa(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_missing_bias_would_fail_that_check(dtype):
     """The check above can fail: attention without the bias moves the logits well past its tolerance."""
-    model = tiny_beit().to(dtype)
-    x = torch.randn(6, 1, 16, 16, dtype=dtype)
+    model, x, expected = _beit_and_its_logits(dtype)
     with torch.no_grad():
-        expected = model(x).float()
         for block in model.blocks:
             block.attn.relative_position_bias_table.zero_()
         assert (model(x).float() - expected).abs().max() > 2 * TOLERANCE[dtype]
