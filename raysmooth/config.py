@@ -51,6 +51,11 @@ DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 # engine.attention: timm's SDPA call, or FlexAttention (raysmooth.models.attention)
 ATTENTION_KERNELS = ("sdpa", "flex")
 FLEX_NEEDS_COMPILE = "needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
+# engine.compile_mode: torch.compile's modes (torch._inductor.list_mode_options). max-autotune benchmarks
+# Triton templates for every matmul and convolution at compile time; the cudagraphs modes replay each
+# static-shape batch as one CUDA graph (docs/performance.md).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+MODE_NEEDS_COMPILE = "needs engine.compile=true (it says how to compile)"
 DEFAULT_BATCH_SIZE = 1000  # samples per forward pass when neither the engine nor the model config says
 GIVE_UP_AFTER_S = 600.0  # a run stops (resumably) when no actor has finished a task for this long
 PATH_KEYS = ("path", "weights", "checkpoint")  # keys of a model section that name files or folders
@@ -121,6 +126,7 @@ class EngineCfg:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (model and activations) | bf16-mixed (autocast)
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode: default | max-autotune[-no-cudagraphs] | reduce-overhead
     attention: str = "sdpa"  # sdpa | flex: BEiT's relative-position attention as FlexAttention (needs compile)
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; needs quantised images)
     levels: int = 255  # lattice noise: the images' quantisation (x·levels is an integer)
@@ -354,6 +360,12 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be {' or '.join(ATTENTION_KERNELS)}, got {en.attention!r}",
     )
     _check("engine.attention=flex", en.attention != "flex" or en.compile, FLEX_NEEDS_COMPILE)
+    _check(
+        "engine.compile_mode",
+        en.compile_mode in COMPILE_MODES,
+        f"must be one of {', '.join(COMPILE_MODES)}, got {en.compile_mode!r}",
+    )
+    _check(f"engine.compile_mode={en.compile_mode}", en.compile_mode == "default" or en.compile, MODE_NEEDS_COMPILE)
     _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")
     _check(
         "engine.device",

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ATTENTION_KERNELS, DEFAULT_BATCH_SIZE, FLEX_NEEDS_COMPILE, EngineCfg
+from .config import (
+    ATTENTION_KERNELS,
+    COMPILE_MODES,
+    DEFAULT_BATCH_SIZE,
+    FLEX_NEEDS_COMPILE,
+    MODE_NEEDS_COMPILE,
+    EngineCfg,
+)
 from .errors import InputError
 from .models.attention import set_attention
 from .models.base import BaseClassifier
@@ -42,6 +49,7 @@ class EngineConfig:
     precision: str = EngineCfg.precision  # fp32 | bf16 | fp16 (weights and activations) | bf16-mixed (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile the whole base classifier at a static batch shape
+    compile_mode: str = EngineCfg.compile_mode  # torch.compile's mode (max-autotune: slower compile, tuned kernels)
     attention: str = EngineCfg.attention  # sdpa | flex: BEiT's biased attention as FlexAttention (compiled runs only)
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
     levels: int = EngineCfg.levels  # lattice noise: images lie on (1/levels)ℤ
@@ -61,6 +69,12 @@ class EngineConfig:
             raise InputError(f"engine.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
         if self.attention == "flex" and not self.compile:
             raise InputError(f"engine.attention=flex {FLEX_NEEDS_COMPILE}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise InputError(
+                f"engine.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
+        if self.compile_mode != "default" and not self.compile:
+            raise InputError(f"engine.compile_mode={self.compile_mode} {MODE_NEEDS_COMPILE}")
 
 
 def validate_sampling(sigmas: Sequence[float], n0: int, n: int) -> None:
@@ -181,9 +195,14 @@ class Replica:
     def _compiled(self):
         """The whole base classifier compiled at one static batch shape. On a CPU inductor also folds the
         weights in as constants (``freezing``), which lets it pre-pack them for oneDNN: that is what makes
-        compiling pay on a CPU (README, Benchmarks); on an H100 freezing changed nothing (1.01x)."""
-        options = {"freezing": True} if self.device.type == "cpu" else None
-        return torch.compile(self.base, dynamic=False, options=options)
+        compiling pay on a CPU (README, Benchmarks); on an H100 freezing changed nothing (1.01x). The
+        mode's options are passed as options (torch.compile takes a mode or options, not both)."""
+        from torch._inductor import list_mode_options
+
+        options = dict(list_mode_options(self.config.compile_mode))
+        if self.device.type == "cpu":
+            options["freezing"] = True
+        return torch.compile(self.base, dynamic=False, options=options or None)
 
     @property
     def applied_sigmas(self) -> list[float]:
@@ -309,6 +328,7 @@ class Replica:
         log.warning("engine.compile: torch.compile failed (%s: %s); this replica runs eager", type(exc).__name__, first)
         self._forward = self.base
         self.config.compile = False
+        self.config.compile_mode = "default"
         if self.config.attention == "flex":  # FlexAttention only pays compiled
             set_attention(self.base, "sdpa")
             self.config.attention = "sdpa"

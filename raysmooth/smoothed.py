@@ -84,7 +84,8 @@ class Smoothed:
     ``DiffusionDenoiser``) puts one-shot diffusion denoising in front of a module or classifier folder.
     ``sigma``: one noise level or several (for ``cascade``). ``compile=True`` runs the model through
     ``torch.compile`` (as ``engine.compile``; worth it for long runs, docs/methods.md §8.5);
-    ``attention="flex"`` then runs a timm BEiT's biased attention as FlexAttention (``engine.attention``).
+    ``compile_mode`` is torch.compile's mode (``engine.compile_mode``), and ``attention="flex"`` runs a timm
+    BEiT's biased attention as FlexAttention (``engine.attention``); both need ``compile=True``.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class Smoothed:
         device: str = "auto",
         precision: str = EngineCfg.precision,
         compile: bool = False,
+        compile_mode: str = EngineCfg.compile_mode,
         attention: str = EngineCfg.attention,
         noise_block: int = EngineCfg.noise_block,
         chunk: int = SmoothingCfg.chunk,
@@ -129,6 +131,7 @@ class Smoothed:
             noise_block=noise_block,
             precision=precision,
             compile=bool(compile),
+            compile_mode=compile_mode,
             attention=attention,
             noise=noise,
             levels=levels,

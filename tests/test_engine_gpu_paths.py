@@ -108,6 +108,48 @@ def test_a_compiled_model_counts_like_the_eager_one_and_padding_is_never_counted
     assert _flip_bound(eager, compiled) <= 0.002  # reordered float arithmetic may flip a rare label
 
 
+def test_a_max_autotune_compiled_model_counts_like_the_eager_one(digits):
+    units = _units(digits, n=150)  # padded as in the default mode
+    eager = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512)).run(units, digits)
+    cfg = EngineConfig(batch_size=512, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    tuned = Replica(_embedded("toy_onestep"), [0.5], 0, cfg).run(units, digits)
+    assert all(tuned[u.key].sum() == 150 for u in units)
+    assert _flip_bound(eager, tuned) <= 0.002
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"])
+def test_the_compile_mode_reaches_torch_compile_with_the_cpus_freezing_kept(monkeypatch, mode):
+    """torch.compile takes a mode or options, not both: the engine passes the mode's options, plus
+    freezing on a CPU (what makes compiling pay there)."""
+    seen = {}
+
+    def recording(model, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording)
+    Replica(_embedded("linear"), [0.5], 0, EngineConfig(compile=True, compile_mode=mode))
+    options = seen["options"]
+    assert options.pop("freezing") is True and seen["dynamic"] is False
+    assert options.get("max_autotune", False) is mode.startswith("max-autotune")
+    assert options.get("triton.cudagraphs", False) is (mode in ("max-autotune", "reduce-overhead"))
+
+
+def test_an_unknown_compile_mode_or_one_without_compile_is_refused(tmp_path):
+    from raysmooth.config import ConfigError
+    from raysmooth.errors import InputError
+
+    with pytest.raises(InputError, match="engine.compile_mode must be one of default, max-autotune"):
+        EngineConfig(compile=True, compile_mode="fastest")
+    with pytest.raises(InputError, match="engine.compile_mode=max-autotune needs engine.compile=true"):
+        EngineConfig(compile_mode="max-autotune")
+    with pytest.raises(ConfigError, match="engine.compile_mode=reduce-overhead needs engine.compile=true"):
+        compose("certify", ["engine.compile_mode=reduce-overhead", f"out={tmp_path}"])
+    assert compose("certify", ["engine=gpu_compiled", "engine.compile_mode=max-autotune"]).engine.compile_mode == (
+        "max-autotune"
+    )
+
+
 def _one_graph(base) -> None:
     """Trace ``base`` as the engine's compile does, refusing graph breaks (dynamo raises on one)."""
     z, sigma = torch.rand(4, *base.input_shape), torch.full((4,), 0.5)
@@ -201,7 +243,8 @@ def test_the_papers_imagenet_presets_compile_while_engine_gpu_stays_eager(tmp_pa
 def test_a_model_torch_compile_cannot_build_runs_eager_with_a_warning(digits, caplog):
     units = _units(digits, n=150)
     eager = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512)).run(units, digits)
-    replica = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512, compile=True))
+    cfg = EngineConfig(batch_size=512, compile=True, compile_mode="max-autotune")
+    replica = Replica(_embedded("toy_onestep"), [0.5], 0, cfg)
 
     def unbuildable(*args):
         raise RuntimeError("backend='inductor' raised: the GPU is too old for Triton")
@@ -211,7 +254,7 @@ def test_a_model_torch_compile_cannot_build_runs_eager_with_a_warning(digits, ca
         counts = replica.run(units, digits)
     assert all(np.array_equal(counts[u.key], eager[u.key]) for u in units)  # the eager model's counts exactly
     assert "torch.compile failed" in caplog.text and "too old for Triton" in caplog.text
-    assert replica.config.compile is False
+    assert replica.config.compile is False and replica.config.compile_mode == "default"
 
 
 def test_a_compiled_model_that_fails_after_working_is_an_error_not_a_silent_switch(digits):

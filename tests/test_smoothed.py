@@ -206,6 +206,8 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": float("nan")}, ConfigError, "sigma"),
         ({"sigma": -1.0}, ConfigError, "sigma"),
         ({"sigma": [0.5, 0.5]}, ConfigError, "twice"),
+        ({"sigma": 0.5, "compile_mode": "max-autotune"}, InputError, "compile_mode=max-autotune needs engine.compile"),
+        ({"sigma": 0.5, "compile": True, "compile_mode": "fast"}, InputError, "compile_mode must be one of"),
     ],
 )
 def test_bad_parameters_are_refused_at_construction(kwargs, error, match):
