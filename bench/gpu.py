@@ -2,7 +2,7 @@
 
     bash bench/gpu.sh            # under 8 minutes on an H100; writes bench/results/gpu.json
     python bench/gpu_runs.py add OUT/gpu.json   # keep a run from a device machine as the next run
-    bash bench/gpu.sh --sections all --budget-s 1600   # every section, about 22 minutes
+    bash bench/gpu.sh --sections all --budget-s 2000   # every section, about 30 minutes
     python bench/gpu.py --smoke  # the same code path on the CPU with toy sizes (a test of the script)
 
 Pairs: CIFAR-10 (ADM 32×32 + ViT-B/16 at 224) and ImageNet (ADM-256 run at 224×224 + BEiT-L/16 at 512),
@@ -14,7 +14,8 @@ the engine, and the host syncs inside a run; per pair, fp32 / bf16-mixed / bf16 
 activation memory per sample against the meta-device memory model, and the batch
 engine.batch_size=auto picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by
 kind, eager and compiled); BEiT's biased attention under each SDPA backend and as FlexAttention, and
-the compiled pair with engine.attention=flex against SDPA; inductor freezing. Rates are samples/s with
+the compiled pair with engine.attention=flex against SDPA, and with engine.compile_mode=max-autotune-
+no-cudagraphs against the default mode; inductor freezing. Rates are samples/s with
 FLOPs per sample counted by torch.utils.flop_counter (attention included) and their share of the bf16
 peak. Timings are medians
 of interleaved repeats; every step is written to the JSON as soon as it is measured, so a run cut
@@ -678,42 +679,59 @@ def freezing_section(bench: Bench, name: str) -> None:
     )
 
 
-def attention_kernel_section(bench: Bench, name: str = "imagenet") -> None:
-    """The compiled pair as the papers' presets run it (bf16, channels_last) with BEiT's attention as
-    timm's SDPA call and as FlexAttention (engine.attention=flex: the bias computed inside the kernel),
-    timed interleaved; with the labels the two disagree on over the same noise."""
-    args, dev = bench.args, bench.device
+def preset_replica(bench: Bench, name: str, **engine) -> Replica:
+    """A replica of the pair compiled as the papers' presets run it (bf16, channels_last), with
+    ``engine`` (EngineConfig fields) on top; each gets its own model, so each compiles on its own."""
+    cfg = EngineConfig(batch_size=batch_for(bench, name), precision="bf16", channels_last=True, compile=True, **engine)
+    return Replica(build(name, bench.device, bench.args.smoke), [SIGMA], 0, cfg, device=bench.device)
+
+
+def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra) -> None:
+    """Compiled variants of a pair, each compiled first, then timed interleaved. Every variant after
+    the first also gets its speed-up over the first (median and spread of per-repeat ratios; > 1:
+    faster) and the labels it gives differently on the same noise."""
     batch = batch_for(bench, name)
-    flops = pair_flops(name, args.smoke)
-    replicas = {}
-    for kernel in ("sdpa", "flex"):
-        cfg = EngineConfig(batch_size=batch, precision="bf16", channels_last=True, compile=True, attention=kernel)
-        replicas[kernel] = Replica(build(name, dev, args.smoke), [SIGMA], 0, cfg, device=dev)
-    layers = sum(type(m).__name__ == "FlexBeitAttention" for m in replicas["flex"].base.modules())
-    units, imgs = work(replicas["sdpa"].base.input_shape, 2, batch, batch, dev)
+    flops = pair_flops(name, bench.args.smoke)
+    units, imgs = work(next(iter(replicas.values())).base.input_shape, 2, batch, batch, bench.device)
     samples = sum(u.n_samples for u in units)
     compile_s = {k: compile_seconds(bench, r, units, imgs) for k, r in replicas.items()}
-    if replicas["flex"].config.attention != "flex":  # its compile failed: the replica went back to eager SDPA
-        bench.row(pair=name, test="attention sdpa vs flex", flex_failed="torch.compile failed; see the log")
+    failed = [k for k, r in replicas.items() if not r.config.compile]  # went back to eager
+    if failed:
+        bench.row(pair=name, test=test, failed=f"torch.compile failed for {', '.join(failed)}; see the log")
         return
     counts = {k: r.run(units, imgs) for k, r in replicas.items()}
-    differing = sum(int(np.abs(counts["flex"][u.key] - counts["sdpa"][u.key]).sum()) // 2 for u in units)
     times = interleaved(bench, {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}, repeats=3)
-    ratios = [a / b for a, b in zip(times["sdpa"], times["flex"], strict=True)]  # > 1: flex is faster
+    first = next(iter(replicas))
     res = {k: rates(bench, samples, secs, flops) | {"compile_seconds": compile_s[k]} for k, secs in times.items()}
-    bench.row(
-        pair=name,
-        test="bf16 compiled, channels_last: BEiT attention as SDPA and as FlexAttention (interleaved)",
-        batch=batch,
-        flex_layers=layers,
-        flex_speedup={
+    for k in list(replicas)[1:]:
+        ratios = [a / b for a, b in zip(times[first], times[k], strict=True)]
+        res[k]["speedup"] = {
             "median": round(statistics.median(ratios), 3),
             "spread": [round(min(ratios), 3), round(max(ratios), 3)],
-        },
-        labels_differing=differing,
-        of_samples=samples,
-        **res,
-    )
+        }
+        res[k]["labels_differing"] = sum(int(np.abs(counts[k][u.key] - counts[first][u.key]).sum()) // 2 for u in units)
+    bench.row(pair=name, test=test, batch=batch, of_samples=samples, **extra, **res)
+
+
+def attention_kernel_section(bench: Bench, name: str = "imagenet") -> None:
+    """The compiled pair with BEiT's attention as timm's SDPA call and as FlexAttention
+    (engine.attention=flex: the bias computed inside the kernel)."""
+    replicas = {kernel: preset_replica(bench, name, attention=kernel) for kernel in ("sdpa", "flex")}
+    layers = sum(type(m).__name__ == "FlexBeitAttention" for m in replicas["flex"].base.modules())
+    test = "bf16 compiled, channels_last: BEiT attention as SDPA and as FlexAttention (interleaved)"
+    compare_compiled(bench, name, test, replicas, flex_layers=layers)
+
+
+def compile_mode_section(bench: Bench, name: str = "imagenet") -> None:
+    """The compiled pair in torch.compile's default mode and in max-autotune without CUDA graphs
+    (engine.compile_mode): inductor benchmarks Triton templates against the library kernels for every
+    matmul and convolution at compile time and keeps the fastest. CUDA graphs would only save launch
+    time, which is nothing beside a 0.6 s batch."""
+    replicas = {
+        mode: preset_replica(bench, name, compile_mode=mode) for mode in ("default", "max-autotune-no-cudagraphs")
+    }
+    test = "bf16 compiled, channels_last: torch.compile's default mode and max-autotune (interleaved)"
+    compare_compiled(bench, name, test, replicas)
 
 
 def cifar_extras(bench: Bench) -> None:
@@ -809,7 +827,7 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         default="ceiling,imagenet-layout,cifar10-layout,cifar10-extras,imagenet",
-        help="comma-separated, run in this order (or all: about 22 minutes on an H100)",
+        help="comma-separated, run in this order (or all: about 30 minutes on an H100)",
     )
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
@@ -847,6 +865,11 @@ def main() -> None:
             "imagenet: compiled, attention as SDPA and as FlexAttention",
             250,  # two compiles of the pair (73-92 s each, run 4) and the timed rounds; not yet run on a GPU
             lambda: attention_kernel_section(bench, "imagenet"),
+        ),
+        "imagenet-autotune": (
+            "imagenet: compiled in the default mode and in max-autotune",
+            420,  # not yet run on a GPU: autotuning adds an unknown share to the 73-92 s compile
+            lambda: compile_mode_section(bench, "imagenet"),
         ),
         "imagenet-compiled": (
             "imagenet: bf16 compiled",

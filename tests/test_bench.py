@@ -36,17 +36,23 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
     assert rates and all(row["samples_per_s"] > 0 and "share_of_measured_matmul" in row for row in rates)
 
 
-def test_the_gpu_benchmark_compares_flex_attention_compiled_on_the_cpu(tmp_path):
+def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
+    """FlexAttention against SDPA, and max-autotune against the default mode: each compiled, timed
+    interleaved, with its speed-up over the first and the labels it gives differently."""
     out = tmp_path / "gpu.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--sections", "imagenet-flex", "--out", str(out)]
+    sections = "imagenet-flex,imagenet-autotune"
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--sections", sections, "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["errors"] == [], result["errors"]
-    row = next(row for row in result["rows"] if "FlexAttention" in row.get("test", ""))
-    assert row["flex_layers"] == 2  # the smoke pair's two BEiT blocks
-    assert row["labels_differing"] <= max(1, row["of_samples"] // 100)  # bf16 reordering flips a rare label
-    assert row["sdpa"]["samples_per_s"] > 0 and row["flex"]["samples_per_s"] > 0 and row["flex_speedup"]["median"] > 0
+    flex = next(row for row in result["rows"] if "FlexAttention" in row.get("test", ""))
+    tuned = next(row for row in result["rows"] if "max-autotune" in row.get("test", ""))
+    assert flex["flex_layers"] == 2  # the smoke pair's two BEiT blocks
+    for row, first, other in ((flex, "sdpa", "flex"), (tuned, "default", "max-autotune-no-cudagraphs")):
+        assert row[first]["samples_per_s"] > 0 and row[other]["samples_per_s"] > 0 and row[other]["compile_seconds"] > 0
+        assert row[other]["speedup"]["median"] > 0 and "speedup" not in row[first]
+        assert row[other]["labels_differing"] <= max(1, row["of_samples"] // 100)  # bf16 reordering: a rare flip
 
 
 def test_an_unknown_benchmark_section_is_one_line():
@@ -55,5 +61,5 @@ def test_an_unknown_benchmark_section_is_one_line():
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-freezing, imagenet-attention, imagenet-flex, "
-        "imagenet-compiled or all"
+        "imagenet-autotune, imagenet-compiled or all"
     ]
