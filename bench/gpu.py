@@ -694,7 +694,10 @@ def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra
     flops = pair_flops(name, bench.args.smoke)
     units, imgs = work(next(iter(replicas.values())).base.input_shape, 2, batch, batch, bench.device)
     samples = sum(u.n_samples for u in units)
-    compile_s = {k: compile_seconds(bench, r, units, imgs) for k, r in replicas.items()}
+    compile_s = {}
+    for k, r in replicas.items():  # printed as they finish: a run killed in a long compile still says it
+        compile_s[k] = compile_seconds(bench, r, units, imgs)
+        print(f"   {name} {k}: compiled in {compile_s[k]} s", flush=True)
     failed = [k for k, r in replicas.items() if not r.config.compile]  # went back to eager
     if failed:
         bench.row(pair=name, test=test, failed=f"torch.compile failed for {', '.join(failed)}; see the log")
