@@ -188,10 +188,10 @@ def timed_call(bench: Bench, fn):
     return run
 
 
-def interleaved(bench: Bench, cases: dict, repeats: int) -> dict:
-    """{name: [seconds…]} measured round-robin (after one warm-up each)."""
+def interleaved(bench: Bench, cases: dict, repeats: int, warm_up: bool = True) -> dict:
+    """{name: [seconds…]} measured round-robin (after one warm-up each, unless the caller has run them)."""
     times = {k: [] for k in cases}
-    for fn in cases.values():
+    for fn in cases.values() if warm_up else ():
         fn()
     for _ in range(repeats):
         for k, fn in cases.items():
@@ -702,8 +702,9 @@ def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra
     if failed:
         bench.row(pair=name, test=test, failed=f"torch.compile failed for {', '.join(failed)}; see the log")
         return
-    counts = {k: r.run(units, imgs) for k, r in replicas.items()}
-    times = interleaved(bench, {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}, repeats=3)
+    counts = {k: r.run(units, imgs) for k, r in replicas.items()}  # also the timed rounds' warm-up
+    cases = {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}
+    times = interleaved(bench, cases, repeats=3, warm_up=False)
     first = next(iter(replicas))
     res = {k: rates(bench, samples, secs, flops) | {"compile_seconds": compile_s[k]} for k, secs in times.items()}
     for k in list(replicas)[1:]:

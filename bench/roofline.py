@@ -167,15 +167,20 @@ def op_seconds(op: Op, model: str, flop_rate: float, bandwidth: float) -> float:
     return moved / bandwidth if model == "eager" else 0.0
 
 
+def seconds_by(ops: list[Op], model: str, flop_rate: float, bandwidth: float, key, batch: int) -> dict[str, float]:
+    """Seconds per sample at the ``model`` bound, summed over the operators grouped by ``key(op)``."""
+    by: dict[str, float] = {}
+    for op in ops:
+        by[key(op)] = by.get(key(op), 0.0) + op_seconds(op, model, flop_rate, bandwidth) / batch
+    return by
+
+
 def bounds(ops: list[Op], batch: int, flop_rate: float, bandwidth: float, peak: float) -> dict:
     """Samples/s and share of the peak at each bound, with where the time goes (part and kind)."""
     flops = sum(op.flops for op in ops) / batch
     out: dict = {"gflops_per_sample": round(flops / 1e9, 2)}
     for model in ("eager", "fused", "compute"):
-        by: dict[str, float] = {}
-        for op in ops:
-            key = f"{op.part}: {op.kind}"
-            by[key] = by.get(key, 0.0) + op_seconds(op, model, flop_rate, bandwidth) / batch
+        by = seconds_by(ops, model, flop_rate, bandwidth, lambda op: f"{op.part}: {op.kind}", batch)
         secs = sum(by.values())
         out[model] = {
             "ms_per_sample": round(secs * 1e3, 3),
@@ -243,6 +248,11 @@ def measured_rates(runs: list[dict]) -> dict:
 COMPUTE_KINDS = ("convolution", "matmul", "attention")
 
 
+def pooled(kind: str) -> str:
+    """A compute kind stays itself; everything else is pooled."""
+    return kind if kind in COMPUTE_KINDS else "everything else"
+
+
 def kernels_against_bound(
     ops: list[Op], traced_batch: int, name: str, runs: list[dict], flop_rate: float, bandwidth: float
 ) -> list[dict]:
@@ -250,12 +260,10 @@ def kernels_against_bound(
     one batch), per sample against the bound of the same kind: the eager bound for an eager profile,
     the fused bound for a compiled one. Everything that is not a convolution, matmul or attention is
     pooled. Profiles written before they carried their batch take the batch of their run's other rows."""
-    bounds_ms: dict[str, dict[str, float]] = {}  # bound model -> kind -> ms per sample
-    for model in ("eager", "fused"):
-        by = bounds_ms[model] = {}
-        for op in ops:
-            key = op.kind if op.kind in COMPUTE_KINDS else "everything else"
-            by[key] = by.get(key, 0.0) + op_seconds(op, model, flop_rate, bandwidth) * 1e3 / traced_batch
+    bound_s = {  # bound model -> pooled kind -> seconds per sample
+        model: seconds_by(ops, model, flop_rate, bandwidth, lambda op: pooled(op.kind), traced_batch)
+        for model in ("eager", "fused")
+    }
     out = []
     for run in runs:
         rows = run.get("rows", [])
@@ -267,11 +275,10 @@ def kernels_against_bound(
             model = "fused" if "compiled" in row["test"] else "eager"
             measured: dict[str, float] = {}
             for kind, share in row["share_by_kind"].items():
-                key = kind if kind in COMPUTE_KINDS else "everything else"
-                measured[key] = measured.get(key, 0.0) + share * row["total_ms"] / batch
+                measured[pooled(kind)] = measured.get(pooled(kind), 0.0) + share * row["total_ms"] / batch
             kinds = {}
             for key in (*COMPUTE_KINDS, "everything else"):
-                m, b = measured.get(key, 0.0), bounds_ms[model].get(key, 0.0)
+                m, b = measured.get(key, 0.0), bound_s[model].get(key, 0.0) * 1e3
                 kinds[key] = {
                     "measured_ms_per_sample": round(m, 3),
                     "bound_ms_per_sample": round(b, 3),

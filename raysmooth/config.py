@@ -37,6 +37,7 @@ __all__ = [
     "typed",
     "validate_certify",
     "validate_sweep",
+    "compile_settings_problem",
     "resolve_path",
     "resolve_model_paths",
     "load_model_option",
@@ -50,12 +51,10 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 # engine.attention: timm's SDPA call, or FlexAttention (raysmooth.models.attention)
 ATTENTION_KERNELS = ("sdpa", "flex")
-FLEX_NEEDS_COMPILE = "needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
 # engine.compile_mode: torch.compile's modes (torch._inductor.list_mode_options). max-autotune benchmarks
 # Triton templates for every matmul and convolution at compile time; the cudagraphs modes replay each
 # static-shape batch as one CUDA graph (docs/performance.md).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
-MODE_NEEDS_COMPILE = "needs engine.compile=true (it says how to compile)"
 DEFAULT_BATCH_SIZE = 1000  # samples per forward pass when neither the engine nor the model config says
 GIVE_UP_AFTER_S = 600.0  # a run stops (resumably) when no actor has finished a task for this long
 PATH_KEYS = ("path", "weights", "checkpoint")  # keys of a model section that name files or folders
@@ -297,6 +296,20 @@ def _check(key: str, ok: bool, message: str) -> None:
         raise ConfigError(f"{key} {message}")
 
 
+def compile_settings_problem(compile: bool, compile_mode: str, attention: str) -> str | None:
+    """What is wrong with the engine's compile settings, as one line naming the key (None: nothing).
+    The config check and the engine both ask here, so a job and ``Smoothed`` refuse the same things."""
+    if attention not in ATTENTION_KERNELS:
+        return f"engine.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {attention!r}"
+    if compile_mode not in COMPILE_MODES:
+        return f"engine.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}"
+    if attention == "flex" and not compile:
+        return "engine.attention=flex needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
+    if compile_mode != "default" and not compile:
+        return f"engine.compile_mode={compile_mode} needs engine.compile=true (it says how to compile)"
+    return None
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -354,18 +367,9 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be fp32, bf16, fp16 or bf16-mixed, got {en.precision!r}",
     )
     _check("engine.noise", en.noise in ("gaussian", "lattice"), f"must be gaussian or lattice, got {en.noise!r}")
-    _check(
-        "engine.attention",
-        en.attention in ATTENTION_KERNELS,
-        f"must be {' or '.join(ATTENTION_KERNELS)}, got {en.attention!r}",
-    )
-    _check("engine.attention=flex", en.attention != "flex" or en.compile, FLEX_NEEDS_COMPILE)
-    _check(
-        "engine.compile_mode",
-        en.compile_mode in COMPILE_MODES,
-        f"must be one of {', '.join(COMPILE_MODES)}, got {en.compile_mode!r}",
-    )
-    _check(f"engine.compile_mode={en.compile_mode}", en.compile_mode == "default" or en.compile, MODE_NEEDS_COMPILE)
+    problem = compile_settings_problem(en.compile, en.compile_mode, en.attention)
+    if problem:
+        raise ConfigError(problem)
     _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")
     _check(
         "engine.device",

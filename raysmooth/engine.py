@@ -19,14 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import (
-    ATTENTION_KERNELS,
-    COMPILE_MODES,
-    DEFAULT_BATCH_SIZE,
-    FLEX_NEEDS_COMPILE,
-    MODE_NEEDS_COMPILE,
-    EngineCfg,
-)
+from .config import DEFAULT_BATCH_SIZE, EngineCfg, compile_settings_problem
 from .errors import InputError
 from .models.attention import set_attention
 from .models.base import BaseClassifier
@@ -65,16 +58,9 @@ class EngineConfig:
             raise InputError(f"engine.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.noise not in ("gaussian", "lattice"):
             raise InputError(f"engine.noise must be gaussian or lattice, got {self.noise!r}")
-        if self.attention not in ATTENTION_KERNELS:
-            raise InputError(f"engine.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
-        if self.attention == "flex" and not self.compile:
-            raise InputError(f"engine.attention=flex {FLEX_NEEDS_COMPILE}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise InputError(
-                f"engine.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
-            )
-        if self.compile_mode != "default" and not self.compile:
-            raise InputError(f"engine.compile_mode={self.compile_mode} {MODE_NEEDS_COMPILE}")
+        problem = compile_settings_problem(self.compile, self.compile_mode, self.attention)
+        if problem:
+            raise InputError(problem)
 
 
 def validate_sampling(sigmas: Sequence[float], n0: int, n: int) -> None:

@@ -8,13 +8,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
+def _smoke(tmp_path: Path, sections: str, timeout: int) -> dict:
+    """bench/gpu.py --smoke on ``sections``: the JSON it wrote (the script must have exited cleanly)."""
     out = tmp_path / "gpu.json"
-    sections = "ceiling,cifar10-extras,imagenet-profile,imagenet-attention,imagenet"
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--sections", sections, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
+    result = _smoke(tmp_path, "ceiling,cifar10-extras,imagenet-profile,imagenet-attention,imagenet", timeout=300)
     assert result["errors"] == [] and result["skipped"] == []
     tests = [row.get("test", "") for row in result["rows"]]
     for expected in (
@@ -39,12 +43,7 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
 def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     """FlexAttention against SDPA, and max-autotune against the default mode: each compiled, timed
     interleaved, with its speed-up over the first and the labels it gives differently."""
-    out = tmp_path / "gpu.json"
-    sections = "imagenet-flex,imagenet-autotune"
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--sections", sections, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = _smoke(tmp_path, "imagenet-flex,imagenet-autotune", timeout=400)
     assert result["errors"] == [], result["errors"]
     flex = next(row for row in result["rows"] if "FlexAttention" in row.get("test", ""))
     tuned = next(row for row in result["rows"] if "max-autotune" in row.get("test", ""))
