@@ -54,6 +54,30 @@ from raysmooth.models.memory import estimate_memory  # noqa: E402
 from raysmooth.units import WorkUnit  # noqa: E402
 
 SIGMA = 0.5
+# What the compiled rows take from the papers' preset: the settings that change speed, not counts.
+PRESET_FIELDS = ("precision", "channels_last", "compile", "compile_mode", "attention")
+
+
+def _engine_yaml(name: str, folder: Path) -> dict:
+    """``folder/<name>.yaml`` with its defaults list followed (``_self_`` last unless placed)."""
+    import yaml  # timm's own dependency: the device image has it, though not hydra
+
+    own = yaml.safe_load((folder / f"{name}.yaml").read_text()) or {}
+    defaults = own.pop("defaults", None) or []
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
+    merged: dict = {}
+    for entry in defaults:
+        merged |= own if entry == "_self_" else _engine_yaml(entry, folder)
+    return merged
+
+
+def preset_engine(name: str = "gpu_compiled", folder: Path = ROOT / "configs" / "engine") -> dict:
+    """The speed settings ``engine=<name>`` runs with, read from its yaml (EngineConfig's defaults for
+    what it leaves out), so a compiled row times what the presets run even after a GPU run has changed
+    them (attention, compile_mode)."""
+    cfg = _engine_yaml(name, folder)
+    return {k: cfg.get(k, getattr(EngineConfig, k)) for k in PRESET_FIELDS}
 
 
 class Bench:
@@ -63,6 +87,7 @@ class Bench:
         self.started = time.monotonic()
         self.best_cudnn_benchmark = False  # set by the ImageNet profile section
         self.ceiling: float | None = None  # TFLOP/s of a large bf16 matrix product, when measured
+        self.preset = preset_engine()  # engine=gpu_compiled's speed settings: what the compiled rows run
         self.out = {
             "benchmark": "engine on the papers' architectures (random weights)",
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -72,6 +97,7 @@ class Bench:
             "device": torch.cuda.get_device_name() if self.device == "cuda" else "cpu (smoke test)",
             "peak_bf16_tflops": args.peak_tflops,
             "peak_source": args.peak_source,
+            "engine_gpu_compiled": self.preset,
             "rows": [],
             "skipped": [],
             "errors": [],
@@ -275,19 +301,15 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
     if compiled:
         # cuDNN autotuning as the profile section found best on this machine (off when it did not run).
         torch.backends.cudnn.benchmark = bench.best_cudnn_benchmark
-        r = Replica(
-            replicas["bf16"].base,
-            [SIGMA],
-            0,
-            EngineConfig(batch_size=batch, precision="bf16", channels_last=True, compile=True),
-            device=dev,
-        )
+        held = replicas.get(bench.preset.get("precision"))  # a model already in the preset's precision
+        r = preset_replica(bench, name, base=held.base if held else None)
         compile_s = compile_seconds(bench, r, units, imgs)
         secs = [timed(bench, r, units, imgs) for _ in range(2 if name == "imagenet" else 3)]
         bench.row(
             **info,
-            precision="bf16",
+            precision=r.config.precision,
             compiled=True,
+            preset=preset_settings(r),
             cudnn_benchmark=bench.best_cudnn_benchmark,
             compile_seconds=compile_s,
             **rates(bench, samples, secs, flops),
@@ -457,29 +479,24 @@ def kernels_by_kind(bench: Bench, forward) -> dict:
 
 
 def compiled_profile(bench: Bench, name: str) -> None:
-    """Where the compiled pair's time goes (engine=gpu_compiled: bf16, channels_last): kernels by kind
-    over one batch, inductor's fused kernels counted apart."""
-    args, dev = bench.args, bench.device
+    """Where the compiled pair's time goes (as engine=gpu_compiled runs it): kernels by kind over one
+    batch, inductor's fused kernels counted apart."""
+    dev = bench.device
     batch = batch_for(bench, name)
-    r = Replica(
-        build(name, dev, args.smoke),
-        [SIGMA],
-        0,
-        EngineConfig(batch_size=batch, precision="bf16", channels_last=True, compile=True),
-        device=dev,
-    )
+    r = preset_replica(bench, name)
     units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
     compile_s = compile_seconds(bench, r, units, imgs)
-    z = torch.rand((batch, *r.base.input_shape), device=dev).to(torch.bfloat16)
-    if dev == "cuda":
+    z = torch.rand((batch, *r.base.input_shape), device=dev).to(r.input_dtype)
+    if dev == "cuda" and r.config.channels_last:
         z = z.contiguous(memory_format=torch.channels_last)
     sig = torch.full((batch,), SIGMA, device=dev)
     with torch.inference_mode():
         r._forward(z, sig, None)  # the shape the engine compiled for
     bench.row(
         pair=name,
-        test="kernel time by kind, one compiled forward batch (bf16, channels_last)",
+        test="kernel time by kind, one compiled forward batch (as engine=gpu_compiled)",
         batch=batch,
+        preset=preset_settings(r),
         compile_seconds=compile_s,
         **kernels_by_kind(bench, lambda: r._forward(z, sig, None)),
     )
@@ -679,11 +696,17 @@ def freezing_section(bench: Bench, name: str) -> None:
     )
 
 
-def preset_replica(bench: Bench, name: str, **engine) -> Replica:
-    """A replica of the pair compiled as the papers' presets run it (bf16, channels_last), with
-    ``engine`` (EngineConfig fields) on top; each gets its own model, so each compiles on its own."""
-    cfg = EngineConfig(batch_size=batch_for(bench, name), precision="bf16", channels_last=True, compile=True, **engine)
-    return Replica(build(name, bench.device, bench.args.smoke), [SIGMA], 0, cfg, device=bench.device)
+def preset_replica(bench: Bench, name: str, base=None, **engine) -> Replica:
+    """A replica of the pair as ``engine=gpu_compiled`` runs it, with ``engine`` (EngineConfig fields)
+    on top. Without ``base`` it gets its own model, so each compiles on its own."""
+    cfg = EngineConfig(batch_size=batch_for(bench, name), **(bench.preset | engine))
+    base = base if base is not None else build(name, bench.device, bench.args.smoke)
+    return Replica(base, [SIGMA], 0, cfg, device=bench.device)
+
+
+def preset_settings(r: Replica) -> dict:
+    """The speed settings a replica really ran with (a failed compile leaves it eager and default)."""
+    return {k: getattr(r.config, k) for k in PRESET_FIELDS}
 
 
 def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra) -> None:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from raysmooth.config import compose
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,9 +44,12 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
 
 def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     """FlexAttention against SDPA, and max-autotune against the default mode: each compiled, timed
-    interleaved, with its speed-up over the first and the labels it gives differently."""
-    result = _smoke(tmp_path, "imagenet-flex,imagenet-autotune", timeout=400)
+    interleaved, with its speed-up over the first and the labels it gives differently; the preset's own
+    compiled row records the settings it ran (one smoke run: each compile costs seconds)."""
+    result = _smoke(tmp_path, "imagenet-flex,imagenet-autotune,imagenet-compiled", timeout=500)
     assert result["errors"] == [], result["errors"]
+    compiled = next(row for row in result["rows"] if row.get("compiled"))
+    assert compiled["preset"] == result["engine_gpu_compiled"] == _gpu_script().preset_engine()
     flex = next(row for row in result["rows"] if "FlexAttention" in row.get("test", ""))
     tuned = next(row for row in result["rows"] if "max-autotune" in row.get("test", ""))
     assert flex["flex_layers"] == 2  # the smoke pair's two BEiT blocks
@@ -52,6 +57,32 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
         assert row[first]["samples_per_s"] > 0 and row[other]["samples_per_s"] > 0 and row[other]["compile_seconds"] > 0
         assert row[other]["speedup"]["median"] > 0 and "speedup" not in row[first]
         assert row[other]["labels_differing"] <= max(1, row["of_samples"] // 100)  # bf16 reordering: a rare flip
+
+
+def _gpu_script():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu
+
+    return gpu
+
+
+def test_the_gpu_benchmark_reads_the_settings_hydra_composes_for_the_compiled_preset():
+    """bench/gpu.py reads engine=gpu_compiled from its yaml without hydra (the GPU image has none); it
+    must agree with what hydra composes, so its compiled rows time what the presets run."""
+    gpu = _gpu_script()
+    composed = compose("certify", ["engine=gpu_compiled"]).engine
+    assert gpu.preset_engine() == {k: getattr(composed, k) for k in gpu.PRESET_FIELDS}
+
+
+def test_a_preset_changed_after_a_gpu_run_is_what_the_benchmark_then_runs(tmp_path):
+    gpu = _gpu_script()
+    (tmp_path / "gpu.yaml").write_text("precision: bf16\ncompile: false\nattention: sdpa\n")
+    (tmp_path / "fast.yaml").write_text("defaults:\n  - gpu\n  - _self_\ncompile: true\nattention: flex\n")
+    (tmp_path / "parent_wins.yaml").write_text("defaults:\n  - _self_\n  - gpu\nattention: flex\n")
+    fast = gpu.preset_engine("fast", tmp_path)
+    assert fast["attention"] == "flex" and fast["compile"] is True and fast["precision"] == "bf16"
+    assert fast["compile_mode"] == "default"  # left out: EngineConfig's default
+    assert gpu.preset_engine("parent_wins", tmp_path)["attention"] == "sdpa"
 
 
 def test_an_unknown_benchmark_section_is_one_line():
