@@ -301,7 +301,7 @@ def pair_section(bench: Bench, name: str, eager: bool = True, compiled: bool = F
     if compiled:
         # cuDNN autotuning as the profile section found best on this machine (off when it did not run).
         torch.backends.cudnn.benchmark = bench.best_cudnn_benchmark
-        held = replicas.get(bench.preset.get("precision"))  # a model already in the preset's precision
+        held = replicas.get(bench.preset["precision"])  # a model already in the preset's precision
         r = preset_replica(bench, name, base=held.base if held else None)
         compile_s = compile_seconds(bench, r, units, imgs)
         secs = [timed(bench, r, units, imgs) for _ in range(2 if name == "imagenet" else 3)]

@@ -166,8 +166,9 @@ class Replica:
 
             tables = [lattice_table(s, int(self.config.levels)) for s in self.sigma_values]
             self._lattice = [(torch.from_numpy(t.thresholds).to(self.device), t.offset) for t in tables]
+        # Both ways: a model an earlier flex replica switched runs SDPA again in an sdpa replica.
+        switched = set_attention(self.base, self.config.attention)
         if self.config.attention == "flex":
-            switched = set_attention(self.base, "flex")
             if switched:
                 log.info("engine.attention=flex: %d attention layers run FlexAttention", switched)
             else:

@@ -93,6 +93,18 @@ def test_models_without_a_per_layer_bias_keep_sdpa(caplog):
     assert "blocks.1.attn" in caplog.text and "keeps SDPA" in caplog.text
 
 
+def test_a_subclass_of_timms_attention_keeps_its_own_forward():
+    from timm.models.beit import Attention
+
+    class Custom(Attention):
+        pass
+
+    model = tiny_beit()
+    model.blocks[0].attn.__class__ = Custom
+    assert set_attention(model, "flex") == 1 and type(model.blocks[0].attn) is Custom
+    assert set_attention(model, "sdpa") == 1 and type(model.blocks[0].attn) is Custom
+
+
 def test_an_unknown_attention_kernel_is_refused():
     with pytest.raises(ValueError, match="sdpa, flex"):
         set_attention(tiny_beit(), "xformers")
@@ -117,6 +129,14 @@ def test_a_flex_replica_counts_like_an_sdpa_one():
     assert (logits["flex"] - logits["sdpa"]).abs().max() < TOLERANCE[torch.float32]
     flips = sum(np.abs(counts["flex"][u.key] - counts["sdpa"][u.key]).sum() // 2 for u in units)
     assert flips <= 1  # 600 samples: reordered float arithmetic may flip a rare near-tie
+
+
+def test_a_model_a_flex_replica_switched_runs_sdpa_in_a_later_sdpa_replica():
+    base = _beit_base()
+    Replica(base, [0.25], 0, EngineConfig(batch_size=16, compile=True, attention="flex"))
+    assert _flex_modules(base) == 2
+    Replica(base, [0.25], 0, EngineConfig(batch_size=16))
+    assert _flex_modules(base) == 0  # eager FlexAttention would run unfused
 
 
 def test_flex_attention_without_compile_is_refused_in_the_engine_and_the_config(tmp_path):

@@ -86,7 +86,8 @@ def _index_matches(module: nn.Module) -> bool:
 
 def set_attention(model: nn.Module, kernel: str) -> int:
     """Run every timm BEiT attention with a per-layer relative-position bias in ``model`` with
-    ``kernel`` (sdpa: timm's own; flex: FlexAttention); returns how many modules run it now."""
+    ``kernel`` (sdpa: timm's own; flex: FlexAttention); returns how many modules run it now. Only timm's
+    own class and its twin switch: a subclass of it has a forward of its own, which stays."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
     if "timm.models.beit" not in sys.modules:
@@ -94,7 +95,7 @@ def set_attention(model: nn.Module, kernel: str) -> int:
     sdpa, flex = _classes()
     switched = 0
     for name, module in model.named_modules():
-        if not isinstance(module, sdpa) or module.relative_position_bias_table is None:
+        if type(module) not in (sdpa, flex) or module.relative_position_bias_table is None:
             continue
         if kernel == "flex" and not _index_matches(module):
             log.warning("engine.attention=flex: %s has a relative-position index of its own; it keeps SDPA", name)
