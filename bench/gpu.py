@@ -468,13 +468,19 @@ def kernels_by_kind(bench: Bench, forward) -> dict:
             continue
         kind = kernel_kind(ev.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + us
-        kernels.append((us, kind, ev.key[:120]))
+        kernels.append((us, max(ev.count, 1), kind, ev.key[:120]))
     total = sum(by_kind.values()) or 1.0
     kernels.sort(reverse=True)
+    # Calls and time per call: a kernel name can stand for many calls (inductor reuses a kernel for
+    # every layer of one shape), and only the time per call can be set against the bytes one call moves.
+    top = [
+        {"share": round(us / total, 3), "calls": n, "ms_per_call": round(us / n / 1e3, 3), "kind": kind, "name": name}
+        for us, n, kind, name in kernels[:20]
+    ]
     return {
         "total_ms": round(total / 1e3, 2),
         "share_by_kind": {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"share": round(us / total, 3), "kind": kind, "name": n} for us, kind, n in kernels[:15]],
+        "top_kernels": top,
     }
 
 
@@ -554,6 +560,25 @@ def attention_section(bench: Bench) -> None:
             aligned = aligned[..., :n].copy_(bias)  # a strided view with the same values
             for backend in ("default", "cudnn", "efficient"):
                 cases[f"{backend}, {n} tokens, bias in aligned rows"] = (_sdpa(backend, q, k, v, aligned), n, True)
+            # What the model really passes: timm makes the bias contiguous (rows of 1,025, not aligned)
+            # and takes q, k, v as strided slices of one packed projection, (B, N, 3, H, D) permuted.
+            # Eager and compiled (inductor adds its own copies for alignment): the compiled profile's
+            # attention kernel against these says whether the bias, the q/k/v strides or neither costs.
+            timm_bias = bias.contiguous()
+            packed = torch.cat([t.transpose(1, 2).reshape(batch, n, heads * dim) for t in (q, k, v)], dim=-1)
+            for backend in ("default", "cudnn", "efficient"):
+                cases[f"{backend}, {n} tokens, timm's bias"] = (_sdpa(backend, q, k, v, timm_bias), n, True)
+            cases[f"default, {n} tokens, timm's bias and q/k/v"] = (_timm_sdpa(packed, timm_bias, heads), n, True)
+            cases[f"compiled, {n} tokens, timm's bias and q/k/v"] = (
+                _timm_sdpa(packed, timm_bias, heads, compiled=True),
+                n,
+                True,
+            )
+            cases[f"compiled, {n} tokens, aligned bias, timm's q/k/v"] = (
+                _timm_sdpa(packed, aligned, heads, compiled=True),
+                n,
+                True,
+            )
             cases[f"flex (compiled), {n} tokens, bias"] = (_flex(q, k, v, bias), n, True)
             score_mod = relative_position_score_mod(table, window)  # engine.attention=flex: no N×N tensor read
             cases[f"flex (compiled), {n} tokens, bias from positions"] = (_flex(q, k, v, None, score_mod), n, True)
@@ -614,6 +639,23 @@ def _sdpa(backend: str, q, k, v, bias):
     def fn():
         with sdpa_backend(backend), torch.inference_mode():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    return fn
+
+
+def _timm_sdpa(packed, bias, heads: int, compiled: bool = False):
+    """SDPA on q, k, v sliced from one packed (B, N, 3·H·D) projection as timm's BEiT slices them."""
+
+    def attend(qkv, mask):
+        b, n, _ = qkv.shape
+        q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    call = torch.compile(attend, dynamic=False) if compiled else attend
+
+    def fn():
+        with torch.inference_mode():
+            return call(packed, bias)
 
     return fn
 
@@ -721,6 +763,8 @@ def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra
     for k, r in replicas.items():  # printed as they finish: a run killed in a long compile still says it
         compile_s[k] = compile_seconds(bench, r, units, imgs)
         print(f"   {name} {k}: compiled in {compile_s[k]} s", flush=True)
+        bench.out.setdefault("compiles", []).append({"pair": name, "test": test, "variant": k, "seconds": compile_s[k]})
+        bench.save()
     failed = [k for k, r in replicas.items() if not r.config.compile]  # went back to eager
     if failed:
         bench.row(pair=name, test=test, failed=f"torch.compile failed for {', '.join(failed)}; see the log")
@@ -758,6 +802,21 @@ def compile_mode_section(bench: Bench, name: str = "imagenet") -> None:
         mode: preset_replica(bench, name, compile_mode=mode) for mode in ("default", "max-autotune-no-cudagraphs")
     }
     test = "bf16 compiled, channels_last: torch.compile's default mode and max-autotune (interleaved)"
+    compare_compiled(bench, name, test, replicas)
+
+
+def coordinate_descent_section(bench: Bench, name: str = "imagenet") -> None:
+    """The compiled pair (as the presets run it) with inductor's coordinate-descent tuning alone: block
+    sizes tuned for its own Triton kernels (the fused norm, activation and layout passes, 36% of the
+    compiled time in run 5), the library matmuls and convolutions left as they are. max-autotune does
+    this too, but its template search over every matmul and convolution shape had not finished after
+    8 minutes of compiling (run 6). Not an engine setting yet: the replica's compiled forward is
+    replaced here, so the variant is measured before it is offered."""
+    replicas = {variant: preset_replica(bench, name) for variant in ("default", "coordinate descent")}
+    tuned = replicas["coordinate descent"]
+    if tuned.config.compile:
+        tuned._forward = torch.compile(tuned.base, dynamic=False, options={"coordinate_descent_tuning": True})
+    test = "bf16 compiled, channels_last: default against coordinate-descent tuning of inductor's kernels"
     compare_compiled(bench, name, test, replicas)
 
 
@@ -890,13 +949,18 @@ def main() -> None:
         "imagenet-attention": ("imagenet: attention by SDPA backend", 90, lambda: attention_section(bench)),
         "imagenet-flex": (
             "imagenet: compiled, attention as SDPA and as FlexAttention",
-            250,  # two compiles of the pair (73-92 s each, run 4) and the timed rounds; not yet run on a GPU
+            260,  # two compiles of the pair (92 and 83 s) and the timed rounds: 256 s in run 5
             lambda: attention_kernel_section(bench, "imagenet"),
         ),
         "imagenet-autotune": (
             "imagenet: compiled in the default mode and in max-autotune",
-            420,  # not yet run on a GPU: autotuning adds an unknown share to the 73-92 s compile
+            560,  # run 6: max-autotune's compile alone ran past 500 s without finishing
             lambda: compile_mode_section(bench, "imagenet"),
+        ),
+        "imagenet-coordesc": (
+            "imagenet: compiled in the default mode and with coordinate-descent tuning",
+            300,  # not yet run on a GPU: tuning adds an unknown share to the 73-92 s compile
+            lambda: coordinate_descent_section(bench, "imagenet"),
         ),
         "imagenet-compiled": (
             "imagenet: bf16 compiled",
@@ -915,6 +979,8 @@ def main() -> None:
             bench.save()
             continue
         print(f"== {title} ({bench.left():.0f} s left)", flush=True)
+        bench.out["in_progress"] = title  # a run killed at its limit still says where it stopped
+        bench.save()
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - keep what the other sections measure
@@ -923,6 +989,7 @@ def main() -> None:
             bench.save()
             if bench.device == "cuda":
                 torch.cuda.empty_cache()
+    bench.out.pop("in_progress", None)
     bench.save()
     print(f"written {args.out}")
 

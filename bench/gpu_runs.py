@@ -18,7 +18,19 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_KEYS = ("when", "elapsed_s", "device", "device_memory_gb", "torch", "sections", "rows", "skipped", "errors")
+RUN_KEYS = (
+    "when",
+    "elapsed_s",
+    "device",
+    "device_memory_gb",
+    "torch",
+    "sections",
+    "rows",
+    "compiles",
+    "skipped",
+    "errors",
+    "in_progress",
+)
 
 
 def runs_of(data: dict) -> list[dict]:

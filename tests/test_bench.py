@@ -38,6 +38,14 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
     for case in ("bias", "bias from positions"):  # FlexAttention with the bias is the same attention
         flex = attention[f"flex (compiled), 17 tokens, {case}"]
         assert 0 < flex["max_abs_error_vs_math"] < 0.05 and flex["ms"] > 0
+    for case in ("default, 17 tokens, timm's bias and q/k/v", "compiled, 17 tokens, aligned bias, timm's q/k/v"):
+        # q, k, v sliced from one packed projection as timm does: the same attention as the plain call
+        assert 0 < attention[case]["max_abs_error_vs_math"] < 0.05 and attention[case]["ms"] > 0
+    profile = next(row for row in result["rows"] if "by kind" in row.get("test", ""))
+    for kernel in profile["top_kernels"]:  # calls × time per call is the kernel's share of the batch
+        spent = kernel["calls"] * kernel["ms_per_call"]
+        assert kernel["calls"] >= 1
+        assert abs(spent - kernel["share"] * profile["total_ms"]) <= 5e-4 * (kernel["calls"] + profile["total_ms"])
     rates = [row for row in result["rows"] if row.get("precision") == "bf16" and not row.get("compiled")]
     assert rates and all(row["samples_per_s"] > 0 and "share_of_measured_matmul" in row for row in rates)
 
@@ -46,14 +54,26 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     """FlexAttention against SDPA, and max-autotune against the default mode: each compiled, timed
     interleaved, with its speed-up over the first and the labels it gives differently; the preset's own
     compiled row records the settings it ran (one smoke run: each compile costs seconds)."""
-    result = _smoke(tmp_path, "imagenet-flex,imagenet-autotune,imagenet-compiled", timeout=500)
+    result = _smoke(tmp_path, "imagenet-flex,imagenet-autotune,imagenet-coordesc,imagenet-compiled", timeout=600)
     assert result["errors"] == [], result["errors"]
+    assert "in_progress" not in result  # only a run killed inside a section says where it stopped
     compiled = next(row for row in result["rows"] if row.get("compiled"))
     assert compiled["preset"] == result["engine_gpu_compiled"] == _gpu_script().preset_engine()
     flex = next(row for row in result["rows"] if "FlexAttention" in row.get("test", ""))
     tuned = next(row for row in result["rows"] if "max-autotune" in row.get("test", ""))
+    descent = next(row for row in result["rows"] if "coordinate-descent" in row.get("test", ""))
     assert flex["flex_layers"] == 2  # the smoke pair's two BEiT blocks
-    for row, first, other in ((flex, "sdpa", "flex"), (tuned, "default", "max-autotune-no-cudagraphs")):
+    # Each compile is recorded as it finishes, so a run killed in a later, longer compile still has it.
+    assert [c["variant"] for c in result["compiles"]] == [
+        "sdpa",
+        "flex",
+        "default",
+        "max-autotune-no-cudagraphs",
+        "default",
+        "coordinate descent",
+    ]
+    variants = ((flex, "sdpa", "flex"), (tuned, "default", "max-autotune-no-cudagraphs"))
+    for row, first, other in (*variants, (descent, "default", "coordinate descent")):
         assert row[first]["samples_per_s"] > 0 and row[other]["samples_per_s"] > 0 and row[other]["compile_seconds"] > 0
         assert row[other]["speedup"]["median"] > 0 and "speedup" not in row[first]
         assert row[other]["labels_differing"] <= max(1, row["of_samples"] // 100)  # bf16 reordering: a rare flip
@@ -91,5 +111,5 @@ def test_an_unknown_benchmark_section_is_one_line():
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-freezing, imagenet-attention, imagenet-flex, "
-        "imagenet-autotune, imagenet-compiled or all"
+        "imagenet-autotune, imagenet-coordesc, imagenet-compiled or all"
     ]

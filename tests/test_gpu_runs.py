@@ -68,3 +68,13 @@ def test_adding_a_file_that_is_not_a_run_is_one_line(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1
     assert "not a single run" in done.stderr and not (tmp_path / "k.json").exists()
+
+
+def test_a_run_killed_inside_a_section_keeps_its_compiles_and_where_it_stopped():
+    killed = FRESH | {
+        "rows": [],
+        "compiles": [{"pair": "imagenet", "variant": "default", "seconds": 91.0}],
+        "in_progress": "imagenet: compiled in the default mode and in max-autotune",
+    }
+    new = gpu_runs.append_run(killed, {}, "abc1234")["runs"][-1]
+    assert new["compiles"] == killed["compiles"] and new["in_progress"] == killed["in_progress"]
