@@ -569,6 +569,7 @@ def attention_section(bench: Bench) -> None:
             for backend in ("default", "cudnn", "efficient"):
                 cases[f"{backend}, {n} tokens, timm's bias"] = (_sdpa(backend, q, k, v, timm_bias), n, True)
             cases[f"default, {n} tokens, timm's bias and q/k/v"] = (_timm_sdpa(packed, timm_bias, heads), n, True)
+            cases[f"compiled, {n} tokens, timm's bias"] = (_sdpa("default", q, k, v, timm_bias, compiled=True), n, True)
             cases[f"compiled, {n} tokens, timm's bias and q/k/v"] = (
                 _timm_sdpa(packed, timm_bias, heads, compiled=True),
                 n,
@@ -635,10 +636,14 @@ def classifier_by_backend(bench: Bench, batch: int, backends: list[str]) -> None
     bench.row(pair="imagenet", test="classifier alone by SDPA backend (bf16 eager)", batch=batch, **res)
 
 
-def _sdpa(backend: str, q, k, v, bias):
+def _sdpa(backend: str, q, k, v, bias, compiled: bool = False):
+    attend = (
+        torch.compile(F.scaled_dot_product_attention, dynamic=False) if compiled else F.scaled_dot_product_attention
+    )
+
     def fn():
         with sdpa_backend(backend), torch.inference_mode():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return attend(q, k, v, attn_mask=bias)
 
     return fn
 
