@@ -13,13 +13,15 @@ pair, bf16 in channels_last and contiguous layout, eager and compiled, interleav
 the engine, and the host syncs inside a run; per pair, fp32 / bf16-mixed / bf16 eager, the measured
 activation memory per sample against the meta-device memory model, and the batch
 engine.batch_size=auto picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by
-kind, eager and compiled); BEiT's biased attention under each SDPA backend and as FlexAttention, and
-the compiled pair with engine.attention=flex against SDPA, and with engine.compile_mode=max-autotune-
-no-cudagraphs against the default mode; inductor freezing. Rates are samples/s with
-FLOPs per sample counted by torch.utils.flop_counter (attention included) and their share of the bf16
-peak. Timings are medians
-of interleaved repeats; every step is written to the JSON as soon as it is measured, so a run cut
-short keeps what it measured. Sections that would overrun --budget-s are skipped and listed.
+kind with calls and time per call, eager and compiled); BEiT's biased attention under each SDPA
+backend, as timm passes it (eager and compiled) and as FlexAttention; the compiled pair with
+engine.attention=flex against SDPA, with BEiT's bias cached in aligned rows against timm's per-forward
+bias, with engine.compile_mode=max-autotune-no-cudagraphs and with inductor's coordinate-descent
+tuning against the default mode; inductor freezing. Rates are samples/s with FLOPs per sample counted
+by torch.utils.flop_counter (attention included) and their share of the bf16 peak. Timings are
+medians of interleaved repeats; every step is written to the JSON as soon as it is measured (and the
+section in progress before it starts), so a run cut short keeps what it measured and says where it
+stopped. Sections that would overrun --budget-s are skipped and listed.
 """
 
 from __future__ import annotations
