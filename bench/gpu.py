@@ -720,9 +720,9 @@ def layout_section(bench: Bench, name: str) -> None:
 
 
 def freezing_section(bench: Bench, name: str) -> None:
-    """Compiled with inductor's freezing (weights folded in as constants), contiguous layout. Dynamo
-    would reuse an earlier compile of the same module structure, so its caches are reset first; the
-    comparison is with the layout section's compiled rows of this call (not interleaved)."""
+    """Compiled with inductor's freezing (weights folded in as constants), contiguous layout (Dynamo's
+    cache is fresh for each section, so this compiles anew); the comparison is with the layout
+    section's compiled rows of this call (not interleaved)."""
     import torch._inductor.config as inductor
 
     args, dev = bench.args, bench.device
@@ -731,7 +731,6 @@ def freezing_section(bench: Bench, name: str) -> None:
     flops = pair_flops(name, args.smoke)
     units, imgs = work(base.input_shape, 2, batch, batch, dev)
     samples = sum(u.n_samples for u in units)
-    torch._dynamo.reset()
     saved, inductor.freezing = inductor.freezing, True
     try:
         r = Replica(base, [SIGMA], 0, EngineConfig(batch_size=batch, precision="bf16", compile=True), device=dev)
@@ -766,10 +765,6 @@ def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra
     flops = pair_flops(name, bench.args.smoke)
     units, imgs = work(next(iter(replicas.values())).base.input_shape, 2, batch, batch, bench.device)
     samples = sum(u.n_samples for u in units)
-    # Every pair shares one forward code object, and Dynamo keeps at most a few compiled versions of
-    # it: after several compiled sections a new variant would silently run eager. A fresh cache per
-    # comparison compiles each variant for real (inductor's on-disk cache still saves repeats).
-    torch._dynamo.reset()
     compile_s = {}
     for k, r in replicas.items():  # printed as they finish: a run killed in a long compile still says it
         compile_s[k] = compile_seconds(bench, r, units, imgs)
@@ -857,7 +852,7 @@ def coordinate_descent_section(bench: Bench, name: str = "imagenet") -> None:
     replicas = {variant: preset_replica(bench, name) for variant in ("default", "coordinate descent")}
     tuned = replicas["coordinate descent"]
     if tuned.config.compile:
-        tuned._forward = torch.compile(tuned.base, dynamic=False, options={"coordinate_descent_tuning": True})
+        tuned._forward = tuned._compiled(coordinate_descent_tuning=True)  # the engine's recipe, tuning on top
     test = "bf16 compiled, channels_last: default against coordinate-descent tuning of inductor's kernels"
     compare_compiled(bench, name, test, replicas)
 
@@ -1028,6 +1023,11 @@ def main() -> None:
         print(f"== {title} ({bench.left():.0f} s left)", flush=True)
         bench.out["in_progress"] = title  # a run killed at its limit still says where it stopped
         bench.save()
+        # Every pair shares one forward code object, and Dynamo keeps at most 8 compiled versions of it:
+        # after several compiled sections a new variant would silently run eager, or one of the same
+        # structure would reuse an earlier section's compile. A fresh cache per section compiles each
+        # of its replicas for real (inductor's on-disk cache still saves repeats).
+        torch._dynamo.reset()
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - keep what the other sections measure

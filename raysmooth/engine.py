@@ -179,16 +179,18 @@ class Replica:
             self.config.batch_size = self.probe_batch_size()
         self.batch_size = int(self.config.batch_size)
 
-    def _compiled(self):
+    def _compiled(self, **inductor_options):
         """The whole base classifier compiled at one static batch shape. On a CPU inductor also folds the
         weights in as constants (``freezing``), which lets it pre-pack them for oneDNN: that is what makes
         compiling pay on a CPU (README, Benchmarks); on an H100 freezing changed nothing (1.01x). The
-        mode's options are passed as options (torch.compile takes a mode or options, not both)."""
+        mode's options are passed as options (torch.compile takes a mode or options, not both);
+        ``inductor_options`` go on top (the GPU benchmark tries settings there before they are offered)."""
         from torch._inductor import list_mode_options
 
         options = dict(list_mode_options(self.config.compile_mode))
         if self.device.type == "cpu":
             options["freezing"] = True
+        options |= inductor_options
         return torch.compile(self.base, dynamic=False, options=options or None)
 
     @property
