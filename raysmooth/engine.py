@@ -30,6 +30,10 @@ __all__ = ["EngineConfig", "Replica", "validate_images", "validate_sampling", "D
 log = logging.getLogger("raysmooth")
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-mixed")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Compiled versions of the base classifiers' forward one process may hold (each model, batch shape and
+# precision compiled in it is one; Dynamo's own limit is 8, past which it runs the code eager with
+# nothing but a log line). Past this limit a replica says so and records that it runs eager.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -248,6 +252,19 @@ class Replica:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def _recompile_limit(self):
+        """Compiled runs only: room for ``RECOMPILE_LIMIT`` compiled versions of the forward, and an
+        error instead of Dynamo's silent eager fallback past it (``_compile_failed`` then switches this
+        replica to eager in the open, so its manifest does not claim a compile it lost)."""
+        if self._forward is self.base:
+            return contextlib.nullcontext()
+        import torch._dynamo.config as dynamo
+
+        return dynamo.patch(
+            recompile_limit=max(RECOMPILE_LIMIT, dynamo.recompile_limit),
+            fail_on_recompile_limit_hit=not dynamo.suppress_errors,  # Dynamo refuses the two together
+        )
+
     # ---- the work ---------------------------------------------------------------------------
     def _stage_images(self, units: Sequence[WorkUnit], images: Mapping[int, torch.Tensor | np.ndarray]):
         ids = sorted({u.image_id for u in units})
@@ -313,8 +330,20 @@ class Replica:
         from_compiler = type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
         if self._compile_worked and not from_compiler:
             return False
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        log.warning("engine.compile: torch.compile failed (%s: %s); this replica runs eager", type(exc).__name__, first)
+        import torch._dynamo
+
+        if isinstance(exc, torch._dynamo.exc.FailOnRecompileLimitHit):
+            log.warning(
+                "engine.compile: this process already holds %d compiled versions of the base classifier "
+                "(torch._dynamo's recompile_limit); this replica runs eager. Compile fewer models, batch "
+                "sizes or precisions per process, or call torch._dynamo.reset() between them",
+                max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit),
+            )
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            log.warning(
+                "engine.compile: torch.compile failed (%s: %s); this replica runs eager", type(exc).__name__, first
+            )
         self._forward = self.base
         self.config.compile = False
         self.config.compile_mode = "default"
@@ -351,7 +380,7 @@ class Replica:
         cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         block = self.config.noise_block
         start = 0
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), self._recompile_limit():
             for batch in self._pieces(units, batch_size):
                 off = 0
                 for piece in batch:

@@ -269,3 +269,48 @@ def test_a_compiled_model_that_fails_after_working_is_an_error_not_a_silent_swit
     with pytest.raises(RuntimeError, match="a model bug"):
         replica.run(units, digits)
     assert replica.config.compile is True
+
+
+def _compiled_linear_runs(classes: list[int], engine_limit: int, dynamo_limit: int, monkeypatch):
+    """Compiled replicas of linear models with ``classes`` outputs (so each is a new compiled version
+    of the one forward), run in turn under the given limits; Dynamo's cache is fresh before and after.
+    Returns what each replica records, whether its counts equal the eager model's, and how many graphs
+    Dynamo really compiled (its own fallback past the limit would leave the record saying compiled)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import raysmooth.engine as engine
+
+    rng = np.random.default_rng(0)
+    images = {i: rng.random((1, 4, 4), dtype=np.float32) for i in range(3)}
+    units = _units(images, n=100)
+    bases = [LinearBase(rng.standard_normal((k, 16)), np.zeros(k), (1, 4, 4)) for k in classes]
+    monkeypatch.setattr(engine, "RECOMPILE_LIMIT", engine_limit)
+    torch._dynamo.reset()
+    counters.clear()  # reset() leaves Dynamo's statistics
+    try:
+        with torch._dynamo.config.patch(recompile_limit=dynamo_limit):
+            replicas = [Replica(b, [0.5], 0, EngineConfig(batch_size=64, compile=True)) for b in bases]
+            counts = [r.run(units, images) for r in replicas]
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    eager = [Replica(b, [0.5], 0, EngineConfig(batch_size=64)).run(units, images) for b in bases]
+    same = [all(np.array_equal(c[u.key], e[u.key]) for u in units) for c, e in zip(counts, eager, strict=True)]
+    return [r.config.compile for r in replicas], same, graphs
+
+
+def test_a_process_compiles_more_models_than_dynamos_own_recompile_limit(monkeypatch):
+    """Dynamo keeps 8 compiled versions of one forward by default, and every base classifier shares
+    BaseClassifier.forward: the engine makes room for RECOMPILE_LIMIT (lowered here to stay quick)."""
+    compiled, same, graphs = _compiled_linear_runs([5, 6, 7], engine_limit=3, dynamo_limit=1, monkeypatch=monkeypatch)
+    assert graphs == 3 and compiled == [True, True, True] and all(same)
+
+
+def test_a_replica_past_the_recompile_limit_runs_eager_and_says_so(monkeypatch, caplog):
+    """Past the limit Dynamo itself would run the forward eager with only a log line, and the run's
+    manifest would still claim a compile: the replica switches to eager in the open instead."""
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        compiled, same, graphs = _compiled_linear_runs([5, 6], engine_limit=1, dynamo_limit=1, monkeypatch=monkeypatch)
+    assert graphs == 1 and compiled == [True, False] and all(same)
+    assert "already holds 1 compiled versions" in caplog.text and "runs eager" in caplog.text
