@@ -334,8 +334,8 @@ class Replica:
 
         if isinstance(exc, torch._dynamo.exc.FailOnRecompileLimitHit):
             log.warning(
-                "engine.compile: this process already holds %d compiled versions of the base classifier "
-                "(torch._dynamo's recompile_limit); this replica runs eager. Compile fewer models, batch "
+                "engine.compile: this process has reached its limit of %d compiled versions of the base "
+                "classifier (torch._dynamo's recompile_limit); this replica runs eager. Compile fewer models, batch "
                 "sizes or precisions per process, or call torch._dynamo.reset() between them",
                 max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit),
             )

@@ -313,4 +313,4 @@ def test_a_replica_past_the_recompile_limit_runs_eager_and_says_so(monkeypatch, 
     with caplog.at_level("WARNING", logger="raysmooth"):
         compiled, same, graphs = _compiled_linear_runs([5, 6], engine_limit=1, dynamo_limit=1, monkeypatch=monkeypatch)
     assert graphs == 1 and compiled == [True, False] and all(same)
-    assert "already holds 1 compiled versions" in caplog.text and "runs eager" in caplog.text
+    assert "reached its limit of 1 compiled versions" in caplog.text and "runs eager" in caplog.text
