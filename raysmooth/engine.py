@@ -255,7 +255,7 @@ class Replica:
     def _recompile_limit(self):
         """Compiled runs only: room for ``RECOMPILE_LIMIT`` compiled versions of the forward, and an
         error instead of Dynamo's silent eager fallback past it (``_compile_failed`` then switches this
-        replica to eager in the open, so its manifest does not claim a compile it lost)."""
+        replica to eager in the open, so its record, ``config.compile``, does not claim a compile it lost)."""
         if self._forward is self.base:
             return contextlib.nullcontext()
         import torch._dynamo.config as dynamo

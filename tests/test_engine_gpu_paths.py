@@ -308,8 +308,8 @@ def test_a_process_compiles_more_models_than_dynamos_own_recompile_limit(monkeyp
 
 
 def test_a_replica_past_the_recompile_limit_runs_eager_and_says_so(monkeypatch, caplog):
-    """Past the limit Dynamo itself would run the forward eager with only a log line, and the run's
-    manifest would still claim a compile: the replica switches to eager in the open instead."""
+    """Past the limit Dynamo itself would run the forward eager with only a log line, and the replica's
+    config would still claim a compile: the replica switches to eager in the open instead."""
     with caplog.at_level("WARNING", logger="raysmooth"):
         compiled, same, graphs = _compiled_linear_runs([5, 6], engine_limit=1, dynamo_limit=1, monkeypatch=monkeypatch)
     assert graphs == 1 and compiled == [True, False] and all(same)
