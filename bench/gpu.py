@@ -1023,10 +1023,10 @@ def main() -> None:
         print(f"== {title} ({bench.left():.0f} s left)", flush=True)
         bench.out["in_progress"] = title  # a run killed at its limit still says where it stopped
         bench.save()
-        # Every pair shares one forward code object, and Dynamo keeps at most 8 compiled versions of it:
-        # after several compiled sections a new variant would silently run eager, or one of the same
-        # structure would reuse an earlier section's compile. A fresh cache per section compiles each
-        # of its replicas for real (inductor's on-disk cache still saves repeats).
+        # Every pair shares one forward code object: without a fresh Dynamo cache a variant of the same
+        # structure would reuse an earlier section's compile (its compile time then says nothing), and
+        # the versions would pile up towards the engine's recompile limit. A fresh cache per section
+        # compiles each of its replicas for real (inductor's on-disk cache still saves repeats).
         torch._dynamo.reset()
         try:
             fn()

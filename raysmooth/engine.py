@@ -36,6 +36,13 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RECOMPILE_LIMIT = 64
 
 
+def _recompile_room() -> int:
+    """The recompile limit a compiled replica runs under: ours, or the user's if they set a larger one."""
+    import torch._dynamo.config as dynamo
+
+    return max(RECOMPILE_LIMIT, dynamo.recompile_limit)
+
+
 @dataclass
 class EngineConfig:
     """How a replica runs. ``noise_block``, ``noise`` and ``levels`` are part of the noise definition
@@ -261,7 +268,7 @@ class Replica:
         import torch._dynamo.config as dynamo
 
         return dynamo.patch(
-            recompile_limit=max(RECOMPILE_LIMIT, dynamo.recompile_limit),
+            recompile_limit=_recompile_room(),
             fail_on_recompile_limit_hit=not dynamo.suppress_errors,  # Dynamo refuses the two together
         )
 
@@ -337,7 +344,7 @@ class Replica:
                 "engine.compile: this process has reached its limit of %d compiled versions of the base "
                 "classifier (torch._dynamo's recompile_limit); this replica runs eager. Compile fewer models, batch "
                 "sizes or precisions per process, or call torch._dynamo.reset() between them",
-                max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit),
+                _recompile_room(),
             )
         else:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
