@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_BATCH_SIZE, EngineCfg, compile_settings_problem
-from .errors import InputError
+from .errors import ConfigError, InputError, one_line
 from .models.attention import set_attention
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
 
-__all__ = ["EngineConfig", "Replica", "validate_images", "validate_sampling", "DEFAULT_BATCH_SIZE"]
+__all__ = ["EngineConfig", "Replica", "resolve_device", "validate_images", "validate_sampling", "DEFAULT_BATCH_SIZE"]
 
 log = logging.getLogger("raysmooth")
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16-mixed")
@@ -72,6 +72,26 @@ class EngineConfig:
         problem = compile_settings_problem(self.compile, self.compile_mode, self.attention)
         if problem:
             raise InputError(problem)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto``: the GPU when one is visible, else the CPU. Any other device is tried once here, so a
+    GPU this process cannot see is one line naming the setting, not a RuntimeError from the first batch."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = None
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+            why = "this process sees no CUDA GPU (in a Ray job: ray.gpus_per_actor=1 gives each actor one)"
+        else:
+            why = one_line(exc, 200)
+        raise ConfigError(
+            f"device {str(device)!r} cannot be used: {why}; 'auto' takes the GPU if there is one"
+        ) from None
+    return dev
 
 
 def validate_sampling(sigmas: Sequence[float], n0: int, n: int) -> None:
@@ -135,6 +155,16 @@ class _Piece:
     length: int
 
 
+def _logits_problem(model_id: str, logits: object, width: int, classes: int) -> str:
+    """Checked on every batch from host metadata (no sync): a row wider than the declared classes would
+    vote into the next unit's counts, a tuple or dict has no argmax to count."""
+    got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else f"a {type(logits).__name__}"
+    return (
+        f"model {model_id} returned {got} for a batch of {width}; it was declared with {classes} classes, so "
+        f"logits of shape ({width}, {classes}) were expected (check num_classes, and return the logits tensor itself)"
+    )
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -152,7 +182,7 @@ class Replica:
     ):
         validate_sampling(list(sigmas), 1, 1)
         self.config = config or EngineConfig()
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if self.config.precision == "fp16" and self.device.type != "cuda":
             raise InputError("engine.precision=fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
         self.sigma_values = [float(s) for s in sigmas]
@@ -416,6 +446,8 @@ class Replica:
                     z = z.contiguous(memory_format=torch.channels_last)
                 aux = aux_buf[:width].to(self.input_dtype) if aux_buf is not None else None
                 logits = self._forward(z, sigma, aux)
+                if not isinstance(logits, torch.Tensor) or logits.shape != (width, c):
+                    raise InputError(_logits_problem(self.base.model_id, logits, width, c))
                 owner = sample_unit[start : start + width]
                 nonfinite.index_add_(0, owner, (~torch.isfinite(logits).all(dim=1)).to(torch.int64))
                 counts.index_add_(0, owner * c + logits.argmax(dim=1), ones[:width])

@@ -14,6 +14,8 @@ those image ids (tests/test_smoothed.py checks it).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch import nn
 
 from . import stats
 from .config import DEFAULT_BATCH_SIZE, DEFAULT_RADII, EngineCfg, SequentialCfg, SmoothingCfg
-from .engine import EngineConfig, Replica, validate_images
+from .engine import EngineConfig, Replica, resolve_device, validate_images
 from .errors import ConfigError, InputError
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
 from .units import WorkUnit, split_budget
@@ -136,7 +138,7 @@ class Smoothed:
             noise=noise,
             levels=levels,
         )
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = str(resolve_device(device))
         self._model, self._denoiser, self._num_classes = model, denoiser, num_classes
         self._adapter = {k: v for k, v in dict(mean=mean, std=std, input_size=input_size).items() if v is not None}
         self._adapter["interpolation"] = interpolation
@@ -255,11 +257,10 @@ class Smoothed:
         """Dense counts (N, classes) of ``n`` draws per image in ``phase`` at σ number ``sigma_index``,
         split into chunks and seeded exactly as the job's work units."""
         batch = self._stack(xs)
-        if n < 1:
-            raise InputError(f"the number of samples must be at least 1, got {n}")
+        n = _sample_count("the number of samples", n)
         ids = self._ids(batch, ids)
         out = np.zeros((len(ids), self._replica.num_classes), dtype=np.int64)
-        chunks = list(enumerate(split_budget(int(n), self.chunk)))
+        chunks = list(enumerate(split_budget(n, self.chunk)))
         self._draw(batch, ids, range(len(ids)), sigma_index, phase, chunks, out, group_samples)
         return out
 
@@ -358,8 +359,8 @@ class Smoothed:
         try:
             d = stats.sequential.design(
                 alpha,
-                int(unit),
-                int(n_max),
+                _sample_count("unit", unit),
+                _sample_count("n_max", n_max),
                 list(radii),
                 applied,
                 ratio=look_ratio,
@@ -451,6 +452,17 @@ class Smoothed:
             stats.Reason.NAMES[cert.reason[0]],
             sel,
         )
+
+
+def _sample_count(name: str, n: Any) -> int:
+    """A whole number of samples of at least 1 (``1e5`` is fine); 100.5 is an error, not a silent 100."""
+    try:
+        value = float(n) if isinstance(n, numbers.Real) and not isinstance(n, bool) else math.nan
+    except OverflowError:
+        value = math.nan
+    if not value.is_integer() or value < 1:
+        raise InputError(f"{name} must be a whole number of at least 1, got {n!r}")
+    return int(value)
 
 
 def _check_alpha(alpha: float) -> None:

@@ -17,7 +17,7 @@ from raysmooth import stats
 from raysmooth.apps import certify_main
 from raysmooth.cli import main as cli
 from raysmooth.engine import EngineConfig, Replica
-from raysmooth.errors import InputError
+from raysmooth.errors import ConfigError, InputError
 from raysmooth.models import BaseClassifier, LinearBase
 from raysmooth.store import RunStore, StoreError
 from raysmooth.units import WorkUnit
@@ -63,6 +63,31 @@ def test_a_single_overflowing_sample_is_caught_too():
     replica = Replica(Overflow(), [1.0], 0, EngineConfig(batch_size=50))
     with pytest.raises(InputError, match="NaN or inf"):
         replica.run([WorkUnit(0, 0, "estimation", 0, 200)], {0: np.full((1, 2, 2), 0.9, np.float32)})
+
+
+class WideModel(NaNModel):
+    """Declares 3 classes but returns 5 logits: its votes for classes 3 and 4 would land in the next unit's row."""
+
+    def logits(self, z, sigma, aux_noise=None):
+        out = torch.zeros((len(z), 5))
+        out[:, 4] = 1.0
+        return out
+
+
+def test_logits_wider_than_the_declared_classes_are_refused_not_counted_for_another_image():
+    replica = Replica(WideModel(), [0.25], 0, EngineConfig(batch_size=64))
+    images = {i: np.full((1, 2, 2), 0.5, np.float32) for i in (0, 1)}
+    units = [WorkUnit(i, 0, "estimation", 0, 40) for i in (0, 1)]
+    with pytest.raises(InputError, match=r"returned shape \(64, 5\) .* declared with 3 classes"):
+        replica.run(units, images)
+
+
+def test_an_unusable_device_is_one_config_error_naming_it():
+    with pytest.raises(ConfigError, match="device 'tpu' cannot be used"):
+        Replica(NaNModel(), [0.25], 0, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU.*gpus_per_actor"):
+            Replica(NaNModel(), [0.25], 0, device="cuda")
 
 
 @pytest.mark.parametrize("sigma", [float("nan"), float("inf"), -0.5, 0.0])

@@ -230,6 +230,44 @@ def test_bad_calls_are_one_clear_error():
         smoothed.certify(x, n0=5, n=50, alpha=float("nan"), sigma=0.25)
 
 
+@pytest.mark.parametrize("n", [100.5, float("nan"), float("inf"), "100", True])
+def test_a_sample_count_that_is_not_a_whole_number_is_refused_not_rounded(n):
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    with pytest.raises(InputError, match="whole number"):
+        smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=n)
+
+
+def test_a_whole_float_sample_count_is_the_same_as_the_int():
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    x = np.full((1, 8, 8), 0.5, np.float32)
+    assert smoothed.certify(x, n0=5, n=1e3).counts.tolist() == smoothed.certify(x, n0=5, n=1000).counts.tolist()
+
+
+def test_a_module_with_more_outputs_than_num_classes_is_refused():
+    smoothed = Smoothed(_linear_module(), 0.25, num_classes=5)
+    with pytest.raises(InputError, match=r"declared with 5 classes.*check num_classes"):
+        smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)
+
+
+def test_a_module_returning_a_tuple_is_told_to_return_the_logits_tensor():
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _linear_module()
+
+        def forward(self, x):
+            return (self.inner(x),)
+
+    smoothed = Smoothed(Packed(), 0.25, num_classes=10)
+    with pytest.raises(InputError, match="returned a tuple .* return the logits tensor itself"):
+        smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)
+
+
+def test_a_device_this_process_cannot_use_is_refused_at_construction():
+    with pytest.raises(ConfigError, match="device 'tpu' cannot be used"):
+        Smoothed(_linear_module(), 0.25, device="tpu")
+
+
 def test_a_sequential_schedule_that_cannot_work_is_one_clear_error():
     smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
     x = np.zeros((1, 1, 8, 8), np.float32)

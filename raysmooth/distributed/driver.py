@@ -63,13 +63,11 @@ class ReplicaActor:
     def _build(self, model, sigmas, run_seed, engine, threads) -> None:
         import torch
 
-        from ..engine import EngineConfig, Replica
+        from ..engine import EngineConfig, Replica, resolve_device
         from ..models import create_base_classifier, model_sections
 
         engine = dict(engine)
-        device = engine.pop("device", "auto")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(engine.pop("device", "auto"))
         if threads:
             torch.set_num_threads(int(threads))
         name, kwargs = model_sections(model)
