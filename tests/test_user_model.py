@@ -109,3 +109,12 @@ def test_a_module_the_workers_cannot_import_is_one_line(userpkg, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "libcustom_op.so" in err and "on Ray worker" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "mine" / "manifest.json").exists()
+
+
+def test_a_module_wider_than_its_declared_classes_is_one_line_and_stores_nothing(userpkg, tmp_path, capsys):
+    args = ["model.base=userpkg.models:build", "+model.options.width=12", "+model.classifier.num_classes=10"]
+    assert certify_main([*args, f"out={tmp_path / 'out'}", *COMMON]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "declared with 10 classes" in err and "Traceback" not in err, err
+    parts = list((tmp_path / "out" / "mine").rglob("*.parquet"))
+    assert parts == [], parts
