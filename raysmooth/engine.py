@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_BATCH_SIZE, EngineCfg, compile_settings_problem
-from .errors import ConfigError, InputError, one_line
+from .errors import ConfigError, InputError, one_line, whole_number
 from .models.attention import set_attention
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
@@ -63,8 +63,10 @@ class EngineConfig:
         bs = self.batch_size
         if not (bs == "auto" or (isinstance(bs, (int, np.integer)) and not isinstance(bs, bool) and bs >= 1)):
             raise InputError(f"engine.batch_size must be a positive integer or auto, got {bs!r}")
-        if self.noise_block < 1:
-            raise InputError(f"engine.noise_block must be at least 1, got {self.noise_block}")
+        self.noise_block = whole_number("engine.noise_block", self.noise_block)
+        self.levels = whole_number("engine.levels", self.levels)
+        if self.levels > 65535:  # up to 16-bit images, the range raysmooth.noise.lattice_table takes
+            raise InputError(f"engine.levels must lie in [1, 65535], got {self.levels}")
         if self.precision not in PRECISIONS:
             raise InputError(f"engine.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.noise not in ("gaussian", "lattice"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 
-__all__ = ["RaySmoothError", "ConfigError", "InputError", "ModelLoadError", "UserError", "one_line"]
+__all__ = ["RaySmoothError", "ConfigError", "InputError", "ModelLoadError", "UserError", "one_line", "whole_number"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -35,3 +37,19 @@ def one_line(text: object, limit: int = 300) -> str:
     lines = [ln.strip() for ln in _ANSI.sub("", str(text)).splitlines() if ln.strip()]
     head = lines[0] if lines else ""
     return head if len(head) <= limit else head[: limit - 1] + "…"
+
+
+def whole_number(name: str, value: object, minimum: int | None = 1, error: type[RaySmoothError] = InputError) -> int:
+    """``value`` as an int when it is a whole number (``1e5`` is, ``100.5`` and ``True`` are not) of at
+    least ``minimum``: a count, seed or size given as 100.5 is refused rather than quietly truncated."""
+    whole = None
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, numbers.Integral):
+        whole = int(value)
+    elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        whole = int(value)
+    if whole is None or (minimum is not None and whole < minimum):
+        least = "" if minimum is None else f" of at least {minimum}"
+        raise error(f"{name} must be a whole number{least}, got {value!r}")
+    return whole

@@ -14,8 +14,6 @@ those image ids (tests/test_smoothed.py checks it).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from torch import nn
 from . import stats
 from .config import DEFAULT_BATCH_SIZE, DEFAULT_RADII, EngineCfg, SequentialCfg, SmoothingCfg
 from .engine import EngineConfig, Replica, resolve_device, validate_images
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
 from .units import WorkUnit, split_budget
 
@@ -123,11 +121,9 @@ class Smoothed:
                 raise ConfigError(str(exc)) from None
         if len(set(sigmas)) != len(sigmas):
             raise ConfigError(f"sigma lists a value twice: {sigmas}")
-        if chunk < 1:
-            raise ConfigError(f"chunk must be at least 1, got {chunk}")
         self.sigmas = sorted(sigmas)  # index order = ascending σ, as in the job
-        self.seed = int(seed)
-        self.chunk = int(chunk)
+        self.seed = whole_number("seed", seed, minimum=None, error=ConfigError)
+        self.chunk = whole_number("chunk", chunk, error=ConfigError)
         self.engine = EngineConfig(
             batch_size=batch_size,
             noise_block=noise_block,
@@ -156,6 +152,11 @@ class Smoothed:
         if isinstance(model, BaseClassifier):
             return model
         if isinstance(model, nn.Module):
+            if self._model_kwargs:
+                raise ConfigError(
+                    f"model_kwargs configure a registered base classifier or builder; this model is a module, "
+                    f"so {sorted(self._model_kwargs)} would be ignored (build the module with them instead)"
+                )
             return from_module(model, shape, denoiser=self._denoiser, num_classes=self._num_classes, **self._adapter)
         if isinstance(model, (str, Path)):
             name = str(model)
@@ -257,7 +258,7 @@ class Smoothed:
         """Dense counts (N, classes) of ``n`` draws per image in ``phase`` at σ number ``sigma_index``,
         split into chunks and seeded exactly as the job's work units."""
         batch = self._stack(xs)
-        n = _sample_count("the number of samples", n)
+        n = whole_number("the number of samples", n)
         ids = self._ids(batch, ids)
         out = np.zeros((len(ids), self._replica.num_classes), dtype=np.int64)
         chunks = list(enumerate(split_budget(n, self.chunk)))
@@ -359,8 +360,8 @@ class Smoothed:
         try:
             d = stats.sequential.design(
                 alpha,
-                _sample_count("unit", unit),
-                _sample_count("n_max", n_max),
+                whole_number("unit", unit, error=ConfigError),
+                whole_number("n_max", n_max, error=ConfigError),
                 list(radii),
                 applied,
                 ratio=look_ratio,
@@ -452,17 +453,6 @@ class Smoothed:
             stats.Reason.NAMES[cert.reason[0]],
             sel,
         )
-
-
-def _sample_count(name: str, n: Any) -> int:
-    """A whole number of samples of at least 1 (``1e5`` is fine); 100.5 is an error, not a silent 100."""
-    try:
-        value = float(n) if isinstance(n, numbers.Real) and not isinstance(n, bool) else math.nan
-    except OverflowError:
-        value = math.nan
-    if not value.is_integer() or value < 1:
-        raise InputError(f"{name} must be a whole number of at least 1, got {n!r}")
-    return int(value)
 
 
 def _check_alpha(alpha: float) -> None:

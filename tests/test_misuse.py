@@ -17,7 +17,7 @@ from raysmooth import stats
 from raysmooth.apps import certify_main
 from raysmooth.cli import main as cli
 from raysmooth.engine import EngineConfig, Replica
-from raysmooth.errors import ConfigError, InputError
+from raysmooth.errors import ConfigError, InputError, whole_number
 from raysmooth.models import BaseClassifier, LinearBase
 from raysmooth.store import RunStore, StoreError
 from raysmooth.units import WorkUnit
@@ -88,6 +88,17 @@ def test_an_unusable_device_is_one_config_error_naming_it():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="sees no CUDA GPU.*gpus_per_actor"):
             Replica(NaNModel(), [0.25], 0, device="cuda")
+
+
+@pytest.mark.parametrize("value,expected", [(1e5, 100_000), (np.int64(7), 7), (np.float32(3.0), 3), (2**70, 2**70)])
+def test_a_whole_number_given_as_any_numeric_type_is_taken(value, expected):
+    assert whole_number("n", value) == expected
+
+
+@pytest.mark.parametrize("value", [100.5, float("nan"), float("inf"), True, np.bool_(True), "3", None, 0, -2])
+def test_anything_but_a_whole_number_of_at_least_one_is_refused_not_truncated(value):
+    with pytest.raises(InputError, match="n must be a whole number of at least 1"):
+        whole_number("n", value)
 
 
 @pytest.mark.parametrize("sigma", [float("nan"), float("inf"), -0.5, 0.0])

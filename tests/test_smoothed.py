@@ -208,6 +208,12 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": [0.5, 0.5]}, ConfigError, "twice"),
         ({"sigma": 0.5, "compile_mode": "max-autotune"}, InputError, "compile_mode=max-autotune needs engine.compile"),
         ({"sigma": 0.5, "compile": True, "compile_mode": "fast"}, InputError, "compile_mode must be one of"),
+        ({"sigma": 0.5, "seed": 1.5}, ConfigError, "seed must be a whole number"),
+        ({"sigma": 0.5, "chunk": 10.5}, ConfigError, "chunk must be a whole number"),
+        ({"sigma": 0.5, "noise_block": 2.5}, InputError, "noise_block must be a whole number"),
+        ({"sigma": 0.5, "noise": "lattice", "levels": 0}, InputError, "levels must be a whole number of at least 1"),
+        ({"sigma": 0.5, "num_classes": 0, "input_shape": (1, 8, 8)}, ConfigError, "num_classes must be a whole"),
+        ({"sigma": 0.5, "model_kwargs": {"width": 3}, "input_shape": (1, 8, 8)}, ConfigError, "would be ignored"),
     ],
 )
 def test_bad_parameters_are_refused_at_construction(kwargs, error, match):

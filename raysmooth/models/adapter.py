@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, one_line
+from ..errors import ConfigError, one_line, whole_number
 from .base import BaseClassifier, DenoiseThenClassify, PlainBase
 from .classifier import InputContract, NormalizedClassifier
 
@@ -71,6 +71,7 @@ def as_classifier(
     module = module.eval().requires_grad_(False)
     if num_classes is None:
         num_classes = _infer_num_classes(module, (c, *size))
+    num_classes = whole_number("num_classes", num_classes, error=ConfigError)
     name = model_id or type(module).__module__ + "." + type(module).__qualname__
     return NormalizedClassifier(module, InputContract(size, interpolation, mean, std), int(num_classes), model_id=name)
 
