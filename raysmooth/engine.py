@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -332,11 +332,15 @@ class Replica:
         return host.to(self.device, non_blocking=True), {i: r for r, i in enumerate(ids)}
 
     def run(
-        self, units: Sequence[WorkUnit], images: Mapping[int, torch.Tensor | np.ndarray]
+        self,
+        units: Sequence[WorkUnit],
+        images: Mapping[int, torch.Tensor | np.ndarray],
+        progress: Callable[[int], object] | None = None,
     ) -> dict[tuple, np.ndarray]:
         """Counts (length ``num_classes``) for every unit, keyed by ``unit.key``. On a CUDA
         out-of-memory error the batch is halved and the call starts over: noise comes in fixed
-        blocks, so the counts are the same at any batch size."""
+        blocks, so the counts are the same at any batch size. ``progress(k)`` hears of every batch of
+        k samples as it is queued (a host-side number, no sync), and of ``-done`` when a call starts over."""
         if not units:
             return {}
         k = len(self.sigma_values)
@@ -345,12 +349,21 @@ class Replica:
                 raise InputError(f"unit {unit.key}: σ index {unit.sigma_index} outside the {k} configured σ")
             if unit.image_id not in images:
                 raise InputError(f"unit {unit.key}: image {unit.image_id} was not provided")
+        reported = 0
+
+        def report(k: int) -> None:
+            nonlocal reported
+            reported += k
+            progress(k)
+
         while True:
             try:
-                counts = self._run(units, images, self.batch_size)
+                counts = self._run(units, images, self.batch_size, report if progress else None)
                 self._compile_worked |= self._forward is not self.base
                 return counts
             except Exception as exc:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
+                if reported:
+                    report(-reported)  # the call starts over, or fails: nothing it queued counts
                 if self._compile_failed(exc):
                     continue
                 if not _is_oom(exc) or self.batch_size == 1:
@@ -391,7 +404,9 @@ class Replica:
             self.config.attention = "sdpa"
         return True
 
-    def _run(self, units: Sequence[WorkUnit], images, batch_size: int) -> dict[tuple, np.ndarray]:
+    def _run(
+        self, units: Sequence[WorkUnit], images, batch_size: int, progress: Callable[[int], None] | None = None
+    ) -> dict[tuple, np.ndarray]:
         dev, c = self.device, self.num_classes
         stack, row_of = self._stage_images(units, images)
         n = np.array([u.n_samples for u in units], dtype=np.int64)
@@ -454,6 +469,8 @@ class Replica:
                 nonfinite.index_add_(0, owner, (~torch.isfinite(logits).all(dim=1)).to(torch.int64))
                 counts.index_add_(0, owner * c + logits.argmax(dim=1), ones[:width])
                 start += off
+                if progress is not None:
+                    progress(off)
         host = torch.cat([counts, nonfinite]).cpu().numpy()  # the one device-to-host copy of this call
         dense = host[: (len(units) + 1) * c].reshape(len(units) + 1, c)
         bad = host[(len(units) + 1) * c :][: len(units)]

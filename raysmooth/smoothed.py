@@ -86,7 +86,10 @@ class Smoothed:
     ``torch.compile`` (as ``engine.compile``; worth it for long runs, docs/methods.md §8.5);
     ``compile_mode`` is torch.compile's mode (``engine.compile_mode``), and ``attention="flex"`` runs a timm
     BEiT's biased attention as FlexAttention (``engine.attention``); both need ``compile=True``.
+    ``progress``: a bar of samples drawn (a widget in a notebook) for every call that runs over 2 s.
     """
+
+    PROGRESS_DELAY_S = 2.0  # a call shows its bar once it has run this long: short calls stay quiet
 
     def __init__(
         self,
@@ -112,6 +115,7 @@ class Smoothed:
         input_size: Sequence[int] | None = None,
         interpolation: str = "bicubic",
         model_kwargs: Mapping[str, Any] | None = None,
+        progress: bool = True,
     ):
         sigmas = [float(sigma)] if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
         for s in sigmas:
@@ -139,6 +143,7 @@ class Smoothed:
         self._adapter = {k: v for k, v in dict(mean=mean, std=std, input_size=input_size).items() if v is not None}
         self._adapter["interpolation"] = interpolation
         self._model_kwargs = dict(model_kwargs or {})
+        self.progress = bool(progress)
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
         self._replica: Replica | None = None
         if self.input_shape is not None:
@@ -240,6 +245,7 @@ class Smoothed:
         chunks: list[tuple[int, int]],
         out: np.ndarray,
         group_samples: int,
+        bar: Any = None,
     ) -> None:
         """Add to ``out[r]``, for every row ``r``, the counts of the work units (chunk index, size) in
         ``chunks`` of image ``ids[r]``: the job's units, so the job's noise. Images go to the engine in
@@ -248,7 +254,8 @@ class Smoothed:
         for g in range(0, len(rows), per_group):
             row_of = {ids[r]: r for r in rows[g : g + per_group]}
             units = [WorkUnit(i, sigma_index, phase, c, size) for i in row_of for c, size in chunks]
-            counts = self._replica.run(units, {i: batch[r] for i, r in row_of.items()})
+            progress = bar.update if bar is not None else None
+            counts = self._replica.run(units, {i: batch[r] for i, r in row_of.items()}, progress)
             for u in units:
                 out[row_of[u.image_id]] += counts[u.key]
 
@@ -262,8 +269,23 @@ class Smoothed:
         ids = self._ids(batch, ids)
         out = np.zeros((len(ids), self._replica.num_classes), dtype=np.int64)
         chunks = list(enumerate(split_budget(n, self.chunk)))
-        self._draw(batch, ids, range(len(ids)), sigma_index, phase, chunks, out, group_samples)
+        with self._bar(len(ids) * n, f"{phase} σ={self.sigmas[sigma_index]:g}") as bar:
+            self._draw(batch, ids, range(len(ids)), sigma_index, phase, chunks, out, group_samples, bar)
         return out
+
+    def _bar(self, total: int | None, desc: str):
+        """Samples drawn, for calls that run over ``PROGRESS_DELAY_S`` (tqdm.auto: a notebook widget, else stderr)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit="sample",
+            unit_scale=True,
+            delay=self.PROGRESS_DELAY_S,
+            leave=False,
+            disable=not self.progress,
+        )
 
     def _certificates(
         self, cert: stats.Certificates, sel: np.ndarray, est: np.ndarray, sigma_index: int, **extra: Any
@@ -379,15 +401,17 @@ class Smoothed:
         cumulative = np.zeros((len(ids), d.num_looks), np.int64)
         rounds = np.zeros(len(ids), np.int64)
         still_open = np.arange(len(ids))
-        for k in range(d.num_looks):
-            first, last = (0 if k == 0 else int(d.looks[k - 1])) // unit, int(d.looks[k]) // unit
-            chunks = [(c, unit) for c in range(first, last)]  # round k: the units between looks k-1 and k
-            self._draw(batch, ids, still_open, s, "estimation", chunks, est, group_samples)
-            cumulative[still_open, k] = est[still_open, c_hat[still_open]]
-            rounds[still_open] = k + 1
-            still_open = still_open[stats.sequential.decide(d, cumulative[still_open, : k + 1])]
-            if len(still_open) == 0:
-                break
+        with self._bar(None, f"sequential σ={self.sigmas[s]:g}") as bar:  # the total depends on when images stop
+            for k in range(d.num_looks):
+                bar.set_postfix_str(f"round {k + 1}, {len(still_open)} of {len(ids)} images open", refresh=False)
+                first, last = (0 if k == 0 else int(d.looks[k - 1])) // unit, int(d.looks[k]) // unit
+                chunks = [(c, unit) for c in range(first, last)]  # round k: the units between looks k-1 and k
+                self._draw(batch, ids, still_open, s, "estimation", chunks, est, group_samples, bar)
+                cumulative[still_open, k] = est[still_open, c_hat[still_open]]
+                rounds[still_open] = k + 1
+                still_open = still_open[stats.sequential.decide(d, cumulative[still_open, : k + 1])]
+                if len(still_open) == 0:
+                    break
         cert, out = stats.sequential.sequential_certify(c_hat, cumulative, d, rounds)
         grid = [float(d.radii[j]) if j >= 0 else None for j in out.grid_index]
         reasons = [stats.sequential.STOP_REASONS[r] for r in out.reason]

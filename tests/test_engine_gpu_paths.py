@@ -60,6 +60,34 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_count():
     assert all(np.array_equal(counts[k], plain[k]) for k in plain)
 
 
+class OutOfMemoryOnce(LinearBase):
+    """Runs out of device memory once, on its third batch, after two batches were reported as progress."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
+
+    def logits(self, z, sigma, aux_noise=None):
+        self.calls += 1
+        if self.calls == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().logits(z, sigma, aux_noise)
+
+
+def test_progress_hears_every_sample_once_even_when_an_out_of_memory_call_starts_over():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 16))
+    images = {i: rng.random((1, 4, 4), dtype=np.float32) for i in range(6)}
+    units = _units(images, n=300)
+    heard = []
+    replica = Replica(OutOfMemoryOnce(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=256))
+    counts = replica.run(units, images, progress=heard.append)
+    assert heard[:3] == [256, 256, -512]  # two batches queued, then taken back when the call started over
+    assert sum(heard) == 6 * 300 and all(k == 128 for k in heard[3:-1])
+    plain = Replica(LinearBase(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=64)).run(units, images)
+    assert all(np.array_equal(counts[k], plain[k]) for k in plain)
+
+
 def test_a_call_copies_to_the_host_once_and_never_asks_the_device_for_a_value(monkeypatch, digits):
     replica = Replica(_embedded("toy_onestep"), [0.25, 0.5], 0, EngineConfig(batch_size=128))
     calls = {"cpu": 0, "item": 0, "tolist": 0, "bool": 0}

@@ -269,6 +269,15 @@ def test_a_module_returning_a_tuple_is_told_to_return_the_logits_tensor():
         smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_long_call_shows_its_samples_unless_progress_is_off(monkeypatch, capsys, progress):
+    monkeypatch.setattr(Smoothed, "PROGRESS_DELAY_S", 0.0)  # every call counts as long
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8), batch_size=100, progress=progress)
+    smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=500)
+    err = capsys.readouterr().err
+    assert ("estimation σ=0.25" in err and "/500 " in err) is progress, err
+
+
 def test_a_device_this_process_cannot_use_is_refused_at_construction():
     with pytest.raises(ConfigError, match="device 'tpu' cannot be used"):
         Smoothed(_linear_module(), 0.25, device="tpu")
