@@ -48,16 +48,25 @@ class FlakyMemory(LinearBase):
         return super().logits(z, sigma, aux_noise)
 
 
-def test_out_of_memory_halves_the_batch_and_keeps_every_count():
+def _linear_case():
+    """Six 4×4 images, 300 samples each, and a 5-class linear model's weights."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((5, 16))
     images = {i: rng.random((1, 4, 4), dtype=np.float32) for i in range(6)}
-    units = _units(images, n=300)
+    return w, images, _units(images, n=300)
+
+
+def _same_as_a_plain_linear_run(counts, w, images, units) -> bool:
+    plain = Replica(LinearBase(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=64)).run(units, images)
+    return all(np.array_equal(counts[k], plain[k]) for k in plain)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_count():
+    w, images, units = _linear_case()
     flaky = Replica(FlakyMemory(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=256))
     counts = flaky.run(units, images)
     assert flaky.batch_size == 64
-    plain = Replica(LinearBase(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=64)).run(units, images)
-    assert all(np.array_equal(counts[k], plain[k]) for k in plain)
+    assert _same_as_a_plain_linear_run(counts, w, images, units)
 
 
 class OutOfMemoryOnce(LinearBase):
@@ -75,17 +84,13 @@ class OutOfMemoryOnce(LinearBase):
 
 
 def test_progress_hears_every_sample_once_even_when_an_out_of_memory_call_starts_over():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((5, 16))
-    images = {i: rng.random((1, 4, 4), dtype=np.float32) for i in range(6)}
-    units = _units(images, n=300)
+    w, images, units = _linear_case()
     heard = []
     replica = Replica(OutOfMemoryOnce(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=256))
     counts = replica.run(units, images, progress=heard.append)
     assert heard[:3] == [256, 256, -512]  # two batches queued, then taken back when the call started over
     assert sum(heard) == 6 * 300 and all(k == 128 for k in heard[3:-1])
-    plain = Replica(LinearBase(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=64)).run(units, images)
-    assert all(np.array_equal(counts[k], plain[k]) for k in plain)
+    assert _same_as_a_plain_linear_run(counts, w, images, units)
 
 
 def test_a_call_copies_to_the_host_once_and_never_asks_the_device_for_a_value(monkeypatch, digits):
