@@ -452,8 +452,8 @@ class Smoothed:
         if policy not in stats.POLICIES:
             raise ConfigError(f"policy must be one of {stats.POLICIES}, got {policy!r}")
         chosen = sorted(self._sigma_index(s) for s in (sigmas if sigmas is not None else self.sigmas))
-        if len(chosen) < 2:
-            raise ConfigError("the cascade needs two or more σ")
+        if len(chosen) < 2 or len(set(chosen)) != len(chosen):
+            raise ConfigError(f"the cascade needs two or more distinct σ, got {list(sigmas or self.sigmas)}")
         img = _as_image(x)[None]
         levels, dense, margin = [], [], 0.0
         for s in chosen:

@@ -278,6 +278,13 @@ def test_a_long_call_shows_its_samples_unless_progress_is_off(monkeypatch, capsy
     assert ("estimation σ=0.25" in err and "/500 " in err) is progress, err
 
 
+@pytest.mark.parametrize("sigmas", [[0.25], [0.25, 0.25, 0.5]])
+def test_a_cascade_over_fewer_than_two_distinct_sigmas_is_refused(sigmas):
+    smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match="two or more distinct σ"):
+        smoothed.cascade(np.zeros((1, 8, 8), np.float32), sigmas=sigmas, n0=5, n=50)
+
+
 def test_a_device_this_process_cannot_use_is_refused_at_construction():
     with pytest.raises(ConfigError, match="device 'tpu' cannot be used"):
         Smoothed(_linear_module(), 0.25, device="tpu")
