@@ -379,10 +379,11 @@ class Smoothed:
         ids = self._ids(batch, ids)
         s = self._sigma_index(sigma)
         applied, margin = self._noise(s)
+        unit = whole_number("unit", unit, error=ConfigError)  # it also numbers the chunks of every round below
         try:
             d = stats.sequential.design(
                 alpha,
-                whole_number("unit", unit, error=ConfigError),
+                unit,
                 whole_number("n_max", n_max, error=ConfigError),
                 list(radii),
                 applied,

@@ -249,6 +249,14 @@ def test_a_whole_float_sample_count_is_the_same_as_the_int():
     assert smoothed.certify(x, n0=5, n=1e3).counts.tolist() == smoothed.certify(x, n0=5, n=1000).counts.tolist()
 
 
+def test_a_whole_float_unit_runs_sequential_certification_like_the_int():
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    x = np.full((1, 1, 8, 8), 0.5, np.float32)
+    as_float = smoothed.certify_sequential(x, n0=5, n_max=400.0, unit=100.0)[0]
+    as_int = smoothed.certify_sequential(x, n0=5, n_max=400, unit=100)[0]
+    assert (as_float.counts.tolist(), as_float.rounds) == (as_int.counts.tolist(), as_int.rounds)
+
+
 def test_a_module_with_more_outputs_than_num_classes_is_refused():
     smoothed = Smoothed(_linear_module(), 0.25, num_classes=5)
     with pytest.raises(InputError, match=r"declared with 5 classes.*check num_classes"):
