@@ -230,7 +230,7 @@ class Smoothed:
         return batch
 
     def _ids(self, batch: torch.Tensor, ids: Sequence[int] | None) -> list[int]:
-        ids = list(range(len(batch))) if ids is None else [int(i) for i in ids]
+        ids = list(range(len(batch))) if ids is None else [whole_number("an image id", i, minimum=0) for i in ids]
         if len(ids) != len(batch) or len(set(ids)) != len(ids):
             raise InputError(f"ids must name each of the {len(batch)} images once")
         return ids

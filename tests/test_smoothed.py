@@ -249,6 +249,13 @@ def test_a_whole_float_sample_count_is_the_same_as_the_int():
     assert smoothed.certify(x, n0=5, n=1e3).counts.tolist() == smoothed.certify(x, n0=5, n=1000).counts.tolist()
 
 
+@pytest.mark.parametrize("ids", [[1.5, 2], [-1, 2], ["a", "b"]])
+def test_image_ids_must_be_whole_numbers_as_in_the_job(ids):
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    with pytest.raises(InputError, match="an image id must be a whole number of at least 0"):
+        smoothed.certify_batch(np.zeros((2, 1, 8, 8), np.float32), n0=5, n=50, ids=ids)
+
+
 def test_a_whole_float_unit_runs_sequential_certification_like_the_int():
     smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
     x = np.full((1, 1, 8, 8), 0.5, np.float32)
