@@ -47,6 +47,7 @@ __all__ = [
     "read_table",
     "compact_table",
     "config_hash",
+    "config_differences",
 ]
 
 SCHEMA_VERSION = 2  # 2: counts gain `round`; certificates gain p_lower, n_used and the sequential columns
@@ -126,6 +127,25 @@ def config_hash(config: dict) -> str:
     """Stable short hash of a resolved config (key order does not matter)."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key in sorted(value) for k, v in _leaves(value[key], f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def config_differences(stored: Any, config: dict, limit: int = 3) -> str:
+    """Which keys a stored run's config and ``config`` disagree on, as "key: A there, B here" (at most
+    ``limit`` named), so a refused resume says what changed instead of two hashes."""
+    if not isinstance(stored, dict):
+        return ""
+    here = _leaves(json.loads(json.dumps(config, default=str)))  # as the manifest stored it
+    there = _leaves(stored)
+    keys = sorted(k for k in set(here) | set(there) if here.get(k, "(unset)") != there.get(k, "(unset)"))
+    parts = [f"{k}: {there.get(k, '(unset)')!r} there, {here.get(k, '(unset)')!r} here" for k in keys[:limit]]
+    more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(parts) + more
 
 
 def _fsync_dir(path: Path) -> None:
@@ -296,9 +316,11 @@ class RunStore:
             if (root / cls.MANIFEST).exists():
                 store.manifest = cls.open(root).manifest
                 if store.manifest.get("config_hash") != digest:
+                    changed = config_differences(store.manifest.get("config"), config)
+                    what = changed or f"hash {store.manifest.get('config_hash')}, this one {digest}"
                     raise StoreError(
-                        f"{root} holds a run of another config (hash {store.manifest.get('config_hash')}, "
-                        f"this one is {digest}); use a new output directory or the same config to resume"
+                        f"{root} holds a run of another config ({what}); use a new output directory, or the same "
+                        "config to resume"
                     )
             elif any(p for p in root.iterdir() if not p.name.startswith((".", "_"))):
                 raise StoreError(f"{root} is not empty and is not a raysmooth run directory")

@@ -6,7 +6,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raysmooth.store import COUNTS_SCHEMA, CountsRecord, RunStore, StoreError, append_table, read_table
+from raysmooth.store import (
+    COUNTS_SCHEMA,
+    CountsRecord,
+    RunStore,
+    StoreError,
+    append_table,
+    config_differences,
+    read_table,
+)
 
 
 def _records(image_ids, sigma=0.5, phase="estimation", num_classes=1000):
@@ -78,6 +86,20 @@ def test_another_config_into_the_same_directory_is_refused(tmp_path):
     RunStore.create(tmp_path / "run", {"a": 1})
     with pytest.raises(StoreError, match="another config"):
         RunStore.create(tmp_path / "run", {"a": 2})
+
+
+def test_a_refused_resume_names_the_keys_that_changed(tmp_path):
+    stored = {"smoothing": {"n": 40, "sigmas": [0.25, 0.5], "seed": 0}, "precision": "fp32"}
+    RunStore.create(tmp_path / "run", stored)
+    changed = {"smoothing": {"n": 80, "sigmas": (0.25, 0.5), "seed": 0}, "precision": "fp32", "extra": 1}
+    with pytest.raises(StoreError) as refused:
+        RunStore.create(tmp_path / "run", changed)
+    assert "(extra: '(unset)' there, 1 here; smoothing.n: 40 there, 80 here)" in str(refused.value)
+
+
+def test_a_refused_resume_names_at_most_three_keys():
+    stored = {k: 0 for k in "abcde"}
+    assert config_differences(stored, {k: 1 for k in "abcde"}).endswith("c: 0 there, 1 here, and 2 more")
 
 
 def test_a_foreign_non_empty_directory_is_refused(tmp_path):
