@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "sweep":  # key=value is the form of python jobs/sweep.py, which README names beside it
+        overrides = [a for a in [args.run_dir, *extra] if "=" in a and not Path(a).exists()]
+        if overrides:
+            parser.error(
+                f"raysmooth sweep takes RUN_DIR and flags (raysmooth sweep RUN_DIR --p0 0.6 --alpha 0.001), "
+                f"not key=value overrides ({' '.join(overrides)}); those are for python jobs/sweep.py"
+            )
     if extra:
         if args.command not in ("certify", "finetune"):  # only the hydra jobs take free-form overrides
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

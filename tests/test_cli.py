@@ -138,6 +138,15 @@ def test_sweep_rejects_bad_parameters_in_one_line(run_dir, capsys, args, message
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("style", [["run_dir={root}"], ["{root}", "p0=0.6"]])
+def test_sweep_given_the_jobs_key_value_form_says_which_form_it_takes(run_dir, capsys, style):
+    root, _, _ = run_dir
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", *(a.format(root=root) for a in style)])
+    assert exit_.value.code == 2
+    assert "raysmooth sweep RUN_DIR --p0 0.6" in capsys.readouterr().err
+
+
 def test_sweep_of_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["sweep", str(tmp_path), "--p0", "0.5"]) == 2
     assert "not a raysmooth run directory" in capsys.readouterr().err
