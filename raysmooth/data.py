@@ -282,20 +282,36 @@ def imagenet(
     lazy: bool = True,
     **_: object,
 ) -> TestSet:
-    """ImageNet val as a class-folder tree (sorted synsets = the standard class indices), with the
+    """ImageNet val as a class-folder tree (each synset folder labelled with its ImageNet-1k index), with the
     references' Resize(256) + CenterCrop(224) (PIL, antialiased). Images are read when first needed."""
     from torchvision import transforms
 
     if root is None:
         raise ConfigError("data.root must point at the ImageNet val folder (one sub-folder per synset)")
     files, labels, classes = _folder_files(root)
+    labels = _imagenet_indices(classes, root)[np.asarray(labels, np.int64)]
     rows = np.arange(0, len(files), max(1, skip))[: max_images or None]
     tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
     chosen = [files[i] for i in rows]
     images = LazyImages(chosen, tf, (3, 224, 224)) if lazy else _load_images(chosen, tf)
-    return TestSet(
-        f"imagenet-{split}", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), max(1000, len(classes))
-    )
+    return TestSet(f"imagenet-{split}", images, labels[rows], rows.astype(np.int64), 1000)
+
+
+def _imagenet_indices(synsets: Sequence[str], root) -> np.ndarray:
+    """The standard ImageNet-1k class index of each synset folder (timm's list: the 1,000 synsets sorted).
+    Counting the folders present instead would give a subset of the classes (a quick test on 10 synsets)
+    labels 0..9 that the model's outputs do not mean: silently wrong accuracy."""
+    from timm.data import ImageNetInfo
+
+    index = {name: i for i, name in enumerate(ImageNetInfo().label_names())}
+    unknown = [s for s in synsets if s not in index]
+    if unknown:
+        raise ConfigError(
+            f"{root}: {len(unknown)} class folder(s) are not ImageNet-1k synsets (e.g. {unknown[0]!r}); data=imagenet "
+            "needs folders named like n01440764 (another class-folder tree: data.name=image_folder "
+            "'+data.options.size=[224,224]')"
+        )
+    return np.array([index[s] for s in synsets], dtype=np.int64)
 
 
 @register_dataset

@@ -70,7 +70,7 @@ def test_missing_dataset_files_are_named(tmp_path):
         load_dataset("imagenet", root=str(tmp_path / "val"))
 
 
-def test_imagenet_val_tree_gives_sorted_synset_indices_and_center_crops(tmp_path):
+def test_imagenet_val_tree_gives_the_standard_synset_indices_and_center_crops(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -84,4 +84,16 @@ def test_imagenet_val_tree_gives_sorted_synset_indices_and_center_crops(tmp_path
     assert img.shape == (3, 224, 224) and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
     assert d.labels.tolist() == [0, 0] and d.ids.tolist() == [0, 2]  # n01440764 sorts first: class 0
     full = load_test_set(DataCfg(name="imagenet", split="val", root=str(tmp_path)))
-    assert full.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # n01530575 (brambling) is class 10 of ImageNet-1k, not the 2nd folder present: a subset of the
+    # synsets keeps the indices the model's outputs mean.
+    assert full.labels.tolist() == [0, 0, 0, 10, 10, 10]
+
+
+def test_imagenet_class_folders_that_are_not_synsets_are_refused(tmp_path):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "0.png")
+    with pytest.raises(ConfigError, match="not ImageNet-1k synsets .* data.name=image_folder"):
+        load_dataset("imagenet", root=str(tmp_path))
