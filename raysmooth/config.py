@@ -68,7 +68,7 @@ class DataCfg:
     root: str | None = None  # dataset folder (CIFAR-10 batches, ImageNet val, an image folder)
     skip: int = 1  # every k-th image, as the papers subsample
     max_images: int | None = None
-    indices: list[int] | None = None
+    indices: list[int] | None = None  # these test-set indices exactly (data.skip does not apply to them)
     options: dict[str, Any] = field(default_factory=dict)  # loader-specific (synthetic: num_images, shape …)
 
 
@@ -403,6 +403,12 @@ def validate_certify(cfg: CertifyCfg) -> None:
 
     _check("data.skip", da.skip >= 1, f"must be at least 1, got {da.skip}")
     _check("data.max_images", da.max_images is None or da.max_images >= 1, f"must be at least 1, got {da.max_images}")
+    _check("data.indices", da.indices is None or len(da.indices) > 0, "is empty: name at least one image, or null")
+    _check(
+        "data.max_images",
+        da.indices is None or da.max_images is None,
+        "and data.indices both choose the images: give one of them",
+    )
     _check(
         "model.input_shape",
         len(mo.input_shape) == 3 and all(s >= 1 for s in mo.input_shape),

@@ -85,6 +85,7 @@ def test_composition_gives_a_typed_config_that_survives():
         ("engine.noise=uniform", "engine.noise"),
         ("ray.num_actors=0", "ray.num_actors"),
         ("data.skip=0", "data.skip"),
+        ("data.indices=[]", "data.indices is empty"),
         ("model.input_shape=[1,8]", "model.input_shape"),
         ("model.denoiser.path=/no/such/folder", "model.denoiser.path"),
     ],
@@ -93,6 +94,11 @@ def test_every_value_is_checked_once_with_a_line_naming_its_key(override, key):
     with pytest.raises(ConfigError) as info:
         compose("certify", [override])
     assert key in str(info.value) and "\n" not in str(info.value)
+
+
+def test_indices_and_max_images_together_are_refused_not_one_silently_ignored():
+    with pytest.raises(ConfigError, match="data.max_images and data.indices both choose the images"):
+        compose("certify", ["data.indices=[3,4,5]", "data.max_images=2"])
 
 
 def test_statistics_commands_never_import_torch(tmp_path):
