@@ -163,6 +163,26 @@ def test_a_checkpoint_that_needs_arbitrary_pickles_is_refused(tmp_path):
         load_denoiser(DenoiserConfig(weights=str(path), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
 
 
+class _Writes:
+    """Unpickling this creates a file: the proof that a pickle ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_diffusers_folder_whose_bin_weights_need_arbitrary_pickles_is_refused_and_runs_nothing(tmp_path):
+    tiny_unet().save_pretrained(tmp_path / "den" / "unet", safe_serialization=False)  # no safetensors beside it
+    weights = tmp_path / "den" / "unet" / "diffusion_pytorch_model.bin"
+    state = torch.load(weights, weights_only=True)
+    torch.save({**state, "payload": _Writes(tmp_path / "ran")}, weights)
+    with pytest.raises(ModelLoadError, match="cannot load a UNet2DModel"):
+        load_denoiser(DenoiserConfig(path=str(tmp_path / "den"), subfolder="unet", scheduler=TINY_SCHEDULER))
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_weights_only_torch_checkpoint_loads(tmp_path):
     unet = tiny_unet(seed=5)
     torch.save({"state_dict": {f"module.{k}": v for k, v in unet.state_dict().items()}}, tmp_path / "ok.pt")
