@@ -153,6 +153,12 @@ def test_a_denoiser_goes_in_front_of_the_users_own_classifier():
     assert cert.sigma in (None, 0.25, 0.5)
 
 
+def test_colour_images_into_a_greyscale_denoiser_are_one_config_error():
+    colour = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
+    with pytest.raises(ConfigError, match=r"takes 1-channel images but the input shape is \(3, 8, 8\)"):
+        Smoothed(colour, 0.25, denoiser=str(EMBEDDED / "denoiser"), input_shape=(3, 8, 8))
+
+
 def test_a_model_folder_certifies_like_the_module_it_holds(tmp_path):
     cfg = ClassifierConfig(
         name="resnet18",

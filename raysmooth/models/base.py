@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,6 +154,16 @@ class PlainBase(BaseClassifier):
         return self.classifier(z)
 
 
+def _check_channels(denoiser: DiffusionDenoiser, input_shape: Sequence[int]) -> None:
+    """A denoiser sees the images themselves: their channels must be its channels (3-channel images into
+    a greyscale denoiser was a convolution error from inside the first batch)."""
+    if int(input_shape[0]) != denoiser.in_channels:
+        raise ConfigError(
+            f"the denoiser {denoiser.model_id or ''} takes {denoiser.in_channels}-channel images but the input "
+            f"shape is {tuple(input_shape)} (C, H, W)"
+        )
+
+
 class DenoiseThenClassify(BaseClassifier):
     """Carlini et al. / Jeong & Shin: one-shot (or multi-step) diffusion denoising, then classify."""
 
@@ -161,6 +171,7 @@ class DenoiseThenClassify(BaseClassifier):
         self, denoiser: DiffusionDenoiser, classifier: NormalizedClassifier, input_shape: tuple[int, int, int]
     ):
         super().__init__()
+        _check_channels(denoiser, input_shape)
         self.denoiser = denoiser
         self.classifier = classifier
         self.num_classes = classifier.num_classes
@@ -190,6 +201,7 @@ class DiffSmoothBase(BaseClassifier):
         super().__init__()
         if local_samples < 1 or local_sigma < 0:
             raise ConfigError("diffsmooth needs local_samples >= 1 and local_sigma >= 0")
+        _check_channels(denoiser, input_shape)
         self.denoiser = denoiser
         self.classifier = classifier
         self.num_classes = classifier.num_classes
