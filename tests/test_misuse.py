@@ -294,6 +294,34 @@ def test_a_local_ray_that_does_not_start_is_one_line_that_says_what_to_try(tmp_p
     assert "could not start or reach a local Ray cluster" in err and "ray stop" in err
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # free once closed: nothing listens there
+
+
+def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(tmp_path, capsys, monkeypatch):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init would retry for minutes"))
+    port = _closed_port()
+    assert certify_main([*SMALL, f"ray.address=127.0.0.1:{port}", f"out={tmp_path}"]) == 2
+    err = _one_line(capsys)
+    assert f"could not reach the Ray cluster at 127.0.0.1:{port}: nothing answers" in err
+
+
+def test_an_address_ray_resolves_itself_is_left_to_ray():
+    from raysmooth.distributed.session import unreachable
+
+    assert unreachable("auto") is None and unreachable("local") is None
+    assert unreachable("http://127.0.0.1:1") is None  # a dashboard address: Ray's to judge
+    assert "nothing answers" in unreachable(f"ray://127.0.0.1:{_closed_port()}")
+
+
 @pytest.mark.parametrize("target", ["folder", "/sys/raysmooth-plot.png", "missing/plot.png", "plot.jpg"])
 def test_analyze_plot_to_a_place_it_cannot_write_is_one_line(tmp_path, capsys, target):
     levels, _ = random_levels(np.random.default_rng(1), 8, [0.25, 0.5], 4)

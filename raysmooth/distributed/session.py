@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from ..errors import ConfigError, one_line
 from .driver import ActorSpec, DistributedError, start_actors, stop_actors, user_error_of
 
-__all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas"]
+__all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas", "unreachable"]
 
 log = logging.getLogger("raysmooth")
 
@@ -35,6 +36,12 @@ def connect(address: str | None, local_cpus: int | None = None, runtime_env: dic
             )
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    problem = unreachable(address) if address else None
+    if problem:  # ray.init would retry for minutes before saying so
+        raise DistributedError(
+            f"could not reach the Ray cluster at {address}: {problem}; check that the cluster is up "
+            "(`ray status --address ...`) and the address is right"
+        )
     try:
         if address:
             ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
@@ -57,6 +64,19 @@ def connect(address: str | None, local_cpus: int | None = None, runtime_env: dic
         raise DistributedError(
             f"could not start or reach {where} ({type(exc).__name__}: {one_line(exc, 160)}); {hint}"
         ) from None
+
+
+def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why nothing accepts a connection at a ``host:port`` (or ``ray://host:port``) address, else None;
+    ``auto``, ``http://…`` and other forms are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in host:
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {host}:{port} ({exc.strerror or type(exc).__name__})"
 
 
 def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float, max_restarts: int) -> ActorSpec:
