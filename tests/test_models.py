@@ -205,6 +205,11 @@ def test_timm_classifier_loads_a_local_checkpoint_and_carries_its_input_contract
     assert default.contract.input_size == (160, 160) and default.contract.interpolation == "bicubic"
 
 
+def test_a_classifier_contract_in_0_255_units_is_refused():
+    with pytest.raises(ConfigError, match="0-255 units"):
+        load_classifier(tiny_classifier_config(mean=[127.5], std=[63.75]))
+
+
 def test_classifier_resizes_bicubic_with_antialiasing():
     clf = load_classifier(tiny_classifier_config(input_size=(4, 4)))
     seen = []

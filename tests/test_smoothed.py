@@ -220,6 +220,7 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": 0.5, "noise": "lattice", "levels": 0}, InputError, "levels must be a whole number of at least 1"),
         ({"sigma": 0.5, "num_classes": 0, "input_shape": (1, 8, 8)}, ConfigError, "num_classes must be a whole"),
         ({"sigma": 0.5, "model_kwargs": {"width": 3}, "input_shape": (1, 8, 8)}, ConfigError, "would be ignored"),
+        ({"sigma": 0.5, "mean": [123.7], "std": [58.4], "input_shape": (1, 8, 8)}, ConfigError, "0-255 units"),
     ],
 )
 def test_bad_parameters_are_refused_at_construction(kwargs, error, match):

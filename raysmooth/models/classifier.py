@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 
 __all__ = [
@@ -65,6 +65,14 @@ class NormalizedClassifier(nn.Module):
 
     def __init__(self, model: nn.Module, contract: InputContract, num_classes: int, model_id: str = "classifier"):
         super().__init__()
+        # Statistics of images in [0, 1]: a mean above 1 or a std above 1 is a contract in 0-255 units,
+        # which would feed the model inputs ~255x too large with no error (silently wrong accuracy).
+        if not all(0.0 <= m <= 1.0 for m in contract.mean) or not all(0.0 < s <= 1.0 for s in contract.std):
+            raise ConfigError(
+                f"{model_id}: mean and std are statistics of images in [0, 1] (ImageNet's: mean 0.485, 0.456, "
+                f"0.406; std 0.229, 0.224, 0.225), so mean lies in [0, 1] and std in (0, 1]; got mean "
+                f"{list(contract.mean)}, std {list(contract.std)} (in 0-255 units? divide by 255)"
+            )
         self.model = model
         self.contract = contract
         self.num_classes = num_classes
