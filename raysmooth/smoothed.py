@@ -117,7 +117,10 @@ class Smoothed:
         model_kwargs: Mapping[str, Any] | None = None,
         progress: bool = True,
     ):
-        sigmas = [float(sigma)] if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+        try:
+            sigmas = [float(sigma)] if np.ndim(sigma) == 0 else [float(s) for s in np.ravel(sigma)]
+        except (TypeError, ValueError):
+            raise ConfigError(f"sigma must be a number or a list of numbers, got {sigma!r}") from None
         for s in sigmas:
             try:
                 stats.check_sigma(s)
@@ -216,7 +219,8 @@ class Smoothed:
             if len(self.sigmas) != 1:
                 raise ConfigError(f"this smoothed classifier has σ = {self.sigmas}: say which (sigma=…)")
             return 0
-        matches = [i for i, s in enumerate(self.sigmas) if np.isclose(s, float(sigma), rtol=0, atol=1e-12)]
+        # Relative float32 precision: sigma=np.float32(0.1) names the level 0.1 (its noise is float32 anyway).
+        matches = [i for i, s in enumerate(self.sigmas) if np.isclose(s, float(sigma), rtol=1e-6, atol=0)]
         if not matches:
             raise ConfigError(f"sigma={sigma} is not one of {self.sigmas}")
         return matches[0]

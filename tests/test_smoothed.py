@@ -212,6 +212,7 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": float("nan")}, ConfigError, "sigma"),
         ({"sigma": -1.0}, ConfigError, "sigma"),
         ({"sigma": [0.5, 0.5]}, ConfigError, "twice"),
+        ({"sigma": None}, ConfigError, "a number or a list of numbers"),
         ({"sigma": 0.5, "compile_mode": "max-autotune"}, InputError, "compile_mode=max-autotune needs engine.compile"),
         ({"sigma": 0.5, "compile": True, "compile_mode": "fast"}, InputError, "compile_mode must be one of"),
         ({"sigma": 0.5, "seed": 1.5}, ConfigError, "seed must be a whole number"),
@@ -226,6 +227,18 @@ def test_predict_abstains_on_a_coin_flip():
 def test_bad_parameters_are_refused_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         Smoothed(_linear_module(), **kwargs)
+
+
+@pytest.mark.parametrize("sigma", [np.float32(0.1), torch.tensor(0.1), np.array([0.1])])
+def test_sigma_may_be_given_as_a_numpy_or_torch_number(sigma):
+    smoothed = Smoothed(_linear_module(), sigma, input_shape=(1, 8, 8))
+    assert len(smoothed.sigmas) == 1 and abs(smoothed.sigmas[0] - 0.1) < 1e-7
+
+
+@pytest.mark.parametrize("sigma", [np.float32(0.1), torch.tensor(0.1)])
+def test_a_float32_sigma_names_the_level_it_rounds(sigma):
+    smoothed = Smoothed(_linear_module(), [0.1, 0.2], input_shape=(1, 8, 8))
+    assert smoothed.certify(np.full((1, 8, 8), 0.5, np.float32), n0=5, n=50, sigma=sigma).sigma == 0.1
 
 
 def test_bad_calls_are_one_clear_error():
