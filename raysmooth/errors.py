@@ -42,6 +42,8 @@ def one_line(text: object, limit: int = 300) -> str:
 def whole_number(name: str, value: object, minimum: int | None = 1, error: type[RaySmoothError] = InputError) -> int:
     """``value`` as an int when it is a whole number (``1e5`` is, ``100.5`` and ``True`` are not) of at
     least ``minimum``: a count, seed or size given as 100.5 is refused rather than quietly truncated."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d numpy array or torch tensor: its Python number
     whole = None
     if isinstance(value, bool):
         pass

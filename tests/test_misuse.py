@@ -90,12 +90,17 @@ def test_an_unusable_device_is_one_config_error_naming_it():
             Replica(NaNModel(), [0.25], 0, device="cuda")
 
 
-@pytest.mark.parametrize("value,expected", [(1e5, 100_000), (np.int64(7), 7), (np.float32(3.0), 3), (2**70, 2**70)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [(1e5, 100_000), (np.int64(7), 7), (np.float32(3.0), 3), (2**70, 2**70), (np.array(4), 4), (torch.tensor(5), 5)],
+)
 def test_a_whole_number_given_as_any_numeric_type_is_taken(value, expected):
     assert whole_number("n", value) == expected
 
 
-@pytest.mark.parametrize("value", [100.5, float("nan"), float("inf"), True, np.bool_(True), "3", None, 0, -2])
+@pytest.mark.parametrize(
+    "value", [100.5, float("nan"), float("inf"), True, np.bool_(True), "3", None, 0, -2, torch.tensor(2.5), np.ones(2)]
+)
 def test_anything_but_a_whole_number_of_at_least_one_is_refused_not_truncated(value):
     with pytest.raises(InputError, match="n must be a whole number of at least 1"):
         whole_number("n", value)
