@@ -25,6 +25,7 @@ from .config import (
     compose,
     hydra_error_line,
     is_hydra_error,
+    large_sigma_warning,
     load_model_option,
     parse_range,
     typed,
@@ -191,6 +192,8 @@ def certify_task(dcfg: Any) -> int:
     from .runner import certify, report
 
     cfg = _run_out(typed(dcfg, "certify"))
+    if large_sigma_warning(cfg.smoothing.sigmas):
+        log.warning("smoothing.sigmas: %s", large_sigma_warning(cfg.smoothing.sigmas))
     models = [cfg] + [dataclasses.replace(cfg, model=load_model_option(n)) for n in cfg.compare]
     names = [m.model.name for m in models]
     if len(set(names)) != len(names):

@@ -323,6 +323,21 @@ def _stats_check(key: str, fn: Callable[[], Any]) -> None:
         raise ConfigError(f"{key}{text[len(last) :]}" if text.startswith(last + " ") else f"{key}: {text}") from None
 
 
+LARGE_SIGMA = 2.0  # in [0, 1] pixel units: noise this large swamps the whole pixel range several times over
+
+
+def large_sigma_warning(sigmas: Sequence[float]) -> str | None:
+    """A σ above ``LARGE_SIGMA`` is most likely meant in 0-255 units: its certificates are valid but of a
+    classifier that sees almost only noise, with radii that look spectacular. Said, not refused."""
+    big = [float(s) for s in sigmas if s > LARGE_SIGMA]
+    if not big:
+        return None
+    return (
+        f"σ = {', '.join(f'{s:g}' for s in big)} in [0, 1] pixel units is noise {max(big):g}x the whole pixel "
+        "range; if σ was meant in 0-255 units, divide it by 255 (radii are in [0, 1] units too)"
+    )
+
+
 def validate_certify(cfg: CertifyCfg) -> None:
     from . import stats
 

@@ -14,6 +14,7 @@ those image ids (tests/test_smoothed.py checks it).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +25,15 @@ import torch
 from torch import nn
 
 from . import stats
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_RADII, EngineCfg, SequentialCfg, SmoothingCfg
+from .config import DEFAULT_BATCH_SIZE, DEFAULT_RADII, EngineCfg, SequentialCfg, SmoothingCfg, large_sigma_warning
 from .engine import EngineConfig, Replica, resolve_device, validate_images
 from .errors import ConfigError, InputError, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
 from .units import WorkUnit, split_budget
 
 __all__ = ["Smoothed", "Certificate", "Prediction"]
+
+log = logging.getLogger("raysmooth")
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,10 @@ class Smoothed:
                 stats.check_sigma(s)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        if len(set(sigmas)) != len(sigmas):
-            raise ConfigError(f"sigma lists a value twice: {sigmas}")
+        if len({np.float32(s) for s in sigmas}) != len(sigmas):  # the noise is float32: those would be one level
+            raise ConfigError(f"sigma lists a value twice (in float32): {sigmas}")
+        if large_sigma_warning(sigmas):
+            log.warning("sigma: %s", large_sigma_warning(sigmas))
         self.sigmas = sorted(sigmas)  # index order = ascending σ, as in the job
         self.seed = whole_number("seed", seed, minimum=None, error=ConfigError)
         self.chunk = whole_number("chunk", chunk, error=ConfigError)

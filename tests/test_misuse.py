@@ -299,6 +299,12 @@ def test_a_local_ray_that_does_not_start_is_one_line_that_says_what_to_try(tmp_p
     assert "could not start or reach a local Ray cluster" in err and "ray stop" in err
 
 
+def test_a_job_with_a_sigma_in_what_looks_like_0_255_units_runs_and_says_so(tmp_path, capsys):
+    assert certify_main([*SMALL, "smoothing.sigmas=[64]", f"out={tmp_path}"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("divide it by 255") == 1, err
+
+
 def _closed_port() -> int:
     import socket
 

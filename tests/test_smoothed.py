@@ -241,6 +241,21 @@ def test_a_float32_sigma_names_the_level_it_rounds(sigma):
     assert smoothed.certify(np.full((1, 8, 8), 0.5, np.float32), n0=5, n=50, sigma=sigma).sigma == 0.1
 
 
+def test_a_sigma_in_what_looks_like_0_255_units_is_said_not_refused(caplog):
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        Smoothed(_linear_module(), [0.5, 64.0], input_shape=(1, 8, 8))
+    assert "σ = 64 in [0, 1] pixel units" in caplog.text and "divide it by 255" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        Smoothed(_linear_module(), [0.5, 1.0], input_shape=(1, 8, 8))
+    assert "pixel units" not in caplog.text
+
+
+def test_two_sigmas_equal_in_float32_are_one_level_and_refused():
+    with pytest.raises(ConfigError, match="twice"):
+        Smoothed(_linear_module(), [0.1, float(np.float32(0.1))])
+
+
 def test_bad_calls_are_one_clear_error():
     smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8))
     x = np.zeros((1, 8, 8), np.float32)
