@@ -192,8 +192,8 @@ def certify_task(dcfg: Any) -> int:
     from .runner import certify, report
 
     cfg = _run_out(typed(dcfg, "certify"))
-    if large_sigma_warning(cfg.smoothing.sigmas):
-        log.warning("smoothing.sigmas: %s", large_sigma_warning(cfg.smoothing.sigmas))
+    if warning := large_sigma_warning(cfg.smoothing.sigmas):
+        log.warning("smoothing.sigmas: %s", warning)
     models = [cfg] + [dataclasses.replace(cfg, model=load_model_option(n)) for n in cfg.compare]
     names = [m.model.name for m in models]
     if len(set(names)) != len(names):

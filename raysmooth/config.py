@@ -326,6 +326,11 @@ def _stats_check(key: str, fn: Callable[[], Any]) -> None:
 LARGE_SIGMA = 2.0  # in [0, 1] pixel units: noise this large swamps the whole pixel range several times over
 
 
+def distinct_in_float32(sigmas: Sequence[float]) -> bool:
+    """The noise is drawn as float32(σ): two σ equal there would be one level counted twice."""
+    return len({float(np.float32(s)) for s in sigmas}) == len(sigmas)
+
+
 def large_sigma_warning(sigmas: Sequence[float]) -> str | None:
     """A σ above ``LARGE_SIGMA`` is most likely meant in 0-255 units: its certificates are valid but of a
     classifier that sees almost only noise, with radii that look spectacular. Said, not refused."""
@@ -437,8 +442,7 @@ def validate_certify(cfg: CertifyCfg) -> None:
     )
     _check("flush_every", cfg.flush_every >= 1, f"must be at least 1, got {cfg.flush_every}")
     _check("radii", all(_finite(r) and r >= 0 for r in cfg.radii), f"must be non-negative numbers, got {cfg.radii}")
-    f32 = {float(np.float32(s)) for s in sm.sigmas}
-    _check("smoothing.sigmas", len(f32) == len(sm.sigmas), f"holds two σ that are equal in float32: {sm.sigmas}")
+    _check("smoothing.sigmas", distinct_in_float32(sm.sigmas), f"holds two σ that are equal in float32: {sm.sigmas}")
     _check_files(cfg)
 
 

@@ -392,9 +392,10 @@ class Replica:
                 _recompile_room(),
             )
         else:
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
             log.warning(
-                "engine.compile: torch.compile failed (%s: %s); this replica runs eager", type(exc).__name__, first
+                "engine.compile: torch.compile failed (%s: %s); this replica runs eager",
+                type(exc).__name__,
+                one_line(exc, 200),
             )
         self._forward = self.base
         self.config.compile = False

@@ -25,7 +25,15 @@ import torch
 from torch import nn
 
 from . import stats
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_RADII, EngineCfg, SequentialCfg, SmoothingCfg, large_sigma_warning
+from .config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RADII,
+    EngineCfg,
+    SequentialCfg,
+    SmoothingCfg,
+    distinct_in_float32,
+    large_sigma_warning,
+)
 from .engine import EngineConfig, Replica, resolve_device, validate_images
 from .errors import ConfigError, InputError, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
@@ -129,10 +137,10 @@ class Smoothed:
                 stats.check_sigma(s)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        if len({np.float32(s) for s in sigmas}) != len(sigmas):  # the noise is float32: those would be one level
+        if not distinct_in_float32(sigmas):
             raise ConfigError(f"sigma lists a value twice (in float32): {sigmas}")
-        if large_sigma_warning(sigmas):
-            log.warning("sigma: %s", large_sigma_warning(sigmas))
+        if warning := large_sigma_warning(sigmas):
+            log.warning("sigma: %s", warning)
         self.sigmas = sorted(sigmas)  # index order = ascending σ, as in the job
         self.seed = whole_number("seed", seed, minimum=None, error=ConfigError)
         self.chunk = whole_number("chunk", chunk, error=ConfigError)
@@ -260,10 +268,10 @@ class Smoothed:
         ``chunks`` of image ``ids[r]``: the job's units, so the job's noise. Images go to the engine in
         groups of about ``group_samples`` samples, so memory stays bounded."""
         per_group = max(1, group_samples // max(1, sum(size for _, size in chunks)))
+        progress = bar.update if bar is not None else None
         for g in range(0, len(rows), per_group):
             row_of = {ids[r]: r for r in rows[g : g + per_group]}
             units = [WorkUnit(i, sigma_index, phase, c, size) for i in row_of for c, size in chunks]
-            progress = bar.update if bar is not None else None
             counts = self._replica.run(units, {i: batch[r] for i, r in row_of.items()}, progress)
             for u in units:
                 out[row_of[u.image_id]] += counts[u.key]
@@ -461,9 +469,10 @@ class Smoothed:
             raise ConfigError(str(exc)) from None
         if policy not in stats.POLICIES:
             raise ConfigError(f"policy must be one of {stats.POLICIES}, got {policy!r}")
-        chosen = sorted(self._sigma_index(s) for s in (sigmas if sigmas is not None else self.sigmas))
+        asked = [float(s) for s in sigmas] if sigmas is not None else self.sigmas
+        chosen = sorted(self._sigma_index(s) for s in asked)
         if len(chosen) < 2 or len(set(chosen)) != len(chosen):
-            raise ConfigError(f"the cascade needs two or more distinct σ, got {list(sigmas or self.sigmas)}")
+            raise ConfigError(f"the cascade needs two or more distinct σ, got {asked}")
         img = _as_image(x)[None]
         levels, dense, margin = [], [], 0.0
         for s in chosen:

@@ -131,7 +131,7 @@ def config_hash(config: dict) -> str:
 
 def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict) and value:
-        return {k: v for key in sorted(value) for k, v in _leaves(value[key], f"{prefix}{key}.").items()}
+        return {k: v for key in value for k, v in _leaves(value[key], f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): value}
 
 
@@ -142,8 +142,9 @@ def config_differences(stored: Any, config: dict, limit: int = 3) -> str:
         return ""
     here = _leaves(json.loads(json.dumps(config, default=str)))  # as the manifest stored it
     there = _leaves(stored)
-    keys = sorted(k for k in set(here) | set(there) if here.get(k, "(unset)") != there.get(k, "(unset)"))
-    parts = [f"{k}: {there.get(k, '(unset)')!r} there, {here.get(k, '(unset)')!r} here" for k in keys[:limit]]
+    unset = "(unset)"
+    keys = sorted(k for k in set(here) | set(there) if here.get(k, unset) != there.get(k, unset))
+    parts = [f"{k}: {there.get(k, unset)!r} there, {here.get(k, unset)!r} here" for k in keys[:limit]]
     more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
     return "; ".join(parts) + more
 

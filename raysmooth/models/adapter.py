@@ -73,7 +73,7 @@ def as_classifier(
         num_classes = _infer_num_classes(module, (c, *size))
     num_classes = whole_number("num_classes", num_classes, error=ConfigError)
     name = model_id or type(module).__module__ + "." + type(module).__qualname__
-    return NormalizedClassifier(module, InputContract(size, interpolation, mean, std), int(num_classes), model_id=name)
+    return NormalizedClassifier(module, InputContract(size, interpolation, mean, std), num_classes, model_id=name)
 
 
 def from_module(
