@@ -80,8 +80,34 @@ class Prediction:
 
 
 def _as_image(x: Any) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        a = np.asarray(x)
+        if a.dtype.kind not in "biuf":  # strings, objects, ragged lists: not pixels
+            raise InputError(f"images must be numbers (a tensor or an array), got an array of {a.dtype}")
+        t = torch.from_numpy(a)
+    if t.is_complex():
+        raise InputError("images must be real numbers, got complex ones")
     return t.detach().to("cpu", torch.float32)
+
+
+def _no_images(xs: Any) -> bool:
+    """An empty list or (0, C, H, W) batch: certified as an empty list, nothing built or drawn."""
+    shape = getattr(xs, "shape", None)
+    return len(shape) == 4 and shape[0] == 0 if shape is not None else isinstance(xs, (list, tuple)) and not xs
+
+
+def _one_image(x: Any, method: str) -> torch.Tensor:
+    """``x`` as a batch of one, refusing a batch: a (1, C, H, W) given to ``certify`` would otherwise be
+    read as one image of shape (1, C, H, W) and refused with a confusing shape."""
+    img = _as_image(x)
+    if img.ndim != 3:
+        several = {2: "; a grey image needs its channel axis: x[None]"}.get(img.ndim, "")
+        if img.ndim == 4 and method == "certify":
+            several = "; for a batch use certify_batch"
+        raise InputError(f"{method} takes one image of shape (C, H, W), got {tuple(img.shape)}{several}")
+    return img[None]
 
 
 class Smoothed:
@@ -239,9 +265,17 @@ class Smoothed:
         return matches[0]
 
     def _stack(self, xs: Any) -> torch.Tensor:
-        batch = torch.stack([_as_image(x) for x in xs]) if isinstance(xs, (list, tuple)) else _as_image(xs)
+        if isinstance(xs, (list, tuple)):
+            images = [_as_image(x) for x in xs]
+            shapes = sorted({tuple(i.shape) for i in images})
+            if len(shapes) > 1:
+                raise InputError(f"images of a batch must share one shape, got {shapes}")
+            batch = torch.stack(images) if images else torch.empty(0)
+        else:
+            batch = _as_image(xs)
         if batch.ndim != 4:
-            raise InputError(f"images must have shape (N, C, H, W), got {tuple(batch.shape)}")
+            hint = " (one image: certify, or x[None])" if batch.ndim == 3 else ""
+            raise InputError(f"a batch of images must have shape (N, C, H, W), got {tuple(batch.shape)}{hint}")
         replica = self._ready(tuple(batch.shape[1:]))
         validate_images(batch, None, replica.shape, replica.num_classes)
         return batch
@@ -345,6 +379,10 @@ class Smoothed:
     ) -> list[Certificate]:
         """CERTIFY (Cohen et al.) for many images, packed into full batches."""
         _check_alpha(alpha)
+        if _no_images(xs):
+            if ids:
+                raise InputError(f"{len(ids)} ids for no images")
+            return []
         batch = self._stack(xs)
         ids = self._ids(batch, ids)
         s = self._sigma_index(sigma)
@@ -367,7 +405,7 @@ class Smoothed:
         image_id: int = 0,
     ) -> Certificate:
         """CERTIFY for one image ``x`` of shape (C, H, W) in [0, 1]."""
-        return self.certify_batch(_as_image(x)[None], n0, n, alpha, sigma=sigma, ids=[image_id])[0]
+        return self.certify_batch(_one_image(x, "certify"), n0, n, alpha, sigma=sigma, ids=[image_id])[0]
 
     def certify_sequential(
         self,
@@ -392,6 +430,10 @@ class Smoothed:
         decided. Valid at level ``alpha`` under that stopping. With the same seed, σ list and unit it
         draws exactly the noise of ``raysmooth certify smoothing.mode=sequential``."""
         _check_alpha(alpha)
+        if _no_images(xs):
+            if ids:
+                raise InputError(f"{len(ids)} ids for no images")
+            return []
         batch = self._stack(xs)
         ids = self._ids(batch, ids)
         s = self._sigma_index(sigma)
@@ -441,7 +483,7 @@ class Smoothed:
         """PREDICT for one image: abstains unless the top class beats the runner-up at level ``alpha``."""
         _check_alpha(alpha)
         s = self._sigma_index(sigma)
-        counts = self.counts(_as_image(x)[None], phase="estimation", n=n, sigma_index=s, ids=[image_id])
+        counts = self.counts(_one_image(x, "predict"), phase="estimation", n=n, sigma_index=s, ids=[image_id])
         sparse = stats.SparseCounts.from_dense(counts)
         result = stats.predict(sparse, alpha)
         _c1, n1, _c2, n2 = sparse.top2()
@@ -473,7 +515,7 @@ class Smoothed:
         chosen = sorted(self._sigma_index(s) for s in asked)
         if len(chosen) < 2 or len(set(chosen)) != len(chosen):
             raise ConfigError(f"the cascade needs two or more distinct σ, got {asked}")
-        img = _as_image(x)[None]
+        img = _one_image(x, "cascade")
         levels, dense, margin = [], [], 0.0
         for s in chosen:
             sel = self.counts(img, phase="selection", n=n0, sigma_index=s, ids=[image_id])

@@ -271,6 +271,32 @@ def test_bad_calls_are_one_clear_error():
         smoothed.certify(x, n0=5, n=50, alpha=float("nan"), sigma=0.25)
 
 
+@pytest.mark.parametrize(
+    ("method", "image", "says"),
+    [
+        ("certify", np.zeros((1, 1, 8, 8), np.float32), "certify takes one image .* use certify_batch"),
+        ("certify", np.zeros((8, 8), np.float32), r"channel axis: x\[None\]"),
+        ("predict", np.zeros((1, 1, 8, 8), np.float32), "predict takes one image"),
+        ("certify", np.array([["a"]]), "must be numbers"),
+        ("certify_batch", np.zeros((1, 8, 8), np.float32), r"one image: certify, or x\[None\]"),
+        ("certify_batch", [np.zeros((1, 8, 8)), np.zeros((1, 4, 4))], "share one shape"),
+    ],
+)
+def test_images_of_the_wrong_form_are_one_line_saying_which_form_the_call_takes(method, image, says):
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8), progress=False)
+    with pytest.raises(InputError, match=says):
+        getattr(smoothed, method)(image, **({} if method == "predict" else {"n0": 5}), n=50)
+
+
+@pytest.mark.parametrize("empty", [[], np.zeros((0, 1, 8, 8), np.float32), torch.zeros(0, 1, 8, 8)])
+def test_an_empty_batch_certifies_to_an_empty_list(empty):
+    smoothed = Smoothed(_linear_module(), 0.25, progress=False)
+    assert smoothed.certify_batch(empty, n0=5, n=50) == []
+    assert smoothed.certify_sequential(empty, n0=5, n_max=400, unit=100) == []
+    with pytest.raises(InputError, match="ids for no images"):
+        smoothed.certify_batch(empty, n0=5, n=50, ids=[3])
+
+
 @pytest.mark.parametrize("n", [100.5, float("nan"), float("inf"), "100", True])
 def test_a_sample_count_that_is_not_a_whole_number_is_refused_not_rounded(n):
     smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
