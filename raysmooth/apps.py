@@ -78,7 +78,7 @@ def _with_model_defaults(name: str, argv: list[str]) -> list[str]:
         and any(a.lstrip("+").startswith(("model=", "model.")) for a in argv)
         and not any(a.lstrip("+~").startswith("compare") for a in argv)
     ):
-        return argv + ["compare=[]"]
+        return ["compare=[]", *argv]  # first: after a flag such as --cfg job, argparse would refuse it
     return argv
 
 
@@ -94,7 +94,7 @@ def _failed(name: str, exc: BaseException) -> int:
     if isinstance(exc, OSError) and exc.filename:
         text = f"{exc.filename}: {exc.strerror}"
     elif is_hydra_error(exc):
-        text = hydra_error_line(exc)
+        text = hydra_error_line(exc, name)
     else:
         text = str(exc)
     print(f"raysmooth {name}: error: {one_line(text, 1000)}", file=sys.stderr)
@@ -144,7 +144,7 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
             "OverrideParseException",
             "MissingConfigException",
         ):
-            return _failed(name, ConfigError(hydra_error_line(exc)))
+            return _failed(name, ConfigError(hydra_error_line(exc, name)))
         raise
     finally:
         sys.argv = saved_argv

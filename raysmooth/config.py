@@ -10,7 +10,9 @@ edge; everything after works with attributes, never with string-keyed dicts. A m
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +211,9 @@ class FinetuneConfig:
 _SCHEMAS = {"certify": CertifyCfg, "sweep": SweepCfg, "finetune": FinetuneConfig}
 
 
+SCHEMAS: dict[str, type] = {"certify": CertifyCfg, "sweep": SweepCfg, "finetune": FinetuneConfig}
+
+
 def register_configs() -> None:
     """Register the schemas with hydra's ConfigStore (YAMLs name them in their defaults lists)."""
     from hydra.core.config_store import ConfigStore
@@ -238,13 +243,64 @@ def _first_sentence(exc: BaseException) -> str:
     return f"{head} (key: {key})" if key and key not in head else head
 
 
-def hydra_error_line(exc: BaseException) -> str:
-    """Hydra's message and, where it wraps one, OmegaConf's reason, on one line."""
+def hydra_error_line(exc: BaseException, config_name: str | None = None) -> str:
+    """Hydra's message and, where it wraps one, OmegaConf's reason, on one line; with ``config_name``,
+    the key the user probably meant when the one given does not exist."""
     text = _first_sentence(exc)
     cause = exc.__cause__ or exc.__context__
     if cause is not None and type(cause).__module__.startswith(("omegaconf", "hydra")):
         text = f"{text.rstrip('.')}: {_first_sentence(cause)}"
+    unknown = re.match(r"Could not override '([^']+)'.* not in '", text)
+    if unknown and config_name in SCHEMAS:
+        text += _did_you_mean(unknown.group(1), SCHEMAS[config_name])
+    listed = re.search(r"is not a ListConfig, list or tuple.*\(key: ([\w.]+)\)", text)
+    if listed:
+        text += f"; {listed.group(1)} is a list: {listed.group(1)}=[…]"
     return text
+
+
+def _schema_keys(schema: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema dataclass (the keys of its open dicts are the user's)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(default):
+            keys += _schema_keys(type(default), f"{prefix}{f.name}.")
+    return keys
+
+
+def _did_you_mean(key: str, schema: type) -> str:
+    """' (did you mean smoothing.seed?)' for 'seed', from the schema's keys: the closest spelling beside
+    it (smoothing.aplha → smoothing.alpha), else the same name elsewhere (seed → smoothing.seed)."""
+    keys = _schema_keys(schema)
+    parent, _, last = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    close = [siblings[m] for m in difflib.get_close_matches(last, list(siblings), n=1, cutoff=0.75)]
+    close = close or [k for k in keys if k != key and k.rpartition(".")[2] == last]
+    return f" (did you mean {' or '.join(close[:2])}?)" if close else ""
+
+
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its schema does not have: ``+key=value`` adds them, and
+    ``OmegaConf.to_object`` drops them without a word, so a mistyped ``+smoothing.seed2=1`` would run
+    the default silently. Keys under open dicts (``model.options``, ``model.classifier`` …) are the
+    user's and not checked."""
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    names = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key in node.keys():
+        if key not in names:
+            found.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            found += unknown_keys(child, f"{prefix}{key}.")
+    return found
 
 
 def is_hydra_error(exc: BaseException) -> bool:
@@ -265,7 +321,7 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path | 
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except Exception as exc:  # composing reads only configs and overrides: whatever fails is a config mistake
         text = (
-            hydra_error_line(exc)
+            hydra_error_line(exc, config_name)
             if is_hydra_error(exc) or isinstance(exc, (ValueError, KeyError))
             else f"cannot apply the overrides {list(overrides)} ({type(exc).__name__}: {exc})"
         )
@@ -280,6 +336,11 @@ def typed(cfg: Any, config_name: str):
 
     obj = cfg
     if isinstance(cfg, DictConfig):
+        extra = unknown_keys(cfg)
+        if extra:
+            schema = SCHEMAS.get(config_name)
+            hint = _did_you_mean(extra[0], schema) if schema else ""
+            raise ConfigError(f"{extra[0]} is no key of raysmooth {config_name}{hint}; nothing would read it")
         try:
             obj = OmegaConf.to_object(cfg)
         except Exception as exc:

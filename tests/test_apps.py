@@ -36,6 +36,13 @@ def test_the_script_and_the_command_are_one_hydra_app():
     assert "'n': 123" in script.stdout and script.stdout == command.stdout
 
 
+def test_choosing_a_model_prints_its_config_with_cfg_job(capsys):
+    # choosing a model clears `compare`; that override must not land after --cfg's argument
+    assert certify_main(["model=linear", "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "compare: []" in out and "base: linear" in out
+
+
 def test_a_run_keeps_hydras_records_beside_its_results(tmp_path):
     assert certify_main([*SMALL, f"out={tmp_path}"]) == 0
     records = list((tmp_path / ".hydra").glob("*/.hydra/config.yaml"))

@@ -36,6 +36,42 @@ def test_a_wrong_key_or_value_is_one_line_naming_it(override, names):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("smoothing.aplha=0.01", "did you mean smoothing.alpha"),
+        ("seed=3", "did you mean smoothing.seed"),
+        ("engine.batchsize=8", "did you mean engine.batch_size"),
+    ],
+)
+def test_a_key_that_does_not_exist_names_the_key_probably_meant(override, says):
+    with pytest.raises(ConfigError, match=says):
+        compose("certify", [override])
+
+
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("+seed=3", r"seed is no key .*did you mean smoothing\.seed"),
+        ("+smoothing.sigma=0.5", r"smoothing\.sigma is no key .*did you mean smoothing\.sigmas"),
+        ("+data.foo=1", r"data\.foo is no key of raysmooth certify; nothing would read it"),
+    ],
+)
+def test_a_plus_override_adding_a_key_nothing_reads_is_refused_not_dropped(override, says):
+    with pytest.raises(ConfigError, match=says):
+        compose("certify", [override])
+
+
+def test_keys_added_inside_the_open_sections_stay_the_users():
+    cfg = compose("certify", ["+model.options.width=3", "+data.options.num_images=5"])
+    assert cfg.model.options == {"width": 3} and cfg.data.options["num_images"] == 5
+
+
+def test_one_value_for_a_list_key_says_the_key_takes_a_list():
+    with pytest.raises(ConfigError, match=r"smoothing\.p0 is a list: smoothing\.p0=\[…\]"):
+        compose("certify", ["smoothing.p0=0.7"])
+
+
 def test_a_typo_inside_a_yaml_file_is_refused(tmp_path, monkeypatch):
     shutil = pytest.importorskip("shutil")
     conf = tmp_path / "configs"
