@@ -398,7 +398,9 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     started = time.perf_counter()
     counts = store.read_counts()
     if not alphas:  # the α the run was certified at
-        alphas = sorted(set(counts.column("alpha").to_pylist())) or [0.001]
+        alphas = counts.column("alpha").to_pylist() or [0.001]
+    # One setting per distinct value: a repeated α or p0 would pool its rows twice into one summary.
+    alphas, p0 = sorted({float(a) for a in alphas}), np.unique(np.asarray(p0, dtype=np.float64))
     view = counts_view(counts)
     table = sweep_certificates(view, p0, alphas, policy, noise_info(store.manifest))
     elapsed = time.perf_counter() - started

@@ -122,6 +122,15 @@ def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
         )
 
 
+def test_a_value_given_twice_to_sweep_is_one_setting_not_its_rows_pooled_twice(run_dir, capsys):
+    root, _, labels = run_dir
+    assert main(["sweep", str(root), "--p0", "0.5", "--alpha", "0.01", "--radii", "0.5,0,0.5"]) == 0
+    once = capsys.readouterr().out
+    assert main(["sweep", str(root), "--p0", "0.5", "--alpha", "0.01,0.01", "--radii", "0,0.5"]) == 0
+    twice = capsys.readouterr().out
+    assert twice == once and f"| {len(labels)} | " in once and "| r=0 | r=0.5 |" in once
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
