@@ -59,6 +59,7 @@ ATTENTION_KERNELS = ("sdpa", "flex")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 DEFAULT_BATCH_SIZE = 1000  # samples per forward pass when neither the engine nor the model config says
 GIVE_UP_AFTER_S = 600.0  # a run stops (resumably) when no actor has finished a task for this long
+REPORT_METHODS = ("certify", "cascade", "predict", "sequential")  # the methods of the job's certificate rows
 PATH_KEYS = ("path", "weights", "checkpoint")  # keys of a model section that name files or folders
 
 
@@ -431,6 +432,10 @@ def validate_certify(cfg: CertifyCfg) -> None:
         bool(sm.policies) and all(p in stats.POLICIES for p in sm.policies),
         f"must be among {stats.POLICIES}, got {sm.policies}",
     )
+    # A value listed twice would store its certificates twice, and the report would pool them into
+    # one row of twice the images.
+    _check_distinct("smoothing.p0", sm.p0)
+    _check_distinct("smoothing.policies", sm.policies)
     _check("smoothing.mode", sm.mode != "cascade" or len(sm.sigmas) >= 2, "=cascade needs two or more σ")
     if sm.mode == "sequential":
         _check_sequential(sm.sequential, cfg.radii)
@@ -503,8 +508,19 @@ def validate_certify(cfg: CertifyCfg) -> None:
     )
     _check("flush_every", cfg.flush_every >= 1, f"must be at least 1, got {cfg.flush_every}")
     _check("radii", all(_finite(r) and r >= 0 for r in cfg.radii), f"must be non-negative numbers, got {cfg.radii}")
+    _check_distinct("radii", cfg.radii)
+    _check(
+        "report_methods",
+        bool(cfg.report_methods) and set(cfg.report_methods) <= set(REPORT_METHODS),
+        f"must be among {list(REPORT_METHODS)}, got {cfg.report_methods}",
+    )
     _check("smoothing.sigmas", distinct_in_float32(sm.sigmas), f"holds two σ that are equal in float32: {sm.sigmas}")
     _check_files(cfg)
+
+
+def _check_distinct(key: str, values: Sequence[Any]) -> None:
+    twice = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+    _check(key, not twice, f"lists {', '.join(map(str, twice))} twice: {list(values)}")
 
 
 def _check_sequential(sq: SequentialCfg, report_radii: list[float]) -> None:

@@ -62,6 +62,24 @@ def test_a_plus_override_adding_a_key_nothing_reads_is_refused_not_dropped(overr
         compose("certify", [override])
 
 
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("smoothing.p0=[0.5,0.7,0.5]", r"smoothing\.p0 lists 0\.5 twice"),
+        ("smoothing.policies=[strict,strict]", r"smoothing\.policies lists strict twice"),
+        ("radii=[0,0.5,0.5]", r"radii lists 0\.5 twice"),
+    ],
+)
+def test_a_report_value_listed_twice_is_refused_not_pooled_into_one_row(override, says):
+    with pytest.raises(ConfigError, match=says):
+        compose("certify", [override])
+
+
+def test_a_report_method_that_does_not_exist_is_refused_not_an_empty_table():
+    with pytest.raises(ConfigError, match=r"report_methods must be among \['certify', 'cascade', 'predict'"):
+        compose("certify", ["report_methods=[certfy]"])
+
+
 def test_keys_added_inside_the_open_sections_stay_the_users():
     cfg = compose("certify", ["+model.options.width=3", "+data.options.num_images=5"])
     assert cfg.model.options == {"width": 3} and cfg.data.options["num_images"] == 5
