@@ -73,12 +73,11 @@ def _plain_overrides(argv: Sequence[str]) -> list[str] | None:
 def _with_model_defaults(name: str, argv: list[str]) -> list[str]:
     """``raysmooth certify model=mine`` certifies just that model: choosing a model without naming
     ``compare`` clears the default comparison models."""
-    if (
-        name == "certify"
-        and any(a.lstrip("+").startswith(("model=", "model.")) for a in argv)
-        and not any(a.lstrip("+~").startswith("compare") for a in argv)
-    ):
-        return ["compare=[]", *argv]  # first: after a flag such as --cfg job, argparse would refuse it
+    chooses = [i for i, a in enumerate(argv) if a.lstrip("+").startswith(("model=", "model."))]
+    if name == "certify" and chooses and not any(a.lstrip("+~").startswith("compare") for a in argv):
+        # beside the model override, among the other overrides: argparse refuses an override that
+        # comes after a flag's argument (model=x --cfg job compare=[])
+        return [*argv[: chooses[0]], "compare=[]", *argv[chooses[0] :]]
     return argv
 
 
