@@ -201,18 +201,29 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.draws must be at least 2, got {self.draws}")
         if not self.sigmas or any(not (math.isfinite(s) and s > 0) for s in self.sigmas):
             raise ConfigError(f"finetune.sigmas must be positive, got {self.sigmas}")
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ConfigError("finetune.steps, batch_size and lr must be positive")
-        if self.brier_weight < 0 or self.anti_consistency_weight < 0:
-            raise ConfigError("loss weights must be non-negative")
+        for key in ("steps", "batch_size", "checkpoint_every"):
+            _check(f"finetune.{key}", getattr(self, key) >= 1, f"must be at least 1, got {getattr(self, key)}")
+        _check("finetune.threads", self.threads is None or self.threads >= 1, f"must be at least 1, got {self.threads}")
+        # An infinite lr or a NaN weight trains a denoiser of NaNs, saved as if it were fine.
+        # AdamW moves each weight by about lr per step: past 1 nothing useful is left, and an lr past
+        # float32's range is a RuntimeError inside the optimizer.
+        _check("finetune.lr", _finite(self.lr) and 0 < self.lr <= 1, f"must lie in (0, 1], got {self.lr}")
+        _check(
+            "finetune.weight_decay",
+            _finite(self.weight_decay) and self.weight_decay >= 0,
+            f"must be a non-negative finite number, got {self.weight_decay}",
+        )
+        weights = (self.brier_weight, self.anti_consistency_weight)
+        if not all(_finite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            raise ConfigError(
+                "finetune.brier_weight and anti_consistency_weight must be non-negative finite numbers, "
+                f"not both 0 (nothing would be learned), got {weights[0]} and {weights[1]}"
+            )
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ConfigError("finetune.lora_rank must be at least 1 (or null for full fine-tuning)")
 
 
-_SCHEMAS = {"certify": CertifyCfg, "sweep": SweepCfg, "finetune": FinetuneConfig}
-
-
-SCHEMAS: dict[str, type] = {"certify": CertifyCfg, "sweep": SweepCfg, "finetune": FinetuneConfig}
+_SCHEMAS: dict[str, type] = {"certify": CertifyCfg, "sweep": SweepCfg, "finetune": FinetuneConfig}
 
 
 def register_configs() -> None:
@@ -252,8 +263,11 @@ def hydra_error_line(exc: BaseException, config_name: str | None = None) -> str:
     if cause is not None and type(cause).__module__.startswith(("omegaconf", "hydra")):
         text = f"{text.rstrip('.')}: {_first_sentence(cause)}"
     unknown = re.match(r"Could not override '([^']+)'.* not in '", text)
-    if unknown and config_name in SCHEMAS:
-        text += _did_you_mean(unknown.group(1), SCHEMAS[config_name])
+    if unknown and config_name in _SCHEMAS:
+        text += _did_you_mean(unknown.group(1), _SCHEMAS[config_name])
+    if config_name == "finetune" and re.match(r"Could not override 'data'", text):
+        # configs/data/ makes `data` a config group on the command line; fine-tuning reads one set anyway
+        text += " (raysmooth finetune trains on the digits training split; finetune.data is not a choice yet)"
     listed = re.search(r"is not a ListConfig, list or tuple.*\(key: ([\w.]+)\)", text)
     if listed:
         text += f"; {listed.group(1)} is a list: {listed.group(1)}=[…]"
@@ -339,7 +353,7 @@ def typed(cfg: Any, config_name: str):
     if isinstance(cfg, DictConfig):
         extra = unknown_keys(cfg)
         if extra:
-            schema = SCHEMAS.get(config_name)
+            schema = _SCHEMAS.get(config_name)
             hint = _did_you_mean(extra[0], schema) if schema else ""
             raise ConfigError(f"{extra[0]} is no key of raysmooth {config_name}{hint}; nothing would read it")
         try:

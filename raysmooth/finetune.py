@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PATH_KEYS, FinetuneConfig, resolve_path
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .models import DiffusionDenoiser, NormalizedClassifier, load_classifier, load_denoiser
 
 __all__ = ["FinetuneConfig", "brier_loss", "anti_consistency_loss", "majority_vote", "finetune_loss", "finetune"]
@@ -128,6 +129,16 @@ def _save_denoiser(denoiser: DiffusionDenoiser, cfg: FinetuneConfig, src: Path, 
     return dst
 
 
+def _diverged(step: int, cfg: FinetuneConfig, ckpt: Path) -> None:
+    """Stop before a non-finite loss or weight is trained on or saved: the last checkpoint stays the
+    last good state, and no denoiser of NaNs is written."""
+    kept = f"the checkpoint in {ckpt} is kept" if (ckpt / "state.pt").exists() else "nothing was saved"
+    raise UserError(
+        f"fine-tuning diverged at step {step}: the loss or the weights are no longer finite "
+        f"(finetune.lr={cfg.lr:g}: try a smaller one, into a new finetune.out); {kept}"
+    )
+
+
 def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None = None) -> Path:
     """Fine-tune; resumes from ``out/checkpoint`` when present. Returns the folder of the new
     denoiser (a diffusers folder: ``denoiser.path=<it>`` loads it in ``raysmooth certify``)."""
@@ -193,30 +204,37 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
     started = time.time()
-    with metrics_path.open("a") as metrics:
-        while step < cfg.steps:
-            idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
-            sig = sigmas[torch.randint(0, len(sigmas), (cfg.batch_size,), generator=gen)]
-            probs = denoised_probs(denoiser, classifier, x_train[idx], sig, cfg.draws, gen)
-            losses = finetune_loss(probs, y_train[idx], cfg.brier_weight, cfg.anti_consistency_weight)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            step += 1
-            row = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "seconds": time.time() - started}
-            metrics.write(json.dumps(row) + "\n")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4f}", brier=f"{row['brier']:.4f}", ac=f"{row['anti_consistency']:.3f}"
-                )
-            if progress is not None:
-                progress(step, row)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                metrics.flush()
-                save_checkpoint()
-    if bar is not None:
-        bar.close()
+    try:  # the bar ends its line before any error is printed
+        with metrics_path.open("a") as metrics:
+            while step < cfg.steps:
+                idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+                sig = sigmas[torch.randint(0, len(sigmas), (cfg.batch_size,), generator=gen)]
+                probs = denoised_probs(denoiser, classifier, x_train[idx], sig, cfg.draws, gen)
+                losses = finetune_loss(probs, y_train[idx], cfg.brier_weight, cfg.anti_consistency_weight)
+                values = {k: float(v.detach()) for k, v in losses.items()}  # the metrics line needs them anyway
+                if not math.isfinite(values["loss"]):
+                    _diverged(step + 1, cfg, ckpt)
+                opt.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                opt.step()
+                step += 1
+                row = {"step": step, **values, "seconds": time.time() - started}
+                metrics.write(json.dumps(row) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}", brier=f"{row['brier']:.4f}", ac=f"{row['anti_consistency']:.3f}"
+                    )
+                if progress is not None:
+                    progress(step, row)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    metrics.flush()
+                    if not all(bool(torch.isfinite(p).all()) for p in params):  # one step can blow the weights up
+                        _diverged(step, cfg, ckpt)
+                    save_checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
     unet.eval()
     src = Path(den_cfg["path"]) if den_cfg.get("path") else out
     return _save_denoiser(denoiser, cfg, src, out / "denoiser")

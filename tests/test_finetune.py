@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from raysmooth.errors import ConfigError
+from raysmooth.errors import ConfigError, UserError
 from raysmooth.finetune import (
     FinetuneConfig,
     anti_consistency_loss,
@@ -120,3 +120,57 @@ def test_bad_finetuning_settings_are_refused(tmp_path):
         finetune(_cfg(tmp_path, draws=1), progress=lambda s, r: None)
     with pytest.raises(ConfigError, match="lora_targets"):
         finetune(_cfg(tmp_path, lora_rank=2, lora_targets=["nothing"]), progress=lambda s, r: None)
+
+
+@pytest.mark.parametrize(
+    "bad,says",
+    [
+        ({"lr": float("inf")}, r"finetune.lr must lie in \(0, 1\]"),
+        ({"lr": 1e39}, r"finetune.lr must lie in \(0, 1\]"),
+        ({"weight_decay": -1.0}, "finetune.weight_decay"),
+        ({"brier_weight": float("nan")}, "non-negative finite numbers"),
+        ({"brier_weight": 0.0, "anti_consistency_weight": 0.0}, "nothing would be learned"),
+        ({"checkpoint_every": 0}, "finetune.checkpoint_every must be at least 1"),
+        ({"threads": 0}, "finetune.threads must be at least 1"),
+    ],
+)
+def test_settings_that_would_train_nothing_or_nans_are_refused_before_training(tmp_path, bad, says):
+    with pytest.raises(ConfigError, match=says):
+        finetune(_cfg(tmp_path, **bad), progress=lambda s, r: None)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_loss_that_turns_nan_stops_the_run_before_it_is_trained_on(tmp_path, monkeypatch):
+    import raysmooth.finetune as ft
+
+    real, calls = ft.finetune_loss, []
+
+    def nan_on_the_third_step(*args):
+        losses = real(*args)
+        calls.append(1)
+        return {**losses, "loss": losses["loss"] * float("nan")} if len(calls) == 3 else losses
+
+    monkeypatch.setattr(ft, "finetune_loss", nan_on_the_third_step)
+    with pytest.raises(UserError, match=r"diverged at step 3: .*try a smaller one.*checkpoint in .* is kept"):
+        finetune(_cfg(tmp_path, steps=4, checkpoint_every=2), progress=lambda s, r: None)
+    assert not (tmp_path / "ft" / "denoiser").exists()
+    assert torch.load(tmp_path / "ft" / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_weights_a_step_made_non_finite_are_never_checkpointed(tmp_path, monkeypatch):
+    def step_that_blows_up(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.fill_(float("inf"))
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_that_blows_up)
+    with pytest.raises(UserError, match="diverged at step 1"):
+        finetune(_cfg(tmp_path, steps=1, checkpoint_every=1), progress=lambda s, r: None)
+    assert not (tmp_path / "ft" / "denoiser").exists() and not (tmp_path / "ft" / "checkpoint").exists()
+
+
+def test_choosing_a_data_set_for_finetuning_says_only_digits_is_trained_on(capsys):
+    from raysmooth.apps import finetune_main
+
+    assert finetune_main(["data=cifar10"]) == 2
+    assert "trains on the digits training split" in capsys.readouterr().err
