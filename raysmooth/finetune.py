@@ -123,9 +123,13 @@ def _save_denoiser(denoiser: DiffusionDenoiser, cfg: FinetuneConfig, src: Path, 
     if (src / "scheduler").is_dir():
         shutil.copytree(src / "scheduler", tmp / "scheduler")
     (tmp / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    # Never a moment without a whole denoiser at dst or beside it: the old one is moved aside first.
+    old = dst.with_name(f"_{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
-        shutil.rmtree(dst)
+        dst.rename(old)
     tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
     return dst
 
 
