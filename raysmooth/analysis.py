@@ -253,6 +253,13 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
         # A folder of runs, as `raysmooth certify` writes one per model: every run, prefixed by its name.
         runs = sorted(d for d in path.iterdir() if (d / RunStore.MANIFEST).is_file())
         return [c for d in runs for c in load_curves(d, f"{prefix}{d.name}: ")]
+    elif not any(path.glob("part-*.parquet")) and any((d / "sweep.json").is_file() for d in path.iterdir()):
+        # a run's sweeps/ folder: every sweep, prefixed by its folder's name
+        sweeps = sorted(d for d in path.iterdir() if (d / "sweep.json").is_file())
+        return [c for d in sweeps for c in load_curves(d, f"{prefix}{d.name}: ")]
+    elif (path.parent / RunStore.MANIFEST).is_file() and path.name != "certificates":
+        # the counts (or another table) inside a run: its parts are not certificates, and not damaged
+        raise AnalysisError(f"{path} is the {path.name} table of the run {path.parent}; analyze the run itself")
     else:
         table = read_table(path, CERTIFICATES_SCHEMA)
         where = str(path)

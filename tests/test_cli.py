@@ -103,6 +103,25 @@ def test_analyze_of_a_run_draws_a_plot(run_dir, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_analyze_of_a_runs_sweeps_folder_shows_every_sweep_by_name(tmp_path, capsys):
+    levels, _ = random_levels(np.random.default_rng(3), 30, [0.25, 0.5], 10, concentration=0.15)
+    root = tmp_path / "run"
+    write_run(root, levels, np.zeros(30, np.int64), alpha=0.001)
+    assert main(["sweep", str(root), "--p0", "0.5"]) == main(["sweep", str(root), "--p0", "0.7"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(root / "sweeps")]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if "cascade strict" in ln]
+    names = sorted(d.parent.name for d in (root / "sweeps").glob("*/sweep.json"))
+    assert [r.split(":")[0].strip("| ") for r in rows] == names and "p0=0.7" in rows[1]
+
+
+def test_analyze_of_a_table_inside_a_run_points_at_the_run_not_at_a_damaged_file(run_dir, capsys):
+    root, _, _ = run_dir
+    assert main(["analyze", str(root / "counts")]) == 2
+    err = capsys.readouterr().err
+    assert f"is the counts table of the run {root}; analyze the run itself" in err and "aside" not in err
+
+
 def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
     root, levels, labels = run_dir
     assert main(["sweep", str(root), "--p0", "0.5:0.9:0.1", "--policy", "strict"]) == 0
