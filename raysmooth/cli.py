@@ -28,16 +28,26 @@ def _radii(text: str | None) -> list[float]:
 
 
 # ---- analyze -------------------------------------------------------------------------------------
+def _distinct_labels(paths: list[Path]) -> list[str]:
+    """The shortest trailing parts that tell the paths apart: runs/a/dds and runs/b/dds are a/dds and b/dds."""
+    for depth in range(1, max((len(p.parts) for p in paths), default=1) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import check_plot_path, format_csv, format_markdown, load_curves, plot_curves
 
     radii = _radii(args.radii)
     if args.plot:
         check_plot_path(args.plot)  # before anything is printed
+    paths = list(dict.fromkeys(Path(p).resolve() for p in args.paths))  # a path named twice is read once
+    labels = _distinct_labels(paths)
     curves = []
-    for path in args.paths:
-        prefix = f"{Path(path).name}: " if len(args.paths) > 1 else ""
-        curves += load_curves(path, prefix)
+    for path, label in zip(paths, labels):
+        curves += load_curves(path, f"{label}: " if len(paths) > 1 else "")
     print(
         format_csv(curves, radii) if args.format == "csv" else format_markdown(curves, radii),
         end="\n" if args.format == "markdown" else "",

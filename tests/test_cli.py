@@ -112,7 +112,26 @@ def test_analyze_of_a_runs_sweeps_folder_shows_every_sweep_by_name(tmp_path, cap
     assert main(["analyze", str(root / "sweeps")]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if "cascade strict" in ln]
     names = sorted(d.parent.name for d in (root / "sweeps").glob("*/sweep.json"))
-    assert [r.split(":")[0].strip("| ") for r in rows] == names and "p0=0.7" in rows[1]
+    assert [r.split(":")[0].strip("| ") for r in rows] == names
+    assert sorted(r.split("p0=")[1].split(" ")[0] for r in rows) == ["0.5", "0.7"]
+
+
+def test_analyze_tells_apart_runs_of_one_name_and_reads_a_path_given_twice_once(run_dir, tmp_path, capsys):
+    import shutil
+
+    from raysmooth.certificates import counts_view, derive_certificates
+    from raysmooth.store import RunStore
+
+    root, _, labels = run_dir
+    store = RunStore.open(root)
+    if store.read_certificates().num_rows == 0:
+        store.append_certificates(derive_certificates(counts_view(store.read_counts()), alpha=0.001))
+    for parent in ("a", "b"):
+        shutil.copytree(root, tmp_path / parent / "run", ignore=shutil.ignore_patterns("sweeps", ".lock"))
+    assert main(["analyze", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), str(tmp_path / "b" / "run")]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if "certify σ=0.25" in ln]
+    assert [r.split(":")[0].strip("| ") for r in rows] == ["a/run", "b/run"]
+    assert all(f"| {len(labels)} |" in r for r in rows)
 
 
 def test_analyze_of_a_table_inside_a_run_points_at_the_run_not_at_a_damaged_file(run_dir, capsys):
