@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_BATCH_SIZE, EngineCfg, compile_settings_problem
-from .errors import ConfigError, InputError, one_line, whole_number
+from .errors import ConfigError, InputError, ModelError, RaySmoothError, one_line, whole_number
 from .models.attention import set_attention
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
@@ -164,6 +164,25 @@ def _logits_problem(model_id: str, logits: object, width: int, classes: int) -> 
     return (
         f"model {model_id} returned {got} for a batch of {width}; it was declared with {classes} classes, so "
         f"logits of shape ({width}, {classes}) were expected (check num_classes, and return the logits tensor itself)"
+    )
+
+
+def _model_failure(model_id: str, shape: tuple[int, ...], exc: BaseException) -> str:
+    """One line for a model that raised on a batch: what it was given, what it said, and the innermost
+    line of code outside torch and raysmooth (the user's module, usually) that was running."""
+    import traceback
+    from pathlib import Path
+
+    ours = str(Path(__file__).resolve().parent)
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(ours) and "/torch/" not in f.filename
+    ]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return (
+        f"model {model_id} failed on a batch of shape {shape} ({type(exc).__name__}: {one_line(exc, 200)}{where}); "
+        f"does it take images of shape {shape[1:]}?"
     )
 
 
@@ -463,7 +482,12 @@ class Replica:
                 if self.config.channels_last and dev.type == "cuda":
                     z = z.contiguous(memory_format=torch.channels_last)
                 aux = aux_buf[:width].to(self.input_dtype) if aux_buf is not None else None
-                logits = self._forward(z, sigma, aux)
+                try:
+                    logits = self._forward(z, sigma, aux)
+                except Exception as exc:  # a compiled model's failures are judged by run(): it may fall back to eager
+                    if self._forward is not self.base or _is_oom(exc) or isinstance(exc, RaySmoothError):
+                        raise
+                    raise ModelError(_model_failure(self.base.model_id, tuple(z.shape), exc)) from exc
                 if not isinstance(logits, torch.Tensor) or logits.shape != (width, c):
                     raise InputError(_logits_problem(self.base.model_id, logits, width, c))
                 owner = sample_unit[start : start + width]

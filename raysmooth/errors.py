@@ -6,7 +6,16 @@ import math
 import numbers
 import re
 
-__all__ = ["RaySmoothError", "ConfigError", "InputError", "ModelLoadError", "UserError", "one_line", "whole_number"]
+__all__ = [
+    "RaySmoothError",
+    "ConfigError",
+    "InputError",
+    "ModelLoadError",
+    "ModelError",
+    "UserError",
+    "one_line",
+    "whole_number",
+]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -25,6 +34,11 @@ class InputError(RaySmoothError, ValueError):
 
 class ModelLoadError(RaySmoothError):
     """A checkpoint that is missing, unsafe to load, or does not fit the model it should fill."""
+
+
+class ModelError(RaySmoothError):
+    """A model that fails on the inputs it is given (often a shape it was not built for). Raised from
+    the model's own exception, so Python users still see its traceback."""
 
 
 class UserError(RaySmoothError, ValueError):

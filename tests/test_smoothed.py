@@ -10,7 +10,7 @@ import torch
 
 from raysmooth import Certificate, Smoothed, stats
 from raysmooth.data import load_dataset
-from raysmooth.errors import ConfigError, InputError
+from raysmooth.errors import ConfigError, InputError, ModelError
 from raysmooth.models import DenoiseThenClassify, PlainBase, save_classifier
 from raysmooth.models.classifier import ClassifierConfig, create_timm_model
 
@@ -286,6 +286,13 @@ def test_images_of_the_wrong_form_are_one_line_saying_which_form_the_call_takes(
     smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8), progress=False)
     with pytest.raises(InputError, match=says):
         getattr(smoothed, method)(image, **({} if method == "predict" else {"n0": 5}), n=50)
+
+
+def test_a_module_that_cannot_take_the_images_is_one_model_error_keeping_its_own_traceback():
+    smoothed = Smoothed(torch.nn.Linear(3, 3), 0.25, num_classes=3, progress=False)
+    with pytest.raises(ModelError, match=r"failed on a batch of shape \(5, 1, 8, 8\) \(RuntimeError: ") as info:
+        smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=20)
+    assert isinstance(info.value.__cause__, RuntimeError)
 
 
 @pytest.mark.parametrize("empty", [[], np.zeros((0, 1, 8, 8), np.float32), torch.zeros(0, 1, 8, 8)])

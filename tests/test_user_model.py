@@ -20,6 +20,19 @@ import torch
 def build(width=10, scale=1.0):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width))
+
+
+class NeedsColour(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(x.reshape(len(x), 3 * 8 * 8))  # grey 8x8 images have 64 values, not 192
+
+
+def build_colour():
+    return NeedsColour()
 """
 
 BROKEN_ON_WORKERS = """
@@ -118,3 +131,12 @@ def test_a_module_wider_than_its_declared_classes_is_one_line_and_stores_nothing
     assert "declared with 10 classes" in err and "Traceback" not in err, err
     parts = list((tmp_path / "out" / "mine").rglob("*.parquet"))
     assert parts == [], parts
+
+
+def test_a_module_that_fails_on_the_images_is_one_line_naming_its_code_and_stores_nothing(userpkg, tmp_path, capsys):
+    args = ["model.base=userpkg.models:build_colour", "+model.classifier.num_classes=10"]
+    assert certify_main([*args, f"out={tmp_path / 'out'}", *COMMON]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "failed on a batch of shape (" in err and ", 1, 8, 8) (RuntimeError: " in err, err
+    assert "userpkg/models.py:" in err and "Traceback" not in err, err
+    assert list((tmp_path / "out" / "mine").rglob("*.parquet")) == []
