@@ -158,6 +158,8 @@ class Smoothed:
             sigmas = [float(sigma)] if np.ndim(sigma) == 0 else [float(s) for s in np.ravel(sigma)]
         except (TypeError, ValueError):
             raise ConfigError(f"sigma must be a number or a list of numbers, got {sigma!r}") from None
+        if not sigmas:
+            raise ConfigError("sigma must name at least one noise level, got none")
         for s in sigmas:
             try:
                 stats.check_sigma(s)

@@ -222,11 +222,20 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": 0.5, "num_classes": 0, "input_shape": (1, 8, 8)}, ConfigError, "num_classes must be a whole"),
         ({"sigma": 0.5, "model_kwargs": {"width": 3}, "input_shape": (1, 8, 8)}, ConfigError, "would be ignored"),
         ({"sigma": 0.5, "mean": [123.7], "std": [58.4], "input_shape": (1, 8, 8)}, ConfigError, "0-255 units"),
+        ({"sigma": []}, ConfigError, "at least one noise level"),
+        ({"sigma": 0.5, "mean": [0.5], "input_shape": (1, 8, 8)}, ConfigError, "mean and std go together"),
+        ({"sigma": 0.5, "input_size": -3, "input_shape": (1, 8, 8)}, ConfigError, "input_size must be"),
+        ({"sigma": 0.5, "input_size": (8, 0), "input_shape": (1, 8, 8)}, ConfigError, "input_size must be"),
     ],
 )
 def test_bad_parameters_are_refused_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         Smoothed(_linear_module(), **kwargs)
+
+
+def test_one_input_size_is_a_square():
+    smoothed = Smoothed(_linear_module(), 0.5, input_shape=(1, 8, 8), input_size=8, progress=False)
+    assert smoothed.certify(np.full((1, 8, 8), 0.5, np.float32), n0=5, n=20).n_used == 25
 
 
 @pytest.mark.parametrize("sigma", [np.float32(0.1), torch.tensor(0.1), np.array([0.1])])

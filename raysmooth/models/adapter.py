@@ -7,6 +7,7 @@ logits. With a denoiser in front it becomes denoised smoothing (``dds``) around 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,9 +60,15 @@ def as_classifier(
     if not isinstance(module, nn.Module):
         raise ConfigError(f"the model must be a torch.nn.Module returning logits, got {type(module).__name__}")
     c = int(input_shape[0])
-    size = tuple(int(s) for s in (input_size or input_shape[1:]))
-    if len(size) != 2:
-        raise ConfigError(f"input_size must be (H, W), got {input_size}")
+    wanted = input_shape[1:] if input_size is None else input_size
+    try:  # one number is a square (as timm's img_size)
+        size = (int(wanted),) * 2 if isinstance(wanted, numbers.Integral) else tuple(int(s) for s in wanted)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"input_size must be (H, W) of positive sizes, or one size, got {input_size}")
+    if (mean is None) != (std is None):  # half a normalisation is never what a model was trained with
+        raise ConfigError(f"mean and std go together: give both or neither, got mean={mean}, std={std}")
     if interpolation not in ("bicubic", "bilinear", "nearest"):
         raise ConfigError(f"interpolation must be bicubic, bilinear or nearest, got {interpolation!r}")
     mean = tuple(float(m) for m in (mean if mean is not None else [0.0] * c))
