@@ -268,6 +268,14 @@ def hydra_error_line(exc: BaseException, config_name: str | None = None) -> str:
     if config_name == "finetune" and re.match(r"Could not override 'data'", text):
         # configs/data/ makes `data` a config group on the command line; fine-tuning reads one set anyway
         text += " (raysmooth finetune trains on the digits training split; finetune.data is not a choice yet)"
+    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    if missing and (CONFIG_DIR / missing.group(1)).is_dir():
+        options = sorted(p.stem for p in (CONFIG_DIR / missing.group(1)).glob("*.yaml") if p.stem != "schema")
+        text += f" ({missing.group(1)}= takes one of {', '.join(options)}"
+        text += ", or data.name=image_folder for a tree of class folders)" if missing.group(1) == "data" else ")"
+    present = re.match(r"Could not append to config\. An item is already at '([^']+)'", text)
+    if present:
+        text = f"{text.rstrip('.')}; set it without the +: {present.group(1)}=…"
     listed = re.search(r"is not a ListConfig, list or tuple.*\(key: ([\w.]+)\)", text)
     if listed:
         text += f"; {listed.group(1)} is a list: {listed.group(1)}=[…]"

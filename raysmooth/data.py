@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, whole_number
 
 __all__ = ["TestSet", "register_dataset", "load_dataset", "list_datasets", "subsample", "digits_split", "load_test_set"]
 
@@ -104,7 +104,24 @@ def subsamples_itself(name: str) -> bool:
 def load_dataset(name: str, **kwargs) -> TestSet:
     if name not in _DATASETS:
         raise ConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(list_datasets())}")
+    _check_options(name, {k: v for k, v in kwargs.items() if k not in _SET_BY_KEYS})
     return _DATASETS[name](**kwargs)
+
+
+_SET_BY_KEYS = ("split", "root", "skip", "max_images")  # data.split …, not data.options
+
+
+def _check_options(name: str, options: dict) -> None:
+    """Loaders take ``**_`` so that every one accepts the common keys; an option a loader does not
+    name (a typo: data.options.num_imags) would vanish into it, so it is refused here."""
+    import inspect
+
+    params = inspect.signature(_DATASETS[name]).parameters
+    takes = [p for p, v in params.items() if v.kind is not v.VAR_KEYWORD and p not in _SET_BY_KEYS]
+    for key in options:
+        if key not in takes:
+            offered = f"it takes {', '.join(takes)}" if takes else "it takes no options"
+            raise ConfigError(f"data.options: {name} takes no {key!r} ({offered})")
 
 
 def load_test_set(data) -> TestSet:
@@ -112,6 +129,8 @@ def load_test_set(data) -> TestSet:
     from .config import resolve_path
 
     options = dict(data.options or {})
+    for key in set(options) & set(_SET_BY_KEYS):
+        raise ConfigError(f"data.options.{key}: set it as data.{key}")
     root = resolve_path(data.root)
     if subsamples_itself(data.name) and not data.indices:
         options.update(skip=data.skip, max_images=data.max_images)
@@ -148,7 +167,12 @@ def synthetic(
     num_images: int = 16, shape: Sequence[int] = (1, 8, 8), num_classes: int = 10, seed: int = 0, **_: object
 ) -> TestSet:
     """Random images and labels (tests and benchmarks)."""
-    rng = np.random.default_rng(seed)
+    num_images = whole_number("data.options.num_images", num_images, error=ConfigError)
+    num_classes = whole_number("data.options.num_classes", num_classes, minimum=2, error=ConfigError)
+    shape = [whole_number("data.options.shape", s, error=ConfigError) for s in shape]
+    if len(shape) != 3:
+        raise ConfigError(f"data.options.shape must be (C, H, W), got {shape}")
+    rng = np.random.default_rng(whole_number("data.options.seed", seed, minimum=None, error=ConfigError))
     images = rng.random((num_images, *shape), dtype=np.float32)
     labels = rng.integers(0, num_classes, num_images)
     return TestSet("synthetic", images, labels, np.arange(num_images, dtype=np.int64), num_classes)

@@ -80,6 +80,19 @@ def test_a_report_method_that_does_not_exist_is_refused_not_an_empty_table():
         compose("certify", ["report_methods=[certfy]"])
 
 
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("data=image_folder", r"data= takes one of cifar10, digits, imagenet, synthetic, or data\.name=image_folder"),
+        ("+data.options.num_images=3", r"set it without the \+: data\.options\.num_images=…"),
+    ],
+)
+def test_a_group_option_or_key_mistake_says_what_to_write_instead(override, says):
+    overrides = ["data=synthetic", override] if override.startswith("+") else [override]
+    with pytest.raises(ConfigError, match=says):
+        compose("certify", overrides)
+
+
 def test_keys_added_inside_the_open_sections_stay_the_users():
     cfg = compose("certify", ["+model.options.width=3", "+data.options.num_images=5"])
     assert cfg.model.options == {"width": 3} and cfg.data.options["num_images"] == 5

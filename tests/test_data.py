@@ -97,3 +97,33 @@ def test_imagenet_class_folders_that_are_not_synsets_are_refused(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name / "0.png")
     with pytest.raises(ConfigError, match="not ImageNet-1k synsets .* data.name=image_folder"):
         load_dataset("imagenet", root=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "says"),
+    [
+        ("synthetic", {"num_imags": 3}, r"synthetic takes no 'num_imags' \(it takes num_images, shape"),
+        ("digits", {"size": 8}, r"digits takes no 'size' \(it takes no options\)"),
+    ],
+)
+def test_an_option_the_loader_does_not_take_is_refused_not_swallowed(name, options, says):
+    with pytest.raises(ConfigError, match=says):
+        load_dataset(name, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"num_images": -1}, "num_images must be a whole number of at least 1"),
+        ({"num_classes": 1}, "num_classes must be a whole number of at least 2"),
+        ({"shape": [1, 8]}, r"shape must be \(C, H, W\)"),
+    ],
+)
+def test_synthetic_options_are_checked_in_one_line(options, says):
+    with pytest.raises(ConfigError, match=says):
+        load_dataset("synthetic", **options)
+
+
+def test_a_common_key_given_among_the_options_names_its_own_key():
+    with pytest.raises(ConfigError, match="data.options.root: set it as data.root"):
+        load_test_set(DataCfg(name="digits", options={"root": "/x"}))
