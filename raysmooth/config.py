@@ -276,6 +276,9 @@ def hydra_error_line(exc: BaseException, config_name: str | None = None) -> str:
     present = re.match(r"Could not append to config\. An item is already at '([^']+)'", text)
     if present:
         text = f"{text.rstrip('.')}; set it without the +: {present.group(1)}=…"
+    unset = re.search(r"is not in struct \(key: ([\w.]+)\)", text)
+    if unset:
+        text += f"; a key this section does not hold yet is added with a +: +{unset.group(1)}=…"
     listed = re.search(r"is not a ListConfig, list or tuple.*\(key: ([\w.]+)\)", text)
     if listed:
         text += f"; {listed.group(1)} is a list: {listed.group(1)}=[…]"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import re
+from collections.abc import Iterable
 
 __all__ = [
     "RaySmoothError",
@@ -15,6 +17,7 @@ __all__ = [
     "UserError",
     "one_line",
     "whole_number",
+    "check_keys",
 ]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
@@ -69,3 +72,14 @@ def whole_number(name: str, value: object, minimum: int | None = 1, error: type[
         least = "" if minimum is None else f" of at least {minimum}"
         raise error(f"{name} must be a whole number{least}, got {value!r}")
     return whole
+
+
+def check_keys(section: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """Refuse a key a config section does not have, naming the one probably meant: a dataclass would
+    say "__init__() got an unexpected keyword argument", without saying where it came from."""
+    allowed = list(allowed)
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"it takes {', '.join(allowed)}"
+            raise ConfigError(f"{section} takes no {key!r} ({hint})")

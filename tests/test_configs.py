@@ -164,3 +164,8 @@ def test_the_readme_module_map_names_every_module_and_only_real_ones():
     modules |= {f"raysmooth/{p.name}" for p in package.iterdir() if (p / "__init__.py").is_file()}
     assert modules - named == set(), "modules the README does not map"
     assert {n for n in named if not (ROOT / n).exists()} == set(), "README names modules that do not exist"
+
+
+def test_a_key_a_model_section_does_not_hold_yet_says_to_add_it_with_a_plus():
+    with pytest.raises(ConfigError, match=r"added with a \+: \+model\.classifier\.name=…"):
+        compose("certify", ["model=toy_dds", "model.classifier.name=resnet18"])

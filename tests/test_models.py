@@ -20,6 +20,7 @@ from raysmooth.models import (
     list_base_classifiers,
     load_classifier,
     load_denoiser,
+    load_onestep,
     model_sections,
     timestep_for_sigma,
 )
@@ -34,6 +35,8 @@ from tiny_models import (
     tiny_classifier_config,
     tiny_unet,
 )
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "raysmooth" / "embedded" / "digits"
 
 
 # ---- σ → t* ----------------------------------------------------------------------------------------
@@ -223,6 +226,27 @@ def test_classifier_resizes_bicubic_with_antialiasing():
 def test_an_unknown_timm_model_is_one_clear_error():
     with pytest.raises(ModelLoadError, match="no model 'nonexistent_net'"):
         load_classifier(ClassifierConfig(name="nonexistent_net"))
+
+
+@pytest.mark.parametrize(
+    ("load", "section", "says"),
+    [
+        (
+            load_classifier,
+            {"path": str(EMBEDDED / "classifier"), "nme": "x"},
+            r"model\.classifier takes no 'nme' \(did you mean name\?\)",
+        ),
+        (load_denoiser, {"path": "x", "t": 5}, r"model\.denoiser takes no 't' \(it takes path, "),
+        (
+            load_onestep,
+            {"path": str(EMBEDDED / "onestep"), "num_clases": 3},
+            r"model\.onestep takes no 'num_clases' \(did you mean num_classes",
+        ),
+    ],
+)
+def test_a_key_a_model_section_does_not_have_names_the_section_not_the_folder(load, section, says):
+    with pytest.raises(ConfigError, match=says):
+        load(section)
 
 
 # ---- base classifiers --------------------------------------------------------------------------

@@ -9,14 +9,14 @@ as self-describing folders, in diffusers' manner: ``config.json`` (the ``Classif
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ConfigError, ModelLoadError, check_keys
 from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 
 __all__ = [
@@ -128,6 +128,7 @@ def _folder_config(cfg: ClassifierConfig | dict) -> ClassifierConfig:
     """A ClassifierConfig from a section that may name a folder: the folder's config.json, then the
     section's own fields on top, and the folder's weights as the checkpoint."""
     given = dict(cfg) if isinstance(cfg, dict) else {k: v for k, v in cfg.__dict__.items()}
+    check_keys("model.classifier", given, [f.name for f in fields(ClassifierConfig)])
     path = given.get("path")
     if not path:
         return cfg if isinstance(cfg, ClassifierConfig) else ClassifierConfig(**given)
@@ -135,9 +136,9 @@ def _folder_config(cfg: ClassifierConfig | dict) -> ClassifierConfig:
     explicit = (
         given if isinstance(cfg, dict) else {k: v for k, v in given.items() if v != getattr(ClassifierConfig(), k)}
     )
-    fields = {**saved, **{k: v for k, v in explicit.items() if k != "path"}}
+    merged = {**saved, **{k: v for k, v in explicit.items() if k != "path"}}
     try:
-        out = ClassifierConfig(**fields)
+        out = ClassifierConfig(**merged)
     except TypeError as exc:
         raise ModelLoadError(f"{path}: config.json is not a classifier config ({exc})") from None
     out.path = str(path)

@@ -8,13 +8,13 @@ input and nothing denoises in between.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, check_keys
 from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 from .classifier import ClassifierConfig, create_timm_model
 
@@ -69,6 +69,7 @@ def save_onestep(net: NoiseConditionedClassifier, cfg: OneStepConfig, folder, ca
 
 def load_onestep(cfg: OneStepConfig | dict) -> NoiseConditionedClassifier:
     given = dict(cfg) if isinstance(cfg, dict) else dict(cfg.__dict__)
+    check_keys("model.onestep", given, [f.name for f in fields(OneStepConfig)])
     if given.get("path"):
         saved, weights = read_folder_config(given["path"], "onestep")
         overrides = {
