@@ -285,7 +285,9 @@ def _sample(
     connect(ry.address, ry.local_cpus, runtime_env_for(model.base))
     spec = actor_spec(ry.num_actors, ry.cpus_per_actor, ry.gpus_per_actor, ry.max_restarts)
     threads = max(1, int(ry.cpus_per_actor))
-    actors, infos = start_replicas(spec, dataclasses.asdict(model), sigmas, sm.seed, engine_settings(cfg), threads)
+    actors, infos = start_replicas(
+        spec, dataclasses.asdict(model), sigmas, sm.seed, engine_settings(cfg), threads, give_up_s=ry.give_up_after_s
+    )
     info = infos[0]
     try:
         validate_images(

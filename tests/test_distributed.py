@@ -8,7 +8,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from raysmooth.distributed import ActorSpec, Driver, Planner, start_actors  # noqa: E402
+from raysmooth.distributed import ActorSpec, Driver, Planner, start_actors, stop_actors  # noqa: E402
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
 from raysmooth.models import create_base_classifier, model_sections  # noqa: E402
 from raysmooth.store import RunStore  # noqa: E402
@@ -277,3 +277,23 @@ def test_sigmas_in_any_order_give_the_same_run(local_ray, tmp_path):
     ca = _sorted(RunStore.open(a.out_dir).read_counts(), keys)
     cb = _sorted(RunStore.open(b.out_dir).read_counts(), keys)
     assert ca.column("counts").to_pylist() == cb.column("counts").to_pylist()
+
+
+def test_actors_a_full_cluster_cannot_place_are_given_up_and_the_run_goes_on(local_ray, caplog):
+    from raysmooth.distributed import start_replicas
+
+    # the cluster has 2 CPUs: the third actor of 1 CPU waits for a slot that never frees
+    spec = ActorSpec(num_actors=3, num_cpus=1, num_gpus=0, max_restarts=0)
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        actors, infos = start_replicas(spec, MODEL, SIGMAS, 5, ENGINE, 1, patience_s=2.0)
+    assert len(actors) == len(infos) == 2 and infos[0]["num_classes"] == 10
+    assert "1 of 3 replica actor(s) could not be placed" in caplog.text and "going on with 2" in caplog.text
+    stop_actors(actors)
+
+
+def test_when_no_actor_can_be_placed_the_error_says_what_each_needs(local_ray):
+    from raysmooth.distributed import DistributedError, start_replicas
+
+    spec = ActorSpec(num_actors=1, num_cpus=0, num_gpus=1, max_restarts=0)  # a GPU this cluster lacks
+    with pytest.raises(DistributedError, match=r"no replica actor started within 3 s \(0 CPU, 1 GPU each"):
+        start_replicas(spec, MODEL, SIGMAS, 5, ENGINE, 1, give_up_s=3.0)

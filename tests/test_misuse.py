@@ -284,6 +284,12 @@ def test_a_bad_batch_size_is_refused_before_any_actor_starts(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_more_actors_than_the_local_cluster_holds_are_refused_not_waited_for(tmp_path, capsys):
+    assert certify_main([*SMALL, "ray.cpus_per_actor=1000", f"out={tmp_path}"]) == 2
+    line = _one_line(capsys)
+    assert "ray.num_actors=1 with 1000 CPU each needs 1000 CPU(s); this local Ray cluster has" in line, line
+
+
 def test_a_local_ray_that_does_not_start_is_one_line_that_says_what_to_try(tmp_path, capsys, monkeypatch):
     import ray
 

@@ -9,16 +9,23 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import GIVE_UP_AFTER_S
 from ..errors import ConfigError, one_line
 from .driver import ActorSpec, DistributedError, start_actors, stop_actors, user_error_of
 
 __all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas", "unreachable"]
 
 log = logging.getLogger("raysmooth")
+
+# The GCS address of the local cluster this process started: its resources are all there will ever be
+# (no autoscaler), so actors it cannot hold are refused at once rather than waited for.
+_LOCAL_CLUSTER: dict[str, str | None] = {"gcs": None}
+PLACEMENT_PATIENCE_S = 60.0  # once one replica is up, how long to wait for the next before going on without it
 
 
 def connect(address: str | None, local_cpus: int | None = None, runtime_env: dict | None = None) -> None:
@@ -53,6 +60,7 @@ def connect(address: str | None, local_cpus: int | None = None, runtime_env: dic
                 logging_level=logging.WARNING,
                 runtime_env=runtime_env,
             )
+            _LOCAL_CLUSTER["gcs"] = _gcs_address()
     except Exception as exc:  # noqa: BLE001 - ray.init raises many kinds (ConnectionError, TimeoutError, RuntimeError…)
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         hint = (
@@ -79,10 +87,36 @@ def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
         return f"nothing answers at {host}:{port} ({exc.strerror or type(exc).__name__})"
 
 
-def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float, max_restarts: int) -> ActorSpec:
-    """One actor per GPU (or per ``cpus_per_actor`` CPUs) of the cluster unless ``num_actors`` is set."""
+def _gcs_address() -> str | None:
     import ray
 
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - only used to recognise the local cluster
+        return None
+
+
+def _is_our_local_cluster() -> bool:
+    return _LOCAL_CLUSTER["gcs"] is not None and _LOCAL_CLUSTER["gcs"] == _gcs_address()
+
+
+def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: float, max_restarts: int) -> ActorSpec:
+    """One actor per GPU (or per ``cpus_per_actor`` CPUs) of the cluster unless ``num_actors`` is set.
+    On a local cluster this process started, more actors than it can hold are refused: the ones it
+    could not place would wait for resources that never come."""
+    import ray
+
+    if num_actors is not None and _is_our_local_cluster():
+        resources = ray.cluster_resources()
+        for kind, each in (("CPU", cpus_per_actor), ("GPU", gpus_per_actor)):
+            have = resources.get(kind, 0.0)
+            if num_actors * each > have + 1e-9:
+                raise ConfigError(
+                    f"ray.num_actors={num_actors} with {each:g} {kind} each needs {num_actors * each:g} {kind}(s); "
+                    f"this local Ray cluster has {have:g}. Leave ray.num_actors unset (one actor per "
+                    f"{'GPU' if kind == 'GPU' else 'CPU slot'}) or lower it"
+                    + ("; ray.local_cpus sets the local cluster's CPU count" if kind == "CPU" else "")
+                )
     if num_actors is None:
         resources = ray.cluster_resources()
         if gpus_per_actor > 0:
@@ -122,16 +156,19 @@ def start_replicas(
     seed: int,
     engine: Mapping[str, Any],
     threads: int | None,
+    *,
+    give_up_s: float = GIVE_UP_AFTER_S,
+    patience_s: float = PLACEMENT_PATIENCE_S,
 ) -> tuple[list, list[dict]]:
     """Start the actors and wait until each has built its model; returns them and what each reports
-    (classes, input shape, model id, batch size, the σ its noise really has)."""
-    import ray
+    (classes, input shape, model id, batch size, the σ its noise really has). Actors the cluster cannot
+    place do not hold the run up: see ``_await_replicas``."""
     from ray.exceptions import RayActorError, RayError
 
     log.info("starting %d replica actor(s) (%g CPU, %g GPU each)", spec.num_actors, spec.num_cpus, spec.num_gpus)
     actors = start_actors(spec, dict(model), list(sigmas), seed, dict(engine), threads)
     try:
-        infos = ray.get([a.describe.remote() for a in actors])
+        actors, infos = _await_replicas(actors, spec, give_up_s, patience_s)
     except RayError as exc:
         stop_actors(actors)
         cause = user_error_of(exc)
@@ -144,3 +181,57 @@ def start_replicas(
             ) from None
         raise
     return actors, infos
+
+
+def _await_replicas(actors: list, spec: ActorSpec, give_up_s: float, patience_s: float) -> tuple[list, list[dict]]:
+    """The actors that came up and their reports. Waits for all; once some are up, an actor that has not
+    come up within ``patience_s`` (or twice the time the first one took) is stopped and the run goes on
+    without it, with a warning: on a full cluster it would wait for resources for ever. None up after
+    ``give_up_s`` is an error naming what each actor needs and what the cluster has."""
+    import ray
+
+    refs = {a.describe.remote(): a for a in actors}
+    up: list[tuple[Any, dict]] = []
+    started = last = said = time.monotonic()
+    first_took = 0.0
+    while refs:
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=min(5.0, patience_s))
+        now = time.monotonic()
+        for ref in done:
+            up.append((refs.pop(ref), ray.get(ref)))  # raises the actor's own error (a model it cannot build)
+            first_took, last = first_took or now - started, now
+        if not refs:
+            break
+        needs = f"{spec.num_cpus:g} CPU, {spec.num_gpus:g} GPU each; the cluster has {_resources_line()}"
+        if up and now - last > max(patience_s, 2 * first_took):
+            log.warning(
+                "%d of %d replica actor(s) could not be placed (%s); going on with %d",
+                len(refs),
+                len(actors),
+                needs,
+                len(up),
+            )
+            stop_actors(list(refs.values()))
+            break
+        if not up and now - started > give_up_s:
+            stop_actors(actors)
+            raise DistributedError(
+                f"no replica actor started within {give_up_s:.0f} s ({needs}); lower ray.num_actors, "
+                "ray.cpus_per_actor or ray.gpus_per_actor, or add nodes"
+            )
+        if now - said >= 30.0:
+            log.info("%d of %d replica actor(s) up; waiting for the others (%s)", len(up), len(actors), needs)
+            said = now
+    return [a for a, _ in up], [info for _, info in up]
+
+
+def _resources_line() -> str:
+    import ray
+
+    try:
+        total, free = ray.cluster_resources(), ray.available_resources()
+    except Exception:  # noqa: BLE001 - only for the message
+        return "unknown resources"
+    return (
+        ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k} free" for k in ("CPU", "GPU") if k in total) or "none"
+    )
