@@ -10,6 +10,7 @@ nothing that blocks the corrected command.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from .certificates import (
 )
 from .config import DEFAULT_BATCH_SIZE, CertifyCfg, counts_relevant_config, resolve_model_paths
 from .data import load_test_set
-from .errors import InputError
+from .errors import InputError, ModelLoadError
 from .store import RunStore
 
 __all__ = ["certify", "CertifyResult", "report", "run_noise", "engine_settings"]
@@ -285,16 +286,17 @@ def _sample(
     connect(ry.address, ry.local_cpus, runtime_env_for(model.base))
     spec = actor_spec(ry.num_actors, ry.cpus_per_actor, ry.gpus_per_actor, ry.max_restarts)
     threads = max(1, int(ry.cpus_per_actor))
-    actors, infos = start_replicas(
+    replicas = start_replicas(
         spec, dataclasses.asdict(model), sigmas, sm.seed, engine_settings(cfg), threads, give_up_s=ry.give_up_after_s
     )
+    actors, infos = replicas.actors, replicas.infos
     info = infos[0]
     try:
         validate_images(
             data.images, data.labels, info["input_shape"], info["num_classes"], num_classes=data.num_classes
         )
     except BaseException:
-        stop_actors(actors)
+        stop_actors(replicas.all())
         raise
     batch_sizes = sorted({i["batch_size"] for i in infos})
     log.info(
@@ -330,8 +332,21 @@ def _sample(
         ray_cfg=ry,
         flush_every=cfg.flush_every,
         flush_seconds=cfg.flush_seconds,
+        joining=replicas.joining,
+        check_joined=functools.partial(_same_replica, info),
     )
     return result.rows_written
+
+
+def _same_replica(first: dict, joined: dict) -> None:
+    """A replica that joins late must be the model the run was started with (its manifest says so)."""
+    keys = ("num_classes", "input_shape", "model_id", "applied_sigmas")
+    differ = [k for k in keys if joined.get(k) != first.get(k)]
+    if differ:
+        raise ModelLoadError(
+            f"a replica that joined late reports another model ({differ[0]}: {joined.get(differ[0])} there, "
+            f"{first.get(differ[0])} on the others); every node must load the same files"
+        )
 
 
 def report(

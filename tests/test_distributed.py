@@ -279,16 +279,21 @@ def test_sigmas_in_any_order_give_the_same_run(local_ray, tmp_path):
     assert ca.column("counts").to_pylist() == cb.column("counts").to_pylist()
 
 
-def test_actors_a_full_cluster_cannot_place_are_given_up_and_the_run_goes_on(local_ray, caplog):
+def test_an_actor_the_cluster_cannot_place_yet_does_not_hold_the_run_and_joins_when_placed(local_ray, images, caplog):
     from raysmooth.distributed import start_replicas
 
-    # the cluster has 2 CPUs: the third actor of 1 CPU waits for a slot that never frees
+    # the cluster has 2 CPUs: the third actor of 1 CPU waits until another actor is stopped
     spec = ActorSpec(num_actors=3, num_cpus=1, num_gpus=0, max_restarts=0)
-    with caplog.at_level("WARNING", logger="raysmooth"):
-        actors, infos = start_replicas(spec, MODEL, SIGMAS, 5, ENGINE, 1, patience_s=2.0)
-    assert len(actors) == len(infos) == 2 and infos[0]["num_classes"] == 10
-    assert "1 of 3 replica actor(s) could not be placed" in caplog.text and "going on with 2" in caplog.text
-    stop_actors(actors)
+    with caplog.at_level("INFO", logger="raysmooth"):
+        replicas = start_replicas(spec, MODEL, SIGMAS, 5, ENGINE, 1, patience_s=2.0)
+        assert len(replicas.actors) == len(replicas.infos) == 2 and len(replicas.joining) == 1
+        assert "2 of 3 replica actor(s) up; going on with them, the other 1 join" in caplog.text
+        stop_actors(replicas.actors[:1])  # frees a CPU: the waiting actor is placed
+        ray.wait(list(replicas.joining), timeout=60)
+        seen = []
+        rows = _drive(replicas.actors[1:], images, _planner(images), joining=replicas.joining, check_joined=seen.append)
+    assert "a replica actor joined the run (2 up, 0 waiting)" in caplog.text and seen[0]["num_classes"] == 10
+    _assert_engine_counts(rows, images, replicas.all())
 
 
 def test_when_no_actor_can_be_placed_the_error_says_what_each_needs(local_ray):
@@ -297,3 +302,13 @@ def test_when_no_actor_can_be_placed_the_error_says_what_each_needs(local_ray):
     spec = ActorSpec(num_actors=1, num_cpus=0, num_gpus=1, max_restarts=0)  # a GPU this cluster lacks
     with pytest.raises(DistributedError, match=r"no replica actor started within 3 s \(0 CPU, 1 GPU each"):
         start_replicas(spec, MODEL, SIGMAS, 5, ENGINE, 1, give_up_s=3.0)
+
+
+def test_a_late_replica_reporting_another_model_is_refused():
+    from raysmooth.errors import ModelLoadError
+    from raysmooth.runner import _same_replica
+
+    first = {"num_classes": 10, "input_shape": [1, 8, 8], "model_id": "m", "applied_sigmas": [0.25]}
+    _same_replica(first, dict(first, pid=7, device="cuda:0"))  # where it runs may differ
+    with pytest.raises(ModelLoadError, match="joined late reports another model .model_id: other there, m on"):
+        _same_replica(first, dict(first, model_id="other"))

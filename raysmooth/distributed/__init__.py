@@ -7,7 +7,7 @@ from .driver import ActorSpec, DistributedError, Driver, ReplicaActor, start_act
 from .planner import FinishedRow, Planner, SequentialPlanner
 from .progress import Progress
 from .sampling import SampleResult, sample_counts
-from .session import actor_spec, connect, runtime_env_for, start_replicas
+from .session import Replicas, actor_spec, connect, runtime_env_for, start_replicas
 
 __all__ = [
     "ActorSpec",
@@ -25,6 +25,7 @@ __all__ = [
     "sample_counts",
     "start_actors",
     "start_replicas",
+    "Replicas",
     "stop_actors",
     "user_error_of",
 ]

@@ -153,8 +153,14 @@ class Driver:
         task_timeout_s: float | None = None,
         progress: Callable[[Planner, float], None] | None = None,
         give_up_after_s: float = GIVE_UP_AFTER_S,
+        joining: Mapping[Any, Any] | None = None,
+        check_joined: Callable[[dict], None] | None = None,
     ):
         self.actors = list(actors)
+        # actors not placed yet, keyed by their pending describe() call: each joins when it resolves,
+        # after ``check_joined`` has seen its report (the same model as the others)
+        self.joining = dict(joining or {})
+        self.check_joined = check_joined
         self.images = images
         self.planner = planner
         self.on_rows = on_rows
@@ -210,8 +216,11 @@ class Driver:
                     )
                 time.sleep(0.5)
                 continue
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait([*self.joining, *in_flight], num_returns=1, timeout=1.0)  # joiners first
             now = time.monotonic()
+            for ref in [r for r in ready if r in self.joining]:
+                self._join(ref)
+            ready = [r for r in ready if r in in_flight]
             if not ready and self.task_timeout_s:
                 for ref, (_actor, units, t0) in list(in_flight.items()):
                     if now - t0 > self.task_timeout_s:
@@ -251,6 +260,27 @@ class Driver:
                 self._last_success = time.monotonic()
             if self.progress:
                 self.progress(self.planner, time.monotonic() - started)
+
+    def _join(self, ref) -> None:
+        """A late actor came up: check its report, then it takes work like the others."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        actor = self.joining.pop(ref)
+        try:
+            info = ray.get(ref)
+        except RayActorError as exc:
+            log.warning("a replica actor that was waiting to be placed is gone (%s)", type(exc).__name__)
+            return
+        except RayTaskError as exc:
+            cause = user_error_of(exc)
+            if cause is not None:
+                raise DistributedError(str(cause)) from None
+            raise
+        if self.check_joined is not None:
+            self.check_joined(info)
+        self.actors.append(actor)
+        log.info("a replica actor joined the run (%d up, %d waiting)", len(self.actors), len(self.joining))
 
     def _lost(self, ref, in_flight: dict, load: dict) -> None:
         """Re-queue a lost task's units for any actor; back off from the one that lost them."""

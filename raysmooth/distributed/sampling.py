@@ -40,8 +40,11 @@ def sample_counts(
     flush_every: int = 200,
     flush_seconds: float = 30.0,
     progress: Callable[[Planner, float], None] | None = None,
+    joining: Mapping[Any, Any] | None = None,
+    check_joined: Callable[[dict], None] | None = None,
 ) -> SampleResult:
-    """Run the planner's work on ``actors`` until none is left; returns how many rows were committed."""
+    """Run the planner's work on ``actors`` (and on those of ``joining`` as they come up) until none is
+    left; returns how many rows were committed."""
 
     buffer: list[CountsRecord] = []
     state = {"written": 0, "last_flush": time.monotonic()}
@@ -74,6 +77,8 @@ def sample_counts(
         task_timeout_s=ray_cfg.task_timeout_s,
         progress=bar,
         give_up_after_s=ray_cfg.give_up_after_s,
+        joining=joining,
+        check_joined=check_joined,
     )
     try:
         driver.run()
@@ -81,7 +86,7 @@ def sample_counts(
         flush()  # nothing finished is lost, whatever stopped the loop
         if isinstance(bar, Progress):
             bar.close()
-        stop_actors(actors)
+        stop_actors([*driver.actors, *driver.joining.values()])
     if driver.retried_units:
         log.info("%d units were re-run after actor failures", driver.retried_units)
     return SampleResult(state["written"], driver.retried_units)

@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..config import GIVE_UP_AFTER_S
 from ..errors import ConfigError, one_line
 from .driver import ActorSpec, DistributedError, start_actors, stop_actors, user_error_of
 
-__all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas", "unreachable"]
+__all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas", "Replicas", "unreachable"]
 
 log = logging.getLogger("raysmooth")
 
@@ -149,6 +150,19 @@ def runtime_env_for(base: str) -> dict | None:
     return {"py_modules": [str(location)]}  # a package's folder, or a single module's file
 
 
+@dataclass
+class Replicas:
+    """The replica actors of a run: those up (with what each reported), and those still waiting to be
+    placed, keyed by their pending ``describe`` call, which join the run when the cluster places them."""
+
+    actors: list
+    infos: list[dict]
+    joining: dict = field(default_factory=dict)
+
+    def all(self) -> list:
+        return [*self.actors, *self.joining.values()]
+
+
 def start_replicas(
     spec: ActorSpec,
     model: Mapping[str, Any],
@@ -159,16 +173,16 @@ def start_replicas(
     *,
     give_up_s: float = GIVE_UP_AFTER_S,
     patience_s: float = PLACEMENT_PATIENCE_S,
-) -> tuple[list, list[dict]]:
-    """Start the actors and wait until each has built its model; returns them and what each reports
-    (classes, input shape, model id, batch size, the σ its noise really has). Actors the cluster cannot
-    place do not hold the run up: see ``_await_replicas``."""
+) -> Replicas:
+    """Start the actors and wait until each has built its model (classes, input shape, model id,
+    batch size, the σ its noise really has). Actors the cluster cannot place yet do not hold the run
+    up: see ``_await_replicas``."""
     from ray.exceptions import RayActorError, RayError
 
     log.info("starting %d replica actor(s) (%g CPU, %g GPU each)", spec.num_actors, spec.num_cpus, spec.num_gpus)
     actors = start_actors(spec, dict(model), list(sigmas), seed, dict(engine), threads)
     try:
-        actors, infos = _await_replicas(actors, spec, give_up_s, patience_s)
+        return _await_replicas(actors, spec, give_up_s, patience_s)
     except RayError as exc:
         stop_actors(actors)
         cause = user_error_of(exc)
@@ -180,14 +194,13 @@ def start_replicas(
                 "see the worker logs (`ray logs`) for the reason"
             ) from None
         raise
-    return actors, infos
 
 
-def _await_replicas(actors: list, spec: ActorSpec, give_up_s: float, patience_s: float) -> tuple[list, list[dict]]:
-    """The actors that came up and their reports. Waits for all; once some are up, an actor that has not
-    come up within ``patience_s`` (or twice the time the first one took) is stopped and the run goes on
-    without it, with a warning: on a full cluster it would wait for resources for ever. None up after
-    ``give_up_s`` is an error naming what each actor needs and what the cluster has."""
+def _await_replicas(actors: list, spec: ActorSpec, give_up_s: float, patience_s: float) -> Replicas:
+    """Wait for every actor to come up; but once some are, an actor still not up after ``patience_s``
+    (or twice the time the first one took) no longer holds the run: it goes on with those up, and the
+    rest join when placed (a full cluster may place them late or never). None up after ``give_up_s`` is
+    an error naming what each actor needs and what the cluster has."""
     import ray
 
     refs = {a.describe.remote(): a for a in actors}
@@ -205,13 +218,12 @@ def _await_replicas(actors: list, spec: ActorSpec, give_up_s: float, patience_s:
         needs = f"{spec.num_cpus:g} CPU, {spec.num_gpus:g} GPU each; the cluster has {_resources_line()}"
         if up and now - last > max(patience_s, 2 * first_took):
             log.warning(
-                "%d of %d replica actor(s) could not be placed (%s); going on with %d",
-                len(refs),
-                len(actors),
-                needs,
+                "%d of %d replica actor(s) up; going on with them, the other %d join when the cluster places them (%s)",
                 len(up),
+                len(actors),
+                len(refs),
+                needs,
             )
-            stop_actors(list(refs.values()))
             break
         if not up and now - started > give_up_s:
             stop_actors(actors)
@@ -222,7 +234,7 @@ def _await_replicas(actors: list, spec: ActorSpec, give_up_s: float, patience_s:
         if now - said >= 30.0:
             log.info("%d of %d replica actor(s) up; waiting for the others (%s)", len(up), len(actors), needs)
             said = now
-    return [a for a, _ in up], [info for _, info in up]
+    return Replicas([a for a, _ in up], [info for _, info in up], refs)
 
 
 def _resources_line() -> str:
