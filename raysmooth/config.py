@@ -221,6 +221,7 @@ class FinetuneConfig:
             )
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ConfigError("finetune.lora_rank must be at least 1 (or null for full fine-tuning)")
+        _check_out(self.out)
 
 
 _SCHEMAS: dict[str, type] = {"certify": CertifyCfg, "sweep": SweepCfg, "finetune": FinetuneConfig}
@@ -532,6 +533,7 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be a plain folder name, got {mo.name!r}",
     )
     _check("flush_every", cfg.flush_every >= 1, f"must be at least 1, got {cfg.flush_every}")
+    _check_out(cfg.out)
     _check("radii", all(_finite(r) and r >= 0 for r in cfg.radii), f"must be non-negative numbers, got {cfg.radii}")
     _check_distinct("radii", cfg.radii)
     _check(
@@ -541,6 +543,13 @@ def validate_certify(cfg: CertifyCfg) -> None:
     )
     _check("smoothing.sigmas", distinct_in_float32(sm.sigmas), f"holds two σ that are equal in float32: {sm.sigmas}")
     _check_files(cfg)
+
+
+def _check_out(out: str) -> None:
+    """An empty ``out`` would put the runs in the working directory and hydra's records at /.hydra."""
+    _check("out", bool(str(out).strip()), "must name a directory, got an empty path")
+    path = Path(out).expanduser()
+    _check("out", not path.exists() or path.is_dir(), f"must be a directory; {path} is a file")
 
 
 def _check_distinct(key: str, values: Sequence[Any]) -> None:

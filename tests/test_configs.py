@@ -169,3 +169,17 @@ def test_the_readme_module_map_names_every_module_and_only_real_ones():
 def test_a_key_a_model_section_does_not_hold_yet_says_to_add_it_with_a_plus():
     with pytest.raises(ConfigError, match=r"added with a \+: \+model\.classifier\.name=…"):
         compose("certify", ["model=toy_dds", "model.classifier.name=resnet18"])
+
+
+def test_an_empty_out_is_refused_not_the_working_directory(tmp_path):
+    # hydra's records would go to /.hydra and the runs into the working directory
+    with pytest.raises(ConfigError, match="out must name a directory, got an empty path"):
+        compose("certify", ["out="])
+    with pytest.raises(ConfigError, match="out must name a directory, got an empty path"):
+        compose("finetune", ["out= "])
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="out must be a directory; .* is a file"):
+        compose("certify", [f"out={tmp_path / 'file'}"])
