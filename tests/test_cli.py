@@ -199,6 +199,16 @@ def test_sweep_of_a_directory_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert "not a raysmooth run directory" in capsys.readouterr().err
 
 
+def test_sweep_of_a_folder_of_runs_or_of_a_folder_inside_a_run_names_the_run_to_give(tmp_path, capsys):
+    levels, _ = random_levels(np.random.default_rng(4), 10, [0.25, 0.5], 10, concentration=0.15)
+    for name in ("dds", "onestep"):
+        write_run(tmp_path / name, levels, np.zeros(10, np.int64), alpha=0.001)
+    assert main(["sweep", str(tmp_path), "--p0", "0.5"]) == 2
+    assert f"it holds the runs dds, onestep: name one ({tmp_path / 'dds'})" in capsys.readouterr().err
+    assert main(["sweep", str(tmp_path / "dds" / "counts"), "--p0", "0.5"]) == 2
+    assert f"it is inside the run {tmp_path / 'dds'}" in capsys.readouterr().err
+
+
 def test_the_console_script_prints_no_traceback_for_a_user_mistake(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "raysmooth.cli", "analyze", str(tmp_path / "x.tsv")], capture_output=True, text=True
