@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -546,10 +548,28 @@ def validate_certify(cfg: CertifyCfg) -> None:
 
 
 def _check_out(out: str) -> None:
-    """An empty ``out`` would put the runs in the working directory and hydra's records at /.hydra."""
+    """An empty ``out`` would put the runs in the working directory and hydra's records at /.hydra; a
+    relative one inside ``ray job submit --working-dir`` would put them in Ray's temporary copy of it,
+    deleted after the job, so that nothing could be resumed or read."""
     _check("out", bool(str(out).strip()), "must name a directory, got an empty path")
     path = Path(out).expanduser()
     _check("out", not path.exists() or path.is_dir(), f"must be a directory; {path} is a file")
+    if not path.is_absolute() and _in_ray_job_working_dir():
+        raise ConfigError(
+            f"out={out} is relative, and this Ray job runs in a temporary copy of its working_dir ({Path.cwd()}), "
+            "which Ray deletes once no job uses it: the results could not be read or resumed. Give an absolute "
+            "out on shared storage (out=/shared/runs/x) or set RAYSMOOTH_OUT"
+        )
+
+
+def _in_ray_job_working_dir() -> bool:
+    """Whether this process is the entrypoint of a Ray job submitted with a working_dir (Ray's job
+    supervisor passes the job's runtime environment in this variable)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return bool(raw) and bool((json.loads(raw).get("runtime_env") or {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _check_distinct(key: str, values: Sequence[Any]) -> None:

@@ -183,3 +183,15 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="out must be a directory; .* is a file"):
         compose("certify", [f"out={tmp_path / 'file'}"])
+
+
+def test_a_relative_out_inside_a_ray_job_with_a_working_dir_is_refused(monkeypatch, tmp_path):
+    # the entrypoint of `ray job submit --working-dir .` runs in Ray's temporary copy of that folder
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    monkeypatch.delenv("RAYSMOOTH_OUT", raising=False)
+    with pytest.raises(ConfigError, match="out=runs/digits is relative, and this Ray job runs in a temporary copy"):
+        compose("certify", [])
+    assert compose("certify", [f"out={tmp_path}"]).out == str(tmp_path)
+    monkeypatch.setenv("RAYSMOOTH_OUT", str(tmp_path))
+    assert compose("certify", []).out == f"{tmp_path}/digits"
