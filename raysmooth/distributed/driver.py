@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -138,6 +138,14 @@ def user_error_of(exc: BaseException) -> RaySmoothError | None:
     return None
 
 
+def _raise_task_error(exc: BaseException) -> NoReturn:
+    """A task that raised: the user's mistake as one line, anything else as it is."""
+    cause = user_error_of(exc)
+    if cause is not None:
+        raise DistributedError(str(cause)) from None
+    raise exc
+
+
 class Driver:
     """Feeds actors from a Planner with bounded in-flight work; survives actor loss."""
 
@@ -243,10 +251,7 @@ class Driver:
                     self._lost(ref, in_flight, load)
                     continue
                 except RayTaskError as exc:
-                    cause = user_error_of(exc)
-                    if cause is not None:
-                        raise DistributedError(str(cause)) from None
-                    raise
+                    _raise_task_error(exc)
                 except GetTimeoutError:  # pragma: no cover - ray.wait said ready
                     continue
                 del in_flight[ref]
@@ -273,10 +278,7 @@ class Driver:
             log.warning("a replica actor that was waiting to be placed is gone (%s)", type(exc).__name__)
             return
         except RayTaskError as exc:
-            cause = user_error_of(exc)
-            if cause is not None:
-                raise DistributedError(str(cause)) from None
-            raise
+            _raise_task_error(exc)
         if self.check_joined is not None:
             self.check_joined(info)
         self.actors.append(actor)
