@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, one_line
 
 __all__ = [
     "CONFIG_DIR",
@@ -336,6 +336,21 @@ def is_hydra_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith(("hydra", "omegaconf"))
 
 
+def _unset_section(overrides: Sequence[str], exc: BaseException) -> str | None:
+    """OmegaConf cannot set a key inside a section that is null (``model.denoiser`` of a one-step
+    model): it fails with an assertion about NoneType. Name the section instead."""
+    if "NoneType" not in str(exc):
+        return None
+    for override in overrides:
+        found = re.match(r"\+*(model\.(denoiser|classifier|onestep))[.=]", override)
+        if found:
+            return (
+                f"{override}: this model config has no {found.group(1)} section (a base classifier that "
+                "takes one names it in its configs/model/ file, as toy_dds and custom do)"
+            )
+    return None
+
+
 def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path | None = None):
     """The typed, validated config of ``configs/<config_name>.yaml`` with ``overrides`` (hydra's compose
     API: what the tests and the Python API use; the jobs get the same object through ``@hydra.main``)."""
@@ -352,7 +367,8 @@ def compose(config_name: str, overrides: Sequence[str] = (), config_dir: Path | 
         text = (
             hydra_error_line(exc, config_name)
             if is_hydra_error(exc) or isinstance(exc, (ValueError, KeyError))
-            else f"cannot apply the overrides {list(overrides)} ({type(exc).__name__}: {exc})"
+            else _unset_section(overrides, exc)
+            or f"cannot apply the overrides {list(overrides)} ({type(exc).__name__}: {one_line(exc)})"
         )
         raise ConfigError(text) from None
     return typed(cfg, config_name)

@@ -150,7 +150,7 @@ class Smoothed:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         input_size: Sequence[int] | None = None,
-        interpolation: str = "bicubic",
+        interpolation: str | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         progress: bool = True,
     ):
@@ -184,8 +184,8 @@ class Smoothed:
         )
         self.device = str(resolve_device(device))
         self._model, self._denoiser, self._num_classes = model, denoiser, num_classes
-        self._adapter = {k: v for k, v in dict(mean=mean, std=std, input_size=input_size).items() if v is not None}
-        self._adapter["interpolation"] = interpolation
+        given = dict(mean=mean, std=std, input_size=input_size, interpolation=interpolation)
+        self._adapter = {k: v for k, v in given.items() if v is not None}  # how a module was trained
         self._model_kwargs = dict(model_kwargs or {})
         self.progress = bool(progress)
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
@@ -199,17 +199,16 @@ class Smoothed:
 
         model = self._model
         if isinstance(model, BaseClassifier):
+            self._refuse_unused("a BaseClassifier, used as it is", denoiser=True, adapter=True, kwargs=True)
             return model
         if isinstance(model, nn.Module):
-            if self._model_kwargs:
-                raise ConfigError(
-                    f"model_kwargs configure a registered base classifier or builder; this model is a module, "
-                    f"so {sorted(self._model_kwargs)} would be ignored (build the module with them instead)"
-                )
+            self._refuse_unused("a module (build it with them instead)", kwargs=True)
             return from_module(model, shape, denoiser=self._denoiser, num_classes=self._num_classes, **self._adapter)
         if isinstance(model, (str, Path)):
             name = str(model)
             if name in list_base_classifiers() or (":" in name and not Path(name).exists()):
+                what = f"{name}, configured by model_kwargs (dds: model_kwargs={{'denoiser': {{'path': …}}}})"
+                self._refuse_unused(what, denoiser=True, adapter=True)
                 return create_base_classifier(name, input_shape=list(shape), **self._model_kwargs)
             return self._from_folder(Path(name), shape)
         raise ConfigError(
@@ -228,8 +227,28 @@ class Smoothed:
                 f"nor a model folder with {CONFIG_NAME}"
             )
         if folder_kind(folder) == "onestep":
+            self._refuse_unused(
+                f"{folder}, a one-step model (no denoiser; it carries its own input contract)",
+                denoiser=True,
+                adapter=True,
+                kwargs=True,
+            )
             return OneStepBase(load_onestep({"path": str(folder)}), shape)
+        self._refuse_unused(
+            f"{folder}, a classifier folder that carries its own input contract", adapter=True, kwargs=True
+        )
         return from_module(load_classifier({"path": str(folder)}), shape, denoiser=self._denoiser)
+
+    def _refuse_unused(self, what: str, *, denoiser: bool = False, adapter: bool = False, kwargs: bool = False) -> None:
+        """Settings this kind of model has no use for are refused: ignored, they would certify another
+        model than the one the caller described (no denoiser, no normalisation) without a word."""
+        unused = [
+            *(["denoiser"] if denoiser and self._denoiser is not None else []),
+            *(sorted(self._adapter) if adapter else []),
+            *(["model_kwargs"] if kwargs and self._model_kwargs else []),
+        ]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} would be ignored: the model is {what}")
 
     def _build(self, shape: tuple[int, ...]) -> Replica:
         if len(shape) != 3:

@@ -195,3 +195,8 @@ def test_a_relative_out_inside_a_ray_job_with_a_working_dir_is_refused(monkeypat
     assert compose("certify", [f"out={tmp_path}"]).out == str(tmp_path)
     monkeypatch.setenv("RAYSMOOTH_OUT", str(tmp_path))
     assert compose("certify", []).out == f"{tmp_path}/digits"
+
+
+def test_a_key_in_a_section_the_model_config_lacks_names_the_section():
+    with pytest.raises(ConfigError, match=r"this model config has no model\.denoiser section"):
+        compose("certify", ["model=toy_onestep", "+model.denoiser.path=x"])

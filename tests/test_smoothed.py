@@ -233,6 +233,23 @@ def test_bad_parameters_are_refused_at_construction(kwargs, error, match):
         Smoothed(_linear_module(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("model", "kwargs", "says"),
+    [
+        ("linear", {"denoiser": str(EMBEDDED / "denoiser")}, "denoiser would be ignored: the model is linear"),
+        ("linear", {"mean": [0.5], "std": [0.2]}, "mean, std would be ignored: the model is linear"),
+        (str(EMBEDDED / "onestep"), {"denoiser": str(EMBEDDED / "denoiser")}, "a one-step model"),
+        (str(EMBEDDED / "classifier"), {"input_size": 16}, "input_size would be ignored: .* carries its own"),
+        (str(EMBEDDED / "classifier"), {"model_kwargs": {"x": 1}}, "model_kwargs would be ignored"),
+    ],
+)
+def test_settings_the_kind_of_model_has_no_use_for_are_refused_not_ignored(model, kwargs, says):
+    if model == "linear":
+        kwargs = {**kwargs, "model_kwargs": {"num_classes": 10}}
+    with pytest.raises(ConfigError, match=says):
+        Smoothed(model, 0.25, input_shape=(1, 8, 8), progress=False, **kwargs)
+
+
 def test_one_input_size_is_a_square():
     smoothed = Smoothed(_linear_module(), 0.5, input_shape=(1, 8, 8), input_size=8, progress=False)
     assert smoothed.certify(np.full((1, 8, 8), 0.5, np.float32), n0=5, n=20).n_used == 25
