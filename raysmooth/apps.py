@@ -26,6 +26,7 @@ from .config import (
     hydra_error_line,
     is_hydra_error,
     large_sigma_warning,
+    lazy_cascade_note,
     load_model_option,
     parse_range,
     typed,
@@ -193,6 +194,8 @@ def certify_task(dcfg: Any) -> int:
     cfg = _run_out(typed(dcfg, "certify"))
     if warning := large_sigma_warning(cfg.smoothing.sigmas):
         log.warning("smoothing.sigmas: %s", warning)
+    if note := lazy_cascade_note(cfg.smoothing):
+        log.warning("smoothing.mode=cascade %s", note)
     models = [cfg] + [dataclasses.replace(cfg, model=load_model_option(n)) for n in cfg.compare]
     names = [m.model.name for m in models]
     if len(set(names)) != len(names):

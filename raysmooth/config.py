@@ -449,6 +449,19 @@ def large_sigma_warning(sigmas: Sequence[float]) -> str | None:
     )
 
 
+def lazy_cascade_note(sm: SmoothingCfg) -> str | None:
+    """``mode=cascade`` samples a lower σ only where one decision rule leaves an image open, so only that
+    rule (the first p0 and policy) has the counts it needs; the others listed are not reported."""
+    if sm.mode != "cascade" or (len(sm.p0) <= 1 and len(sm.policies) <= 1):
+        return None
+    dropped = [f"p0={p:g}" for p in sm.p0[1:]] + [f"policy {p}" for p in sm.policies[1:]]
+    return (
+        f"samples for one decision rule, p0={sm.p0[0]:g} with the {sm.policies[0]} policy (the first of each); "
+        f"{', '.join(dropped)} are not reported: they need counts a lazy cascade does not draw "
+        "(smoothing.mode=full stores every σ for every image, and raysmooth sweep then gives any p0)"
+    )
+
+
 def validate_certify(cfg: CertifyCfg) -> None:
     from . import stats
 

@@ -200,3 +200,14 @@ def test_a_relative_out_inside_a_ray_job_with_a_working_dir_is_refused(monkeypat
 def test_a_key_in_a_section_the_model_config_lacks_names_the_section():
     with pytest.raises(ConfigError, match=r"this model config has no model\.denoiser section"):
         compose("certify", ["model=toy_onestep", "+model.denoiser.path=x"])
+
+
+def test_a_lazy_cascade_says_which_listed_thresholds_it_cannot_report():
+    from raysmooth.config import lazy_cascade_note
+
+    cfg = compose("certify", ["smoothing.mode=cascade", "smoothing.p0=[0.5,0.7]", "smoothing.policies=[strict]"])
+    note = lazy_cascade_note(cfg.smoothing)
+    assert "p0=0.5 with the strict policy (the first of each); p0=0.7 are not reported" in note
+    assert lazy_cascade_note(compose("certify", ["smoothing.p0=[0.5,0.7]"]).smoothing) is None  # full mode: all
+    one_rule = ["smoothing.mode=cascade", "smoothing.p0=[0.6]", "smoothing.policies=[reference]"]
+    assert lazy_cascade_note(compose("certify", one_rule).smoothing) is None
