@@ -265,6 +265,11 @@ def hydra_error_line(exc: BaseException, config_name: str | None = None) -> str:
     cause = exc.__cause__ or exc.__context__
     if cause is not None and type(cause).__module__.startswith(("omegaconf", "hydra")):
         text = f"{text.rstrip('.')}: {_first_sentence(cause)}"
+    return _with_hint(text, config_name)
+
+
+def _with_hint(text: str, config_name: str | None) -> str:
+    """Hydra's message with what to write instead, for the mistakes its wording leaves a user stuck on."""
     unknown = re.match(r"Could not override '([^']+)'.* not in '", text)
     if unknown and config_name in _SCHEMAS:
         text += _did_you_mean(unknown.group(1), _SCHEMAS[config_name])
@@ -325,9 +330,7 @@ def unknown_keys(node: Any, prefix: str = "") -> list[str]:
     for key in node.keys():
         if key not in names:
             found.append(f"{prefix}{key}")
-            continue
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+        elif not OmegaConf.is_missing(node, key) and isinstance(child := node.get(key), DictConfig):
             found += unknown_keys(child, f"{prefix}{key}.")
     return found
 
