@@ -312,3 +312,9 @@ def test_a_late_replica_reporting_another_model_is_refused():
     _same_replica(first, dict(first, pid=7, device="cuda:0"))  # where it runs may differ
     with pytest.raises(ModelLoadError, match="joined late reports another model .model_id: other there, m on"):
         _same_replica(first, dict(first, model_id="other"))
+
+
+def test_a_run_with_no_actor_up_yet_starts_when_a_late_one_joins(local_ray, images):
+    (late,) = start_actors(ActorSpec(1, 1, 0, 0), MODEL, SIGMAS, 5, ENGINE, 1)
+    rows = _drive([], images, _planner(images), joining={late.describe.remote(): late}, give_up_after_s=30)
+    _assert_engine_counts(rows, images, [late])

@@ -216,13 +216,17 @@ class Driver:
             if not in_flight:
                 if not self.planner.has_work():
                     break
-                # Every actor is backing off after failures: wait for Ray to bring them back.
+                # Every actor is backing off after failures: wait for Ray to bring them back (or for a late one).
                 if time.monotonic() - self._last_success > self.give_up_after_s:
                     raise DistributedError(
                         f"no actor has finished a task for {self.give_up_after_s:.0f} s; the cluster has no healthy "
                         "replica (see `ray status`); run the same command again to resume"
                     )
-                time.sleep(0.5)
+                joined, _ = ray.wait(list(self.joining), num_returns=1, timeout=0.5) if self.joining else ([], [])
+                for ref in joined:
+                    self._join(ref)
+                if not self.joining:
+                    time.sleep(0.5)
                 continue
             ready, _ = ray.wait([*self.joining, *in_flight], num_returns=1, timeout=1.0)  # joiners first
             now = time.monotonic()
