@@ -33,6 +33,7 @@ from .config import (
     SmoothingCfg,
     distinct_in_float32,
     large_sigma_warning,
+    seed_fits,
 )
 from .engine import EngineConfig, Replica, resolve_device, validate_images
 from .errors import ConfigError, InputError, whole_number
@@ -171,6 +172,8 @@ class Smoothed:
             log.warning("sigma: %s", warning)
         self.sigmas = sorted(sigmas)  # index order = ascending σ, as in the job
         self.seed = whole_number("seed", seed, minimum=None, error=ConfigError)
+        if not seed_fits(self.seed):  # the job stores it as an int64: the same seed must name the same noise
+            raise ConfigError(f"seed must fit in 64 bits, as the job stores it, got {self.seed}")
         self.chunk = whole_number("chunk", chunk, error=ConfigError)
         self.engine = EngineConfig(
             batch_size=batch_size,

@@ -211,3 +211,9 @@ def test_a_lazy_cascade_says_which_listed_thresholds_it_cannot_report():
     assert lazy_cascade_note(compose("certify", ["smoothing.p0=[0.5,0.7]"]).smoothing) is None  # full mode: all
     one_rule = ["smoothing.mode=cascade", "smoothing.p0=[0.6]", "smoothing.policies=[reference]"]
     assert lazy_cascade_note(compose("certify", one_rule).smoothing) is None
+
+
+def test_a_seed_the_counts_table_cannot_store_is_refused_before_the_run():
+    with pytest.raises(ConfigError, match="smoothing.seed must fit in 64 bits"):
+        compose("certify", [f"smoothing.seed={2**70}"])
+    assert compose("certify", [f"smoothing.seed={-(2**63)}"]).smoothing.seed == -(2**63)

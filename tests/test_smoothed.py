@@ -223,6 +223,7 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": 0.5, "model_kwargs": {"width": 3}, "input_shape": (1, 8, 8)}, ConfigError, "would be ignored"),
         ({"sigma": 0.5, "mean": [123.7], "std": [58.4], "input_shape": (1, 8, 8)}, ConfigError, "0-255 units"),
         ({"sigma": []}, ConfigError, "at least one noise level"),
+        ({"sigma": 0.5, "seed": 2**63}, ConfigError, "seed must fit in 64 bits"),
         ({"sigma": 0.5, "mean": [0.5], "input_shape": (1, 8, 8)}, ConfigError, "mean and std go together"),
         ({"sigma": 0.5, "input_size": -3, "input_shape": (1, 8, 8)}, ConfigError, "input_size must be"),
         ({"sigma": 0.5, "input_size": (8, 0), "input_shape": (1, 8, 8)}, ConfigError, "input_size must be"),
