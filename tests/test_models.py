@@ -119,6 +119,12 @@ def test_multi_step_ddim_runs_the_configured_number_of_unet_calls(tmp_path):
     assert float(out.detach().min()) >= 0 and float(out.detach().max()) <= 1
 
 
+@pytest.mark.parametrize(("kwargs", "says"), [({"steps": 2.5}, "steps must be a whole number"), ({"eta": 2}, "eta")])
+def test_a_denoising_schedule_that_cannot_be_run_as_given_is_refused(kwargs, says):
+    with pytest.raises(ConfigError, match=says):
+        DiffusionDenoiser(tiny_unet(), alphas_cumprod(linear_betas(1000)), **kwargs)
+
+
 # ---- loading -----------------------------------------------------------------------------------
 def test_a_diffusers_folder_loads_with_from_pretrained(tmp_path):
     folder = save_denoiser_folder(tmp_path / "den")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, check_keys
+from ..errors import ConfigError, ModelLoadError, check_keys, whole_number
 from .checkpoints import load_state_dict_file, load_strict
 from .schedule import noise_ratio, schedule_from_config
 
@@ -59,10 +59,9 @@ class DiffusionDenoiser(nn.Module):
         model_id: str = "denoiser",
     ):
         super().__init__()
-        if steps < 1:
-            raise ValueError("steps must be at least 1")
+        steps = whole_number("model.denoiser.steps", steps, error=ConfigError)  # 2.5 would run 2, unsaid
         if not 0.0 <= eta <= 1.0:
-            raise ValueError("eta must lie in [0, 1]")
+            raise ConfigError(f"model.denoiser.eta must lie in [0, 1], got {eta}")
         self.unet = unet
         acp = np.asarray(alphas_cumprod, dtype=np.float64)
         self.register_buffer("acp", torch.from_numpy(acp), persistent=False)
