@@ -287,6 +287,21 @@ def test_diffsmooth_soft_votes_over_fixed_local_noise(tmp_path):
         assert torch.equal(a.classify(z, sigma), probs.argmax(1))
 
 
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ({"local_samples": 2.5}, "local_samples must be a whole number"),
+        ({"local_seed": 1.5}, "local_seed must be a whole number"),
+        ({"local_sigma": float("nan")}, "local_sigma must be a finite number"),
+    ],
+)
+def test_diffsmooth_options_that_would_be_truncated_or_nan_are_refused(tmp_path, option, says):
+    den_cfg = DenoiserConfig(path=str(save_denoiser_folder(tmp_path / "d")))
+    kw = dict(denoiser=den_cfg, classifier=tiny_classifier_config(), input_shape=(1, 8, 8), **option)
+    with pytest.raises(ConfigError, match=says):
+        create_base_classifier("diffsmooth", **kw)
+
+
 def test_onestep_is_conditioned_on_sigma():
     base = create_base_classifier(
         "onestep", onestep=dict(name="test_efficientnet", num_classes=10, in_chans=1), input_shape=(1, 8, 8)

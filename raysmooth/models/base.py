@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, one_line
+from ..errors import ConfigError, one_line, whole_number
 from .classifier import ClassifierConfig, NormalizedClassifier, load_classifier
 from .denoiser import DenoiserConfig, DiffusionDenoiser, load_denoiser
 from .onestep import NoiseConditionedClassifier, OneStepConfig, load_onestep
@@ -199,8 +200,10 @@ class DiffSmoothBase(BaseClassifier):
         local_seed: int = 42,
     ):
         super().__init__()
-        if local_samples < 1 or local_sigma < 0:
-            raise ConfigError("diffsmooth needs local_samples >= 1 and local_sigma >= 0")
+        local_samples = whole_number("model.options.local_samples", local_samples, error=ConfigError)
+        local_seed = whole_number("model.options.local_seed", local_seed, minimum=None, error=ConfigError)
+        if not (isinstance(local_sigma, (int, float)) and math.isfinite(local_sigma) and local_sigma >= 0):
+            raise ConfigError(f"model.options.local_sigma must be a finite number >= 0, got {local_sigma!r}")
         _check_channels(denoiser, input_shape)
         self.denoiser = denoiser
         self.classifier = classifier
