@@ -255,6 +255,20 @@ def test_a_key_a_model_section_does_not_have_names_the_section_not_the_folder(lo
         load(section)
 
 
+@pytest.mark.parametrize(
+    ("section", "says"),
+    [
+        ({"name": "resnet18", "num_classes": 10.5}, "num_classes must be a whole number"),
+        ({"name": "resnet18", "num_classes": 0}, "num_classes must be a whole number of at least 1, got 0"),
+        ({"name": "resnet18", "in_chans": 1.5}, "in_chans must be a whole number"),
+    ],
+)
+def test_a_classifier_head_timm_would_misread_is_refused(section, says):
+    # timm builds a headless feature extractor for num_classes=0 and fails deep inside on 10.5
+    with pytest.raises(ConfigError, match=says):
+        load_classifier(section)
+
+
 # ---- base classifiers --------------------------------------------------------------------------
 def test_the_registry_names_every_method():
     assert set(list_base_classifiers()) >= {"plain", "dds", "diffsmooth", "onestep", "linear"}

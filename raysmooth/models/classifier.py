@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError, check_keys
+from ..errors import ConfigError, ModelLoadError, check_keys, whole_number
 from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 
 __all__ = [
@@ -158,6 +158,9 @@ def load_classifier(cfg: ClassifierConfig | dict) -> NormalizedClassifier:
         cfg = _folder_config(cfg)
     except TypeError as exc:
         raise ModelLoadError(f"model.classifier: {exc}") from None
+    # timm takes num_classes=0 as "no head" (features, not logits) and a fraction as a TypeError deep inside
+    cfg.num_classes = whole_number("model.classifier.num_classes", cfg.num_classes, error=ConfigError)
+    cfg.in_chans = whole_number("model.classifier.in_chans", cfg.in_chans, error=ConfigError)
     if cfg.checkpoint_format == "hf_vit":
         model = _load_hf_vit(cfg)
     elif cfg.checkpoint_format == "timm":

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, check_keys
+from ..errors import ConfigError, ModelLoadError, check_keys, whole_number
 from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 from .classifier import ClassifierConfig, create_timm_model
 
@@ -82,6 +82,8 @@ def load_onestep(cfg: OneStepConfig | dict) -> NoiseConditionedClassifier:
         cfg = OneStepConfig(**given)
     except TypeError as exc:
         raise ModelLoadError(f"model.onestep: {exc}") from None
+    cfg.num_classes = whole_number("model.onestep.num_classes", cfg.num_classes, error=ConfigError)
+    cfg.in_chans = whole_number("model.onestep.in_chans", cfg.in_chans, error=ConfigError)
     net = build_onestep(cfg)
     if cfg.checkpoint:
         load_strict(net.model, unwrap_state_dict(load_state_dict_file(cfg.checkpoint), cfg.checkpoint), cfg.checkpoint)
