@@ -83,7 +83,7 @@ class ModelCfg:
     ``pkg.module:builder`` to your own ``nn.Module``, and the sections its builder takes."""
 
     name: str = "model"  # the run directory's name under `out`
-    base: str = "dds"
+    base: str = "???"  # required: every configs/model/ file names one (custom leaves it to the command line)
     input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
     batch_size: int | None = None  # samples per forward pass that suit this model (engine.batch_size wins)
     denoiser: dict[str, Any] | None = None  # DenoiserConfig fields, or {path: a diffusers folder}
@@ -287,6 +287,10 @@ def _with_hint(text: str, config_name: str | None) -> str:
     unset = re.search(r"is not in struct \(key: ([\w.]+)\)", text)
     if unset:
         text += f"; a key this section does not hold yet is added with a +: +{unset.group(1)}=…"
+    mandatory = re.search(r"missing mandatory value: \w+ \(key: ([\w.]+)\)", text)
+    if mandatory:
+        example = "=pkg.module:builder" if mandatory.group(1) == "model.base" else "=…"
+        text += f"; give it on the command line: {mandatory.group(1)}{example}"
     listed = re.search(r"is not a ListConfig, list or tuple.*\(key: ([\w.]+)\)", text)
     if listed:
         text += f"; {listed.group(1)} is a list: {listed.group(1)}=[…]"

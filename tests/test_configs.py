@@ -217,3 +217,10 @@ def test_a_seed_the_counts_table_cannot_store_is_refused_before_the_run():
     with pytest.raises(ConfigError, match="smoothing.seed must fit in 64 bits"):
         compose("certify", [f"smoothing.seed={2**70}"])
     assert compose("certify", [f"smoothing.seed={-(2**63)}"]).smoothing.seed == -(2**63)
+
+
+def test_the_custom_model_without_a_builder_says_to_give_one_instead_of_running_dds():
+    # the schema's default base used to survive custom.yaml's `base: ???`: the run became a dds
+    # without a denoiser and failed on a worker, naming the wrong model
+    with pytest.raises(ConfigError, match=r"missing mandatory value: base .*model\.base=pkg\.module:builder"):
+        compose("certify", ["model=custom"])
