@@ -341,6 +341,9 @@ class Smoothed:
         split into chunks and seeded exactly as the job's work units."""
         batch = self._stack(xs)
         n = whole_number("the number of samples", n)
+        sigma_index = whole_number("sigma_index", sigma_index, minimum=0)
+        if sigma_index >= len(self.sigmas):
+            raise InputError(f"sigma_index={sigma_index}, but this classifier has {len(self.sigmas)} σ: {self.sigmas}")
         ids = self._ids(batch, ids)
         out = np.zeros((len(ids), self._replica.num_classes), dtype=np.int64)
         chunks = list(enumerate(split_budget(n, self.chunk)))

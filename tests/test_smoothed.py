@@ -420,3 +420,9 @@ def test_certify_sequential_stops_early_where_the_answer_is_clear():
         assert cert.n_used == 20 + int(cert.counts.sum()) and cert.counts.sum() == 100 * 2 ** (cert.rounds - 1)
     certified = [c for c in certs if not c.abstained]
     assert certified and all(c.stop_reason == "certified_all" and c.rounds < 5 for c in certified)
+
+
+def test_counts_at_a_sigma_index_the_classifier_lacks_is_one_input_error():
+    smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8), progress=False)
+    with pytest.raises(InputError, match=r"sigma_index=2, but this classifier has 2 σ"):
+        smoothed.counts(np.zeros((1, 1, 8, 8), np.float32), phase="selection", n=10, sigma_index=2, ids=[0])
