@@ -292,8 +292,14 @@ SEQUENTIAL_NOTE = (
 )
 
 
+def _columns(radii: Sequence[float]) -> list[float]:
+    """The radii a table reports, in order, each once (however the caller listed them)."""
+    return sorted(set(radii))
+
+
 def format_markdown(curves: Sequence[Curve], radii: Sequence[float]) -> str:
     """The table; with sequential rows, samples per image beside it and one line on how to read it."""
+    radii = _columns(radii)
     samples = any(c.sequential for c in curves)
     head = ["source", "images"] + [f"r={r:g}" for r in radii] + ["ACR", "abstain"]
     head += ["mean n", "median n"] if samples else []
@@ -310,6 +316,7 @@ def format_markdown(curves: Sequence[Curve], radii: Sequence[float]) -> str:
 
 
 def format_csv(curves: Sequence[Curve], radii: Sequence[float]) -> str:
+    radii = _columns(radii)
     out = io.StringIO()
     out.write("source,radius,certified_accuracy\n")
     for row in summarise(curves, radii):

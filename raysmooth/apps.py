@@ -232,7 +232,7 @@ def sweep_report(cfg: SweepCfg) -> int:
     from .certificates import run_sweep
 
     result = run_sweep(cfg.run_dir, parse_range(str(cfg.p0), "p0"), cfg.alpha, cfg.policy)
-    print(format_markdown(curves_from_certificates(result.table), sorted(set(cfg.radii))))
+    print(format_markdown(curves_from_certificates(result.table), cfg.radii))
     print(
         f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s",
         file=sys.stderr,

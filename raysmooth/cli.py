@@ -24,7 +24,7 @@ def _radii(text: str | None) -> list[float]:
     radii = parse_floats(text, "--radii")
     if any(r < 0 for r in radii):
         raise UserError("--radii must be non-negative")
-    return sorted(set(radii))  # the table's columns, in order, each once
+    return radii
 
 
 # ---- analyze -------------------------------------------------------------------------------------

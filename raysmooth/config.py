@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -615,7 +616,7 @@ def _in_ray_job_working_dir() -> bool:
 
 
 def _check_distinct(key: str, values: Sequence[Any]) -> None:
-    twice = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+    twice = sorted((v for v, times in Counter(values).items() if times > 1), key=str)
     _check(key, not twice, f"lists {', '.join(map(str, twice))} twice: {list(values)}")
 
 

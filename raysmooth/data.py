@@ -129,8 +129,8 @@ def load_test_set(data) -> TestSet:
     from .config import resolve_path
 
     options = dict(data.options or {})
-    for key in set(options) & set(_SET_BY_KEYS):
-        raise ConfigError(f"data.options.{key}: set it as data.{key}")
+    if misplaced := sorted(set(options) & set(_SET_BY_KEYS)):
+        raise ConfigError(f"data.options.{misplaced[0]}: set it as data.{misplaced[0]}")
     root = resolve_path(data.root)
     if subsamples_itself(data.name) and not data.indices:
         options.update(skip=data.skip, max_images=data.max_images)

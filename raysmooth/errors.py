@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import numbers
@@ -74,10 +75,10 @@ def whole_number(name: str, value: object, minimum: int | None = 1, error: type[
     return whole
 
 
-def check_keys(section: str, given: Iterable[str], allowed: Iterable[str]) -> None:
-    """Refuse a key a config section does not have, naming the one probably meant: a dataclass would
-    say "__init__() got an unexpected keyword argument", without saying where it came from."""
-    allowed = list(allowed)
+def check_keys(section: str, given: Iterable[str], schema: type) -> None:
+    """Refuse a key the dataclass ``schema`` of a config section does not have, naming the one probably
+    meant: the dataclass would say "__init__() got an unexpected keyword argument", not where it came from."""
+    allowed = [f.name for f in dataclasses.fields(schema)]
     for key in given:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)

@@ -15,6 +15,7 @@ bounded; it falls as the draws disagree more.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -208,37 +209,34 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
     started = time.time()
-    try:  # the bar ends its line before any error is printed
-        with metrics_path.open("a") as metrics:
-            while step < cfg.steps:
-                idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
-                sig = sigmas[torch.randint(0, len(sigmas), (cfg.batch_size,), generator=gen)]
-                probs = denoised_probs(denoiser, classifier, x_train[idx], sig, cfg.draws, gen)
-                losses = finetune_loss(probs, y_train[idx], cfg.brier_weight, cfg.anti_consistency_weight)
-                values = {k: float(v.detach()) for k, v in losses.items()}  # the metrics line needs them anyway
-                if not math.isfinite(values["loss"]):
-                    _diverged(step + 1, cfg, ckpt)
-                opt.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                opt.step()
-                step += 1
-                row = {"step": step, **values, "seconds": time.time() - started}
-                metrics.write(json.dumps(row) + "\n")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.4f}", brier=f"{row['brier']:.4f}", ac=f"{row['anti_consistency']:.3f}"
-                    )
-                if progress is not None:
-                    progress(step, row)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    metrics.flush()
-                    if not all(bool(torch.isfinite(p).all()) for p in params):  # one step can blow the weights up
-                        _diverged(step, cfg, ckpt)
-                    save_checkpoint()
-    finally:
-        if bar is not None:
-            bar.close()
+    # the bar ends its line (closes) before any error is printed
+    with metrics_path.open("a") as metrics, bar if bar is not None else contextlib.nullcontext():
+        while step < cfg.steps:
+            idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=gen)
+            sig = sigmas[torch.randint(0, len(sigmas), (cfg.batch_size,), generator=gen)]
+            probs = denoised_probs(denoiser, classifier, x_train[idx], sig, cfg.draws, gen)
+            losses = finetune_loss(probs, y_train[idx], cfg.brier_weight, cfg.anti_consistency_weight)
+            values = {k: float(v.detach()) for k, v in losses.items()}  # the metrics line needs them anyway
+            if not math.isfinite(values["loss"]):
+                _diverged(step + 1, cfg, ckpt)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            step += 1
+            row = {"step": step, **values, "seconds": time.time() - started}
+            metrics.write(json.dumps(row) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}", brier=f"{row['brier']:.4f}", ac=f"{row['anti_consistency']:.3f}"
+                )
+            if progress is not None:
+                progress(step, row)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                metrics.flush()
+                if not all(bool(torch.isfinite(p).all()) for p in params):  # one step can blow the weights up
+                    _diverged(step, cfg, ckpt)
+                save_checkpoint()
     unet.eval()
     src = Path(den_cfg["path"]) if den_cfg.get("path") else out
     return _save_denoiser(denoiser, cfg, src, out / "denoiser")

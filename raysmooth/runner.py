@@ -365,4 +365,4 @@ def report(
         ]
     if plot_path is not None:
         plot_curves(curves, plot_path, title=title)
-    return format_markdown(curves, sorted(radii))
+    return format_markdown(curves, radii)

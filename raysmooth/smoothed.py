@@ -93,10 +93,13 @@ def _as_image(x: Any) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32)
 
 
-def _no_images(xs: Any) -> bool:
+def _no_images(xs: Any, ids: Sequence[int] | None) -> bool:
     """An empty list or (0, C, H, W) batch: certified as an empty list, nothing built or drawn."""
     shape = getattr(xs, "shape", None)
-    return len(shape) == 4 and shape[0] == 0 if shape is not None else isinstance(xs, (list, tuple)) and not xs
+    empty = len(shape) == 4 and shape[0] == 0 if shape is not None else isinstance(xs, (list, tuple)) and not xs
+    if empty and ids:
+        raise InputError(f"{len(ids)} ids for no images")
+    return empty
 
 
 def _one_image(x: Any, method: str) -> torch.Tensor:
@@ -406,9 +409,7 @@ class Smoothed:
     ) -> list[Certificate]:
         """CERTIFY (Cohen et al.) for many images, packed into full batches."""
         _check_alpha(alpha)
-        if _no_images(xs):
-            if ids:
-                raise InputError(f"{len(ids)} ids for no images")
+        if _no_images(xs, ids):
             return []
         batch = self._stack(xs)
         ids = self._ids(batch, ids)
@@ -457,9 +458,7 @@ class Smoothed:
         decided. Valid at level ``alpha`` under that stopping. With the same seed, σ list and unit it
         draws exactly the noise of ``raysmooth certify smoothing.mode=sequential``."""
         _check_alpha(alpha)
-        if _no_images(xs):
-            if ids:
-                raise InputError(f"{len(ids)} ids for no images")
+        if _no_images(xs, ids):
             return []
         batch = self._stack(xs)
         ids = self._ids(batch, ids)

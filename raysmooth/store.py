@@ -371,13 +371,11 @@ class RunStore:
         if not path.is_file():
             runs = sorted(d.name for d in root.iterdir() if (d / cls.MANIFEST).is_file())
             inside = next((p for p in root.parents if (p / cls.MANIFEST).is_file()), None)
-            hint = (
-                f"; it holds the runs {', '.join(runs)}: name one ({root / runs[0]})"
-                if runs
-                else f"; it is inside the run {inside}"
-                if inside
-                else ""
-            )
+            hint = ""
+            if runs:
+                hint = f"; it holds the runs {', '.join(runs)}: name one ({root / runs[0]})"
+            elif inside:
+                hint = f"; it is inside the run {inside}"
             raise StoreError(f"{root}: not a raysmooth run directory (no {cls.MANIFEST}){hint}")
         try:
             manifest = json.loads(path.read_text())

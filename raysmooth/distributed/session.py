@@ -215,35 +215,34 @@ def _await_replicas(actors: list, spec: ActorSpec, give_up_s: float, patience_s:
             first_took, last = first_took or now - started, now
         if not refs:
             break
-        needs = f"{spec.num_cpus:g} CPU, {spec.num_gpus:g} GPU each; the cluster has {_resources_line()}"
         if up and now - last > max(patience_s, 2 * first_took):
             log.warning(
                 "%d of %d replica actor(s) up; going on with them, the other %d join when the cluster places them (%s)",
                 len(up),
                 len(actors),
                 len(refs),
-                needs,
+                _needs(spec),
             )
             break
         if not up and now - started > give_up_s:
             stop_actors(actors)
             raise DistributedError(
-                f"no replica actor started within {give_up_s:.0f} s ({needs}); lower ray.num_actors, "
+                f"no replica actor started within {give_up_s:.0f} s ({_needs(spec)}); lower ray.num_actors, "
                 "ray.cpus_per_actor or ray.gpus_per_actor, or add nodes"
             )
         if now - said >= 30.0:
-            log.info("%d of %d replica actor(s) up; waiting for the others (%s)", len(up), len(actors), needs)
+            log.info("%d of %d replica actor(s) up; waiting for the others (%s)", len(up), len(actors), _needs(spec))
             said = now
     return Replicas([a for a, _ in up], [info for _, info in up], refs)
 
 
-def _resources_line() -> str:
+def _needs(spec: ActorSpec) -> str:
+    """What each actor asks for and what the cluster has free: asked of Ray only when a line says it."""
     import ray
 
     try:
         total, free = ray.cluster_resources(), ray.available_resources()
+        has = ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k} free" for k in ("CPU", "GPU") if k in total)
     except Exception:  # noqa: BLE001 - only for the message
-        return "unknown resources"
-    return (
-        ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k} free" for k in ("CPU", "GPU") if k in total) or "none"
-    )
+        has = "unknown resources"
+    return f"{spec.num_cpus:g} CPU, {spec.num_gpus:g} GPU each; the cluster has {has or 'none'}"

@@ -9,7 +9,7 @@ as self-describing folders, in diffusers' manner: ``config.json`` (the ``Classif
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -128,7 +128,7 @@ def _folder_config(cfg: ClassifierConfig | dict) -> ClassifierConfig:
     """A ClassifierConfig from a section that may name a folder: the folder's config.json, then the
     section's own fields on top, and the folder's weights as the checkpoint."""
     given = dict(cfg) if isinstance(cfg, dict) else {k: v for k, v in cfg.__dict__.items()}
-    check_keys("model.classifier", given, [f.name for f in fields(ClassifierConfig)])
+    check_keys("model.classifier", given, ClassifierConfig)
     path = given.get("path")
     if not path:
         return cfg if isinstance(cfg, ClassifierConfig) else ClassifierConfig(**given)

@@ -7,7 +7,7 @@ denoiser maps z ↦ u = 2z − 1, scales by √ᾱ_{t*} and predicts x̂₀ — 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ def _first_line(exc: BaseException) -> str:
 def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
     """Build a denoiser from a diffusers folder / hub id, or from our own safetensors + config."""
     if isinstance(cfg, dict):
-        check_keys("model.denoiser", cfg, [f.name for f in fields(DenoiserConfig)])
+        check_keys("model.denoiser", cfg, DenoiserConfig)
         cfg = DenoiserConfig(**cfg)
     from diffusers import UNet2DModel
 

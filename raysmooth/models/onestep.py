@@ -8,7 +8,7 @@ input and nothing denoises in between.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,7 +69,7 @@ def save_onestep(net: NoiseConditionedClassifier, cfg: OneStepConfig, folder, ca
 
 def load_onestep(cfg: OneStepConfig | dict) -> NoiseConditionedClassifier:
     given = dict(cfg) if isinstance(cfg, dict) else dict(cfg.__dict__)
-    check_keys("model.onestep", given, [f.name for f in fields(OneStepConfig)])
+    check_keys("model.onestep", given, OneStepConfig)
     if given.get("path"):
         saved, weights = read_folder_config(given["path"], "onestep")
         overrides = {
