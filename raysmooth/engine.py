@@ -221,6 +221,11 @@ class Replica:
         if self.config.channels_last and self.device.type == "cuda":
             self.base = self.base.to(memory_format=torch.channels_last)
         self.num_classes = base.num_classes
+        if self.num_classes < 2:  # one logit would vote for class 0 on every sample: a certificate of nothing
+            raise ConfigError(
+                f"model {base.model_id} predicts {self.num_classes} class; smoothing needs two or more (a binary "
+                "classifier with one logit z certifies as the two logits [0, z])"
+            )
         self.shape = tuple(int(s) for s in base.input_shape)
         self._lattice = None
         if self.config.noise == "lattice":

@@ -120,6 +120,26 @@ def test_the_cascade_refuses_a_threshold_outside_its_range(p0):
         stats.cascade_sweep(levels, [0.5, p0], 0.001, "strict")
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.6, 0.99])
+def test_an_alpha_of_one_half_or_more_is_refused_since_its_bound_would_pass_the_frequency(alpha):
+    counts = stats.SparseCounts.from_dense(np.array([[80, 20]]))
+    assert stats.cp_lower(80, 100, alpha) > 0.79  # what such a "certificate" would claim: p_A about 80/100
+    with pytest.raises(ValueError, match=r"alpha must lie in \(0, 0.5\)"):
+        stats.certify(counts, counts, 0.25, alpha)
+
+
+def test_the_job_refuses_an_alpha_of_one_half_or_more_before_it_samples(tmp_path, capsys):
+    assert certify_main([*SMALL, "smoothing.alpha=0.6", f"out={tmp_path}"]) == 2
+    assert "smoothing.alpha" in _one_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_model_with_one_class_is_refused_not_certified_as_class_zero_everywhere():
+    one_logit = LinearBase(np.ones((1, 4)), np.zeros(1), (1, 2, 2))  # a binary classifier's single logit
+    with pytest.raises(ConfigError, match=r"predicts 1 class; smoothing needs two or more.*\[0, z\]"):
+        Replica(one_logit, [0.25], run_seed=0)
+
+
 def test_a_summary_prepared_for_one_policy_refuses_the_other_in_words():
     levels, _ = random_levels(np.random.default_rng(0), 5, [0.25, 0.5], 4)
     prepared = stats.prepare_levels(levels, ("strict",))

@@ -365,6 +365,12 @@ def test_a_module_with_more_outputs_than_num_classes_is_refused():
         smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)
 
 
+def test_a_module_with_one_logit_is_refused_with_the_two_logit_form():
+    one_logit = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))  # a sigmoid binary classifier
+    with pytest.raises(ConfigError, match=r"predicts 1 class; smoothing needs two or more"):
+        Smoothed(one_logit, 0.25, input_shape=(1, 8, 8))
+
+
 def test_a_module_returning_a_tuple_is_told_to_return_the_logits_tensor():
     class Packed(torch.nn.Module):
         def __init__(self):

@@ -17,10 +17,14 @@ def _real(x: object) -> float | None:
 
 
 def check_alpha(alpha: object) -> float:
-    """A failure probability in (0, 1)."""
+    """A certificate's failure probability, in (0, 0.5): from 0.5 up a certificate is no more likely right
+    than wrong, and its lower bound on p_A reaches the observed frequency (the median of the beta bound)."""
     value = _real(alpha)
-    if value is None or not 0.0 < value < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if value is None or not 0.0 < value < 0.5:
+        raise ValueError(
+            f"alpha must lie in (0, 0.5), got {alpha}: it is the chance a certificate is wrong "
+            "(0.001 is the usual); at 0.5 or more one is no more likely right than wrong"
+        )
     return value
 
 
