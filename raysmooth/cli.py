@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the same job as python jobs/sweep.py",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--p0", help=f"START:STOP:STEP or one value (default {defaults.p0})")
+    p.add_argument("--p0", help=f"START:STOP:STEP, one value, or several comma-separated (default {defaults.p0})")
     p.add_argument("--alpha", help="failure probability, or several comma-separated (default: the run's)")
     p.add_argument("--policy", choices=("strict", "reference"), help=f"(default {defaults.policy})")
     p.add_argument("--radii", help="comma-separated radii for the summary table (default 0,0.25,…,2)")

@@ -171,7 +171,7 @@ class CertifyCfg:
 @dataclass
 class SweepCfg:
     run_dir: str = "???"
-    p0: str = "0.5:0.95:0.05"  # START:STOP:STEP or one value
+    p0: str = "0.5:0.95:0.05"  # START:STOP:STEP, one value, or several comma-separated
     alpha: list[float] | None = None  # None: the α the run was certified at
     policy: str = "strict"
     radii: list[float] = field(default_factory=lambda: list(DEFAULT_RADII))
@@ -835,22 +835,29 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 
 def parse_range(text: str, what: str) -> np.ndarray:
-    """``START:STOP:STEP`` (STOP included when the grid lands on it) or a single value."""
-    parts = text.split(":")
-    try:
-        nums = [float(p) for p in parts]
-    except ValueError:
-        raise UserError(f"{what} must be START:STOP:STEP or a number, got {text!r}") from None
-    if not all(math.isfinite(x) for x in nums):
-        raise UserError(f"{what} must be finite numbers, got {text!r}")
-    if len(nums) == 1:
-        return np.asarray(nums)
-    if len(nums) != 3:
-        raise UserError(f"{what} must be START:STOP:STEP or a number, got {text!r}")
-    start, stop, step = nums
-    if step <= 0 or stop < start:
-        raise UserError(f"{what}: need STEP > 0 and STOP >= START, got {text!r}")
-    count = int(np.floor((stop - start) / step + 1e-9)) + 1
-    if count > 100_000:
-        raise UserError(f"{what}: {count} values is too many for one sweep (at most 100,000)")
-    return np.round(start + step * np.arange(count), 12)
+    """Comma-separated items, each ``START:STOP:STEP`` (STOP included when the grid lands on it) or one
+    value: ``0.5:0.9:0.1``, ``0.5,0.7`` and ``0.5:0.7:0.1,0.95`` all name a grid."""
+    form = f"{what} must be START:STOP:STEP, a number, or several comma-separated, got {text!r}"
+    grids, count = [], 0
+    for item in text.split(","):
+        try:
+            nums = [float(p) for p in item.split(":")]
+        except ValueError:
+            raise UserError(form) from None
+        if not all(math.isfinite(x) for x in nums):
+            raise UserError(f"{what} must be finite numbers, got {text!r}")
+        if len(nums) == 1:
+            grids.append(np.asarray(nums))
+            count += 1
+            continue
+        if len(nums) != 3:
+            raise UserError(form)
+        start, stop, step = nums
+        if step <= 0 or stop < start:
+            raise UserError(f"{what}: need STEP > 0 and STOP >= START, got {item!r}")
+        steps = int(np.floor((stop - start) / step + 1e-9)) + 1
+        count += steps
+        if count > 100_000:
+            raise UserError(f"{what}: {count} values is too many for one sweep (at most 100,000)")
+        grids.append(np.round(start + step * np.arange(steps), 12))
+    return np.concatenate(grids)

@@ -160,6 +160,16 @@ def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
         )
 
 
+def test_sweep_takes_p0_as_a_comma_separated_list_as_it_takes_alpha(run_dir, capsys):
+    root, _, _ = run_dir
+    assert main(["sweep", str(root), "--p0", "0.5:0.7:0.2"]) == 0
+    grid = capsys.readouterr().out
+    assert main(["sweep", str(root), "--p0", "0.5,0.7"]) == 0
+    listed = capsys.readouterr().out
+    assert main(["sweep", str(root), "--p0", "0.5:0.5:0.1,0.7"]) == 0
+    assert listed == grid == capsys.readouterr().out and "cascade strict p0=0.7" in listed
+
+
 def test_a_value_given_twice_to_sweep_is_one_setting_not_its_rows_pooled_twice(run_dir, capsys):
     root, _, labels = run_dir
     assert main(["sweep", str(root), "--p0", "0.5", "--alpha", "0.01", "--radii", "0.5,0,0.5"]) == 0
@@ -174,7 +184,7 @@ def test_a_value_given_twice_to_sweep_is_one_setting_not_its_rows_pooled_twice(r
     [
         (["--p0", "0.3:0.9:0.1"], "[0.5, 1)"),
         (["--p0", "0.5:1.0:0.1"], "[0.5, 1)"),
-        (["--p0", "0.5", "--alpha", "1.5"], "(0, 1)"),
+        (["--p0", "0.5", "--alpha", "1.5"], "(0, 0.5)"),
         (["--p0", "a:b:c"], "START:STOP:STEP"),
     ],
 )
