@@ -6,14 +6,25 @@ is random images for tests and benchmarks. Every loader returns the same ``TestS
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, whole_number
+from .errors import ConfigError, InputError, whole_number
 
-__all__ = ["TestSet", "register_dataset", "load_dataset", "list_datasets", "subsample", "digits_split", "load_test_set"]
+__all__ = [
+    "TestSet",
+    "register_dataset",
+    "load_dataset",
+    "list_datasets",
+    "subsample",
+    "digits_split",
+    "load_test_set",
+    "fingerprint",
+]
 
 _DATASETS: dict[str, Callable[..., TestSet]] = {}
 
@@ -33,13 +44,8 @@ class LazyImages:
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
-            from PIL import Image
-
-            with Image.open(self.files[index]) as im:
-                img = np.asarray(self.transform(im.convert("RGB")), dtype=np.float32)
+            img = _read_image(self.files[index], self.transform)
             if img.shape != self.shape[1:]:
-                from .errors import InputError
-
                 raise InputError(f"{self.files[index]}: gives an image of shape {img.shape}, expected {self.shape[1:]}")
             return img
         rows = np.arange(len(self.files))[index]
@@ -64,6 +70,21 @@ class TestSet:
 
     def take(self, rows: np.ndarray) -> TestSet:
         return TestSet(self.name, self.images[rows], self.labels[rows], self.ids[rows], self.num_classes)
+
+
+def fingerprint(data: TestSet) -> str:
+    """What a test set's image ids name, as a short hash: a run's rows are keyed by image id, so a resumed
+    run checks it (a file added to or removed from a folder gives the later ids to other images). Files
+    count by their class folder and name, so a damaged file replaced by a good copy keeps the run's."""
+    h = hashlib.sha256()
+    h.update(np.asarray(data.ids, np.int64).tobytes())
+    h.update(np.asarray(data.labels, np.int64).tobytes())
+    if isinstance(data.images, LazyImages):
+        for f in data.images.files:
+            h.update(f"{Path(f).parent.name}/{Path(f).name}\n".encode())
+    else:
+        h.update(np.ascontiguousarray(data.images, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def register_dataset(fn: Callable[..., TestSet]) -> Callable[..., TestSet]:
@@ -211,7 +232,6 @@ class _ArrayUnpickler:
 def cifar10(split: str = "test", root: str | None = None, **_: object) -> TestSet:
     """CIFAR-10 from its python batches (``cifar-10-batches-py``): ``root`` is that folder or its parent."""
     import pickle
-    from pathlib import Path
 
     if root is None:
         raise ConfigError("data.root must point at the CIFAR-10 python batches (cifar-10-batches-py)")
@@ -268,8 +288,6 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
 def _folder_files(root) -> tuple[list, list[int], list[str]]:
-    from pathlib import Path
-
     base = Path(root)
     if not base.is_dir():
         raise ConfigError(f"data.root: no such folder {base}")
@@ -287,14 +305,23 @@ def _folder_files(root) -> tuple[list, list[int], list[str]]:
     return files, labels, classes
 
 
-def _load_images(files, transform) -> np.ndarray:
+def _read_image(file, transform) -> np.ndarray:
+    """One image file as a float32 (C, H, W) array; a file PIL cannot read is one line that says what to
+    do (a lazy set meets it mid-run: the rows stored so far are kept and the same command resumes)."""
     from PIL import Image
 
-    out = []
-    for f in files:
-        with Image.open(f) as im:
-            out.append(np.asarray(transform(im.convert("RGB")), dtype=np.float32))
-    return np.stack(out)
+    try:
+        with Image.open(file) as im:
+            return np.asarray(transform(im.convert("RGB")), dtype=np.float32)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(
+            f"{file}: not a readable image ({exc.__class__.__name__}: {exc}); replace it with a readable copy under "
+            "the same name and run the same command to resume (removing it would renumber the images after it)"
+        ) from exc
+
+
+def _load_images(files, transform) -> np.ndarray:
+    return np.stack([_read_image(f, transform) for f in files])
 
 
 @register_dataset
@@ -352,13 +379,33 @@ def image_folder(
 
     if root is None or size is None:
         raise ConfigError("image_folder needs data.root and data.options.size=[H, W]")
+    height, width = _image_size(size)
     files, labels, classes = _folder_files(root)
+    if num_classes is None:
+        num_classes = len(classes)
+    elif whole_number("data.options.num_classes", num_classes, error=ConfigError) < len(classes):
+        raise ConfigError(
+            f"data.options.num_classes={num_classes} but {root} has {len(classes)} class folders (labels 0 to "
+            f"{len(classes) - 1}, in sorted folder order)"
+        )
     rows = np.arange(0, len(files), max(1, skip))[: max_images or None]
-    tf = transforms.Compose([transforms.Resize(min(size)), transforms.CenterCrop(tuple(size)), transforms.ToTensor()])
-    images = LazyImages([files[i] for i in rows], tf, (3, int(size[0]), int(size[1])))
-    return TestSet(
-        "image_folder", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), num_classes or len(classes)
+    tf = transforms.Compose(
+        [transforms.Resize(min(height, width)), transforms.CenterCrop((height, width)), transforms.ToTensor()]
     )
+    images = LazyImages([files[i] for i in rows], tf, (3, height, width))
+    return TestSet("image_folder", images, np.asarray(labels, np.int64)[rows], rows.astype(np.int64), int(num_classes))
+
+
+def _image_size(size: object) -> tuple[int, int]:
+    """data.options.size as (H, W): one size means a square."""
+    sizes = [size] if not isinstance(size, Sequence) or isinstance(size, str) else list(size)
+    try:
+        if len(sizes) in (1, 2):
+            values = [whole_number("size", v, error=ConfigError) for v in sizes]
+            return (values[0], values[-1])
+    except ConfigError:
+        pass
+    raise ConfigError(f"data.options.size must be [H, W] in pixels (or one size for a square), got {size}")
 
 
 imagenet.subsamples = True  # type: ignore[attr-defined]

@@ -29,7 +29,7 @@ from .certificates import (
     stored_progress,
 )
 from .config import DEFAULT_BATCH_SIZE, CertifyCfg, counts_relevant_config, resolve_model_paths
-from .data import load_test_set
+from .data import fingerprint, load_test_set
 from .errors import InputError, ModelLoadError
 from .store import RunStore
 
@@ -98,8 +98,9 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
     out = Path(cfg.out).expanduser().resolve() / cfg.model.name
     sigmas = sorted(float(s) for s in sm.sigmas)  # index order = ascending σ: the cascade walks it down
     noise = run_noise(cfg, sigmas)
+    test_set = {"data_fingerprint": fingerprint(data)}
     if sm.mode == "sequential":
-        return _certify_sequential(cfg, data, model, out, sigmas, noise, started)
+        return _certify_sequential(cfg, data, model, out, sigmas, noise, started, test_set)
     if sm.n < stats.min_samples_to_certify(sm.alpha):
         log.warning(
             "n=%d is below %d: at alpha=%g every image will abstain",
@@ -109,6 +110,7 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
         )
 
     with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
+        _check_same_test_set(store, test_set)
         stop_rule = _cascade_rule(cfg, len(sigmas), noise) if sm.mode == "cascade" else None
         existing, decided, half = stored_progress(store, data.ids.tolist(), sigmas, stop_rule)
         if existing:
@@ -133,7 +135,7 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
         )
         rows_written = 0
         if planner.has_work():
-            rows_written = _sample(cfg, model, data, sigmas, store, planner, noise)
+            rows_written = _sample(cfg, model, data, sigmas, store, planner, noise, test_set)
         else:
             log.info("nothing to sample: every row is stored")
 
@@ -170,7 +172,7 @@ def sequential_designs_for(cfg: CertifyCfg, sigmas: Sequence[float], noise: Nois
 
 
 def _certify_sequential(
-    cfg: CertifyCfg, data, model, out: Path, sigmas: list[float], noise: NoiseInfo, started: float
+    cfg: CertifyCfg, data, model, out: Path, sigmas: list[float], noise: NoiseInfo, started: float, test_set: dict
 ) -> CertifyResult:
     """smoothing.mode=sequential: rounds decided by the rule; the designs live in the manifest, so a
     resumed run decides with exactly the critical counts it started with."""
@@ -179,6 +181,7 @@ def _certify_sequential(
 
     sm, sq = cfg.smoothing, cfg.smoothing.sequential
     with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
+        _check_same_test_set(store, test_set)
         designs = sequential_designs(store.manifest) or sequential_designs_for(cfg, sigmas, noise)
         resume = sequential_progress(store, data.ids.tolist(), sigmas, designs)
         if resume:
@@ -205,12 +208,13 @@ def _certify_sequential(
         rows_written = 0
         if planner.has_work():
             extra = {
+                **test_set,
                 "sequential": {
                     "looks": designs[sigmas[0]].looks.tolist(),
                     "alphas": designs[sigmas[0]].alphas.tolist(),
                     "audit": sq.stop == "never",
                     "designs": {repr(s): d.to_dict() for s, d in designs.items()},
-                }
+                },
             }
             rows_written = _sample(cfg, model, data, sigmas, store, planner, noise, extra)
         else:
@@ -240,6 +244,18 @@ def _cascade_rule(cfg: CertifyCfg, num_levels: int, noise: NoiseInfo):
         )
 
     return stops
+
+
+def _check_same_test_set(store: RunStore, test_set: dict) -> None:
+    """A resumed run's stored rows are keyed by image id: refuse to resume on a test set whose ids name
+    other images (runs from before the fingerprint was recorded are not checked)."""
+    stored = (store.manifest or {}).get("data_fingerprint")
+    if stored is not None and stored != test_set["data_fingerprint"]:
+        raise InputError(
+            f"{store.root}: the test set is not the one this run started on (files added, removed or renamed under "
+            "data.root, or other images), so its stored image ids would name other images; restore the test set "
+            "to resume, or certify into a new out"
+        )
 
 
 class _ImageMap:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from raysmooth.config import DataCfg
-from raysmooth.data import load_dataset, load_test_set, subsample
-from raysmooth.errors import ConfigError
+from raysmooth.data import fingerprint, load_dataset, load_test_set, subsample
+from raysmooth.errors import ConfigError, InputError
 
 
 def test_digits_test_split_is_fixed_and_in_range():
@@ -127,3 +127,53 @@ def test_synthetic_options_are_checked_in_one_line(options, says):
 def test_a_common_key_given_among_the_options_names_its_own_key():
     with pytest.raises(ConfigError, match="data.options.root: set it as data.root"):
         load_test_set(DataCfg(name="digits", options={"root": "/x"}))
+
+
+def _class_tree(root, classes=("cat", "dog"), per_class=2, size=(10, 12)):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(("size", "shape"), [(8, (3, 8, 8)), ([6, 8], (3, 6, 8)), ((8.0, 4), (3, 8, 4))])
+def test_image_folder_takes_one_size_for_a_square_or_h_and_w(tmp_path, size, shape):
+    d = load_dataset("image_folder", root=str(_class_tree(tmp_path)), size=size)
+    assert d.images[0].shape == shape and d.images.shape == (4, *shape)
+
+
+@pytest.mark.parametrize("size", [[0, 8], [8, 8, 8], 8.5, "large", [8, -1]])
+def test_image_folder_refuses_a_size_that_is_not_pixels_in_one_line(tmp_path, size):
+    with pytest.raises(ConfigError, match=r"data.options.size must be \[H, W\] in pixels"):
+        load_dataset("image_folder", root=str(_class_tree(tmp_path)), size=size)
+
+
+def test_image_folder_refuses_fewer_classes_than_it_has_class_folders(tmp_path):
+    root = _class_tree(tmp_path, classes=("a", "b", "c"))
+    with pytest.raises(ConfigError, match=r"num_classes=2 but .* has 3 class folders \(labels 0 to 2"):
+        load_dataset("image_folder", root=str(root), size=8, num_classes=2)
+    assert load_dataset("image_folder", root=str(root), size=8, num_classes=10).num_classes == 10
+
+
+def test_a_damaged_image_file_is_one_line_saying_to_replace_it_not_remove_it(tmp_path):
+    root = _class_tree(tmp_path)
+    (root / "dog" / "1.png").write_bytes(b"not an image")
+    d = load_dataset("image_folder", root=str(root), size=8)
+    with pytest.raises(InputError, match=r"dog/1.png: not a readable image .* replace it with a readable copy"):
+        d.images[3]
+
+
+def test_the_fingerprint_names_which_images_the_ids_mean(tmp_path):
+    root = _class_tree(tmp_path)
+    before = fingerprint(load_dataset("image_folder", root=str(root), size=8))
+    (root / "dog" / "1.png").write_bytes((root / "cat" / "0.png").read_bytes())  # a file replaced under its name
+    assert fingerprint(load_dataset("image_folder", root=str(root), size=8)) == before
+    (root / "cat" / "0.png").unlink()  # the later ids now name other images
+    assert fingerprint(load_dataset("image_folder", root=str(root), size=8)) != before
+    digits = load_dataset("digits")
+    assert fingerprint(digits) == fingerprint(load_dataset("digits"))
+    assert fingerprint(digits) != fingerprint(subsample(digits, skip=2))

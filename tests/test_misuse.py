@@ -210,6 +210,33 @@ def test_a_crashed_run_leaves_no_lock_behind(tmp_path):
     RunStore.for_run(tmp_path / "run", {"x": 1}).release()
 
 
+def test_a_run_does_not_resume_on_a_folder_whose_image_ids_now_name_other_images(tmp_path, capsys):
+    from PIL import Image
+
+    tree = tmp_path / "images"
+    for name in ("cat", "dog"):
+        (tree / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tree / name / f"{i}.png")
+    job = [
+        *[a for a in SMALL if not a.startswith(("data=", "model="))],
+        "data=imagenet",
+        "data.name=image_folder",
+        f"data.root={tree}",
+        "data.skip=1",
+        "+data.options.size=8",
+        "model=linear",
+        "model.input_shape=[3,8,8]",
+        "model.options.num_classes=2",
+        f"out={tmp_path / 'out'}",
+    ]
+    assert certify_main(job) == 0
+    (tree / "cat" / "0.png").unlink()  # dog/0.png now has id 1, which the run stored for cat/1.png
+    capsys.readouterr()
+    assert certify_main(job) == 2
+    assert "the test set is not the one this run started on" in _one_line(capsys)
+
+
 def test_two_jobs_into_one_directory_store_every_row_once(tmp_path, capsys):
     """The second job is refused while the first holds the directory; nothing is doubled."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
