@@ -161,6 +161,15 @@ def test_a_missing_checkpoint_is_one_clear_error(tmp_path):
         load_denoiser(DenoiserConfig(path=str(tmp_path / "nope")))
 
 
+def test_a_file_that_is_not_a_checkpoint_says_so_with_the_error_kind(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hi, these are notes")  # torch.load raises a bare KeyError(105) here
+    with pytest.raises(
+        ModelLoadError, match=r"notes.pt: not a readable torch checkpoint \(damaged, or not a .*KeyError"
+    ):
+        load_denoiser(DenoiserConfig(weights=str(path), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
+
+
 class _Payload:
     pass
 

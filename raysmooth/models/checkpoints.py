@@ -75,7 +75,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"{path}: not a readable torch checkpoint (damaged, or not a checkpoint: {detail})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as exc:
-        raise ModelLoadError(f"{path}: not a readable torch checkpoint ({one_line(exc, 160)})") from None
+        detail = f"{type(exc).__name__}: {one_line(exc, 120)}"  # a bare KeyError says only "105"
+        raise ModelLoadError(
+            f"{path}: not a readable torch checkpoint (damaged, or not a checkpoint: {detail})"
+        ) from None
     return unwrap_state_dict(obj, str(path))
 
 
