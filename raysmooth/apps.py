@@ -32,6 +32,7 @@ from .config import (
     typed,
 )
 from .errors import ConfigError, RaySmoothError, one_line
+from .signals import Terminated, sigterm_raises
 
 __all__ = ["certify_main", "sweep_main", "finetune_main", "run_app", "sweep_report"]
 
@@ -86,11 +87,12 @@ def _failed(name: str, exc: BaseException) -> int:
     """One line on stderr and the exit status: 2 for a user mistake, 130 for an interrupt."""
     if isinstance(exc, KeyboardInterrupt):
         hint = {
-            "certify": "run the same command again to resume",
+            "certify": "the rows finished so far are stored: run the same command again to resume",
             "finetune": "run the same command again to resume from the last checkpoint",
         }.get(name, "run it again")
-        print(f"raysmooth {name}: interrupted; {hint}", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"raysmooth {name}: {what}; {hint}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     if isinstance(exc, OSError) and exc.filename:
         text = f"{exc.filename}: {exc.strerror}"
     elif is_hydra_error(exc):
@@ -131,7 +133,8 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
             compose(name, plain)  # validate once, before hydra creates any folder
         sys.argv = [f"raysmooth-{name}", *argv]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # hydra raises; we print the one line
-        app()
+        with sigterm_raises():
+            app()
         if status["error"] is not None:
             return _failed(name, status["error"])
     except SystemExit as exc:  # hydra's --help and --cfg end this way

@@ -2,6 +2,7 @@
 status 2 (or cannot happen), with nothing lost and nothing counted twice."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +256,26 @@ def test_two_jobs_into_one_directory_store_every_row_once(tmp_path, capsys):
 
     raw = pq.read_table(tmp_path / "linear" / "counts")  # what DuckDB or polars would see
     assert raw.num_rows == table.num_rows == 16 * 3 * 2
+
+
+def test_a_job_stopped_by_sigterm_commits_its_finished_rows_and_says_how_to_resume(tmp_path):
+    """ray job stop, a scheduler's preemption: SIGTERM, then SIGKILL a few seconds later."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    args = [sys.executable, "jobs/certify.py", *SMALL, "data.options.num_images=400", "smoothing.n=100000"]
+    args += ["flush_every=1000000", "flush_seconds=100000", f"out={tmp_path}"]  # no flush before the end
+    job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in job.stderr:  # the progress line once images are finished
+        if re.search(r"progress: [1-9]\d*/400 images", line):
+            break
+    job.send_signal(signal.SIGTERM)
+    rest = job.stderr.read()
+    assert job.wait(timeout=60) == 143, rest
+    assert rest.strip().splitlines()[-1] == (
+        "raysmooth certify: terminated (SIGTERM); the rows finished so far are stored: run the same command again "
+        "to resume"
+    )
+    assert "SIGTERM received" not in rest  # Ray's stack dump
+    assert RunStore.open(tmp_path / "linear").read_counts().num_rows > 0
 
 
 def test_the_directory_of_a_failed_start_takes_the_corrected_command(tmp_path, capsys):

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import GIVE_UP_AFTER_S
 from ..errors import ConfigError, one_line
+from ..signals import raise_on_sigterm
 from .driver import ActorSpec, DistributedError, start_actors, stop_actors, user_error_of
 
 __all__ = ["connect", "actor_spec", "runtime_env_for", "start_replicas", "Replicas", "unreachable"]
@@ -62,6 +63,7 @@ def connect(address: str | None, local_cpus: int | None = None, runtime_env: dic
                 runtime_env=runtime_env,
             )
             _LOCAL_CLUSTER["gcs"] = _gcs_address()
+        raise_on_sigterm()  # ray.init replaced it: a stopped job commits its finished rows and says so
     except Exception as exc:  # noqa: BLE001 - ray.init raises many kinds (ConnectionError, TimeoutError, RuntimeError…)
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         hint = (
