@@ -15,7 +15,7 @@ those image ids (tests/test_smoothed.py checks it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from .config import (
     large_sigma_warning,
     seed_fits,
 )
+from .data import TestSet
 from .engine import EngineConfig, Replica, resolve_device, validate_images
 from .errors import ConfigError, InputError, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
@@ -91,6 +92,14 @@ def _as_image(x: Any) -> torch.Tensor:
     if t.is_complex():
         raise InputError("images must be real numbers, got complex ones")
     return t.detach().to("cpu", torch.float32)
+
+
+def _batch_input(xs: Any) -> Any:
+    """A generator of images as the list it yields; a ``TestSet`` refused with what to pass instead
+    (numpy would read the record as one object and the error would not say why)."""
+    if isinstance(xs, TestSet):
+        raise InputError("got a TestSet: pass its .images (and ids=its .ids, to keep the job's image ids)")
+    return list(xs) if isinstance(xs, Iterator) else xs
 
 
 def _no_images(xs: Any, ids: Sequence[int] | None) -> bool:
@@ -409,6 +418,7 @@ class Smoothed:
     ) -> list[Certificate]:
         """CERTIFY (Cohen et al.) for many images, packed into full batches."""
         _check_alpha(alpha)
+        xs = _batch_input(xs)
         if _no_images(xs, ids):
             return []
         batch = self._stack(xs)
@@ -458,6 +468,7 @@ class Smoothed:
         decided. Valid at level ``alpha`` under that stopping. With the same seed, σ list and unit it
         draws exactly the noise of ``raysmooth certify smoothing.mode=sequential``."""
         _check_alpha(alpha)
+        xs = _batch_input(xs)
         if _no_images(xs, ids):
             return []
         batch = self._stack(xs)

@@ -365,6 +365,20 @@ def test_a_module_with_more_outputs_than_num_classes_is_refused():
         smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)
 
 
+def test_certify_batch_takes_a_generator_of_images_as_the_list_it_yields():
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    images = load_dataset("digits").images[:3]
+    listed = smoothed.certify_batch(list(images), n0=5, n=50)
+    generated = smoothed.certify_batch((x for x in images), n0=5, n=50)
+    assert [c.counts.tolist() for c in generated] == [c.counts.tolist() for c in listed]
+
+
+def test_a_test_set_given_whole_says_to_pass_its_images_and_ids():
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    with pytest.raises(InputError, match=r"got a TestSet: pass its .images \(and ids=its .ids"):
+        smoothed.certify_batch(load_dataset("digits"), n0=5, n=50)
+
+
 def test_a_module_with_one_logit_is_refused_with_the_two_logit_form():
     one_logit = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))  # a sigmoid binary classifier
     with pytest.raises(ConfigError, match=r"predicts 1 class; smoothing needs two or more"):
