@@ -235,6 +235,16 @@ def sweep_report(cfg: SweepCfg) -> int:
     from .certificates import run_sweep
 
     result = run_sweep(cfg.run_dir, parse_range(str(cfg.p0), "p0"), cfg.alpha, cfg.policy)
+    if result.partial or (result.run_images and result.images < result.run_images):  # running, or stopped
+        of = f" of its {result.run_images}" if result.run_images else ""
+        log.warning(
+            "the run has all its counts for %d%s images (it is still running, or was stopped): these certificates "
+            "cover those %d only%s; the certify command that started the run finishes it",
+            result.images,
+            of,
+            result.images,
+            f", not the {result.partial} with only some of their counts" if result.partial else "",
+        )
     print(format_markdown(curves_from_certificates(result.table), cfg.radii))
     print(
         f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s",

@@ -382,6 +382,38 @@ class SweepResult:
     settings: int
     images: int
     seconds: float
+    run_images: int | None = None  # the images the run was started on (its manifest)
+    partial: int = 0  # images with only some of their counts, left out
+
+
+def complete_images(table: pa.Table, sigmas: Sequence[float] | None = None) -> tuple[pa.Table, int]:
+    """The round-0 rows of the images that have both phases at every σ of the run (``sigmas``, else those
+    in the table), and how many images have only some: a run still going, or stopped, is swept over its
+    finished images. Without the run's σ list a σ no image reached yet would silently drop out of the
+    cascade."""
+    import pyarrow.compute as pc
+
+    if "round" in table.column_names:
+        table = table.filter(pc.equal(pc.fill_null(table.column("round"), 0), 0))
+    if table.num_rows == 0:
+        raise StoreError("the counts table is empty")
+    sigma_col = table.column("sigma").to_numpy()
+    levels = np.unique(np.asarray(sigmas if sigmas else sigma_col, dtype=np.float64))
+    level = np.searchsorted(levels, sigma_col).clip(0, len(levels) - 1)
+    known = np.isclose(levels[level], sigma_col, rtol=0, atol=1e-12)
+    estimation = np.asarray(table.column("phase").to_pylist()) == "estimation"
+    image_col = table.column("image_id").to_numpy()
+    pairs = np.unique(np.stack([image_col[known], 2 * level[known] + estimation[known]]), axis=1)
+    images, have = np.unique(pairs[0], return_counts=True)
+    complete = images[have == 2 * len(levels)]
+    if len(complete) == 0:
+        raise StoreError(
+            f"no image has all its counts yet (both phases at σ = {', '.join(f'{s:g}' for s in levels)}); "
+            "finish or resume the run"
+        )
+    keep = np.isin(image_col, complete)
+    partial = len(np.unique(image_col)) - len(complete)
+    return (table if keep.all() else table.filter(pa.array(keep))), partial
 
 
 def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | None, policy: str) -> SweepResult:
@@ -396,7 +428,7 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
             "sweep (run smoothing.mode=full for threshold sweeps)"
         )
     started = time.perf_counter()
-    counts = store.read_counts()
+    counts, partial = complete_images(store.read_counts(), store.manifest.get("sigmas"))
     if not alphas:  # the α the run was certified at
         alphas = counts.column("alpha").to_pylist() or [0.001]
     # One setting per distinct value: a repeated α or p0 would pool its rows twice into one summary.
@@ -412,7 +444,8 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     (out_dir / "sweep.json").write_text(
         json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids), "sigmas": view.sigmas}, indent=2)
     )
-    return SweepResult(table, out_dir, len(p0) * len(alphas), len(view.image_ids), elapsed)
+    run_images = store.manifest.get("images")
+    return SweepResult(table, out_dir, len(p0) * len(alphas), len(view.image_ids), elapsed, run_images, partial)
 
 
 # ---- sequential runs ------------------------------------------------------------------------------

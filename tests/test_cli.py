@@ -10,6 +10,7 @@ import pytest
 
 from raysmooth.cli import main
 from raysmooth.stats import cascade_sweep
+from raysmooth.store import CountsRecord, RunStore
 
 from helpers import random_levels, write_run
 
@@ -158,6 +159,45 @@ def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
             rows.column("correct").to_numpy(zero_copy_only=False),
             (expect.prediction[i] == labels) & (expect.prediction[i] >= 0),
         )
+
+
+def _unfinished_run(root, levels, labels, *, finished, started=(), sigmas=None):
+    """A run stopped part-way: every count of the ``finished`` images, and for the ``started`` ones only
+    the selection counts at the first σ; its manifest names the run's σ and image count."""
+    sigmas = sigmas or [lv.sigma for lv in levels]
+    store = RunStore.create(root, {"test": True, "sigmas": sigmas}, sigmas=sigmas, images=len(labels))
+    records = [
+        CountsRecord(i, int(labels[i]), lv.sigma, phase, counts.to_dense()[i])
+        for lv in levels
+        for phase, counts in (("selection", lv.selection), ("estimation", lv.estimation))
+        for i in finished
+    ]
+    records += [
+        CountsRecord(i, int(labels[i]), levels[0].sigma, "selection", levels[0].selection.to_dense()[i])
+        for i in started
+    ]
+    store.append_counts(records, model_id="synthetic", seed=0, alpha=0.001)
+
+
+def test_a_sweep_of_an_unfinished_run_certifies_its_finished_images_and_says_so(run_dir, tmp_path, capsys):
+    _, levels, labels = run_dir
+    _unfinished_run(tmp_path / "run", levels, labels, finished=range(100), started=range(100, 104))
+    assert main(["sweep", str(tmp_path / "run"), "--p0", "0.5,0.7"]) == 0
+    out, err = capsys.readouterr()
+    assert "all its counts for 100 of its 120 images" in err and "not the 4 with only some of their counts" in err
+    table = pq.read_table(next((tmp_path / "run" / "sweeps").glob("*/part-*.parquet")))
+    expect = cascade_sweep(levels, [0.5, 0.7], 0.001, "strict")  # the finished images' certificates are theirs
+    got = table.filter(pc.equal(table["p0"], 0.7)).sort_by("image_id")
+    assert got.column("image_id").to_pylist() == list(range(100))
+    assert np.array_equal(got.column("prediction").to_numpy(), expect.prediction[1][:100])
+
+
+def test_a_sigma_no_image_has_reached_is_not_dropped_from_the_cascade(run_dir, tmp_path, capsys):
+    _, levels, labels = run_dir
+    sigmas = [lv.sigma for lv in levels]
+    _unfinished_run(tmp_path / "run", levels[:2], labels, finished=range(120), sigmas=sigmas)  # nothing at σ=1 yet
+    assert main(["sweep", str(tmp_path / "run"), "--p0", "0.5"]) == 2
+    assert "no image has all its counts yet (both phases at σ = 0.25, 0.5, 1)" in capsys.readouterr().err
 
 
 def test_sweep_takes_p0_as_a_comma_separated_list_as_it_takes_alpha(run_dir, capsys):
