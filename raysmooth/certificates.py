@@ -102,12 +102,14 @@ def _one_value(table: pa.Table, col: str) -> Any:
     return values[0]
 
 
-def counts_view(table: pa.Table, allow_missing: bool = False) -> CountsView:
+def counts_view(table: pa.Table, allow_missing: bool = False, sigmas: Sequence[float] | None = None) -> CountsView:
     """Align the rows of a counts table by image (round-0 rows: selection, and the estimation counts of
     full and cascade runs).
 
     Every image must have every (σ, phase) unless ``allow_missing`` (a lazy-cascade run), in which
     case levels carry a ``present`` mask and the cascade refuses thresholds that need what is absent.
+    ``sigmas``, the run's σ list, makes a σ that no stored row has a level of absent images: a lazy
+    cascade that never fell to its lowest σ is still a K-level cascade (its α budget depends on K).
     """
     if table.num_rows == 0:
         raise StoreError("the counts table is empty")
@@ -127,7 +129,7 @@ def counts_view(table: pa.Table, allow_missing: bool = False) -> CountsView:
     labels[np.searchsorted(image_ids, image_col)] = table.column("label").to_numpy()
 
     levels, missing = [], []
-    for sigma in np.unique(sigma_col):
+    for sigma in np.unique(np.concatenate([sigma_col, np.asarray(sigmas or [], np.float64)])):
         parts, have = {}, np.ones(m, bool)
         for phase in PHASES:
             rows = np.flatnonzero((sigma_col == sigma) & (phase_col == phase))
@@ -433,7 +435,7 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
         alphas = counts.column("alpha").to_pylist() or [0.001]
     # One setting per distinct value: a repeated α or p0 would pool its rows twice into one summary.
     alphas, p0 = sorted({float(a) for a in alphas}), np.unique(np.asarray(p0, dtype=np.float64))
-    view = counts_view(counts)
+    view = counts_view(counts, sigmas=store.manifest.get("sigmas"))
     table = sweep_certificates(view, p0, alphas, policy, noise_info(store.manifest))
     elapsed = time.perf_counter() - started
     params = {"p0": [float(x) for x in p0], "alpha": list(alphas), "policy": policy}

@@ -140,7 +140,7 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
             log.info("nothing to sample: every row is stored")
 
         # Certificates from the stored counts alone; append only the rows not yet there.
-        view = counts_view(store.read_counts(), allow_missing=sm.mode == "cascade")
+        view = counts_view(store.read_counts(), allow_missing=sm.mode == "cascade", sigmas=sigmas)
         p0s = sm.p0 if sm.mode == "full" else sm.p0[:1]
         policies = sm.policies if sm.mode == "full" else sm.policies[:1]
         certs = derive_certificates(view, alpha=sm.alpha, p0=p0s, policies=policies, noise=noise_info(store.manifest))

@@ -282,3 +282,35 @@ def test_a_lazy_cascade_certifies_exactly_as_the_full_one_at_its_own_threshold(p
     assert (~lazy[0].present).sum() > 0  # some images were never sampled at the smallest σ
     with pytest.raises(MissingLevelError, match="full mode"):
         cascade_certify(lazy, 0.9, alpha, policy)
+
+
+@pytest.mark.parametrize("policy", ["strict", "reference"])
+def test_a_lazy_cascade_that_never_fell_to_its_lowest_sigma_is_still_a_three_level_cascade(tmp_path, policy):
+    """No stored row has the lowest σ; the run's σ list keeps K = 3, on which the strict policy's α budget
+    α/(2K−1) depends (read as two levels, 46 of these 60 strict radii came out larger than they may)."""
+    from raysmooth.certificates import counts_view, derive_certificates
+    from raysmooth.stats import level_stops
+    from raysmooth.store import CountsRecord, RunStore
+
+    rng = np.random.default_rng(5)
+    levels, _ = random_levels(rng, 60, [0.25, 0.5, 1.0], 10, concentration=0.15)
+    sure = SparseCounts.from_dense(np.eye(10, dtype=np.int64)[rng.integers(0, 10, 60)] * 1000)
+    levels[1] = Level(0.5, SparseCounts.from_dense(sure.to_dense() // 10), sure)  # every image stops here
+    p0, alpha = 0.5, 0.001
+    top = levels[2]
+    stops_top = level_stops(top.selection, top.estimation, p0=p0, alpha=alpha, policy=policy, num_levels=3, level=2)
+    assert 0 < stops_top.sum() < 60
+    records = [
+        CountsRecord(i, 0, lv.sigma, phase, counts.to_dense()[i])
+        for lv, sampled in ((levels[2], range(60)), (levels[1], np.flatnonzero(~stops_top)))
+        for phase, counts in (("selection", lv.selection), ("estimation", lv.estimation))
+        for i in sampled
+    ]
+    store = RunStore.create(tmp_path / "run", {"test": True})
+    store.append_counts(records, model_id="synthetic", seed=0, alpha=alpha)
+    view = counts_view(store.read_counts(), allow_missing=True, sigmas=[0.25, 0.5, 1.0])
+    got = derive_certificates(view, alpha=alpha, p0=[p0], policies=[policy], methods=("cascade",))
+    expect = cascade_certify(levels, p0, alpha, policy)
+    got = got.sort_by("image_id")
+    assert np.array_equal(got.column("prediction").to_numpy(), expect.prediction)
+    np.testing.assert_allclose(got.column("radius").to_numpy(), expect.radius)
