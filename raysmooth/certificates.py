@@ -429,6 +429,12 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
             f"{run_dir} is a sequential run: it samples each σ on its own, so it has no cascade to "
             "sweep (run smoothing.mode=full for threshold sweeps)"
         )
+    if mode == "cascade":
+        raise StoreError(
+            f"{run_dir} is a lazy cascade run (smoothing.mode=cascade): it sampled a lower σ only where its own "
+            "p0 left an image open, so its counts certify no other threshold (run smoothing.mode=full for "
+            "threshold sweeps)"
+        )
     started = time.perf_counter()
     counts, partial = complete_images(store.read_counts(), store.manifest.get("sigmas"))
     if not alphas:  # the α the run was certified at

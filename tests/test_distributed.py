@@ -212,6 +212,11 @@ def test_cascade_mode_samples_lower_sigma_only_where_needed(local_ray, tmp_path)
     tl = pick(RunStore.open(tmp_path / "lazy" / "linear").read_certificates())
     assert tf.column("prediction").to_pylist() == tl.column("prediction").to_pylist()
     assert tf.column("radius").to_pylist() == tl.column("radius").to_pylist()
+    from raysmooth.certificates import run_sweep
+    from raysmooth.store import StoreError
+
+    with pytest.raises(StoreError, match=r"lazy cascade run .* certify no other threshold"):  # not its hard images
+        run_sweep(tmp_path / "lazy" / "linear", np.array([0.6, 0.7]), None, "strict")
 
 
 def test_a_run_whose_actors_are_all_gone_stops_with_one_clear_error(local_ray, images):
