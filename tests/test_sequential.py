@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import norm
 
-from raysmooth.stats import cp_lower
+from raysmooth.stats import cp_lower, cp_upper
 from raysmooth.stats import sequential as sq
 
 # ---- the rule ---------------------------------------------------------------------------------------
@@ -24,15 +24,19 @@ def test_the_look_schedule_doubles_and_spends_half_of_alpha_on_the_last_look():
     assert sq.spend_alpha(0.01, 4, "uniform").tolist() == [0.0025] * 4
 
 
-def test_the_critical_counts_are_the_clopper_pearson_decisions():
-    d = sq.design(0.01, 100, 3200, [0, 0.25, 0.5, 1.0], 0.5)
+@pytest.mark.parametrize(("unit", "n_max"), [(100, 3200), (125, 125 * 2**33)])  # up to 10^12 samples
+def test_the_critical_counts_are_the_clopper_pearson_decisions(unit, n_max):
+    d = sq.design(0.01, unit, n_max, [0, 0.25, 0.5, 1.0, 2.5], 0.5)
     for k, (n, a_k) in enumerate(zip(d.looks, d.alphas)):
         for j, p in enumerate(d.thresholds):
-            c = d.lower_crit[k, j]
+            c = d.lower_crit[k, j]  # the first count whose lower bound reaches p
             if c <= n:
                 assert cp_lower(c, n, a_k) >= p and (c == 0 or cp_lower(c - 1, n, a_k) < p)
             else:
                 assert cp_lower(n, n, a_k) < p
+            u = d.upper_crit[k, j]  # the last count whose futility bound stays below p
+            assert u == -1 or cp_upper(u, n, d.beta / d.num_looks) < p
+            assert u == n or cp_upper(u + 1, n, d.beta / d.num_looks) >= p
 
 
 SMALL = dict(unit=125, n_max=16_000)  # 8 looks: exact computations in a fraction of a second

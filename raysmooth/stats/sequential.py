@@ -144,6 +144,21 @@ class Design:
         )
 
 
+def _first_reaching(bound, targets: np.ndarray, n: int) -> np.ndarray:
+    """For each target, the first count A in [0, n] with ``bound(A) >= target`` (n + 1 where none), by
+    bisection: ``bound`` (a Clopper–Pearson bound, increasing in A) is evaluated about log2(n) times per
+    target instead of at all n + 1 counts, so n_max = 10^9 costs what 10^5 does (it needed 8 GB)."""
+    lo = np.zeros(len(targets), np.int64)
+    hi = np.full(len(targets), n + 1, np.int64)
+    while np.any(lo < hi):
+        mid = (lo + hi) // 2
+        reached = np.asarray(bound(np.minimum(mid, n))) >= targets
+        open_ = lo < hi
+        hi = np.where(open_ & reached, mid, hi)
+        lo = np.where(open_ & ~reached, mid + 1, lo)
+    return lo
+
+
 def design(
     alpha: float,
     unit: int,
@@ -176,12 +191,10 @@ def design(
     lower = np.empty((len(looks), len(radii)), np.int64)
     upper = np.empty((len(looks), len(radii)), np.int64)
     for k, (n, a_k) in enumerate(zip(looks, alphas)):
-        a = np.arange(n + 1)
-        lows = cp_lower(a, n, a_k)  # increasing in A
-        lower[k] = np.searchsorted(lows, p + margin, side="left")  # first A whose bound reaches p_j (n+1: none)
-        if beta > 0:
-            ups = cp_upper(a, n, beta / len(looks))  # increasing in A
-            upper[k] = np.searchsorted(ups, p, side="left") - 1  # last A whose upper bound stays below p_j
+        # first A whose lower bound reaches p_j (n+1: none)
+        lower[k] = _first_reaching(lambda a, n=n, a_k=a_k: cp_lower(a, n, a_k), p + margin, n)
+        if beta > 0:  # last A whose upper bound stays below p_j
+            upper[k] = _first_reaching(lambda a, n=n: cp_upper(a, n, beta / len(looks)), p, n) - 1
         else:
             upper[k] = -1
     return Design(
