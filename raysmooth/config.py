@@ -553,6 +553,14 @@ def validate_certify(cfg: CertifyCfg) -> None:
     _check("ray.samples_per_task", ry.samples_per_task >= 1, f"must be at least 1, got {ry.samples_per_task}")
     _check("ray.give_up_after_s", _finite(ry.give_up_after_s) and ry.give_up_after_s > 0, "must be positive")
     _check(
+        "ray.max_restarts", ry.max_restarts >= -1, f"must be -1 (restart without limit) or more, got {ry.max_restarts}"
+    )
+    _check(
+        "ray.local_cpus",
+        ry.local_cpus is None or ry.local_cpus >= 1,
+        f"must be at least 1, or null for every CPU of this machine; got {ry.local_cpus}",
+    )
+    _check(
         "ray.task_timeout_s",
         ry.task_timeout_s is None or (_finite(ry.task_timeout_s) and ry.task_timeout_s > 0),
         "must be positive or null",
@@ -578,8 +586,17 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be a plain folder name, got {mo.name!r}",
     )
     _check("flush_every", cfg.flush_every >= 1, f"must be at least 1, got {cfg.flush_every}")
+    _check(
+        "flush_seconds",
+        _finite(cfg.flush_seconds) and cfg.flush_seconds > 0,
+        f"must be a positive number of seconds, got {cfg.flush_seconds}",
+    )
     _check_out(cfg.out)
-    _check("radii", all(_finite(r) and r >= 0 for r in cfg.radii), f"must be non-negative numbers, got {cfg.radii}")
+    _check(
+        "radii",
+        bool(cfg.radii) and all(_finite(r) and r >= 0 for r in cfg.radii),
+        f"must be non-negative numbers, at least one (0 gives the clean accuracy), got {cfg.radii}",
+    )
     _check_distinct("radii", cfg.radii)
     _check(
         "report_methods",

@@ -39,6 +39,21 @@ def test_a_wrong_key_or_value_is_one_line_naming_it(override, names):
 @pytest.mark.parametrize(
     "override,says",
     [
+        ("flush_seconds=nan", "flush_seconds must be a positive number of seconds"),  # never flushed by time
+        ("flush_seconds=-1", "flush_seconds must be a positive number of seconds"),
+        ("ray.max_restarts=-2", r"ray.max_restarts must be -1 \(restart without limit\) or more"),
+        ("ray.local_cpus=0", "ray.local_cpus must be at least 1, or null"),  # 0 took every CPU
+        ("radii=[]", r"radii must be non-negative numbers, at least one"),  # a table without a radius
+    ],
+)
+def test_a_run_setting_that_cannot_mean_what_it_says_is_refused(override, says):
+    with pytest.raises(ConfigError, match=says):
+        compose("certify", [override])
+
+
+@pytest.mark.parametrize(
+    "override,says",
+    [
         ("smoothing.aplha=0.01", "did you mean smoothing.alpha"),
         ("seed=3", "did you mean smoothing.seed"),
         ("engine.batchsize=8", "did you mean engine.batch_size"),
