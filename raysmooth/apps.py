@@ -211,6 +211,11 @@ def certify_task(dcfg: Any) -> int:
     plot = out / "certified_accuracy.png" if cfg.plot else None
     markdown = report(results, cfg.radii, cfg.report_methods, plot, title=cfg.data.name)
     print(markdown)
+    if cfg.smoothing.mode == "cascade" and "certify" in cfg.report_methods:
+        print(
+            "\n(smoothing.mode=cascade: a certify row below the largest σ counts only the images the cascade sent "
+            "down to that σ, its `images`; compare the cascade with the largest σ's row, or run smoothing.mode=full)"
+        )
     print()
     for r in results:
         print(f"{r.name}: {r.images} images, {r.rows_written} new counts rows, {r.seconds:.1f} s")

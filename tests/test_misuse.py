@@ -258,6 +258,13 @@ def test_two_jobs_into_one_directory_store_every_row_once(tmp_path, capsys):
     assert raw.num_rows == table.num_rows == 16 * 3 * 2
 
 
+def test_a_lazy_cascade_table_says_its_lower_sigma_rows_count_only_the_images_sent_down(tmp_path, capsys):
+    assert certify_main([*SMALL, "smoothing.mode=cascade", f"out={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "| cascade strict p0=0.5 |" in out
+    assert "a certify row below the largest σ counts only the images the cascade sent down" in out
+
+
 def test_a_job_stopped_by_sigterm_commits_its_finished_rows_and_says_how_to_resume(tmp_path):
     """ray job stop, a scheduler's preemption: SIGTERM, then SIGKILL a few seconds later."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
