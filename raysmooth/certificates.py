@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import stats
+from .errors import one_line
 from .store import CERTIFICATE_KEY, CERTIFICATES_SCHEMA, RunStore, StoreError, append_table, config_hash
 from .units import PHASES
 
@@ -70,13 +71,35 @@ class NoiseInfo:
         return self.margin.get(float(s), 0.0)
 
 
-def noise_info(manifest: dict | None) -> NoiseInfo:
+def noise_info(manifest: dict | None, where: object = "the manifest") -> NoiseInfo:
     """From a manifest; runs written before these fields existed drew Gaussian noise scaled by float32(σ)."""
     manifest = manifest or {}
     noise = manifest.get("noise") or {}
-    applied = {float(k): float(v) for k, v in (noise.get("applied_sigmas") or {}).items()}
-    margin = {float(k): float(v) for k, v in (noise.get("margins") or {}).items()}
+    try:
+        applied = {float(k): float(v) for k, v in (noise.get("applied_sigmas") or {}).items()}
+        margin = {float(k): float(v) for k, v in (noise.get("margins") or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise StoreError(
+            f"{where}: damaged: its noise is {one_line(noise, 120)}, not the σ and margins it records"
+        ) from None
     return NoiseInfo(applied, margin)
+
+
+def run_sigmas(manifest: dict | None, where: object = "the manifest") -> list[float] | None:
+    """The run's σ list from its manifest (None for runs that predate it); a damaged one is refused, since
+    the certificates take their levels from it."""
+    value = (manifest or {}).get("sigmas")
+    if value is None:
+        return None
+    sigmas = None
+    if isinstance(value, list) and value:
+        try:
+            sigmas = [float(s) for s in value]
+        except (TypeError, ValueError):
+            pass
+    if sigmas is None or not all(np.isfinite(s) and s > 0 for s in sigmas):
+        raise StoreError(f"{where}: damaged: its sigmas are {one_line(value, 120)}, not a list of positive numbers")
+    return sigmas
 
 
 def _sparse_rows(table: pa.Table, positions: np.ndarray, num_rows: int, num_classes: int) -> stats.SparseCounts:
@@ -436,13 +459,14 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
             "threshold sweeps)"
         )
     started = time.perf_counter()
-    counts, partial = complete_images(store.read_counts(), store.manifest.get("sigmas"))
+    sigmas = run_sigmas(store.manifest, store.manifest_path)
+    counts, partial = complete_images(store.read_counts(), sigmas)
     if not alphas:  # the α the run was certified at
         alphas = counts.column("alpha").to_pylist() or [0.001]
     # One setting per distinct value: a repeated α or p0 would pool its rows twice into one summary.
     alphas, p0 = sorted({float(a) for a in alphas}), np.unique(np.asarray(p0, dtype=np.float64))
-    view = counts_view(counts, sigmas=store.manifest.get("sigmas"))
-    table = sweep_certificates(view, p0, alphas, policy, noise_info(store.manifest))
+    view = counts_view(counts, sigmas=sigmas)
+    table = sweep_certificates(view, p0, alphas, policy, noise_info(store.manifest, store.manifest_path))
     elapsed = time.perf_counter() - started
     params = {"p0": [float(x) for x in p0], "alpha": list(alphas), "policy": policy}
     out_dir = (
@@ -453,6 +477,7 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
         json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids), "sigmas": view.sigmas}, indent=2)
     )
     run_images = store.manifest.get("images")
+    run_images = run_images if isinstance(run_images, int) and not isinstance(run_images, bool) else None
     return SweepResult(table, out_dir, len(p0) * len(alphas), len(view.image_ids), elapsed, run_images, partial)
 
 

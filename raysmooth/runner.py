@@ -143,7 +143,9 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
         view = counts_view(store.read_counts(), allow_missing=sm.mode == "cascade", sigmas=sigmas)
         p0s = sm.p0 if sm.mode == "full" else sm.p0[:1]
         policies = sm.policies if sm.mode == "full" else sm.policies[:1]
-        certs = derive_certificates(view, alpha=sm.alpha, p0=p0s, policies=policies, noise=noise_info(store.manifest))
+        certs = derive_certificates(
+            view, alpha=sm.alpha, p0=p0s, policies=policies, noise=noise_info(store.manifest, store.manifest_path)
+        )
         append_new_certificates(store, certs)
         store.compact()
     return CertifyResult(cfg.model.name, out, len(data), rows_written, time.perf_counter() - started)

@@ -445,6 +445,10 @@ class RunStore:
     def run_id(self) -> str:
         return self._require_manifest()["run_id"]
 
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / self.MANIFEST
+
     def _file_metadata(self, table: str) -> dict[str, str]:
         m = self._require_manifest()
         return {"config_hash": m["config_hash"], "run_id": m["run_id"], "table": table}

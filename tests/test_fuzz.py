@@ -67,6 +67,10 @@ def _run_dir_cases(tmp: Path) -> list[tuple[str, Path]]:
     (fresh("manifest_list") / "manifest.json").write_text("[1, 2, 3]")
     (fresh("manifest_empty") / "manifest.json").write_text("")
     (fresh("manifest_no_run_id") / "manifest.json").write_text(json.dumps({"config_hash": "x"}))
+    for field, value in (("sigmas", "abc"), ("sigmas", [None]), ("noise", "x"), ("noise", {"margins": [1]})):
+        d = fresh(f"manifest_{field}_{json.dumps(value)}")  # a hand-edited field the sweep reads
+        manifest = json.loads((d / "manifest.json").read_text())
+        (d / "manifest.json").write_text(json.dumps({**manifest, field: value}))
     for sub in ("counts", "certificates"):
         for cut in (16, 200, 1000):
             d = fresh(f"{sub}_truncated_{cut}")
@@ -119,7 +123,7 @@ def test_analyze_and_sweep_refuse_every_damaged_run_directory_in_one_line(tmp_pa
             "counts_empty",
             "one_sigma",
             "mixed_runs",
-        ):
+        ) or name.startswith(("manifest_sigmas", "manifest_noise")):
             # analyze reads only the certificates, which are intact here; the counts are the sweep's business
             assert analyze == 0, name
             capsys.readouterr()
