@@ -482,10 +482,17 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
 
 
 # ---- sequential runs ------------------------------------------------------------------------------
-def sequential_designs(manifest: dict | None) -> dict[float, stats.sequential.Design]:
-    """The designs (look schedule, levels, critical counts) a sequential run recorded per σ."""
-    designs = ((manifest or {}).get("sequential") or {}).get("designs") or {}
-    return {float(k): stats.sequential.Design.from_dict(v) for k, v in designs.items()}
+def sequential_designs(manifest: dict | None, where: object = "the manifest") -> dict[float, stats.sequential.Design]:
+    """The designs (look schedule, levels, critical counts) a sequential run recorded per σ; a damaged
+    record is refused in one line (a resumed run must decide with exactly these counts)."""
+    try:
+        designs = ((manifest or {}).get("sequential") or {}).get("designs") or {}
+        return {float(k): stats.sequential.Design.from_dict(v) for k, v in designs.items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise StoreError(
+            f"{where}: damaged: its sequential designs do not read ({type(exc).__name__}: {one_line(exc, 80)}); "
+            "they hold the critical counts the run decides with"
+        ) from None
 
 
 @dataclass(frozen=True)

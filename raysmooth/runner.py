@@ -184,7 +184,7 @@ def _certify_sequential(
     sm, sq = cfg.smoothing, cfg.smoothing.sequential
     with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
         _check_same_test_set(store, test_set)
-        designs = sequential_designs(store.manifest) or sequential_designs_for(cfg, sigmas, noise)
+        designs = sequential_designs(store.manifest, store.manifest_path) or sequential_designs_for(cfg, sigmas, noise)
         resume = sequential_progress(store, data.ids.tolist(), sigmas, designs)
         if resume:
             log.info("resuming %s: %d (image, σ) pairs already started", out, len(resume))

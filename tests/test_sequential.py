@@ -348,6 +348,22 @@ def test_resuming_with_another_schedule_is_refused(reference_run, tmp_path, caps
     assert "another config" in capsys.readouterr().err
 
 
+def test_a_resume_whose_recorded_designs_are_damaged_is_one_line(reference_run, tmp_path):
+    import json
+    import shutil
+
+    from raysmooth import runner
+    from raysmooth.store import StoreError
+
+    shutil.copytree(reference_run, tmp_path / "linear")
+    manifest = json.loads((tmp_path / "linear" / "manifest.json").read_text())
+    for design in manifest["sequential"]["designs"].values():
+        del design["lower_crit"]  # a hand edit: the critical counts the run decides with are gone
+    (tmp_path / "linear" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"manifest.json: damaged: its sequential designs do not read \(KeyError"):
+        runner.certify(_cfg(tmp_path))
+
+
 def test_an_audit_run_draws_the_same_noise_and_reports_both_certificates(reference_run, tmp_path, capsys):
     from raysmooth import runner
     from raysmooth.cli import main
