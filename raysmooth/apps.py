@@ -103,6 +103,19 @@ def _failed(name: str, exc: BaseException) -> int:
     return 2
 
 
+def _keeps_working_directory() -> None:
+    """Refuse ``hydra.job.chdir=true``: every relative path (``out``, ``data.root``, a checkpoint) means the
+    directory the command ran in; with hydra's chdir a relative ``out`` landed in a new time-stamped
+    folder under ``.hydra`` on every run, so no run could ever resume."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.get().job.chdir:
+        raise ConfigError(
+            "hydra.job.chdir=true is not supported: relative paths (out, data.root, checkpoints) are read from "
+            "the directory the command runs in; drop it (an absolute out puts the results anywhere)"
+        )
+
+
 def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = None) -> int:
     """Run ``task`` as the hydra app of ``configs/<name>.yaml`` with ``argv`` (overrides and hydra's
     flags); returns the exit status."""
@@ -121,6 +134,7 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
     def app(cfg: DictConfig) -> None:
         # Errors are kept, not raised: hydra would print its own "Error executing job" line first.
         try:
+            _keeps_working_directory()
             status["code"] = max(status["code"], int(task(cfg) or 0))
         except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
             status["error"] = status["error"] or exc

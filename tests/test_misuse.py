@@ -353,6 +353,13 @@ def test_a_checkpoint_that_cannot_be_loaded_is_one_line(tmp_path, capsys, kind, 
     assert message in err and where in err
 
 
+def test_hydra_changing_the_working_directory_is_refused_not_a_run_that_never_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # with hydra's chdir a relative out landed in a new .hydra/<time>/ folder each run
+    assert certify_main([*SMALL, "hydra.job.chdir=true", "out=runs"]) == 2
+    assert "hydra.job.chdir=true is not supported" in _one_line(capsys)
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
 def test_a_bad_batch_size_is_refused_before_any_actor_starts(tmp_path, capsys):
     assert certify_main([*SMALL, "engine.batch_size=0", f"out={tmp_path}"]) == 2
     assert "engine.batch_size" in _one_line(capsys)
