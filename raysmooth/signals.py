@@ -38,4 +38,5 @@ def sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if before is not None:  # None: a handler Python did not install, which it cannot put back
+            signal.signal(signal.SIGTERM, before)
