@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .config import PATH_KEYS, FinetuneConfig, resolve_path
 from .errors import ConfigError, UserError
 from .models import DiffusionDenoiser, NormalizedClassifier, load_classifier, load_denoiser
+from .models.checkpoints import replacing_folder
 
 __all__ = ["FinetuneConfig", "brier_loss", "anti_consistency_loss", "majority_vote", "finetune_loss", "finetune"]
 
@@ -118,19 +119,11 @@ def _save_denoiser(denoiser: DiffusionDenoiser, cfg: FinetuneConfig, src: Path, 
     unet = denoiser.unet
     if cfg.lora_rank is not None:
         unet = unet.merge_and_unload()  # a plain UNet2DModel again: loads like any other denoiser
-    tmp = dst.with_name(f"_{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet")
-    if (src / "scheduler").is_dir():
-        shutil.copytree(src / "scheduler", tmp / "scheduler")
-    (tmp / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    # Never a moment without a whole denoiser at dst or beside it: the old one is moved aside first.
-    old = dst.with_name(f"_{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+    with replacing_folder(dst) as tmp:  # never a moment without a whole denoiser at dst or beside it
+        unet.save_pretrained(tmp / "unet")
+        if (src / "scheduler").is_dir():
+            shutil.copytree(src / "scheduler", tmp / "scheduler")
+        (tmp / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     return dst
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .data import digits_split
 from .models import ClassifierConfig, OneStepConfig, save_classifier, save_onestep
+from .models.checkpoints import replacing_folder
 from .models.classifier import create_timm_model
 from .models.onestep import build_onestep
 from .models.schedule import DDPM_LINEAR, schedule_from_config
@@ -118,8 +119,9 @@ def train_denoiser(cfg: ToyConfig, train: torch.Tensor, out: Path, report: Calla
         if step % 500 == 0 or step == cfg.denoiser_steps - 1:
             report(f"denoiser step {step}/{cfg.denoiser_steps}: loss {loss.item():.4f} ({time.time() - start:.0f} s)")
     unet.eval()
-    unet.save_pretrained(out / "denoiser" / "unet")
-    sched.save_pretrained(out / "denoiser" / "scheduler")
+    with replacing_folder(out / "denoiser") as tmp:  # the committed denoiser is never half overwritten
+        unet.save_pretrained(tmp / "unet")
+        sched.save_pretrained(tmp / "scheduler")
     return {"steps": cfg.denoiser_steps, "final_loss": float(loss.item()), "seconds": time.time() - start}
 
 

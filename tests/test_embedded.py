@@ -17,6 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "raysmooth" / "embedded" / "digits"
 
 
+def test_the_training_job_writes_the_embedded_models_as_folders_that_load(tmp_path, capsys):
+    """`raysmooth train-toy --quick` (a smoke run: the models are poor), as the committed ones were made."""
+    from raysmooth.models import load_classifier, load_denoiser, load_onestep
+
+    assert cli(["train-toy", "--out", str(tmp_path), "--quick"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier", "classifier_noisy", "denoiser", "onestep"]
+    assert json.loads((tmp_path / "denoiser" / "card.json").read_text())["steps"] == 200
+    load_denoiser({"path": str(tmp_path / "denoiser")})
+    assert load_classifier({"path": str(tmp_path / "classifier")}).num_classes == 10
+    assert load_onestep({"path": str(tmp_path / "onestep")}).num_classes == 10
+
+
 def test_the_committed_models_are_safetensors_with_cards_and_fit_the_budget():
     files = [p for p in EMBEDDED.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20e6

@@ -170,6 +170,22 @@ def test_a_file_that_is_not_a_checkpoint_says_so_with_the_error_kind(tmp_path):
         load_denoiser(DenoiserConfig(weights=str(path), unet=TINY_UNET, scheduler=TINY_SCHEDULER))
 
 
+def test_a_model_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    from raysmooth.models.checkpoints import replacing_folder
+
+    dst = tmp_path / "model"
+    with replacing_folder(dst) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError), replacing_folder(dst) as tmp:
+        (tmp / "weights").write_text("half of v2")
+        raise RuntimeError("the writer died")
+    assert (dst / "weights").read_text() == "v1" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    dst.rename(tmp_path / "_model.old")  # a crash between moving the old folder aside and renaming the new one
+    with pytest.raises(RuntimeError), replacing_folder(dst):
+        raise RuntimeError("and the next writer died too")
+    assert (dst / "weights").read_text() == "v1"  # the whole old folder is back
+
+
 class _Payload:
     pass
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from .checkpoints import load_state_dict_file, mismatch
+from .checkpoints import load_state_dict_file, mismatch, replacing_folder
 
 __all__ = [
     "ADMConfig",
@@ -341,15 +341,11 @@ def convert_adm_checkpoint(src: str | Path, dst: str | Path, cfg: ADMConfig) -> 
     missing, unexpected = unet.load_state_dict(mapped, strict=False)
     if missing or unexpected:  # a bug in the mapping, not a user error
         raise RuntimeError(f"ADM mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tmp = dst.with_name(f"_{dst.name}.tmp")
-    unet.save_pretrained(tmp / "unet")
-    DDPMScheduler(**scheduler_config(cfg)).save_pretrained(tmp / "scheduler")
-    (tmp / "raysmooth.json").write_text(
-        json.dumps({"source": str(src), "adm_config": asdict(cfg), "timestep_scale": timestep_scale(cfg)}, indent=2)
-        + "\n"
-    )
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.rmdir()
-    tmp.rename(dst)
+    with replacing_folder(dst) as tmp:
+        unet.save_pretrained(tmp / "unet")
+        DDPMScheduler(**scheduler_config(cfg)).save_pretrained(tmp / "scheduler")
+        (tmp / "raysmooth.json").write_text(
+            json.dumps({"source": str(src), "adm_config": asdict(cfg), "timestep_scale": timestep_scale(cfg)}, indent=2)
+            + "\n"
+        )
     return dst

@@ -3,12 +3,12 @@ and the self-describing model folders (``config.json`` + ``model.safetensors``) 
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import pickle
 import re
 import shutil
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,29 @@ def read_folder_config(folder: str | Path, kind: str) -> tuple[dict[str, Any], P
     return {k: v for k, v in fields.items() if k != "raysmooth_model"}, weights
 
 
+@contextlib.contextmanager
+def replacing_folder(dst: str | Path) -> Iterator[Path]:
+    """A folder to write a model into, beside ``dst``, renamed to ``dst`` once the block ends: a reader
+    never sees half a model, and there is never a moment without a whole one (an old ``dst`` is moved
+    aside first and removed last; a crash between the two renames is undone by the next call)."""
+    dst = Path(dst)
+    tmp, old = dst.with_name(f"_{dst.name}.tmp"), dst.with_name(f"_{dst.name}.old")
+    if old.exists() and not dst.exists():  # a crash between the renames: the old folder is the whole one
+        old.rename(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_folder(
     folder: str | Path,
     kind: str,
@@ -150,14 +173,9 @@ def save_folder(
     into place, so a reader never sees half a model."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    tmp = folder.with_name(f"_{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME))
-    (tmp / CONFIG_NAME).write_text(json.dumps({"raysmooth_model": kind, **fields}, indent=2, sort_keys=True) + "\n")
-    if card is not None:
-        (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    with replacing_folder(folder) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps({"raysmooth_model": kind, **fields}, indent=2, sort_keys=True) + "\n")
+        if card is not None:
+            (tmp / CARD_NAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return Path(folder)
