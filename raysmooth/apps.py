@@ -124,6 +124,14 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
 
     from .config import register_configs
 
+    if not CONFIG_DIR.is_dir():  # a copy of the package without its checkout (a non-editable install)
+        return _failed(
+            name,
+            ConfigError(
+                f"the configs are not at {CONFIG_DIR}: the jobs run from a raysmooth checkout; install it from a "
+                "clone with `pip install -e .` (or `make demo`)"
+            ),
+        )
     argv = _with_model_defaults(name, list(sys.argv[1:] if argv is None else argv))
     register_configs()
     plain = _plain_overrides(argv)

@@ -360,6 +360,16 @@ def test_hydra_changing_the_working_directory_is_refused_not_a_run_that_never_re
     assert not list(tmp_path.rglob("manifest.json"))
 
 
+def test_the_package_without_its_checkout_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    from raysmooth import apps
+
+    monkeypatch.setattr(apps, "CONFIG_DIR", tmp_path / "site-packages" / "configs")  # as a plain `pip install .`
+    assert certify_main([*SMALL, f"out={tmp_path}"]) == 2
+    assert "the jobs run from a raysmooth checkout; install it from a clone with `pip install -e .`" in _one_line(
+        capsys
+    )
+
+
 def test_a_bad_batch_size_is_refused_before_any_actor_starts(tmp_path, capsys):
     assert certify_main([*SMALL, "engine.batch_size=0", f"out={tmp_path}"]) == 2
     assert "engine.batch_size" in _one_line(capsys)
