@@ -72,6 +72,26 @@ def _plain_overrides(argv: Sequence[str]) -> list[str] | None:
     return [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
 
 
+_GRID_CHECKED = 500  # jobs of a -m grid validated before the first runs (each composes in a few ms)
+
+
+def _grid_jobs(argv: Sequence[str]) -> list[list[str]]:
+    """Each job's overrides of a ``-m`` grid, so that every job is validated before the first one runs
+    (hydra composes a job only when its turn comes: a bad value in the last job was found hours later).
+    Empty when hydra is asked for something else, or should report a malformed override itself."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not _is_multirun(argv) or any(a.split("=")[0] in _HYDRA_FLAGS for a in argv):
+        return []
+    plain = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
+    try:
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(plain), None)
+    except Exception:  # noqa: BLE001 - hydra reports a bad override itself
+        return []
+    return [job for batch in batches for job in batch][:_GRID_CHECKED]
+
+
 def _with_model_defaults(name: str, argv: list[str]) -> list[str]:
     """``raysmooth certify model=mine`` certifies just that model: choosing a model without naming
     ``compare`` clears the default comparison models."""
@@ -153,6 +173,12 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
     try:
         if plain is not None:
             compose(name, plain)  # validate once, before hydra creates any folder
+        for job in _grid_jobs(argv):
+            try:
+                compose(name, job)
+            except ConfigError as exc:
+                swept = " ".join(o for o in job if o.split("=")[0].lstrip("+~") in _SWEPT)
+                raise ConfigError(f"{exc} (in the -m job {swept}; no job has run)") from None
         sys.argv = [f"raysmooth-{name}", *argv]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # hydra raises; we print the one line
         with sigterm_raises():

@@ -58,6 +58,16 @@ def test_a_multirun_grid_gives_each_job_its_own_run_directory(tmp_path):
     assert len(list((tmp_path / ".hydra").glob("multirun-*/*/.hydra/overrides.yaml"))) == 2
 
 
+def test_a_mistake_in_any_job_of_a_grid_stops_the_grid_before_its_first_job(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert certify_main(["-m", *SMALL, "smoothing.n=40,-5,60", f"out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "raysmooth certify: error: smoothing.n must be at least 1, got -5 (in the -m job smoothing.n=-5; no job has run)"
+    )
+    assert not out.exists()
+
+
 def test_a_mistake_is_one_line_and_creates_nothing(tmp_path, capsys):
     out = tmp_path / "never"
     assert certify_main([*SMALL, "smoothing.alpha=2", f"out={out}"]) == 2
