@@ -63,7 +63,8 @@ def test_a_mistake_in_any_job_of_a_grid_stops_the_grid_before_its_first_job(tmp_
     assert certify_main(["-m", *SMALL, "smoothing.n=40,-5,60", f"out={out}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "raysmooth certify: error: smoothing.n must be at least 1, got -5 (in the -m job smoothing.n=-5; no job has run)"
+        "raysmooth certify: error: smoothing.n must be at least 1, got -5 "
+        "(in the -m job smoothing.n=-5; no job has run)"
     )
     assert not out.exists()
 
