@@ -164,3 +164,19 @@ def test_an_unknown_benchmark_section_is_one_line():
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-freezing, imagenet-attention, imagenet-flex, "
         "imagenet-autotune, imagenet-bias, imagenet-coordesc, imagenet-compiled or all"
     ]
+
+
+def test_gpu_sh_without_torch_says_where_to_run_it(tmp_path):
+    import os
+    import shutil
+
+    (tmp_path / "bench").mkdir()
+    shutil.copy(ROOT / "bench" / "gpu.sh", tmp_path / "bench" / "gpu.sh")  # a checkout without a venv
+    fake = tmp_path / "bin" / "python3"  # a python3 that has neither torch nor timm
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:/usr/bin:/bin"}
+    done = subprocess.run(["bash", str(tmp_path / "bench" / "gpu.sh")], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert "bench/gpu.sh: python3 cannot import torch and timm; run it where they are installed" in done.stderr
