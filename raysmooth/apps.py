@@ -65,11 +65,16 @@ def _is_multirun(argv: Sequence[str]) -> bool:
 
 
 def _plain_overrides(argv: Sequence[str]) -> list[str] | None:
-    """The overrides to validate before hydra runs; None when hydra is asked for something else
-    (help, --cfg, multirun: hydra composes each job itself)."""
+    """The overrides to validate before hydra runs; None when hydra is asked for something else (help,
+    --cfg) or for a grid (multirun: ``_grid_jobs`` validates each of its jobs)."""
     if _is_multirun(argv) or any(a.split("=")[0] in _HYDRA_FLAGS for a in argv):
         return None
-    return [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
+    return _job_overrides(argv)
+
+
+def _job_overrides(argv: Sequence[str]) -> list[str]:
+    """The overrides of the job's own config: neither hydra's flags nor its ``hydra.*`` settings."""
+    return [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
 
 
 _GRID_CHECKED = 500  # jobs of a -m grid validated before the first runs (each composes in a few ms)
@@ -84,9 +89,8 @@ def _grid_jobs(argv: Sequence[str]) -> list[list[str]]:
 
     if not _is_multirun(argv) or any(a.split("=")[0] in _HYDRA_FLAGS for a in argv):
         return []
-    plain = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
     try:
-        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(plain), None)
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(_job_overrides(argv)), None)
     except Exception:  # noqa: BLE001 - hydra reports a bad override itself
         return []
     return [job for batch in batches for job in batch][:_GRID_CHECKED]

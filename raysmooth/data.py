@@ -400,12 +400,12 @@ def _image_size(size: object) -> tuple[int, int]:
     """data.options.size as (H, W): one size means a square."""
     sizes = [size] if not isinstance(size, Sequence) or isinstance(size, str) else list(size)
     try:
-        if len(sizes) in (1, 2):
-            values = [whole_number("size", v, error=ConfigError) for v in sizes]
-            return (values[0], values[-1])
+        values = [whole_number("size", v, error=ConfigError) for v in sizes]
     except ConfigError:
-        pass
-    raise ConfigError(f"data.options.size must be [H, W] in pixels (or one size for a square), got {size}")
+        values = []
+    if len(values) not in (1, 2):
+        raise ConfigError(f"data.options.size must be [H, W] in pixels (or one size for a square), got {size}")
+    return values[0], values[-1]
 
 
 imagenet.subsamples = True  # type: ignore[attr-defined]
