@@ -197,6 +197,21 @@ def _check_text(path: Path) -> None:
         raise AnalysisError(f"{path}: not a text TSV file (it holds NUL bytes)")
 
 
+def _check_unique_ids(idx: np.ndarray, path: Path) -> None:
+    """One row per image: a repeated idx (overlapping shards concatenated, a run appended twice) would
+    count that image twice in every figure."""
+    values, counts = np.unique(idx, return_counts=True)
+    if np.all(counts == 1):
+        return
+    k = int(np.flatnonzero(counts > 1)[0])
+    lines = np.flatnonzero(idx == values[k])[:2] + 2  # +header, 1-based
+    raise AnalysisError(
+        f"{path}: idx {values[k]} appears {counts[k]} times (lines {lines[0]} and {lines[1]}), and "
+        f"{int(np.sum(counts - 1))} row(s) in all repeat an idx; a certify TSV holds one row per image "
+        "(overlapping shards concatenated?)"
+    )
+
+
 def _read_tsv(path: Path) -> Curve:
     _check_text(path)
     try:
@@ -212,6 +227,8 @@ def _read_tsv(path: Path) -> Curve:
         )
     if table.num_rows == 0:
         raise AnalysisError(f"{path}: the table has no rows")
+    idx = _numeric_column(table, "idx", path, integer=True)
+    _check_unique_ids(idx, path)
     predict = _numeric_column(table, "predict", path, integer=True)
     radius = _numeric_column(table, "radius", path, integer=False)
     correct = _numeric_column(table, "correct", path, integer=True)

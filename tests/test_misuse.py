@@ -185,6 +185,19 @@ def test_analyze_refuses_a_tsv_with_a_bad_cell(tmp_path, capsys, bad, column):
     assert column in _one_line(capsys)
 
 
+def test_analyze_refuses_a_tsv_that_repeats_an_image(tmp_path, capsys):
+    """Two shards that overlap, concatenated: the repeated image would count twice in every figure."""
+    header = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    rows = ["0\t3\t3\t0.5\t1\t0:00:01", "1\t2\t-1\t0.0\t0\t0:00:01", "0\t3\t3\t0.5\t1\t0:00:01"]
+    path = tmp_path / "cert.tsv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    assert cli(["analyze", str(path)]) == 2
+    line = _one_line(capsys)
+    assert "idx 0 appears 2 times (lines 2 and 4)" in line and "one row per image" in line
+    path.write_text("\n".join([header, *rows[:2]]) + "\n")
+    assert cli(["analyze", str(path)]) == 0
+
+
 # ---- runs that must refuse, lock or clean up ----------------------------------------------------------
 def test_a_second_run_into_a_locked_directory_is_refused_naming_the_holder(tmp_path, capsys):
     holder = RunStore.for_run(tmp_path / "linear", {"x": 1})
