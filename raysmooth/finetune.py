@@ -19,6 +19,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from .config import PATH_KEYS, FinetuneConfig, resolve_path
 from .errors import ConfigError, UserError
 from .models import DiffusionDenoiser, NormalizedClassifier, load_classifier, load_denoiser
-from .models.checkpoints import replacing_folder
+from .models.checkpoints import recover_folder, replacing_folder
+from .store import config_differences
 
 __all__ = ["FinetuneConfig", "brier_loss", "anti_consistency_loss", "majority_vote", "finetune_loss", "finetune"]
 
@@ -137,6 +140,45 @@ def _diverged(step: int, cfg: FinetuneConfig, ckpt: Path) -> None:
     )
 
 
+def _checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint was saved at (0: none)."""
+    if not (ckpt / "state.pt").exists():
+        return 0
+    try:
+        return int(torch.load(ckpt / "state.pt", weights_only=True)["step"])
+    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
+        raise UserError(
+            f"{ckpt / 'state.pt'}: not a readable fine-tuning checkpoint ({type(exc).__name__}); remove "
+            f"{ckpt} to start over from step 0, or use a new finetune.out"
+        ) from None
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metrics lines of steps after the checkpoint a run resumes from (a crash between two
+    checkpoints logged steps that are trained again), and a line a crash cut short; the log keeps one
+    line per step. Written beside and renamed in, never edited in place."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line)
+    if keep != lines:
+        _replace_text(path, "".join(f"{line}\n" for line in keep))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write beside, then rename over: a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f"_{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None = None) -> Path:
     """Fine-tune; resumes from ``out/checkpoint`` when present. Returns the folder of the new
     denoiser (a diffusers folder: ``denoiser.path=<it>`` loads it in ``raysmooth certify``)."""
@@ -148,10 +190,27 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
     config_file = out / "finetune_config.json"
     current = json.loads(json.dumps(asdict(cfg)))  # as it reads back
     if config_file.exists():
-        previous = json.loads(config_file.read_text())
-        if {k: v for k, v in previous.items() if k != "steps"} != {k: v for k, v in current.items() if k != "steps"}:
-            raise ConfigError(f"{out} holds a fine-tuning run of another config; use a new finetune.out")
-    config_file.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        try:
+            previous = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = None
+        if not isinstance(previous, dict):
+            raise UserError(f"{config_file}: damaged (not the JSON of a fine-tuning config); use a new finetune.out")
+        previous.pop("steps", None)  # a longer run into the same folder continues it
+        if previous != {k: v for k, v in current.items() if k != "steps"}:
+            changed = config_differences(previous, {k: v for k, v in current.items() if k != "steps"})
+            raise ConfigError(
+                f"{out} holds a fine-tuning run of another config ({changed}); use a new finetune.out, "
+                "or the same settings to resume"
+            )
+    ckpt = recover_folder(out / "checkpoint")
+    done = _checkpoint_step(ckpt)
+    if done > cfg.steps:
+        raise ConfigError(
+            f"{out} holds a fine-tuning run already at step {done}, past finetune.steps={cfg.steps}; give "
+            f"finetune.steps={done} or more to go on, or a new finetune.out"
+        )
+    _replace_text(config_file, json.dumps(asdict(cfg), indent=2) + "\n")
 
     den_cfg = {k: resolve_path(v) if k in PATH_KEYS and v else v for k, v in cfg.denoiser.items()}
     denoiser = load_denoiser(den_cfg)
@@ -165,8 +224,7 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
 
-    ckpt = out / "checkpoint"
-    if (ckpt / "state.pt").exists():
+    if done:
         from safetensors.torch import load_file
 
         state = torch.load(ckpt / "state.pt", weights_only=True)
@@ -183,19 +241,16 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
     def save_checkpoint() -> None:
         from safetensors.torch import save_file
 
-        tmp = out / "_checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(
-            {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad},
-            str(tmp / "trainable.safetensors"),
-        )
-        torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step}, tmp / "state.pt")
-        shutil.rmtree(ckpt, ignore_errors=True)
-        tmp.rename(ckpt)
+        with replacing_folder(ckpt) as tmp:  # a crash at any moment leaves one whole checkpoint
+            save_file(
+                {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad},
+                str(tmp / "trainable.safetensors"),
+            )
+            torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step}, tmp / "state.pt")
 
     sigmas = torch.tensor(cfg.sigmas, dtype=torch.float32)
     metrics_path = out / "metrics.jsonl"
+    _keep_metrics_until(metrics_path, step)
     bar = None
     if progress is None:
         from tqdm import tqdm

@@ -108,6 +108,56 @@ def test_finetuning_checkpoints_resumes_and_writes_a_loadable_denoiser(tmp_path)
     assert json.loads((out / "finetune_config.json").read_text())["draws"] == 2
 
 
+def test_a_crash_between_the_checkpoint_renames_resumes_from_the_checkpoint_moved_aside(tmp_path):
+    """The old checkpoint is moved aside before the new one is renamed in: a crash between the two
+    leaves only the aside copy, and the next run must resume from it, not from step 0."""
+    steps = []
+    cfg = _cfg(tmp_path, steps=2)
+    finetune(cfg, progress=lambda s, row: None)
+    ft = tmp_path / "ft"
+    (ft / "checkpoint").rename(ft / "_checkpoint.old")
+    cfg.steps = 3
+    finetune(cfg, progress=lambda s, row: steps.append(s))
+    assert steps == [3]
+    assert torch.load(ft / "checkpoint" / "state.pt", weights_only=True)["step"] == 3
+    assert not (ft / "_checkpoint.old").exists() and not (ft / "_checkpoint.tmp").exists()
+
+
+def test_a_resume_drops_the_metrics_of_steps_it_trains_again(tmp_path):
+    """Steps logged after the last checkpoint (a crash before the next) and a line cut short are
+    trained and logged again: the log keeps one line per step."""
+    cfg = _cfg(tmp_path, steps=2)
+    finetune(cfg, progress=lambda s, row: None)
+    metrics = tmp_path / "ft" / "metrics.jsonl"
+    with metrics.open("a") as fh:
+        fh.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
+    cfg.steps = 4
+    finetune(cfg, progress=lambda s, row: None)
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[2]["loss"] != 9.0
+
+
+def test_fewer_steps_than_the_checkpoint_has_are_refused(tmp_path):
+    """The denoiser would be saved as trained for 1 step while its weights had 2."""
+    finetune(_cfg(tmp_path, steps=2), progress=lambda s, row: None)
+    with pytest.raises(ConfigError, match=r"already at step 2, past finetune.steps=1; give finetune.steps=2"):
+        finetune(_cfg(tmp_path, steps=1), progress=lambda s, row: None)
+    assert json.loads((tmp_path / "ft" / "finetune_config.json").read_text())["steps"] == 2
+
+
+def test_another_config_in_the_same_folder_is_refused_naming_what_changed(tmp_path):
+    finetune(_cfg(tmp_path, steps=1), progress=lambda s, row: None)
+    with pytest.raises(ConfigError, match=r"another config \(lr: 0.0001 there, 0.001 here\)"):
+        finetune(_cfg(tmp_path, steps=1, lr=1e-3), progress=lambda s, row: None)
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path):
+    finetune(_cfg(tmp_path, steps=1), progress=lambda s, row: None)
+    (tmp_path / "ft" / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"state.pt: not a readable fine-tuning checkpoint .*remove"):
+        finetune(_cfg(tmp_path, steps=2), progress=lambda s, row: None)
+
+
 def test_lora_finetuning_merges_into_a_plain_unet(tmp_path):
     pytest.importorskip("peft")
     out = finetune(_cfg(tmp_path, lora_rank=2, steps=2), progress=lambda s, r: None)

@@ -139,15 +139,23 @@ def read_folder_config(folder: str | Path, kind: str) -> tuple[dict[str, Any], P
     return {k: v for k, v in fields.items() if k != "raysmooth_model"}, weights
 
 
+def recover_folder(dst: str | Path) -> Path:
+    """Undo a crash between ``replacing_folder``'s two renames: the old folder moved aside is then the
+    whole one. Call it before reading ``dst`` (a resume would otherwise miss it)."""
+    dst = Path(dst)
+    old = dst.with_name(f"_{dst.name}.old")
+    if old.exists() and not dst.exists():
+        old.rename(dst)
+    return dst
+
+
 @contextlib.contextmanager
 def replacing_folder(dst: str | Path) -> Iterator[Path]:
     """A folder to write a model into, beside ``dst``, renamed to ``dst`` once the block ends: a reader
     never sees half a model, and there is never a moment without a whole one (an old ``dst`` is moved
     aside first and removed last; a crash between the two renames is undone by the next call)."""
-    dst = Path(dst)
+    dst = recover_folder(dst)
     tmp, old = dst.with_name(f"_{dst.name}.tmp"), dst.with_name(f"_{dst.name}.old")
-    if old.exists() and not dst.exists():  # a crash between the renames: the old folder is the whole one
-        old.rename(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir(parents=True)
