@@ -123,6 +123,17 @@ def _one_image(x: Any, method: str) -> torch.Tensor:
     return img[None]
 
 
+def _refuse_channels_last(shape: tuple[int, ...]) -> None:
+    """The first image fixes the model's input shape: an (H, W, C) array from PIL or OpenCV would be read
+    as H channels of H × W pixels, which a model that flattens its input runs without complaint."""
+    if len(shape) == 3 and shape[0] > 4 and shape[-1] in (1, 3, 4):
+        raise InputError(
+            f"the image looks channels-last (H, W, C) = {tuple(shape)}; images are (C, H, W): pass "
+            "x.transpose(2, 0, 1) (numpy) or x.permute(2, 0, 1) (torch), or give input_shape= to declare "
+            f"{tuple(shape)} as (C, H, W)"
+        )
+
+
 class Smoothed:
     """A smoothed classifier g around a base classifier f, certified in this process.
 
@@ -277,6 +288,7 @@ class Smoothed:
 
     def _ready(self, shape: tuple[int, ...]) -> Replica:
         if self._replica is None:
+            _refuse_channels_last(shape)
             return self._build(shape)
         if tuple(shape) != self.input_shape:
             raise InputError(f"images must have shape {self.input_shape} for this model, got {tuple(shape)}")

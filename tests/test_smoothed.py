@@ -446,3 +446,14 @@ def test_counts_at_a_sigma_index_the_classifier_lacks_is_one_input_error():
     smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8), progress=False)
     with pytest.raises(InputError, match=r"sigma_index=2, but this classifier has 2 σ"):
         smoothed.counts(np.zeros((1, 1, 8, 8), np.float32), phase="selection", n=10, sigma_index=2, ids=[0])
+
+
+def test_a_channels_last_first_image_is_refused_with_the_transpose():
+    """A flattening model runs an (H, W, C) image as H channels without complaint: wrong numbers."""
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    hwc = np.full((8, 8, 3), 0.5, np.float32)
+    with pytest.raises(InputError, match=r"looks channels-last \(H, W, C\) = \(8, 8, 3\).*transpose\(2, 0, 1\)"):
+        Smoothed(flat, 0.25, num_classes=10).certify(hwc, n0=5, n=50)
+    chw = Smoothed(flat, 0.25, num_classes=10).certify(hwc.transpose(2, 0, 1), n0=5, n=50)
+    declared = Smoothed(flat, 0.25, num_classes=10, input_shape=(8, 8, 3)).certify(hwc, n0=5, n=50)
+    assert chw.counts.sum() == declared.counts.sum() == 50
