@@ -161,6 +161,20 @@ def test_a_missing_checkpoint_is_one_clear_error(tmp_path):
         load_denoiser(DenoiserConfig(path=str(tmp_path / "nope")))
 
 
+def test_a_folder_that_is_no_denoiser_is_named_for_what_it_is(tmp_path, caplog):
+    from raysmooth.toy import EMBEDDED_DIR
+
+    with pytest.raises(ModelLoadError, match=r"onestep: a raysmooth onestep folder, not a denoiser"):
+        load_denoiser(DenoiserConfig(path=str(EMBEDDED_DIR / "onestep")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match=r"empty: no unet/config.json, so not a diffusers denoiser folder"):
+        load_denoiser(DenoiserConfig(path=str(tmp_path / "empty")))
+    tiny_unet().save_config(tmp_path / "den" / "unet")
+    with pytest.raises(ModelLoadError, match=r"unet: a UNet config without its weights"):
+        load_denoiser(DenoiserConfig(path=str(tmp_path / "den"), scheduler=TINY_SCHEDULER))
+    assert "unsafe serialization" not in caplog.text  # diffusers never got to try its fallbacks
+
+
 def test_a_file_that_is_not_a_checkpoint_says_so_with_the_error_kind(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hi, these are notes")  # torch.load raises a bare KeyError(105) here

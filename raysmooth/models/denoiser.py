@@ -145,6 +145,31 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _check_unet_folder(folder: Path, subfolder: str | None) -> None:
+    """A local folder that cannot hold a diffusers UNet is named for what it is before diffusers tries
+    every file name it knows (and logs each miss, with a note on pickles that reads as a warning)."""
+    top = folder / "config.json"
+    kind = None
+    if top.is_file():
+        try:
+            kind = json.loads(top.read_text()).get("raysmooth_model")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            kind = None
+    if kind:
+        raise ModelLoadError(
+            f"{folder}: a raysmooth {kind} folder, not a denoiser (a diffusers folder with "
+            f"{subfolder or '.'}/config.json and its weights)"
+        )
+    where = folder / subfolder if subfolder else folder
+    if not (where / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder}: no {subfolder + '/' if subfolder else ''}config.json, so not a diffusers denoiser folder "
+            "(denoiser.subfolder names the UNet's folder inside it; null for the folder itself)"
+        )
+    if not any(where.glob("diffusion_pytorch_model*")):
+        raise ModelLoadError(f"{where}: a UNet config without its weights (no diffusion_pytorch_model.safetensors)")
+
+
 def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
     """Build a denoiser from a diffusers folder / hub id, or from our own safetensors + config."""
     if isinstance(cfg, dict):
@@ -158,6 +183,8 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
             source = source[len("hf://") :]  # a hub id (needs the network or a warm cache)
         elif not Path(source).is_dir():
             raise ModelLoadError(f"{cfg.path}: no such denoiser folder (for a hub id write hf://owner/name)")
+        else:
+            _check_unet_folder(Path(source), cfg.subfolder)
         try:
             unet = UNet2DModel.from_pretrained(source, subfolder=cfg.subfolder, low_cpu_mem_usage=False)
         except (OSError, ValueError) as exc:
