@@ -245,7 +245,9 @@ def cifar10(split: str = "test", root: str | None = None, **_: object) -> TestSe
         raise ConfigError(f"data.split must be train or test for cifar10, got {split!r}")
     missing = [str(base / n) for n in names if not (base / n).is_file()]
     if missing:
-        raise ConfigError(f"CIFAR-10 batch file(s) not found: {', '.join(missing)}")
+        archive = next(iter(sorted(Path(root).glob("cifar-10-python.tar*"))), None) if Path(root).is_dir() else None
+        unpack = f"; extract {archive} there first (tar xzf {archive.name})" if archive is not None else ""
+        raise ConfigError(f"CIFAR-10 batch file(s) not found: {', '.join(missing)}{unpack}")
     images, labels = [], []
     for name in names:
         try:

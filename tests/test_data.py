@@ -56,6 +56,12 @@ class _Evil:
         return (print, ("executed",))
 
 
+def test_a_cifar_root_holding_only_the_archive_says_to_extract_it(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not extracted")
+    with pytest.raises(ConfigError, match=r"test_batch; extract .*cifar-10-python.tar.gz there first"):
+        load_dataset("cifar10", root=str(tmp_path))
+
+
 def test_a_cifar_batch_that_would_execute_code_is_refused(tmp_path, capsys):
     (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": _Evil()}, protocol=2))
     with pytest.raises(ConfigError, match="refused global"):
