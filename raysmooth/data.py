@@ -295,7 +295,14 @@ def _folder_files(root) -> tuple[list, list[int], list[str]]:
         raise ConfigError(f"data.root: no such folder {base}")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
-        raise ConfigError(f"{base}: expected one sub-folder per class (e.g. ImageNet's n01440764/ …)")
+        flat = sum(1 for f in base.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        hint = (
+            f"; it holds {flat} images directly, as ImageNet's validation archive unpacks: move each into the "
+            "folder of its synset (the labels are not in the file names)"
+            if flat
+            else ""
+        )
+        raise ConfigError(f"{base}: expected one sub-folder per class (e.g. ImageNet's n01440764/ …){hint}")
     files, labels = [], []
     for index, name in enumerate(classes):
         for f in sorted((base / name).iterdir()):

@@ -105,6 +105,15 @@ def test_imagenet_class_folders_that_are_not_synsets_are_refused(tmp_path):
         load_dataset("imagenet", root=str(tmp_path))
 
 
+def test_a_flat_imagenet_val_folder_says_to_sort_it_into_synset_folders(tmp_path):
+    from PIL import Image
+
+    for i in (1, 2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with pytest.raises(ConfigError, match=r"holds 2 images directly, .* into the folder of its synset"):
+        load_dataset("imagenet", root=str(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("name", "options", "says"),
     [
