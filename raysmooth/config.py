@@ -592,6 +592,7 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be a positive number of seconds, got {cfg.flush_seconds}",
     )
     _check_out(cfg.out)
+    _check_not_in_a_run(cfg.out)
     _check(
         "radii",
         bool(cfg.radii) and all(_finite(r) and r >= 0 for r in cfg.radii),
@@ -620,6 +621,21 @@ def _check_out(out: str) -> None:
             "which Ray deletes once no job uses it: the results could not be read or resumed. Give an absolute "
             "out on shared storage (out=/shared/runs/x) or set RAYSMOOTH_OUT"
         )
+
+
+def _check_not_in_a_run(out: str) -> None:
+    """``out`` holds one run directory per model (out/<model.name>). Pointing it at a run directory, to
+    resume that run, would start a new run from nothing inside the old one, without a word."""
+    from .store import RunStore
+
+    path = Path(out).expanduser().resolve()
+    for run in (path, *path.parents):
+        if (run / RunStore.MANIFEST).is_file():
+            resume = f"; to resume it, give out={run.parent} (with model.name={run.name})" if run == path else ""
+            raise ConfigError(
+                f"out={out} is {'a run directory' if run == path else f'inside the run directory {run}'}, and out "
+                f"is the folder that holds one run directory per model (out/<model.name>){resume}"
+            )
 
 
 def _in_ray_job_working_dir() -> bool:

@@ -366,6 +366,21 @@ def test_a_checkpoint_that_cannot_be_loaded_is_one_line(tmp_path, capsys, kind, 
     assert message in err and where in err
 
 
+def test_out_naming_a_run_directory_is_refused_not_a_new_run_started_inside_it(tmp_path, capsys):
+    """To resume runs/digits/dds the command takes out=runs/digits; out=runs/digits/dds would start a
+    new run from nothing in runs/digits/dds/dds."""
+    RunStore.create(tmp_path / "dds", {"x": 1})
+    before = sorted(p.name for p in (tmp_path / "dds").iterdir())
+    assert certify_main([*SMALL, f"out={tmp_path / 'dds'}"]) == 2
+    assert (
+        f"is a run directory, and out is the folder that holds one run directory per model (out/<model.name>); "
+        f"to resume it, give out={tmp_path} (with model.name=dds)" in _one_line(capsys)
+    )
+    assert certify_main([*SMALL, f"out={tmp_path / 'dds' / 'counts' / 'x'}"]) == 2
+    assert f"inside the run directory {tmp_path / 'dds'}" in _one_line(capsys)
+    assert sorted(p.name for p in (tmp_path / "dds").iterdir()) == before
+
+
 def test_hydra_changing_the_working_directory_is_refused_not_a_run_that_never_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # with hydra's chdir a relative out landed in a new .hydra/<time>/ folder each run
     assert certify_main([*SMALL, "hydra.job.chdir=true", "out=runs"]) == 2
