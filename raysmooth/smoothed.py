@@ -332,6 +332,8 @@ class Smoothed:
         ids = list(range(len(batch))) if ids is None else [whole_number("an image id", i, minimum=0) for i in ids]
         if len(ids) != len(batch) or len(set(ids)) != len(ids):
             raise InputError(f"ids must name each of the {len(batch)} images once")
+        if ids and max(ids) >= 2**63:  # the job's image_id column: an id beyond it has no job counts to match
+            raise InputError(f"an image id must be below 2**63 (stored as int64), got {max(ids)}")
         return ids
 
     def _draw(

@@ -344,6 +344,12 @@ def test_a_whole_float_sample_count_is_the_same_as_the_int():
     assert smoothed.certify(x, n0=5, n=1e3).counts.tolist() == smoothed.certify(x, n0=5, n=1000).counts.tolist()
 
 
+def test_an_image_id_beyond_int64_is_refused_as_the_job_cannot_store_it():
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    with pytest.raises(InputError, match=r"below 2\*\*63 \(stored as int64\), got 9223372036854775808"):
+        smoothed.certify_batch(np.zeros((2, 1, 8, 8), np.float32), n0=5, n=50, ids=[0, 2**63])
+
+
 @pytest.mark.parametrize("ids", [[1.5, 2], [-1, 2], ["a", "b"]])
 def test_image_ids_must_be_whole_numbers_as_in_the_job(ids):
     smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
