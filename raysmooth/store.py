@@ -184,6 +184,13 @@ def append_table(directory: Path | str, table: pa.Table, metadata: dict[str, str
     return final
 
 
+READ_ATTEMPTS = 5
+
+
+class _Vanished(Exception):
+    """A file listed a moment ago is gone: the run writing here compacted its parts meanwhile."""
+
+
 def _replaced(directory: Path, files: list[Path]) -> set[str]:
     """Names of the parts that compacted files say they replace."""
     replaced: set[str] = set()
@@ -192,6 +199,8 @@ def _replaced(directory: Path, files: list[Path]) -> set[str]:
             try:
                 meta = pq.read_schema(f).metadata or {}
             except (pa.ArrowInvalid, OSError) as exc:
+                if not f.exists():  # compacted again since it was listed
+                    raise _Vanished from exc
                 raise _damaged(directory, f, exc) from exc
             replaced |= set(json.loads(meta.get(b"raysmooth.replaces", b"[]")))
     return replaced
@@ -230,19 +239,12 @@ def _damaged(directory: Path, f: Path | None, exc: BaseException) -> StoreError:
 OPTIONAL_COLUMNS = {"round", "seq_continue", "p_lower", "n_used", "rounds", "grid_radius", "stop_reason"}
 
 
-def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
-    """All committed rows under ``directory`` (staging files are invisible); empty if none. Columns a
-    file written by an older version lacks come back as nulls (the callers fill their defaults); a
-    file without the others is not one of ours, and is named."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
-    files = [str(p) for p in _live_parts(directory)]
-    if not files:
-        return schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
+def _read_files(directory: Path, files: list[str], schema: pa.Schema, columns: Sequence[str] | None) -> pa.Table:
     try:
-        table = ds.dataset(files, format="parquet", schema=schema).to_table(columns=list(columns) if columns else None)
+        return ds.dataset(files, format="parquet", schema=schema).to_table(columns=list(columns) if columns else None)
     except (pa.ArrowInvalid, OSError) as exc:
+        if not all(Path(f).exists() for f in files):
+            raise _Vanished from exc
         bad = None
         for f in files:  # name the file
             try:
@@ -251,6 +253,29 @@ def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] 
                 bad = Path(f)
                 break
         raise _damaged(directory, bad, exc) from exc
+
+
+def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
+    """All committed rows under ``directory`` (staging files are invisible); empty if none. Columns a
+    file written by an older version lacks come back as nulls (the callers fill their defaults); a
+    file without the others is not one of ours, and is named."""
+    directory = Path(directory)
+    empty = schema.empty_table() if columns is None else schema.empty_table().select(list(columns))
+    if not directory.is_dir():
+        return empty
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            files = [str(p) for p in _live_parts(directory)]
+            table = _read_files(directory, files, schema, columns) if files else empty
+            break
+        except _Vanished:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise StoreError(
+                    f"{directory}: its files kept being replaced while read (a compaction by the run writing "
+                    "there); read it again once that run has finished"
+                ) from None
+    if not files:
+        return empty
     required = [c for c in table.column_names if c not in OPTIONAL_COLUMNS and schema.field(c).nullable]
     if any(table.column(c).null_count for c in required):
         for f in files:  # only on this error path: which file lacks our columns?

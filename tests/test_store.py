@@ -157,6 +157,25 @@ def test_an_interrupted_compaction_loses_and_doubles_nothing(tmp_path):
     assert len(list(counts.glob("part-*.parquet"))) == 1 and pq.read_table(counts).num_rows == 100
 
 
+def test_a_reader_racing_the_runs_compaction_lists_again_instead_of_calling_a_part_damaged(tmp_path, monkeypatch):
+    """`analyze` or `sweep` of a run as it ends: the parts it listed are compacted away before it reads them."""
+    import raysmooth.store as store_module
+
+    store = _many_parts(tmp_path)
+    before = store.read_counts().sort_by("image_id")
+    stale = store_module._live_parts(tmp_path / "run" / "counts")
+    store.compact(above=0)  # the writer compacts between the reader's listing and its read
+    real, listings = store_module._live_parts, []
+
+    def listed_before_the_compaction(directory):
+        listings.append(directory)
+        return stale if len(listings) == 1 else real(directory)
+
+    monkeypatch.setattr(store_module, "_live_parts", listed_before_the_compaction)
+    assert store.read_counts().sort_by("image_id").equals(before)
+    assert len(listings) == 2
+
+
 def test_every_file_carries_its_runs_config_hash_and_the_schema_version(tmp_path):
     from raysmooth.store import SCHEMA_VERSION
 
