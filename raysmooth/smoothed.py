@@ -198,6 +198,8 @@ class Smoothed:
         if not seed_fits(self.seed):  # the job stores it as an int64: the same seed must name the same noise
             raise ConfigError(f"seed must fit in 64 bits, as the job stores it, got {self.seed}")
         self.chunk = whole_number("chunk", chunk, error=ConfigError)
+        if not isinstance(compile, (bool, np.bool_)):  # bool("false") is True: a string would compile
+            raise ConfigError(f"compile must be True or False, got {compile!r}")
         self.engine = EngineConfig(
             batch_size=batch_size,
             noise_block=noise_block,

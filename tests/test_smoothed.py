@@ -463,3 +463,9 @@ def test_a_channels_last_first_image_is_refused_with_the_transpose():
     chw = Smoothed(flat, 0.25, num_classes=10).certify(hwc.transpose(2, 0, 1), n0=5, n=50)
     declared = Smoothed(flat, 0.25, num_classes=10, input_shape=(8, 8, 3)).certify(hwc, n0=5, n=50)
     assert chw.counts.sum() == declared.counts.sum() == 50
+
+
+@pytest.mark.parametrize("flag", ["false", "no", 0, None])
+def test_compile_takes_only_true_or_false(flag):
+    with pytest.raises(ConfigError, match=r"compile must be True or False"):
+        Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8), compile=flag)
