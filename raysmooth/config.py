@@ -236,15 +236,7 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     for name, node in _SCHEMAS.items():
-        cs.store(name=f"{name}_schema", node=node)
-    for group, node in (
-        ("data", DataCfg),
-        ("model", ModelCfg),
-        ("smoothing", SmoothingCfg),
-        ("engine", EngineCfg),
-        ("ray", RayCfg),
-    ):
-        cs.store(group=group, name="schema", node=node)
+        cs.store(name=f"{name}_schema", node=node)  # types every group too; no group holds a `schema` option
 
 
 # ---- composition --------------------------------------------------------------------------------
@@ -279,7 +271,7 @@ def _with_hint(text: str, config_name: str | None) -> str:
         text += " (raysmooth finetune trains on the digits training split; finetune.data is not a choice yet)"
     missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
     if missing and (CONFIG_DIR / missing.group(1)).is_dir():
-        options = sorted(p.stem for p in (CONFIG_DIR / missing.group(1)).glob("*.yaml") if p.stem != "schema")
+        options = sorted(p.stem for p in (CONFIG_DIR / missing.group(1)).glob("*.yaml"))
         text += f" ({missing.group(1)}= takes one of {', '.join(options)}"
         text += ", or data.name=image_folder for a tree of class folders)" if missing.group(1) == "data" else ")"
     present = re.match(r"Could not append to config\. An item is already at '([^']+)'", text)

@@ -43,6 +43,13 @@ def test_choosing_a_model_prints_its_config_with_cfg_job(capsys):
     assert "compare: []" in out and "base: linear" in out
 
 
+def test_help_lists_only_the_options_a_group_really_has(capsys):
+    """The schemas type the groups from the root config; none is an option (data=schema ran digits)."""
+    assert certify_main(["--help"]) == 0
+    groups = capsys.readouterr().out.split("Config groups (group=option):")[1].split("Examples:")[0]
+    assert "data: cifar10, digits, imagenet, synthetic\n" in groups and "schema" not in groups
+
+
 def test_a_run_keeps_hydras_records_beside_its_results(tmp_path):
     assert certify_main([*SMALL, f"out={tmp_path}"]) == 0
     records = list((tmp_path / ".hydra").glob("*/.hydra/config.yaml"))
