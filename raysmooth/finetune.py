@@ -140,16 +140,30 @@ def _diverged(step: int, cfg: FinetuneConfig, ckpt: Path) -> None:
     )
 
 
-def _checkpoint_step(ckpt: Path) -> int:
-    """The step a checkpoint was saved at (0: none)."""
+def _load_checkpoint(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """The last checkpoint's state (step, optimizer, generator) and trainable weights; None if none."""
     if not (ckpt / "state.pt").exists():
-        return 0
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        return int(torch.load(ckpt / "state.pt", weights_only=True)["step"])
-    except (RuntimeError, OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        state["step"] = int(state["step"])
+        return state, load_file(str(ckpt / "trainable.safetensors"))
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        KeyError,
+        TypeError,
+        ValueError,
+        pickle.UnpicklingError,
+        SafetensorError,
+    ) as exc:
         raise UserError(
-            f"{ckpt / 'state.pt'}: not a readable fine-tuning checkpoint ({type(exc).__name__}); remove "
-            f"{ckpt} to start over from step 0, or use a new finetune.out"
+            f"{ckpt}: not a readable fine-tuning checkpoint ({type(exc).__name__}); remove it to start over "
+            "from step 0, or use a new finetune.out"
         ) from None
 
 
@@ -204,7 +218,8 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
                 "or the same settings to resume"
             )
     ckpt = recover_folder(out / "checkpoint")
-    done = _checkpoint_step(ckpt)
+    checkpoint = _load_checkpoint(ckpt)
+    done = checkpoint[0]["step"] if checkpoint else 0
     if done > cfg.steps:
         raise ConfigError(
             f"{out} holds a fine-tuning run already at step {done}, past finetune.steps={cfg.steps}; give "
@@ -224,12 +239,9 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
 
-    if done:
-        from safetensors.torch import load_file
-
-        state = torch.load(ckpt / "state.pt", weights_only=True)
+    if checkpoint is not None:
+        state, weights = checkpoint
         trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-        weights = load_file(str(ckpt / "trainable.safetensors"))
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(weights[n])

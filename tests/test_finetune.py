@@ -151,10 +151,11 @@ def test_another_config_in_the_same_folder_is_refused_naming_what_changed(tmp_pa
         finetune(_cfg(tmp_path, steps=1, lr=1e-3), progress=lambda s, row: None)
 
 
-def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path):
+@pytest.mark.parametrize("damaged", ["state.pt", "trainable.safetensors"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, damaged):
     finetune(_cfg(tmp_path, steps=1), progress=lambda s, row: None)
-    (tmp_path / "ft" / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match=r"state.pt: not a readable fine-tuning checkpoint .*remove"):
+    (tmp_path / "ft" / "checkpoint" / damaged).write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"checkpoint: not a readable fine-tuning checkpoint .*remove it"):
         finetune(_cfg(tmp_path, steps=2), progress=lambda s, row: None)
 
 
