@@ -606,6 +606,12 @@ def _check_out(out: str) -> None:
     deleted after the job, so that nothing could be resumed or read."""
     _check("out", bool(str(out).strip()), "must name a directory, got an empty path")
     path = Path(out).expanduser()
+    env = os.environ.get("RAYSMOOTH_OUT")
+    if env is not None and not env.strip() and path.is_absolute() and path.parent == Path(path.anchor):
+        raise ConfigError(  # ${oc.env:RAYSMOOTH_OUT,runs}/digits with the variable set to "" is /digits
+            f"out={out} is a folder at the file system's root because RAYSMOOTH_OUT is set but empty; unset it "
+            "(runs go under ./runs) or set it to the folder the runs go in"
+        )
     _check("out", not path.exists() or path.is_dir(), f"must be a directory; {path} is a file")
     if not path.is_absolute() and _in_ray_job_working_dir():
         raise ConfigError(

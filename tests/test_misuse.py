@@ -366,6 +366,16 @@ def test_a_checkpoint_that_cannot_be_loaded_is_one_line(tmp_path, capsys, kind, 
     assert message in err and where in err
 
 
+def test_an_empty_raysmooth_out_is_refused_not_runs_written_at_the_root(capsys, monkeypatch):
+    """`export RAYSMOOTH_OUT=$SHARED` with $SHARED unset made the default out /digits."""
+    monkeypatch.setenv("RAYSMOOTH_OUT", "")
+    assert certify_main(SMALL) == 2
+    assert "out=/synthetic is a folder at the file system's root because RAYSMOOTH_OUT is set but empty" in (
+        _one_line(capsys)
+    )
+    assert not Path("/synthetic").exists()
+
+
 def test_out_naming_a_run_directory_is_refused_not_a_new_run_started_inside_it(tmp_path, capsys):
     """To resume runs/digits/dds the command takes out=runs/digits; out=runs/digits/dds would start a
     new run from nothing in runs/digits/dds/dds."""
