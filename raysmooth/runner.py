@@ -31,7 +31,7 @@ from .certificates import (
 from .config import DEFAULT_BATCH_SIZE, CertifyCfg, counts_relevant_config, resolve_model_paths
 from .data import fingerprint, load_test_set
 from .errors import InputError, ModelLoadError
-from .store import RunStore
+from .store import COMPACT_ABOVE, RunStore
 
 __all__ = ["certify", "CertifyResult", "report", "run_noise", "engine_settings"]
 
@@ -140,6 +140,7 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
             log.info("nothing to sample: every row is stored")
 
         # Certificates from the stored counts alone; append only the rows not yet there.
+        _say_finishing(store)
         view = counts_view(store.read_counts(), allow_missing=sm.mode == "cascade", sigmas=sigmas)
         p0s = sm.p0 if sm.mode == "full" else sm.p0[:1]
         policies = sm.policies if sm.mode == "full" else sm.policies[:1]
@@ -149,6 +150,13 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
         append_new_certificates(store, certs)
         store.compact()
     return CertifyResult(cfg.model.name, out, len(data), rows_written, time.perf_counter() - started)
+
+
+def _say_finishing(store: RunStore) -> None:
+    """A long run's last minute (reading thousands of count files, certifying, compacting) is not silent."""
+    files = store.live_parts("counts")
+    if files > COMPACT_ABOVE:
+        log.info("certifying from the stored counts (%d files), then compacting them into one", files)
 
 
 def sequential_designs_for(cfg: CertifyCfg, sigmas: Sequence[float], noise: NoiseInfo) -> dict:
@@ -221,6 +229,7 @@ def _certify_sequential(
             rows_written = _sample(cfg, model, data, sigmas, store, planner, noise, extra)
         else:
             log.info("nothing to sample: every round is stored")
+        _say_finishing(store)
         certs = sequential_certificates(store.read_counts(), designs, audit=sq.stop == "never")
         append_new_certificates(store, certs)
         store.compact()

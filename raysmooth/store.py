@@ -552,6 +552,10 @@ class RunStore:
         return read_table(self.root / subdir, CERTIFICATES_SCHEMA)
 
     # ---- compaction ---------------------------------------------------------------------------
+    def live_parts(self, table: str = "counts") -> int:
+        """How many committed part files ``table`` reads (what a resume and the certificates read)."""
+        return len(_live_parts(self.root / table)) if (self.root / table).is_dir() else 0
+
     def compact(self, above: int = COMPACT_ABOVE) -> list[Path]:
         """Compact the counts and certificates of a finished run (few files read fast on resume)."""
         done = []

@@ -140,6 +140,19 @@ def test_a_finished_run_is_compacted_into_one_file_with_the_same_rows(tmp_path):
     assert store.read_counts().sort_by("image_id").equals(before)
 
 
+def test_a_run_of_many_files_says_what_its_last_silent_minute_does(tmp_path, caplog):
+    """A 40-hour run ends by reading ~10,000 count files, certifying and compacting: a minute without a line."""
+    import logging
+
+    from raysmooth.runner import _say_finishing
+
+    caplog.set_level(logging.INFO, logger="raysmooth")
+    _say_finishing(_many_parts(tmp_path / "few", parts=3))
+    assert "certifying from the stored counts" not in caplog.text  # a short run (the demo's) stays quiet
+    _say_finishing(_many_parts(tmp_path / "many", parts=20))
+    assert "certifying from the stored counts (20 files), then compacting them into one" in caplog.text
+
+
 def test_an_interrupted_compaction_loses_and_doubles_nothing(tmp_path):
     from raysmooth.store import COUNTS_SCHEMA, append_table, read_table
 
