@@ -167,9 +167,12 @@ def _logits_problem(model_id: str, logits: object, width: int, classes: int) -> 
     )
 
 
-def _model_failure(model_id: str, shape: tuple[int, ...], exc: BaseException) -> str:
+def _model_failure(
+    model_id: str, shape: tuple[int, ...], exc: BaseException, weights: tuple[torch.dtype, torch.dtype] | None = None
+) -> str:
     """One line for a model that raised on a batch: what it was given, what it said, and the innermost
-    line of code outside torch and raysmooth (the user's module, usually) that was running."""
+    line of code outside torch and raysmooth (the user's module, usually) that was running. ``weights``:
+    (a weight dtype, the input dtype) when they differ, the likelier cause than the shape."""
     import traceback
     from pathlib import Path
 
@@ -182,7 +185,13 @@ def _model_failure(model_id: str, shape: tuple[int, ...], exc: BaseException) ->
     where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
     return (
         f"model {model_id} failed on a batch of shape {shape} ({type(exc).__name__}: {one_line(exc, 200)}{where}); "
-        f"does it take images of shape {shape[1:]}?"
+        + (
+            f"its weights are {str(weights[0]).removeprefix('torch.')} and its inputs "
+            f"{str(weights[1]).removeprefix('torch.')} (engine.precision): convert the model (model.float() for "
+            "fp32) or choose the precision its weights have"
+            if weights is not None
+            else f"does it take images of shape {shape[1:]}?"
+        )
     )
 
 
@@ -245,6 +254,13 @@ class Replica:
         if self.config.batch_size == "auto":
             self.config.batch_size = self.probe_batch_size()
         self.batch_size = int(self.config.batch_size)
+
+    def _weight_dtypes(self) -> tuple[torch.dtype, torch.dtype] | None:
+        """(a floating weight dtype, the input dtype) when a weight is not in the input's dtype."""
+        for p in self.base.parameters():
+            if p.is_floating_point() and p.dtype != self.input_dtype:
+                return p.dtype, self.input_dtype
+        return None
 
     def _compiled(self, **inductor_options):
         """The whole base classifier compiled at one static batch shape. On a CPU inductor also folds the
@@ -492,7 +508,9 @@ class Replica:
                 except Exception as exc:  # a compiled model's failures are judged by run(): it may fall back to eager
                     if self._forward is not self.base or _is_oom(exc) or isinstance(exc, RaySmoothError):
                         raise
-                    raise ModelError(_model_failure(self.base.model_id, tuple(z.shape), exc)) from exc
+                    raise ModelError(
+                        _model_failure(self.base.model_id, tuple(z.shape), exc, self._weight_dtypes())
+                    ) from exc
                 if not isinstance(logits, torch.Tensor) or logits.shape != (width, c):
                     raise InputError(_logits_problem(self.base.model_id, logits, width, c))
                 owner = sample_unit[start : start + width]

@@ -471,3 +471,9 @@ def test_a_channels_last_first_image_is_refused_with_the_transpose():
 def test_compile_takes_only_true_or_false(flag):
     with pytest.raises(ConfigError, match=r"compile must be True or False"):
         Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8), compile=flag)
+
+
+def test_a_float64_module_is_told_its_weights_dtype_not_asked_about_the_image_shape():
+    doubled = _linear_module().double()
+    with pytest.raises(ModelError, match=r"its weights are float64 and its inputs float32 .*model.float\(\)"):
+        Smoothed(doubled, 0.25, num_classes=10).certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)
