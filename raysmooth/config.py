@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -829,6 +830,51 @@ def resolve_model_paths(model: ModelCfg) -> ModelCfg:
                 )
         sections[f.name] = section
     return dataclasses.replace(model, **sections)
+
+
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 1024, 4096  # a large file is hashed by 1,024 spread 4 KB blocks
+
+
+def model_fingerprints(model: ModelCfg) -> dict[str, str]:
+    """A short hash of the files each section of a resolved model config names (``denoiser``,
+    ``classifier`` …; sections naming no local file are left out). A resumed run checks them: its stored
+    counts were drawn with those weights, and a denoiser fine-tuned again into the same folder would
+    mix two models' counts under one run. Files up to 4 MB are hashed whole; a larger one by its size
+    and 1,024 blocks spread through it (4 MB read, however large), which any retraining changes."""
+    prints = {}
+    for f in dataclasses.fields(model):
+        section = getattr(model, f.name)
+        if f.name == "options" or not isinstance(section, dict):
+            continue
+        files = []
+        for key in PATH_KEYS:
+            value = section.get(key)
+            if not value or str(value).startswith("hf://"):
+                continue
+            root = Path(str(value))
+            inside = sorted(root.rglob("*")) if root.is_dir() else [root] if root.is_file() else []
+            for path in inside:
+                rel = path.relative_to(root) if root.is_dir() else Path(path.name)
+                if path.is_file() and not any(part.startswith((".", "_")) for part in rel.parts):
+                    files.append((f"{key}/{rel}", path))
+        if files:
+            prints[f.name] = _files_hash(files)
+    return prints
+
+
+def _files_hash(files: Sequence[tuple[str, Path]]) -> str:
+    h = hashlib.sha256()
+    for name, path in files:
+        size = path.stat().st_size
+        h.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as fh:
+            if size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
+                h.update(fh.read())
+                continue
+            for k in range(FINGERPRINT_BLOCKS):
+                fh.seek(k * (size - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1))
+                h.update(fh.read(FINGERPRINT_BLOCK))
+    return h.hexdigest()[:16]
 
 
 def counts_relevant_config(cfg: CertifyCfg) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from .certificates import (
     noise_info,
     stored_progress,
 )
-from .config import DEFAULT_BATCH_SIZE, CertifyCfg, counts_relevant_config, resolve_model_paths
+from .config import DEFAULT_BATCH_SIZE, CertifyCfg, counts_relevant_config, model_fingerprints, resolve_model_paths
 from .data import fingerprint, load_test_set
 from .errors import InputError, ModelLoadError
 from .store import COMPACT_ABOVE, RunStore
@@ -98,7 +98,9 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
     out = Path(cfg.out).expanduser().resolve() / cfg.model.name
     sigmas = sorted(float(s) for s in sm.sigmas)  # index order = ascending σ: the cascade walks it down
     noise = run_noise(cfg, sigmas)
-    test_set = {"data_fingerprint": fingerprint(data)}
+    test_set = {"data_fingerprint": fingerprint(data)}  # what a resume must find unchanged (the manifest's)
+    if prints := model_fingerprints(model):
+        test_set["model_fingerprints"] = prints
     if sm.mode == "sequential":
         return _certify_sequential(cfg, data, model, out, sigmas, noise, started, test_set)
     if sm.n < stats.min_samples_to_certify(sm.alpha):
@@ -258,14 +260,24 @@ def _cascade_rule(cfg: CertifyCfg, num_levels: int, noise: NoiseInfo):
 
 
 def _check_same_test_set(store: RunStore, test_set: dict) -> None:
-    """A resumed run's stored rows are keyed by image id: refuse to resume on a test set whose ids name
-    other images (runs from before the fingerprint was recorded are not checked)."""
-    stored = (store.manifest or {}).get("data_fingerprint")
+    """A resumed run's stored rows are keyed by image id and were drawn by the run's model: refuse to
+    resume on a test set whose ids name other images, or with model files that changed (runs from before
+    a fingerprint was recorded are not checked for it)."""
+    manifest = store.manifest or {}
+    stored = manifest.get("data_fingerprint")
     if stored is not None and stored != test_set["data_fingerprint"]:
         raise InputError(
             f"{store.root}: the test set is not the one this run started on (files added, removed or renamed under "
             "data.root, or other images), so its stored image ids would name other images; restore the test set "
             "to resume, or certify into a new out"
+        )
+    then, now = manifest.get("model_fingerprints"), test_set.get("model_fingerprints", {})
+    changed = sorted(k for k in then or {} if then[k] != now.get(k)) if isinstance(then, dict) else []
+    if changed:
+        raise InputError(
+            f"{store.root}: the files of model.{changed[0]} changed since this run started (retrained or "
+            "fine-tuned again into the same folder?), so its stored counts were drawn by another model; restore "
+            "those files to resume, or certify into a new out"
         )
 
 

@@ -251,6 +251,32 @@ def test_a_run_does_not_resume_on_a_folder_whose_image_ids_now_name_other_images
     assert "the test set is not the one this run started on" in _one_line(capsys)
 
 
+def test_a_run_does_not_resume_with_model_files_that_changed(tmp_path, capsys):
+    """A model fine-tuned again into the same folder: the stored counts were drawn by the old weights."""
+    import shutil
+
+    folder = shutil.copytree(ROOT / "raysmooth" / "embedded" / "digits" / "onestep", tmp_path / "onestep")
+    job = [
+        "model=toy_onestep",
+        f"model.onestep.path={folder}",
+        "data.max_images=2",
+        "smoothing.n=40",
+        "smoothing.n0=8",
+        "ray.num_actors=1",
+        "plot=false",
+        f"out={tmp_path / 'out'}",
+    ]
+    assert certify_main(job) == 0
+    assert certify_main(job) == 0  # the same files: resumes (nothing left to sample)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight: a retrained model differs everywhere
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert certify_main(job) == 2
+    assert "the files of model.onestep changed since this run started" in _one_line(capsys)
+
+
 def test_two_jobs_into_one_directory_store_every_row_once(tmp_path, capsys):
     """The second job is refused while the first holds the directory; nothing is doubled."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
