@@ -344,6 +344,7 @@ def _sample(
         ", ".join(sorted({i["device"] for i in infos})),
         "/".join(map(str, batch_sizes)),
     )
+    _note_other_devices(store, {i["device"] for i in infos})
     store.commit_manifest(
         sigmas=sigmas,
         n0=sm.n0,
@@ -375,6 +376,21 @@ def _sample(
         check_joined=functools.partial(_same_replica, info),
     )
     return result.rows_written
+
+
+def _note_other_devices(store: RunStore, devices: set[str]) -> None:
+    """CPU and CUDA generators draw different noise from one seed, and their arithmetic differs in the
+    last bits: a run resumed on the other kind of device gets counts that are no longer one device's."""
+    then = ((store.manifest or {}).get("engine") or {}).get("devices")
+    kinds = {str(d).split(":")[0] for d in devices}
+    if isinstance(then, list) and then and {str(d).split(":")[0] for d in then} != kinds:
+        log.warning(
+            "this run started on %s and goes on on %s: the rows drawn now come from that device's noise generator "
+            "and arithmetic (which differs in the last bits, as between precisions), so the counts mix two devices'; "
+            "resume on the kind of device it started on to keep them one device's",
+            "/".join(sorted(map(str, then))),
+            "/".join(sorted(devices)),
+        )
 
 
 def _same_replica(first: dict, joined: dict) -> None:

@@ -153,6 +153,20 @@ def test_a_run_of_many_files_says_what_its_last_silent_minute_does(tmp_path, cap
     assert "certifying from the stored counts (20 files), then compacting them into one" in caplog.text
 
 
+def test_a_run_resumed_on_another_kind_of_device_is_told_its_counts_mix_two_devices(tmp_path, caplog):
+    import logging
+
+    from raysmooth.runner import _note_other_devices
+
+    caplog.set_level(logging.INFO, logger="raysmooth")
+    store = RunStore.create(tmp_path / "run", {"a": 1}, engine={"devices": ["cpu"]})
+    _note_other_devices(store, {"cpu"})
+    _note_other_devices(RunStore.create(tmp_path / "new", {"a": 1}), {"cuda:0"})  # a new run: nothing to say
+    assert "started on" not in caplog.text
+    _note_other_devices(store, {"cuda:0", "cuda:1"})
+    assert "this run started on cpu and goes on on cuda:0/cuda:1" in caplog.text and "mix two devices'" in caplog.text
+
+
 def test_an_interrupted_compaction_loses_and_doubles_nothing(tmp_path):
     from raysmooth.store import COUNTS_SCHEMA, append_table, read_table
 
