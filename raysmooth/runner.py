@@ -98,11 +98,11 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
     out = Path(cfg.out).expanduser().resolve() / cfg.model.name
     sigmas = sorted(float(s) for s in sm.sigmas)  # index order = ascending σ: the cascade walks it down
     noise = run_noise(cfg, sigmas)
-    test_set = {"data_fingerprint": fingerprint(data)}  # what a resume must find unchanged (the manifest's)
+    identity = {"data_fingerprint": fingerprint(data)}  # what a resume must find unchanged (the manifest's)
     if prints := model_fingerprints(model):
-        test_set["model_fingerprints"] = prints
+        identity["model_fingerprints"] = prints
     if sm.mode == "sequential":
-        return _certify_sequential(cfg, data, model, out, sigmas, noise, started, test_set)
+        return _certify_sequential(cfg, data, model, out, sigmas, noise, started, identity)
     if sm.n < stats.min_samples_to_certify(sm.alpha):
         log.warning(
             "n=%d is below %d: at alpha=%g every image will abstain",
@@ -112,7 +112,7 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
         )
 
     with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
-        _check_same_test_set(store, test_set)
+        _check_same_inputs(store, identity)
         stop_rule = _cascade_rule(cfg, len(sigmas), noise) if sm.mode == "cascade" else None
         existing, decided, half = stored_progress(store, data.ids.tolist(), sigmas, stop_rule)
         if existing:
@@ -137,7 +137,7 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
         )
         rows_written = 0
         if planner.has_work():
-            rows_written = _sample(cfg, model, data, sigmas, store, planner, noise, test_set)
+            rows_written = _sample(cfg, model, data, sigmas, store, planner, noise, identity)
         else:
             log.info("nothing to sample: every row is stored")
 
@@ -184,7 +184,7 @@ def sequential_designs_for(cfg: CertifyCfg, sigmas: Sequence[float], noise: Nois
 
 
 def _certify_sequential(
-    cfg: CertifyCfg, data, model, out: Path, sigmas: list[float], noise: NoiseInfo, started: float, test_set: dict
+    cfg: CertifyCfg, data, model, out: Path, sigmas: list[float], noise: NoiseInfo, started: float, identity: dict
 ) -> CertifyResult:
     """smoothing.mode=sequential: rounds decided by the rule; the designs live in the manifest, so a
     resumed run decides with exactly the critical counts it started with."""
@@ -193,7 +193,7 @@ def _certify_sequential(
 
     sm, sq = cfg.smoothing, cfg.smoothing.sequential
     with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
-        _check_same_test_set(store, test_set)
+        _check_same_inputs(store, identity)
         designs = sequential_designs(store.manifest, store.manifest_path) or sequential_designs_for(cfg, sigmas, noise)
         resume = sequential_progress(store, data.ids.tolist(), sigmas, designs)
         if resume:
@@ -220,7 +220,7 @@ def _certify_sequential(
         rows_written = 0
         if planner.has_work():
             extra = {
-                **test_set,
+                **identity,
                 "sequential": {
                     "looks": designs[sigmas[0]].looks.tolist(),
                     "alphas": designs[sigmas[0]].alphas.tolist(),
@@ -259,19 +259,19 @@ def _cascade_rule(cfg: CertifyCfg, num_levels: int, noise: NoiseInfo):
     return stops
 
 
-def _check_same_test_set(store: RunStore, test_set: dict) -> None:
+def _check_same_inputs(store: RunStore, identity: dict) -> None:
     """A resumed run's stored rows are keyed by image id and were drawn by the run's model: refuse to
     resume on a test set whose ids name other images, or with model files that changed (runs from before
     a fingerprint was recorded are not checked for it)."""
     manifest = store.manifest or {}
     stored = manifest.get("data_fingerprint")
-    if stored is not None and stored != test_set["data_fingerprint"]:
+    if stored is not None and stored != identity["data_fingerprint"]:
         raise InputError(
             f"{store.root}: the test set is not the one this run started on (files added, removed or renamed under "
             "data.root, or other images), so its stored image ids would name other images; restore the test set "
             "to resume, or certify into a new out"
         )
-    then, now = manifest.get("model_fingerprints"), test_set.get("model_fingerprints", {})
+    then, now = manifest.get("model_fingerprints"), identity.get("model_fingerprints", {})
     changed = sorted(k for k in then or {} if then[k] != now.get(k)) if isinstance(then, dict) else []
     if changed:
         raise InputError(
