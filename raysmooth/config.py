@@ -450,9 +450,9 @@ def large_sigma_warning(sigmas: Sequence[float]) -> str | None:
     )
 
 
-def seed_fits(seed: int) -> bool:
-    """Every counts row stores its run's seed as an int64."""
-    return -(2**63) <= seed < 2**63
+def fits_int64(value: int) -> bool:
+    """Whether an int fits the store's int64 columns (every counts row stores its run's seed and image id)."""
+    return -(2**63) <= value < 2**63
 
 
 def lazy_cascade_note(sm: SmoothingCfg) -> str | None:
@@ -482,7 +482,7 @@ def validate_certify(cfg: CertifyCfg) -> None:
     _check("smoothing.n", sm.n >= 1, f"must be at least 1, got {sm.n}")
     _stats_check("smoothing.alpha", lambda: stats.check_alpha(sm.alpha))
     _check("smoothing.chunk", sm.chunk >= 1, f"must be at least 1, got {sm.chunk}")
-    _check("smoothing.seed", seed_fits(sm.seed), f"must fit in 64 bits (the stored seed column), got {sm.seed}")
+    _check("smoothing.seed", fits_int64(sm.seed), f"must fit in 64 bits (the stored seed column), got {sm.seed}")
     _check(
         "smoothing.mode",
         sm.mode in ("full", "cascade", "sequential"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, InputError, whole_number
+from .errors import ConfigError, InputError, pixel_size, whole_number
 
 __all__ = [
     "TestSet",
@@ -407,14 +407,10 @@ def image_folder(
 
 def _image_size(size: object) -> tuple[int, int]:
     """data.options.size as (H, W): one size means a square."""
-    sizes = [size] if not isinstance(size, Sequence) or isinstance(size, str) else list(size)
-    try:
-        values = [whole_number("size", v, error=ConfigError) for v in sizes]
-    except ConfigError:
-        values = []
-    if len(values) not in (1, 2):
+    hw = pixel_size(size)
+    if hw is None:
         raise ConfigError(f"data.options.size must be [H, W] in pixels (or one size for a square), got {size}")
-    return values[0], values[-1]
+    return hw
 
 
 imagenet.subsamples = True  # type: ignore[attr-defined]

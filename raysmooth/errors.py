@@ -75,6 +75,20 @@ def whole_number(name: str, value: object, minimum: int | None = 1, error: type[
     return whole
 
 
+def pixel_size(value: object) -> tuple[int, int] | None:
+    """(H, W) from one whole positive size (a square, as timm's img_size) or two; None for anything else
+    (16.5 is not truncated, True is not 1, "16" is not a number)."""
+    try:
+        sizes = [value] if isinstance(value, (str, bytes)) else list(value)  # type: ignore[call-overload]
+    except TypeError:  # one number
+        sizes = [value]
+    try:
+        values = [whole_number("size", v) for v in sizes]
+    except RaySmoothError:
+        return None
+    return (values[0], values[-1]) if len(values) in (1, 2) else None
+
+
 def check_keys(section: str, given: Iterable[str], schema: type) -> None:
     """Refuse a key the dataclass ``schema`` of a config section does not have, naming the one probably
     meant: the dataclass would say "__init__() got an unexpected keyword argument", not where it came from."""

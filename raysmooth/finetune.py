@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import pickle
 import shutil
 import time
@@ -34,7 +33,7 @@ from .config import PATH_KEYS, FinetuneConfig, resolve_path
 from .errors import ConfigError, UserError
 from .models import DiffusionDenoiser, NormalizedClassifier, load_classifier, load_denoiser
 from .models.checkpoints import recover_folder, replacing_folder
-from .store import config_differences
+from .store import config_differences, replace_text
 
 __all__ = ["FinetuneConfig", "brier_loss", "anti_consistency_loss", "majority_vote", "finetune_loss", "finetune"]
 
@@ -183,14 +182,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             keep.append(line)
     if keep != lines:
-        _replace_text(path, "".join(f"{line}\n" for line in keep))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write beside, then rename over: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f"_{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        replace_text(path, "".join(f"{line}\n" for line in keep))
 
 
 def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None = None) -> Path:
@@ -203,6 +195,7 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "finetune_config.json"
     current = json.loads(json.dumps(asdict(cfg)))  # as it reads back
+    settings = {k: v for k, v in current.items() if k != "steps"}  # a longer run into the same folder continues it
     if config_file.exists():
         try:
             previous = json.loads(config_file.read_text())
@@ -210,9 +203,9 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
             previous = None
         if not isinstance(previous, dict):
             raise UserError(f"{config_file}: damaged (not the JSON of a fine-tuning config); use a new finetune.out")
-        previous.pop("steps", None)  # a longer run into the same folder continues it
-        if previous != {k: v for k, v in current.items() if k != "steps"}:
-            changed = config_differences(previous, {k: v for k, v in current.items() if k != "steps"})
+        previous.pop("steps", None)
+        if previous != settings:
+            changed = config_differences(previous, settings)
             raise ConfigError(
                 f"{out} holds a fine-tuning run of another config ({changed}); use a new finetune.out, "
                 "or the same settings to resume"
@@ -225,7 +218,7 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
             f"{out} holds a fine-tuning run already at step {done}, past finetune.steps={cfg.steps}; give "
             f"finetune.steps={done} or more to go on, or a new finetune.out"
         )
-    _replace_text(config_file, json.dumps(asdict(cfg), indent=2) + "\n")
+    replace_text(config_file, json.dumps(asdict(cfg), indent=2) + "\n")
 
     den_cfg = {k: resolve_path(v) if k in PATH_KEYS and v else v for k, v in cfg.denoiser.items()}
     denoiser = load_denoiser(den_cfg)

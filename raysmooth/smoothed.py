@@ -32,8 +32,8 @@ from .config import (
     SequentialCfg,
     SmoothingCfg,
     distinct_in_float32,
+    fits_int64,
     large_sigma_warning,
-    seed_fits,
 )
 from .data import TestSet
 from .engine import EngineConfig, Replica, resolve_device, validate_images
@@ -195,7 +195,7 @@ class Smoothed:
             log.warning("sigma: %s", warning)
         self.sigmas = sorted(sigmas)  # index order = ascending σ, as in the job
         self.seed = whole_number("seed", seed, minimum=None, error=ConfigError)
-        if not seed_fits(self.seed):  # the job stores it as an int64: the same seed must name the same noise
+        if not fits_int64(self.seed):  # the job stores it as an int64: the same seed must name the same noise
             raise ConfigError(f"seed must fit in 64 bits, as the job stores it, got {self.seed}")
         self.chunk = whole_number("chunk", chunk, error=ConfigError)
         if not isinstance(compile, (bool, np.bool_)):  # bool("false") is True: a string would compile
@@ -334,7 +334,7 @@ class Smoothed:
         ids = list(range(len(batch))) if ids is None else [whole_number("an image id", i, minimum=0) for i in ids]
         if len(ids) != len(batch) or len(set(ids)) != len(ids):
             raise InputError(f"ids must name each of the {len(batch)} images once")
-        if ids and max(ids) >= 2**63:  # the job's image_id column: an id beyond it has no job counts to match
+        if ids and not fits_int64(max(ids)):  # the job's image_id column: an id beyond it has no job counts to match
             raise InputError(f"an image id must be below 2**63 (stored as int64), got {max(ids)}")
         return ids
 

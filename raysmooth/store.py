@@ -160,6 +160,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def replace_text(path: Path | str, text: str) -> None:
+    """Write ``text`` beside ``path`` (a staging name readers skip), fsync, and rename it over ``path``:
+    a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    staging = path.with_name(f"_staging-{path.name}.tmp")
+    with open(staging, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(staging, path)
+    _fsync_dir(path.parent)
+
+
 def _with_metadata(table: pa.Table, metadata: dict[str, str] | None) -> pa.Table:
     meta = dict(table.schema.metadata or {})
     meta[b"raysmooth.schema_version"] = str(SCHEMA_VERSION).encode()
@@ -380,10 +393,7 @@ class RunStore:
             "schema_version": SCHEMA_VERSION,
             **extra,
         }
-        staging = self.root / f"_staging-{uuid.uuid4().hex}.json.tmp"
-        staging.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(staging, self.root / self.MANIFEST)
-        _fsync_dir(self.root)
+        replace_text(self.root / self.MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
         self.manifest = manifest
         return manifest
 

@@ -7,14 +7,13 @@ logits. With a denoiser in front it becomes denoised smoothing (``dds``) around 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, one_line, whole_number
+from ..errors import ConfigError, one_line, pixel_size, whole_number
 from .base import BaseClassifier, DenoiseThenClassify, PlainBase
 from .classifier import InputContract, NormalizedClassifier
 
@@ -61,15 +60,8 @@ def as_classifier(
         raise ConfigError(f"the model must be a torch.nn.Module returning logits, got {type(module).__name__}")
     c = int(input_shape[0])
     wanted = input_shape[1:] if input_size is None else input_size
-    try:  # one number is a square (as timm's img_size); whole pixels only (16.5 is not truncated)
-        sizes = (wanted,) * 2 if isinstance(wanted, numbers.Number) else tuple(wanted)
-        size = tuple(
-            int(s) for s in sizes if isinstance(s, numbers.Real) and not isinstance(s, bool) and float(s).is_integer()
-        )
-        size = size if len(size) == len(sizes) else ()
-    except (TypeError, ValueError, OverflowError):
-        size = ()
-    if len(size) != 2 or min(size) < 1:
+    size = pixel_size(wanted)
+    if size is None:
         raise ConfigError(f"input_size must be (H, W) of whole positive sizes, or one size, got {input_size}")
     if (mean is None) != (std is None):  # half a normalisation is never what a model was trained with
         raise ConfigError(f"mean and std go together: give both or neither, got mean={mean}, std={std}")
