@@ -31,7 +31,7 @@ from .config import (
     parse_range,
     typed,
 )
-from .errors import ConfigError, RaySmoothError, one_line
+from .errors import ConfigError, RaySmoothError, one_line, os_error_text
 from .signals import Terminated, sigterm_raises
 
 __all__ = ["certify_main", "sweep_main", "finetune_main", "run_app", "sweep_report"]
@@ -109,16 +109,17 @@ def _with_model_defaults(name: str, argv: list[str]) -> list[str]:
 
 def _failed(name: str, exc: BaseException) -> int:
     """One line on stderr and the exit status: 2 for a user mistake, 130 for an interrupt."""
+    resume = {
+        "certify": "run the same command again to resume",
+        "finetune": "run the same command again to resume from the last checkpoint",
+    }.get(name, "run it again")
     if isinstance(exc, KeyboardInterrupt):
-        hint = {
-            "certify": "the rows finished so far are stored: run the same command again to resume",
-            "finetune": "run the same command again to resume from the last checkpoint",
-        }.get(name, "run it again")
+        stored = {"certify": "the rows finished so far are stored: "}.get(name, "")
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"raysmooth {name}: {what}; {hint}", file=sys.stderr)
+        print(f"raysmooth {name}: {what}; {stored}{resume}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
-    if isinstance(exc, OSError) and exc.filename:
-        text = f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError):
+        text = os_error_text(exc, resume)
     elif is_hydra_error(exc):
         text = hydra_error_line(exc, name)
     else:

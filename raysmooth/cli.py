@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import DEFAULT_RADII, SweepCfg, parse_floats
-from .errors import RaySmoothError, UserError, one_line
+from .errors import RaySmoothError, UserError, one_line, os_error_text
 
 __all__ = ["main", "build_parser"]
 
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (RaySmoothError, OSError) as exc:
-        text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
         print(f"raysmooth {args.command}: error: {one_line(text, 1000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

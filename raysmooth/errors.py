@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import math
 import numbers
 import re
@@ -17,6 +18,7 @@ __all__ = [
     "ModelError",
     "UserError",
     "one_line",
+    "os_error_text",
     "whole_number",
     "check_keys",
 ]
@@ -55,6 +57,18 @@ def one_line(text: object, limit: int = 300) -> str:
     lines = [ln.strip() for ln in _ANSI.sub("", str(text)).splitlines() if ln.strip()]
     head = lines[0] if lines else ""
     return head if len(head) <= limit else head[: limit - 1] + "…"
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def os_error_text(exc: OSError, resume: str = "run it again") -> str:
+    """An operating-system error as the user should read it: the file it concerns, and for a full disk
+    (or quota) that nothing stored is lost and how to carry on, since that is the next question."""
+    text = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    if exc.errno in _DISK_FULL:
+        text += f" (the disk is full: what was stored before is kept; free some space and {resume})"
+    return text
 
 
 def whole_number(name: str, value: object, minimum: int | None = 1, error: type[RaySmoothError] = InputError) -> int:

@@ -251,7 +251,8 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
                 {n: p.detach().contiguous() for n, p in unet.named_parameters() if p.requires_grad},
                 str(tmp / "trainable.safetensors"),
             )
-            torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step}, tmp / "state.pt")
+            with open(tmp / "state.pt", "wb") as fh:  # a file object: a full disk is an OSError, not torch's riddle
+                torch.save({"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step}, fh)
 
     sigmas = torch.tensor(cfg.sigmas, dtype=torch.float32)
     metrics_path = out / "metrics.jsonl"

@@ -23,10 +23,11 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -160,15 +161,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _staged(staging: Path, mode: str, target: Path) -> Iterator[IO]:
+    """``staging`` opened for writing, flushed and fsynced on leaving. A failed write (a full disk) removes
+    the half-written file at once, as it holds space a resume needs, and names ``target``: the OS error of
+    a write into an open file names no file."""
+    try:
+        with open(staging, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        staging.unlink(missing_ok=True)
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
+        raise
+
+
 def replace_text(path: Path | str, text: str) -> None:
     """Write ``text`` beside ``path`` (a staging name readers skip), fsync, and rename it over ``path``:
     a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
     staging = path.with_name(f"_staging-{path.name}.tmp")
-    with open(staging, "w") as fh:
+    with _staged(staging, "w", path) as fh:
         fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(staging, path)
     _fsync_dir(path.parent)
 
@@ -188,10 +204,8 @@ def append_table(directory: Path | str, table: pa.Table, metadata: dict[str, str
     token = uuid.uuid4().hex
     staging = directory / f"_staging-{token}.parquet.tmp"
     final = directory / f"part-{time.time_ns():020d}-{tag}{token[:12]}.parquet"
-    with open(staging, "wb") as fh:
+    with _staged(staging, "wb", directory) as fh:
         pq.write_table(_with_metadata(table, metadata), fh, compression="zstd", row_group_size=256 * 1024)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(staging, final)
     _fsync_dir(directory)
     return final

@@ -225,3 +225,46 @@ def test_choosing_a_data_set_for_finetuning_says_only_digits_is_trained_on(capsy
 
     assert finetune_main(["data=cifar10"]) == 2
     assert "trains on the digits training split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fails", ["weights", "state"])
+def test_a_full_disk_at_a_checkpoint_names_the_folder_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, fails):
+    """safetensors reports ENOSPC in its own error type and torch.save to a path as an "enforce fail";
+    both must be an OSError naming the checkpoint folder, with the half-written copy gone."""
+    import errno
+    import os
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    finetune(_cfg(tmp_path, steps=1), progress=lambda s, row: None)
+    longer = _cfg(tmp_path, steps=2)
+
+    def full(state, where, *args, **kwargs):  # what each library raises on a full disk
+        if fails == "weights":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        if isinstance(where, (str, os.PathLike)):  # torch.save given a path
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        raise OSError(errno.ENOSPC, "No space left on device")  # given a file object: Python's own write error
+
+    target = (safetensors.torch, "save_file") if fails == "weights" else (torch, "save")
+    monkeypatch.setattr(*target, full)
+    ckpt = tmp_path / "ft" / "checkpoint"
+    with pytest.raises(OSError) as raised:
+        finetune(longer, progress=lambda s, row: None)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(ckpt)
+    assert not (tmp_path / "ft" / "_checkpoint.tmp").exists()
+    assert torch.load(ckpt / "state.pt", weights_only=True)["step"] == 1  # the last whole checkpoint
+
+
+def test_a_full_disk_is_one_line_saying_to_free_space_and_resume(capsys):
+    import errno
+
+    from raysmooth.apps import _failed
+
+    assert _failed("finetune", OSError(errno.ENOSPC, "No space left on device", "/runs/ft/checkpoint")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "raysmooth finetune: error: /runs/ft/checkpoint: No space left on device (the disk is full: what was "
+        "stored before is kept; free some space and run the same command again to resume from the last checkpoint)"
+    )

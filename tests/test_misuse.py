@@ -566,3 +566,41 @@ def test_staging_files_of_a_crash_are_cleaned_by_the_next_run(tmp_path):
     stale.write_bytes(b"half a file")
     RunStore.for_run(tmp_path / "run", store.manifest["config"]).release()
     assert not stale.exists()
+
+
+def test_a_full_disk_is_one_line_that_keeps_the_stored_rows_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """ENOSPC mid-run (a 40-hour run filling its volume): the half-written part is removed, the line names
+    the table and says to free space and resume; the resumed run gives the uninterrupted run's rows."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from raysmooth import store as store_module
+
+    job = [*SMALL, "flush_every=10", "ray.samples_per_task=100"]
+    assert certify_main([*job, f"out={tmp_path / 'whole'}"]) == 0
+    writes = {"left": 2}
+    real_write = pq.write_table
+
+    def fill_the_disk(table, where, **kwargs):
+        writes["left"] -= 1
+        if writes["left"] < 0:
+            where.write(b"PAR1 half a part")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(store_module.pq, "write_table", fill_the_disk)
+    capsys.readouterr()
+    assert certify_main([*job, f"out={tmp_path / 'full'}"]) == 2
+    err = _one_line(capsys)
+    assert str(tmp_path / "full" / "linear" / "counts") in err and "no space left" in err.lower(), err
+    assert "free some space and run the same command again to resume" in err, err
+    assert not list((tmp_path / "full" / "linear" / "counts").glob("_staging-*"))
+    assert len(RunStore.open(tmp_path / "full" / "linear").read_counts()) > 0  # what was stored is kept
+    monkeypatch.setattr(store_module.pq, "write_table", real_write)
+    assert certify_main([*job, f"out={tmp_path / 'full'}"]) == 0
+    columns = ["image_id", "sigma", "phase", "round", "n", "classes", "counts"]
+    order = [(c, "ascending") for c in columns[:4]]
+    resumed = RunStore.open(tmp_path / "full" / "linear").read_counts().select(columns).sort_by(order)
+    whole = RunStore.open(tmp_path / "whole" / "linear").read_counts().select(columns).sort_by(order)
+    assert resumed.equals(whole)

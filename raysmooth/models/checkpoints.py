@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -149,6 +150,18 @@ def recover_folder(dst: str | Path) -> Path:
     return dst
 
 
+def _write_failure(exc: BaseException, dst: Path) -> OSError | None:
+    """A failed write (a full disk) as an ``OSError`` naming ``dst``, or None for any other exception:
+    safetensors reports the OS error in its own type's message, and a write into an open file names no file."""
+    if isinstance(exc, OSError):
+        return None if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(dst))
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(dst))
+
+
 @contextlib.contextmanager
 def replacing_folder(dst: str | Path) -> Iterator[Path]:
     """A folder to write a model into, beside ``dst``, renamed to ``dst`` once the block ends: a reader
@@ -161,8 +174,10 @@ def replacing_folder(dst: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written model frees the space a retry needs
+        if (failed := _write_failure(exc, dst)) is not None:
+            raise failed from exc
         raise
     if dst.exists():
         dst.rename(old)
