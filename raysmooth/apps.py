@@ -96,14 +96,47 @@ def _grid_jobs(argv: Sequence[str]) -> list[list[str]]:
     return [job for batch in batches for job in batch][:_GRID_CHECKED]
 
 
+def _flags_first(name: str, argv: list[str]) -> list[str]:
+    """Hydra's flags (with their values) moved before the overrides, after checking them: argparse takes the
+    overrides as one run of positionals, so ``a=1 -m b=2,3`` (flags among overrides) was "unrecognized
+    arguments" under a usage screen; a flag that cannot work (``--cfg jb``, ``--foo``) is one line."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    options = {opt: action for action in parser._actions for opt in action.option_strings}
+    flags, overrides, i = [], [], 0
+    while i < len(argv):
+        token, i = argv[i], i + 1
+        if not token.startswith("-"):
+            overrides.append(token)
+            continue
+        action = options.get(token)  # None: unknown, or --flag=value
+        if action is not None and action.nargs is None and i == len(argv):
+            overrides.append(token)  # its value is missing: last, so that argparse says so
+        elif action is not None and i < len(argv) and (action.nargs is None or argv[i] in (action.choices or ())):
+            flags += [token, argv[i]]  # a flag and its value (--info's value is optional: one of its choices)
+            i += 1
+        else:
+            flags.append(token)
+    reordered = [*flags, *overrides]
+
+    def refuse(message: str) -> None:
+        raise ConfigError(f"{message} (raysmooth {name} --help lists the flags; overrides are key=value)")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    if not any(a in ("--version", "--shell-completion", "-sc") for a in flags):
+        given = parser.parse_args(reordered)
+        if sum(bool(v) for v in (given.run, given.multirun, given.cfg, given.info)) > 1:
+            refuse("only one of --run, --multirun (-m), --cfg and --info can be given")
+    return reordered
+
+
 def _with_model_defaults(name: str, argv: list[str]) -> list[str]:
     """``raysmooth certify model=mine`` certifies just that model: choosing a model without naming
     ``compare`` clears the default comparison models."""
     chooses = [i for i, a in enumerate(argv) if a.lstrip("+").startswith(("model=", "model."))]
     if name == "certify" and chooses and not any(a.lstrip("+~").startswith("compare") for a in argv):
-        # beside the model override, among the other overrides: argparse refuses an override that
-        # comes after a flag's argument (model=x --cfg job compare=[])
-        return [*argv[: chooses[0]], "compare=[]", *argv[chooses[0] :]]
+        return ["compare=[]", *argv]  # an override: run_app puts hydra's flags before every override
     return argv
 
 
@@ -176,6 +209,7 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
 
     saved_argv, saved_full = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     try:
+        argv = _flags_first(name, argv)
         if plain is not None:
             compose(name, plain)  # validate once, before hydra creates any folder
         for job in _grid_jobs(argv):

@@ -65,6 +65,37 @@ def test_a_multirun_grid_gives_each_job_its_own_run_directory(tmp_path):
     assert len(list((tmp_path / ".hydra").glob("multirun-*/*/.hydra/overrides.yaml"))) == 2
 
 
+def test_flags_may_stand_among_the_overrides_as_the_readme_writes_them(tmp_path, capsys):
+    """`raysmooth certify key=value … -m key=a,b`: argparse alone refused the overrides after the flag."""
+    from raysmooth.cli import main as cli
+
+    assert cli(["certify", *SMALL, f"out={tmp_path}", "-m", "smoothing.n=40,60"]) == 0
+    assert sorted(p.parent.parent.name for p in tmp_path.glob("*/linear/manifest.json")) == [
+        "smoothing.n=40",
+        "smoothing.n=60",
+    ]
+    assert cli(["certify", "smoothing.n=7", "--cfg", "job", "smoothing.n0=3"]) == 0
+    out = capsys.readouterr().out
+    assert "n0: 3\n  'n': 7\n" in out
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--foo"], "unrecognized arguments: --foo"),
+        (["--cfg", "jb"], "argument --cfg/-c: invalid choice: 'jb'"),
+        (["model=linear", "--cfg"], "argument --cfg/-c: expected one argument"),
+        (["-m", "--cfg", "job"], "only one of --run, --multirun (-m), --cfg and --info can be given"),
+    ],
+)
+def test_a_flag_that_cannot_work_is_one_line(args, says, capsys):
+    from raysmooth.cli import main as cli
+
+    assert cli(["certify", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"raysmooth certify: error: {says}") and "\n" not in err, err
+
+
 def test_a_mistake_in_any_job_of_a_grid_stops_the_grid_before_its_first_job(tmp_path, capsys):
     out = tmp_path / "never"
     assert certify_main(["-m", *SMALL, "smoothing.n=40,-5,60", f"out={out}"]) == 2
