@@ -212,12 +212,14 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
         argv = _flags_first(name, argv)
         if plain is not None:
             compose(name, plain)  # validate once, before hydra creates any folder
-        for job in _grid_jobs(argv):
+        for i, job in enumerate(_grid_jobs(argv)):
             try:
-                compose(name, job)
+                composed = compose(name, job)
             except ConfigError as exc:
                 swept = " ".join(o for o in job if o.split("=")[0].lstrip("+~") in _SWEPT)
                 raise ConfigError(f"{exc} (in the -m job {swept}; no job has run)") from None
+            if i == 0 and name == "certify":
+                _refuse_a_threshold_grid(composed)
         sys.argv = [f"raysmooth-{name}", *argv]
         os.environ["HYDRA_FULL_ERROR"] = "1"  # hydra raises; we print the one line
         with sigterm_raises():
@@ -247,6 +249,21 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
 
 # ---- certify ---------------------------------------------------------------------------------------
 _SWEPT: list[str] = []  # the keys a multirun varies (its jobs' folders are named by them)
+
+
+_COUNT_FREE = {"smoothing.alpha", "smoothing.p0", "smoothing.policies", "radii", "report_methods", "plot"}
+
+
+def _refuse_a_threshold_grid(cfg: CertifyCfg) -> None:
+    """A -m grid over α or p0 alone in full mode would sample the same counts once per job (hours each on
+    ImageNet): thresholds are swept from one run's stored counts. (Cascade and sequential runs choose
+    what to sample by α and p0, so a grid over them does sample something different.)"""
+    if _SWEPT and set(_SWEPT) <= _COUNT_FREE and cfg.smoothing.mode == "full":
+        raise ConfigError(
+            f"a -m grid over {', '.join(_SWEPT)} alone would sample the same counts once per job: certify once "
+            "(any alpha and p0), then sweep the stored counts with raysmooth sweep OUT/MODEL --alpha A,B --p0 P,Q "
+            "--policy strict|reference (no sampling); no job has run"
+        )
 
 
 def _swept_keys(argv: Sequence[str]) -> list[str]:

@@ -96,6 +96,16 @@ def test_a_flag_that_cannot_work_is_one_line(args, says, capsys):
     assert err.startswith(f"raysmooth certify: error: {says}") and "\n" not in err, err
 
 
+@pytest.mark.parametrize("grid", ["smoothing.alpha=0.001,0.01", "smoothing.p0=[0.5],[0.7]"])
+def test_a_grid_over_thresholds_alone_is_refused_for_a_sweep_of_the_stored_counts(tmp_path, capsys, grid):
+    """In full mode α and p0 change no count: each job of the grid would sample the same counts again."""
+    out = tmp_path / "never"
+    assert certify_main(["-m", *SMALL, grid, f"out={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"raysmooth certify: error: a -m grid over {grid.split('=')[0]} alone would sample")
+    assert "raysmooth sweep OUT/MODEL" in err and not out.exists()
+
+
 def test_a_mistake_in_any_job_of_a_grid_stops_the_grid_before_its_first_job(tmp_path, capsys):
     out = tmp_path / "never"
     assert certify_main(["-m", *SMALL, "smoothing.n=40,-5,60", f"out={out}"]) == 2
