@@ -16,11 +16,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import (
     CONFIG_DIR,
     CertifyCfg,
+    FinetuneConfig,
     SweepCfg,
     compose,
     hydra_error_line,
@@ -28,6 +29,7 @@ from .config import (
     large_sigma_warning,
     lazy_cascade_note,
     load_model_option,
+    override_text,
     parse_range,
     typed,
 )
@@ -248,6 +250,7 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
 
 
 # ---- certify ---------------------------------------------------------------------------------------
+_WithOut = TypeVar("_WithOut", CertifyCfg, FinetuneConfig)  # a job's config: it names its folder, ``out``
 _SWEPT: list[str] = []  # the keys a multirun varies (its jobs' folders are named by them)
 
 
@@ -277,9 +280,10 @@ def _swept_keys(argv: Sequence[str]) -> list[str]:
     return [o.key_or_group for o in parsed if o.is_sweep_override()]
 
 
-def _run_out(cfg: CertifyCfg) -> CertifyCfg:
+def _job_out(cfg: _WithOut) -> _WithOut:
     """In a multirun, each job writes to its own folder under ``out``, named by the values of the swept
-    keys (``out/smoothing.n=40``): its runs would otherwise share run directories with different configs."""
+    keys (``out/smoothing.n=40``): its runs (or fine-tuning checkpoint) would otherwise share one folder
+    with a different config, and every job after the first was refused once the first had finished."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -298,7 +302,7 @@ def certify_task(dcfg: Any) -> int:
     """The certify job on a composed config: every model of ``model`` + ``compare``, one report."""
     from .runner import certify, report
 
-    cfg = _run_out(typed(dcfg, "certify"))
+    cfg = _job_out(typed(dcfg, "certify"))
     if warning := large_sigma_warning(cfg.smoothing.sigmas):
         log.warning("smoothing.sigmas: %s", warning)
     if note := lazy_cascade_note(cfg.smoothing):
@@ -376,9 +380,9 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 def finetune_task(dcfg: Any) -> int:
     from .finetune import finetune
 
-    folder = finetune(typed(dcfg, "finetune"))
+    folder = finetune(_job_out(typed(dcfg, "finetune")))
     print(f"fine-tuned denoiser: {folder}")
-    print(f"use it with: raysmooth certify model=toy_dds model.denoiser.path={folder}")
+    print(f"use it with: raysmooth certify model=toy_dds {override_text('model.denoiser.path', folder)}")
     return 0
 
 

@@ -106,11 +106,12 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
 
 # ---- convert-adm ---------------------------------------------------------------------------------
 def cmd_convert_adm(args: argparse.Namespace) -> int:
+    from .config import override_text
     from .models.adm import ADM_PRESETS, convert_adm_checkpoint
 
     out = convert_adm_checkpoint(args.src, args.dst, ADM_PRESETS[args.preset])
     print(f"diffusers folder: {out}")
-    print(f"use it with: model.denoiser.path={out}")
+    print(f"use it with: {override_text('model.denoiser.path', out)}")
     return 0
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = [
     "resolve_model_paths",
     "load_model_option",
     "counts_relevant_config",
+    "override_text",
     "parse_range",
     "parse_floats",
 ]
@@ -255,11 +257,39 @@ def _first_sentence(exc: BaseException) -> str:
 def hydra_error_line(exc: BaseException, config_name: str | None = None) -> str:
     """Hydra's message and, where it wraps one, OmegaConf's reason, on one line; with ``config_name``,
     the key the user probably meant when the one given does not exist."""
+    if (parse := _override_parse_hint(exc)) is not None:
+        return parse
     text = _first_sentence(exc)
     cause = exc.__cause__ or exc.__context__
     if cause is not None and type(cause).__module__.startswith(("omegaconf", "hydra")):
-        text = f"{text.rstrip('.')}: {_first_sentence(cause)}"
+        reason = _first_sentence(cause)
+        text = text if reason in text else f"{text.rstrip('.')}: {reason}"
     return _with_hint(text, config_name)
+
+
+def override_text(key: str, value: object) -> str:
+    """``key=value`` as one shell word hydra reads back as ``value``: a path holding ``=`` (a ``-m`` job's
+    folder, ``out/lr=0.001``), a space or a bracket is quoted, which hydra's grammar needs."""
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z0-9_/\-+.%@]+", text):
+        return f"{key}={text}"
+    # inside hydra's quotes only a backslash before a quote or at the end is an escape
+    escaped = re.sub(r'(\\+)(?="|$)', lambda m: m.group(1) * 2, text).replace('"', '\\"')
+    return shlex.quote(f'{key}="{escaped}"')
+
+
+def _override_parse_hint(exc: BaseException) -> str | None:
+    """Hydra's parse error of one override names neither the override nor the usual cause: a value holding
+    ``=`` or brackets, which must be quoted."""
+    override = getattr(exc, "override", None)
+    if type(exc).__name__ != "OverrideParseException" or not override:
+        return None
+    reason = next((ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines() if "input" in ln), "")
+    key, _, value = str(override).partition("=")
+    head = f"cannot read the override {override!r} ({reason})"
+    if "=" in value:  # a path of a -m job's folder (out/lr=0.001/…)
+        return f"{head}; a value holding '=' is quoted: {override_text(key, value)}"
+    return f"{head}; lists are written key=[a,b], and a value holding brackets, quotes or commas is quoted as a whole"
 
 
 def _with_hint(text: str, config_name: str | None) -> str:

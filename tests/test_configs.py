@@ -108,6 +108,39 @@ def test_a_group_option_or_key_mistake_says_what_to_write_instead(override, says
         compose("certify", overrides)
 
 
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        (
+            "model.denoiser.path=/runs/lr=0.001/denoiser",
+            "a value holding '=' is quoted: 'model.denoiser.path=\"/runs/lr=0.001/denoiser\"'",
+        ),
+        ("smoothing.sigmas=[0.25,0.5", "lists are written key=[a,b]"),
+    ],
+)
+def test_an_override_hydra_cannot_read_is_named_with_how_to_write_it(override, says):
+    with pytest.raises(ConfigError) as raised:
+        compose("certify", [override])
+    assert str(raised.value).startswith(f"cannot read the override {override!r} (") and says in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "name", ["lr=0.001/denoiser", "my runs/den", "models\\den", 'we"ird', "it's", "end\\", "plain/a-1.0"]
+)
+def test_a_printed_override_reads_back_as_the_path_through_the_shell_and_hydra(tmp_path, name):
+    """What finetune and convert-adm print to paste (a -m job's folder holds '=') must name the folder."""
+    import shlex
+
+    from raysmooth.config import override_text
+
+    folder = tmp_path / name
+    folder.mkdir(parents=True)
+    words = shlex.split(override_text("model.denoiser.path", folder))
+    assert len(words) == 1
+    cfg = compose("certify", ["model=toy_dds", *words])
+    assert cfg.model.denoiser["path"] == str(folder)
+
+
 def test_keys_added_inside_the_open_sections_stay_the_users():
     cfg = compose("certify", ["+model.options.width=3", "+data.options.num_images=5"])
     assert cfg.model.options == {"width": 3} and cfg.data.options["num_images"] == 5

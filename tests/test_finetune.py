@@ -268,3 +268,20 @@ def test_a_full_disk_is_one_line_saying_to_free_space_and_resume(capsys):
         "raysmooth finetune: error: /runs/ft/checkpoint: No space left on device (the disk is full: what was "
         "stored before is kept; free some space and run the same command again to resume from the last checkpoint)"
     )
+
+
+def test_a_grid_gives_each_job_its_own_folder_and_a_line_that_certifies_it(tmp_path, capsys):
+    """Every job of `-m lr=a,b` fine-tuned into one folder, so the second was refused once the first had
+    trained; and the printed override must read back as the job's folder, whose name holds '='."""
+    import shlex
+
+    from raysmooth.apps import finetune_main
+    from raysmooth.config import compose
+
+    args = ["-m", "steps=1", "batch_size=4", "draws=2", "threads=1", f"out={tmp_path}", "lr=0.001,0.0001"]
+    assert finetune_main(args) == 0
+    assert sorted(p.parent.name for p in tmp_path.glob("lr=*/denoiser")) == ["lr=0.0001", "lr=0.001"]
+    uses = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("use it with: raysmooth certify ")]
+    assert len(uses) == 2
+    words = shlex.split(uses[1].removeprefix("use it with: raysmooth certify "))
+    assert compose("certify", words).model.denoiser["path"] == str(tmp_path / "lr=0.0001" / "denoiser")
