@@ -660,7 +660,8 @@ def _check_not_in_a_run(out: str) -> None:
     path = Path(out).expanduser().resolve()
     for run in (path, *path.parents):
         if (run / RunStore.MANIFEST).is_file():
-            resume = f"; to resume it, give out={run.parent} (with model.name={run.name})" if run == path else ""
+            give = f"{override_text('out', run.parent)} (with {override_text('model.name', run.name)})"
+            resume = f"; to resume it, give {give}" if run == path else ""
             raise ConfigError(
                 f"out={out} is {'a run directory' if run == path else f'inside the run directory {run}'}, and out "
                 f"is the folder that holds one run directory per model (out/<model.name>){resume}"

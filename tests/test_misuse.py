@@ -417,6 +417,20 @@ def test_out_naming_a_run_directory_is_refused_not_a_new_run_started_inside_it(t
     assert sorted(p.name for p in (tmp_path / "dds").iterdir()) == before
 
 
+def test_the_resume_hint_for_a_grid_jobs_run_directory_is_an_override_hydra_reads(tmp_path, capsys):
+    """A -m job's folder is named like smoothing.n=40, which hydra reads only quoted."""
+    import shlex
+
+    from raysmooth.config import compose
+
+    run = tmp_path / "smoothing.n=40" / "linear"
+    RunStore.create(run, {"x": 1})
+    assert certify_main([*SMALL, f'out="{run}"']) == 2
+    hint = _one_line(capsys).split("to resume it, give ")[1]
+    words = shlex.split(hint.replace(" (with ", " ").rstrip(")"))
+    assert compose("certify", [*SMALL, *words]).out == str(run.parent)
+
+
 def test_hydra_changing_the_working_directory_is_refused_not_a_run_that_never_resumes(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # with hydra's chdir a relative out landed in a new .hydra/<time>/ folder each run
     assert certify_main([*SMALL, "hydra.job.chdir=true", "out=runs"]) == 2
