@@ -323,3 +323,19 @@ def test_a_run_with_no_actor_up_yet_starts_when_a_late_one_joins(local_ray, imag
     (late,) = start_actors(ActorSpec(1, 1, 0, 0), MODEL, SIGMAS, 5, ENGINE, 1)
     rows = _drive([], images, _planner(images), joining={late.describe.remote(): late}, give_up_after_s=30)
     _assert_engine_counts(rows, images, [late])
+
+
+def test_replicas_kept_off_the_gpus_a_cluster_has_say_so(monkeypatch, caplog):
+    """engine=gpu with ray=local on a GPU machine: every replica ran on the CPU, 100× slower, silently."""
+    import ray
+
+    from raysmooth.distributed.session import actor_spec
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        assert actor_spec(None, 4.0, 0.0, -1).num_actors == 4
+    assert "the replicas run on the CPU (ray.gpus_per_actor=0) although the cluster has 2 GPU(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        assert actor_spec(None, 4.0, 1.0, -1).num_actors == 2
+    assert caplog.text == ""

@@ -109,8 +109,14 @@ def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: fl
     could not place would wait for resources that never come."""
     import ray
 
+    resources = ray.cluster_resources()
+    if gpus_per_actor == 0 and resources.get("GPU", 0) > 0:  # engine=gpu with ray=local ran on the CPU, silently
+        log.warning(
+            "the replicas run on the CPU (ray.gpus_per_actor=0) although the cluster has %g GPU(s); ray=gpu_cluster "
+            "or ray.gpus_per_actor=1 puts each replica on a GPU",
+            resources["GPU"],
+        )
     if num_actors is not None and _is_our_local_cluster():
-        resources = ray.cluster_resources()
         for kind, each in (("CPU", cpus_per_actor), ("GPU", gpus_per_actor)):
             have = resources.get(kind, 0.0)
             if num_actors * each > have + 1e-9:
@@ -121,7 +127,6 @@ def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: fl
                     + ("; ray.local_cpus sets the local cluster's CPU count" if kind == "CPU" else "")
                 )
     if num_actors is None:
-        resources = ray.cluster_resources()
         if gpus_per_actor > 0:
             num_actors = int(resources.get("GPU", 0) // gpus_per_actor)
             if num_actors < 1:
