@@ -185,10 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("certify", "finetune"):  # the hydra apps get their arguments in the order given
         return _hydra_app(argv[0])(argparse.Namespace(overrides=argv[1:]))  # each says its own errors
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "sweep":  # key=value is the form of python jobs/sweep.py, which README names beside it
         overrides = [a for a in [args.run_dir, *extra] if "=" in a and not Path(a).exists()]
