@@ -14,6 +14,7 @@ those image ids (tests/test_smoothed.py checks it).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from .config import (
 )
 from .data import TestSet
 from .engine import EngineConfig, Replica, resolve_device, validate_images
-from .errors import ConfigError, InputError, whole_number
+from .errors import ConfigError, InputError, one_line, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
 from .units import WorkUnit, split_budget
 
@@ -123,6 +124,25 @@ def _one_image(x: Any, method: str) -> torch.Tensor:
     return img[None]
 
 
+def _own_copy(obj: Any, what: str) -> Any:
+    """A caller's module, copied: the engine puts its model in eval mode, freezes it and may cast it to bf16
+    (a notebook would go on training a model left so), and a certificate is for the weights as given,
+    not for what later training makes of them."""
+    if not isinstance(obj, nn.Module):
+        return obj
+    try:
+        return copy.deepcopy(obj)
+    except Exception as exc:  # noqa: BLE001 - a module holding something that cannot be copied (a lock, a handle)
+        log.warning(
+            "%s: the module cannot be copied (%s: %s), so it is certified in place: it is left in eval mode with "
+            "frozen weights (in the engine's precision), and training it further changes what this object certifies",
+            what,
+            type(exc).__name__,
+            one_line(exc, 120),
+        )
+        return obj
+
+
 def _refuse_channels_last(shape: tuple[int, ...]) -> None:
     """The first image fixes the model's input shape: an (H, W, C) array from PIL or OpenCV would be read
     as H channels of H × W pixels, which a model that flattens its input runs without complaint."""
@@ -148,6 +168,8 @@ class Smoothed:
     ``compile_mode`` is torch.compile's mode (``engine.compile_mode``), and ``attention="flex"`` runs a timm
     BEiT's biased attention as FlexAttention (``engine.attention``); both need ``compile=True``.
     ``progress``: a bar of samples drawn (a widget in a notebook) for every call that runs over 2 s.
+    A module ``model`` or ``denoiser`` is copied here: the caller's is never changed (its mode, weights and
+    dtype stay as they were), and training it further does not change what this object certifies.
     """
 
     PROGRESS_DELAY_S = 2.0  # a call shows its bar once it has run this long: short calls stay quiet
@@ -211,7 +233,8 @@ class Smoothed:
             levels=levels,
         )
         self.device = str(resolve_device(device))
-        self._model, self._denoiser, self._num_classes = model, denoiser, num_classes
+        self._model, self._denoiser = _own_copy(model, "model"), _own_copy(denoiser, "denoiser")
+        self._num_classes = num_classes
         given = dict(mean=mean, std=std, input_size=input_size, interpolation=interpolation)
         self._adapter = {k: v for k, v in given.items() if v is not None}  # how a module was trained
         self._model_kwargs = dict(model_kwargs or {})

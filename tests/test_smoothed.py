@@ -477,3 +477,39 @@ def test_a_float64_module_is_told_its_weights_dtype_not_asked_about_the_image_sh
     doubled = _linear_module().double()
     with pytest.raises(ModelError, match=r"its weights are float64 and its inputs float32 .*model.float\(\)"):
         Smoothed(doubled, 0.25, num_classes=10).certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_callers_module_is_left_as_it_was_given(precision):
+    """Certifying in the middle of training must not leave the model in eval mode (dropout and batch norm
+    off for the rest of training), with frozen weights, or in bf16."""
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Dropout(0.1)).train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    Smoothed(module, 0.25, precision=precision).certify(load_dataset("digits").images[0], n0=10, n=100)
+    assert all(m.training for m in module.modules())
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in module.parameters())
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_smoothed_classifier_certifies_the_module_as_it_was_when_built():
+    """A certificate is for one fixed classifier: training that goes on after Smoothed(module, …) changes
+    neither its certificates nor, with compile=True, leaves a compiled copy of older weights."""
+    image = load_dataset("digits").images[3]
+    module = _linear_module()
+    smoothed = Smoothed(module, 0.5)
+    first = smoothed.certify(image, n0=20, n=400)
+    with torch.no_grad():
+        module[1].weight.mul_(-1.0)  # training goes on: every vote changes
+    assert np.array_equal(smoothed.certify(image, n0=20, n=400).counts, first.counts)
+    assert not np.array_equal(Smoothed(module, 0.5).certify(image, n0=20, n=400).counts, first.counts)
+
+
+def test_a_module_that_cannot_be_copied_is_certified_in_place_with_a_warning(caplog):
+    import threading
+
+    module = _linear_module()
+    module.lock = threading.Lock()  # deepcopy cannot copy a lock
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        cert = Smoothed(module, 0.5).certify(load_dataset("digits").images[0], n0=10, n=100)
+    assert cert.counts.sum() == 100
+    assert "model: the module cannot be copied (TypeError" in caplog.text and "certified in place" in caplog.text
