@@ -20,7 +20,15 @@ import pyarrow as pa
 
 from . import stats
 from .errors import one_line
-from .store import CERTIFICATE_KEY, CERTIFICATES_SCHEMA, RunStore, StoreError, append_table, config_hash
+from .store import (
+    CERTIFICATE_KEY,
+    CERTIFICATES_SCHEMA,
+    RunStore,
+    StoreError,
+    append_table,
+    config_hash,
+    replace_text,
+)
 from .units import PHASES
 
 __all__ = [
@@ -470,11 +478,12 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     elapsed = time.perf_counter() - started
     params = {"p0": [float(x) for x in p0], "alpha": list(alphas), "policy": policy}
     out_dir = (
-        Path(run_dir) / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(params)[:8]}-{uuid.uuid4().hex[:4]}"
+        store.root / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(params)[:8]}-{uuid.uuid4().hex[:4]}"
     )
     append_table(out_dir, table, {"run_id": view.run_id, "table": "sweep"})
-    (out_dir / "sweep.json").write_text(
-        json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids), "sigmas": view.sigmas}, indent=2)
+    replace_text(  # last, and whole: a sweep folder without its sweep.json is one a crash cut short
+        out_dir / "sweep.json",
+        json.dumps({**params, "run_id": view.run_id, "images": len(view.image_ids), "sigmas": view.sigmas}, indent=2),
     )
     run_images = store.manifest.get("images")
     run_images = run_images if isinstance(run_images, int) and not isinstance(run_images, bool) else None

@@ -236,10 +236,15 @@ _SCHEMAS: dict[str, type] = {"certify": CertifyCfg, "sweep": SweepCfg, "finetune
 def register_configs() -> None:
     """Register the schemas with hydra's ConfigStore (YAMLs name them in their defaults lists)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     cs = ConfigStore.instance()
     for name, node in _SCHEMAS.items():
         cs.store(name=f"{name}_schema", node=node)  # types every group too; no group holds a `schema` option
+    if not OmegaConf.has_resolver("expanduser"):
+        # hydra's own folders follow `out`: RAYSMOOTH_OUT="~/runs" (quoted, so no shell expanded it) put the
+        # results under the home folder and hydra's records in a folder named "~" in the working directory
+        OmegaConf.register_new_resolver("expanduser", lambda path: os.path.expanduser(str(path)))
 
 
 # ---- composition --------------------------------------------------------------------------------

@@ -413,7 +413,7 @@ class RunStore:
 
     @classmethod
     def open(cls, root: Path | str) -> RunStore:
-        root = Path(root)
+        root = Path(root).expanduser()  # run_dir="~/runs/x", quoted so that no shell expanded it
         path = root / cls.MANIFEST
         if not root.is_dir():
             raise StoreError(f"{root}: no such run directory")

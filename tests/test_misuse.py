@@ -402,6 +402,23 @@ def test_an_empty_raysmooth_out_is_refused_not_runs_written_at_the_root(capsys, 
     assert not Path("/synthetic").exists()
 
 
+def test_a_raysmooth_out_under_an_unexpanded_tilde_goes_home_not_to_a_folder_named_tilde(tmp_path, monkeypatch):
+    """`export RAYSMOOTH_OUT="~/runs"` (quoted: no shell expands it) wrote the results under the home folder
+    and hydra's records, and a later sweep's certificates, into a folder named "~" in the working directory."""
+    from raysmooth.apps import sweep_main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAYSMOOTH_OUT", "~/runs")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert certify_main(SMALL) == 0
+    run = tmp_path / "home" / "runs" / "synthetic" / "linear"
+    assert (run / "manifest.json").is_file() and list((run.parent / ".hydra").glob("*/.hydra/config.yaml"))
+    assert sweep_main(['run_dir="~/runs/synthetic/linear"', "p0=0.6"]) == 0
+    assert list((run / "sweeps").glob("*/sweep.json")) and list((run / "sweeps" / ".hydra").iterdir())
+    assert not (tmp_path / "work" / "~").exists()
+
+
 def test_out_naming_a_run_directory_is_refused_not_a_new_run_started_inside_it(tmp_path, capsys):
     """To resume runs/digits/dds the command takes out=runs/digits; out=runs/digits/dds would start a
     new run from nothing in runs/digits/dds/dds."""
