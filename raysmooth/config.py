@@ -284,17 +284,21 @@ def override_text(key: str, value: object) -> str:
 
 
 def _override_parse_hint(exc: BaseException) -> str | None:
-    """Hydra's parse error of one override names neither the override nor the usual cause: a value holding
-    ``=`` or brackets, which must be quoted."""
+    """Hydra's parse error of one override names neither the override nor what to write: a value holding
+    ``=``, ``~``, a space or a bracket must be quoted as a whole."""
     override = getattr(exc, "override", None)
     if type(exc).__name__ != "OverrideParseException" or not override:
         return None
-    reason = next((ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines() if "input" in ln), "")
+    lines = str(getattr(exc, "message", exc)).splitlines()
+    reason = next((ln.strip() for ln in lines if " input " in ln), "")
+    if lines and lines[0].startswith("LexerNoViableAltException") and len(lines) > 1 and "^" in lines[1]:
+        at = lines[1].index("^")  # the caret line points into the first line
+        reason = f"{lines[0][at]!r} is not allowed bare" if at < len(lines[0]) else ""
     key, _, value = str(override).partition("=")
-    head = f"cannot read the override {override!r} ({reason})"
-    if "=" in value:  # a path of a -m job's folder (out/lr=0.001/…)
-        return f"{head}; a value holding '=' is quoted: {override_text(key, value)}"
-    return f"{head}; lists are written key=[a,b], and a value holding brackets, quotes or commas is quoted as a whole"
+    head = f"cannot read the override {override!r}" + (f" ({reason})" if reason else "")
+    if value.lstrip().startswith(("[", "{")):
+        return f"{head}; lists are written key=[a,b] and dicts key={{a:1}}, an item holding brackets or commas quoted"
+    return f"{head}; quote the value as a whole: {override_text(key, value)}"
 
 
 def _with_hint(text: str, config_name: str | None) -> str:

@@ -113,9 +113,10 @@ def test_a_group_option_or_key_mistake_says_what_to_write_instead(override, says
     [
         (
             "model.denoiser.path=/runs/lr=0.001/denoiser",
-            "a value holding '=' is quoted: 'model.denoiser.path=\"/runs/lr=0.001/denoiser\"'",
+            "quote the value as a whole: 'model.denoiser.path=\"/runs/lr=0.001/denoiser\"'",
         ),
         ("smoothing.sigmas=[0.25,0.5", "lists are written key=[a,b]"),
+        ("out=~/runs", "('~' is not allowed bare); quote the value as a whole: 'out=\"~/runs\"'"),
     ],
 )
 def test_an_override_hydra_cannot_read_is_named_with_how_to_write_it(override, says):
