@@ -840,7 +840,10 @@ def _check_files(cfg: CertifyCfg) -> None:
 def resolve_path(path: str | None) -> str | None:
     """A model or data path: absolute, relative to the working directory, or to the raysmooth checkout
     (so the committed embedded models are found from anywhere, also in a Ray job's working_dir)."""
-    if path is None or "://" in str(path) or Path(path).is_absolute():
+    if path is None or "://" in str(path):
+        return path
+    path = os.path.expanduser(path)  # "~/imagenet" given quoted, so that no shell expanded it
+    if Path(path).is_absolute():
         return path
     if Path(path).exists():
         return str(Path(path).resolve())

@@ -273,3 +273,13 @@ def test_the_custom_model_without_a_builder_says_to_give_one_instead_of_running_
     # without a denoiser and failed on a worker, naming the wrong model
     with pytest.raises(ConfigError, match=r"missing mandatory value: base .*model\.base=pkg\.module:builder"):
         compose("certify", ["model=custom"])
+
+
+def test_a_model_or_data_path_under_an_unexpanded_tilde_is_found_at_home(tmp_path, monkeypatch):
+    """`'data.root="~/imagenet"'` (what a quoted override gives): the home folder, not a path named '~'."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(ROOT / "raysmooth" / "embedded" / "digits" / "denoiser", tmp_path / "den")
+    cfg = compose("certify", ["model=toy_dds", 'model.denoiser.path="~/den"'])
+    assert cfg.model.denoiser["path"] == str(tmp_path / "den")
