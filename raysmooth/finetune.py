@@ -33,7 +33,7 @@ from .config import PATH_KEYS, FinetuneConfig, resolve_path
 from .errors import ConfigError, UserError
 from .models import DiffusionDenoiser, NormalizedClassifier, load_classifier, load_denoiser
 from .models.checkpoints import recover_folder, replacing_folder
-from .store import config_differences, replace_text
+from .store import FolderLock, config_differences, replace_text
 
 __all__ = ["FinetuneConfig", "brier_loss", "anti_consistency_loss", "majority_vote", "finetune_loss", "finetune"]
 
@@ -193,6 +193,11 @@ def finetune(cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None =
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "fine-tuning run"):  # two runs into one folder would mix their checkpoints
+        return _finetune_into(out, cfg, progress)
+
+
+def _finetune_into(out: Path, cfg: FinetuneConfig, progress: Callable[[int, dict], None] | None) -> Path:
     config_file = out / "finetune_config.json"
     current = json.loads(json.dumps(asdict(cfg)))  # as it reads back
     settings = {k: v for k, v in current.items() if k != "steps"}  # a longer run into the same folder continues it

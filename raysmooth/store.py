@@ -336,6 +336,55 @@ def compact_table(
     return new
 
 
+class FolderLock:
+    """An exclusive ``flock`` on FOLDER/.lock that says who holds it: the kernel releases it when the holding
+    process ends, however it ends, so a crash never leaves the folder stuck. One writer per folder: two
+    would interleave their parts, manifests or checkpoints."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path | str, what: str = "run"):
+        self.folder, self.what = Path(folder), what
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+
+        fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreError(
+                f"{self.folder} is in use by another {self.what} ({holder}); wait for it to finish or stop it "
+                "(the lock goes with that process)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
+        )
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                os.ftruncate(self._fd, 0)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class RunStore:
     """One run directory. ``open`` an existing one to read it; ``for_run`` to write into it (locked).
 
@@ -343,13 +392,13 @@ class RunStore:
     """
 
     MANIFEST = "manifest.json"
-    LOCK = ".lock"
+    LOCK = FolderLock.NAME
 
     def __init__(self, root: Path | str, manifest: dict | None, config: dict | None = None):
         self.root = Path(root)
         self.manifest = manifest
         self._config = config
-        self._lock_fd: int | None = None
+        self._lock: FolderLock | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
@@ -436,37 +485,12 @@ class RunStore:
 
     # ---- the lock -----------------------------------------------------------------------------
     def _acquire(self) -> None:
-        """An exclusive ``flock`` on RUN_DIR/.lock: the kernel releases it when the holding process ends,
-        however it ends, so a crashed run never leaves the directory stuck."""
-        import fcntl
-
-        path = self.root / self.LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StoreError(
-                f"{self.root} is in use by another run ({holder}); wait for it to finish or stop it "
-                "(the lock goes with that process)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(
-            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0
-        )
-        self._lock_fd = fd
+        self._lock = FolderLock(self.root, "run").acquire()
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            import fcntl
-
-            try:
-                os.ftruncate(self._lock_fd, 0)
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> RunStore:
         return self

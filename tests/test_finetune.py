@@ -285,3 +285,19 @@ def test_a_grid_gives_each_job_its_own_folder_and_a_line_that_certifies_it(tmp_p
     assert len(uses) == 2
     words = shlex.split(uses[1].removeprefix("use it with: raysmooth certify "))
     assert compose("certify", words).model.denoiser["path"] == str(tmp_path / "lr=0.0001" / "denoiser")
+
+
+def test_a_second_finetuning_run_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
+    """Two runs into one out (two terminals, the default out) wrote one checkpoint folder in turns: weights
+    of one run beside the optimizer state of the other."""
+    import os
+
+    from raysmooth.store import FolderLock, StoreError
+
+    cfg = _cfg(tmp_path, steps=1)
+    (tmp_path / "ft").mkdir()
+    with FolderLock(tmp_path / "ft", "fine-tuning run"):  # what the first run holds while it trains
+        with pytest.raises(StoreError, match=rf"in use by another fine-tuning run \(pid {os.getpid()} on"):
+            finetune(cfg, progress=lambda s, row: None)
+    assert not (tmp_path / "ft" / "finetune_config.json").exists()
+    finetune(cfg, progress=lambda s, row: None)  # free again once the holder is gone
