@@ -513,3 +513,14 @@ def test_a_module_that_cannot_be_copied_is_certified_in_place_with_a_warning(cap
         cert = Smoothed(module, 0.5).certify(load_dataset("digits").images[0], n0=10, n=100)
     assert cert.counts.sum() == 100
     assert "model: the module cannot be copied (TypeError" in caplog.text and "certified in place" in caplog.text
+
+
+@pytest.mark.parametrize("export", ["script", "trace"])
+def test_a_torchscript_module_certifies_as_the_module_it_was_made_from(export):
+    """A deployed model is often TorchScript, whose modules refuse requires_grad_ (a RuntimeError before)."""
+    image = load_dataset("digits").images[0]
+    module = _linear_module()
+    scripted = torch.jit.script(module) if export == "script" else torch.jit.trace(module, torch.zeros(1, 1, 8, 8))
+    expect = Smoothed(module, 0.5).certify(image, n0=10, n=200).counts
+    assert np.array_equal(Smoothed(scripted, 0.5).certify(image, n0=10, n=200).counts, expect)
+    assert all(p.requires_grad for p in scripted.parameters())

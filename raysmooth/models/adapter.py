@@ -71,7 +71,10 @@ def as_classifier(
     std = tuple(float(s) for s in (std if std is not None else [1.0] * c))
     if len(mean) != c or len(std) != c or any(s <= 0 for s in std):
         raise ConfigError(f"mean and std need one value per channel ({c}), std positive; got {mean}, {std}")
-    module = module.eval().requires_grad_(False)
+    module = module.eval()
+    for p in module.parameters():  # not module.requires_grad_, which TorchScript modules refuse
+        if p.is_leaf:  # a copied TorchScript module's are not; the engine runs in inference mode anyway
+            p.requires_grad_(False)
     if num_classes is None:
         num_classes = _infer_num_classes(module, (c, *size))
     num_classes = whole_number("num_classes", num_classes, error=ConfigError)
