@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_BATCH_SIZE, EngineCfg, compile_settings_problem
-from .errors import ConfigError, InputError, ModelError, RaySmoothError, one_line, whole_number
+from .errors import ConfigError, InputError, ModelError, RaySmoothError, logits_hint, one_line, whole_number
 from .models.attention import set_attention
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
@@ -164,6 +164,7 @@ def _logits_problem(model_id: str, logits: object, width: int, classes: int) -> 
     return (
         f"model {model_id} returned {got} for a batch of {width}; it was declared with {classes} classes, so "
         f"logits of shape ({width}, {classes}) were expected (check num_classes, and return the logits tensor itself)"
+        + logits_hint(logits)
     )
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "UserError",
     "one_line",
     "os_error_text",
+    "logits_hint",
     "whole_number",
     "check_keys",
 ]
@@ -69,6 +70,17 @@ def os_error_text(exc: OSError, resume: str = "run it again") -> str:
     if exc.errno in _DISK_FULL:
         text += f" (the disk is full: what was stored before is kept; free some space and {resume})"
     return text
+
+
+def logits_hint(out: object) -> str:
+    """What to do about a model output that is not a logits tensor but holds one: a transformers model
+    returns an output object whose ``.logits`` is what raysmooth counts."""
+    if hasattr(getattr(out, "logits", None), "shape"):
+        return (
+            f"; the {type(out).__name__} it returned has a .logits tensor, as a transformers model's output does: "
+            "wrap the module so that its forward returns model(x).logits"
+        )
+    return ""
 
 
 def whole_number(name: str, value: object, minimum: int | None = 1, error: type[RaySmoothError] = InputError) -> int:

@@ -524,3 +524,21 @@ def test_a_torchscript_module_certifies_as_the_module_it_was_made_from(export):
     expect = Smoothed(module, 0.5).certify(image, n0=10, n=200).counts
     assert np.array_equal(Smoothed(scripted, 0.5).certify(image, n0=10, n=200).counts, expect)
     assert all(p.requires_grad for p in scripted.parameters())
+
+
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_a_module_returning_a_transformers_style_output_is_told_to_return_its_logits(num_classes):
+    class Output:  # what transformers' ImageClassifierOutput looks like to us
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _linear_module()
+
+        def forward(self, x):
+            return Output(self.inner(x))
+
+    with pytest.raises((ConfigError, InputError), match=r"has a \.logits tensor.*forward returns model\(x\)\.logits"):
+        Smoothed(Wrapped(), 0.25, num_classes=num_classes).certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, one_line, pixel_size, whole_number
+from ..errors import ConfigError, logits_hint, one_line, pixel_size, whole_number
 from .base import BaseClassifier, DenoiseThenClassify, PlainBase
 from .classifier import InputContract, NormalizedClassifier
 
@@ -38,7 +38,7 @@ def _infer_num_classes(module: nn.Module, shape: Sequence[int]) -> int:
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ConfigError(
             f"the model must return logits of shape (batch, classes); it returned "
-            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}{logits_hint(out)}"
         )
     return int(out.shape[1])
 
