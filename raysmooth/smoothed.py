@@ -89,9 +89,14 @@ def _as_image(x: Any) -> torch.Tensor:
         a = np.asarray(x)
         if a.dtype.kind not in "biuf":  # strings, objects, ragged lists: not pixels
             raise InputError(f"images must be numbers (a tensor or an array), got an array of {a.dtype}")
-        t = torch.from_numpy(a)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # PIL's arrays are read-only
     if t.is_complex():
         raise InputError("images must be real numbers, got complex ones")
+    if not (t.is_floating_point() or t.dtype == torch.bool) and t.numel() and int(t.max()) > 1:
+        raise InputError(
+            f"images must lie in [0, 1], got {str(t.dtype).removeprefix('torch.')} values up to {int(t.max())}: "
+            "an 8-bit image (PIL, OpenCV, torchvision.io) is x / 255 as floats"
+        )
     return t.detach().to("cpu", torch.float32)
 
 

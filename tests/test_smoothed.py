@@ -542,3 +542,19 @@ def test_a_module_returning_a_transformers_style_output_is_told_to_return_its_lo
 
     with pytest.raises((ConfigError, InputError), match=r"has a \.logits tensor.*forward returns model\(x\)\.logits"):
         Smoothed(Wrapped(), 0.25, num_classes=num_classes).certify(np.zeros((1, 8, 8), np.float32), n0=5, n=50)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_an_8_bit_image_is_told_to_divide_by_255(as_tensor):
+    image = (np.arange(64).reshape(1, 8, 8) * 4).astype(np.uint8)
+    x = torch.from_numpy(image) if as_tensor else image
+    with pytest.raises(InputError, match=r"got uint8 values up to 252: an 8-bit image .* is x / 255 as floats"):
+        Smoothed(_linear_module(), 0.25).certify(x, n0=5, n=50)
+
+
+def test_a_read_only_array_certifies_without_a_warning(recwarn):
+    """np.asarray of a PIL image is read-only: torch warned on every call."""
+    image = load_dataset("digits").images[0].copy()
+    image.flags.writeable = False
+    cert = Smoothed(_linear_module(), 0.25).certify(image, n0=5, n=50)
+    assert cert.counts.sum() == 50 and not [w for w in recwarn if "not writable" in str(w.message)]
