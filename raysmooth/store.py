@@ -17,8 +17,10 @@ doubles nothing. Every file carries its run's config hash and the schema version
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -36,6 +38,8 @@ import pyarrow.parquet as pq
 
 from .errors import RaySmoothError
 from .units import PHASES
+
+log = logging.getLogger("raysmooth")
 
 __all__ = [
     "COUNTS_SCHEMA",
@@ -353,7 +357,16 @@ class FolderLock:
         fd = os.open(self.folder / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)  # a file system without flock (some FUSE mounts): held by nobody, so not refused
+                log.warning(
+                    "%s: this file system cannot lock files (%s); run one %s in this folder at a time",
+                    self.folder,
+                    exc.strerror or exc,
+                    self.what,
+                )
+                return self
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise StoreError(

@@ -209,6 +209,21 @@ def test_a_second_run_into_a_locked_directory_is_refused_naming_the_holder(tmp_p
     RunStore.for_run(tmp_path / "linear", {"x": 1}).release()  # free again
 
 
+def test_a_file_system_that_cannot_lock_runs_with_a_warning_not_refused_as_held(tmp_path, monkeypatch, caplog):
+    """flock fails with ENOLCK or EOPNOTSUPP on some network and FUSE mounts: no run holds the folder,
+    so 'in use by another run' would refuse every run there for ever."""
+    import errno
+    import fcntl
+
+    def cannot_lock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", cannot_lock)
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        RunStore.for_run(tmp_path / "linear", {"x": 1}).release()
+    assert "this file system cannot lock files (No locks available); run one run in this folder" in caplog.text
+
+
 def test_a_crashed_run_leaves_no_lock_behind(tmp_path):
     """The lock is an flock: the kernel drops it with the process, however the process ends."""
     code = (
