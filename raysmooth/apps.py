@@ -102,8 +102,10 @@ def _flags_first(name: str, argv: list[str]) -> list[str]:
     """Hydra's flags (with their values) moved before the overrides, after checking them: argparse takes the
     overrides as one run of positionals, so ``a=1 -m b=2,3`` (flags among overrides) was "unrecognized
     arguments" under a usage screen; a flag that cannot work (``--cfg jb``, ``--foo``) is one line."""
-    from hydra._internal.utils import get_args_parser
-
+    try:
+        from hydra._internal.utils import get_args_parser
+    except ImportError:  # a hydra that moved its parser: its own parsing, as before
+        return argv
     parser = get_args_parser()
     options = {opt: action for action in parser._actions for opt in action.option_strings}
     flags, overrides, i = [], [], 0
