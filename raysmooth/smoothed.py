@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,7 +313,9 @@ class Smoothed:
         base = self._base(tuple(shape))  # type: ignore[arg-type]
         if self._num_classes is not None and base.num_classes != self._num_classes:
             raise ConfigError(f"num_classes={self._num_classes} but the model predicts {base.num_classes} classes")
-        self._replica = Replica(base, self.sigmas, self.seed, self.engine, device=self.device)
+        with warnings.catch_warnings():  # a copied TorchScript module's parameters are not leaves: harmless here
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            self._replica = Replica(base, self.sigmas, self.seed, self.engine, device=self.device)
         self.input_shape = tuple(base.input_shape)
         return self._replica
 

@@ -515,6 +515,8 @@ def test_a_module_that_cannot_be_copied_is_certified_in_place_with_a_warning(cap
     assert "model: the module cannot be copied (TypeError" in caplog.text and "certified in place" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")  # deprecated, but still how many models ship
+@pytest.mark.filterwarnings("error::UserWarning")  # and nothing of ours may warn about them
 @pytest.mark.parametrize("export", ["script", "trace"])
 def test_a_torchscript_module_certifies_as_the_module_it_was_made_from(export):
     """A deployed model is often TorchScript, whose modules refuse requires_grad_ (a RuntimeError before)."""
