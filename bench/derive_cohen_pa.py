@@ -24,6 +24,7 @@ from scipy.stats import norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysmooth.stats import cp_lower  # noqa: E402
+from raysmooth.store import replace_text  # noqa: E402
 
 N, ALPHA = 100_000, 0.001
 SETTINGS = {
@@ -78,7 +79,7 @@ def main() -> None:
         }
         print(f"{name}: {len(rows)} images, {status.count('abstain')} abstentions, {status.count('wrong')} wrong")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out) + "\n")
+    replace_text(args.out, json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from raysmooth.config import compose, resolve_model_paths  # noqa: E402
 from raysmooth.data import load_dataset  # noqa: E402
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
 from raysmooth.models import create_base_classifier, model_sections  # noqa: E402
+from raysmooth.store import replace_text  # noqa: E402
 from raysmooth.units import WorkUnit  # noqa: E402
 
 SIGMA = 0.5
@@ -125,7 +126,7 @@ def main() -> None:
         "results": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine.json").write_text(json.dumps(out, indent=2) + "\n")
+    replace_text(args.out / "engine.json", json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from gpu_runs import write_atomic  # noqa: E402
 from reference_loop import reference_certify_counts  # noqa: E402
 
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
@@ -114,7 +115,7 @@ class Bench:
     def save(self) -> None:
         self.out["elapsed_s"] = round(time.monotonic() - self.started, 1)
         self.args.out.parent.mkdir(parents=True, exist_ok=True)
-        self.args.out.write_text(json.dumps(self.out, indent=2) + "\n")
+        write_atomic(self.args.out, self.out)  # after every row: a run killed at its time limit keeps a whole file
 
     def row(self, **kw) -> None:
         self.out["rows"].append(kw)

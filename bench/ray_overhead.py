@@ -134,7 +134,9 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ray_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    from raysmooth.store import replace_text
+
+    replace_text(args.out / "ray_overhead.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysmooth.stats import cp_lower  # noqa: E402
 from raysmooth.stats import sequential as sq  # noqa: E402
+from raysmooth.store import replace_text  # noqa: E402
 
 ALPHA = 0.001
 TABLE_RADII = {  # the radii of Cohen et al.'s tables, per setting
@@ -153,7 +154,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sequential.json").write_text(json.dumps(out, indent=2) + "\n")
+    replace_text(args.out / "sequential.json", json.dumps(out, indent=2) + "\n")
     print(json.dumps(goal))
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep import synthetic_counts_table  # noqa: E402
 
 from raysmooth.certificates import counts_view  # noqa: E402
-from raysmooth.store import RunStore, append_table  # noqa: E402
+from raysmooth.store import RunStore, append_table, replace_text  # noqa: E402
 
 
 def resume_read(root: Path) -> dict:
@@ -91,7 +91,7 @@ def main() -> None:
         when=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "store.json").write_text(json.dumps(result, indent=2) + "\n")
+    replace_text(args.out / "store.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

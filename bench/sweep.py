@@ -29,7 +29,7 @@ import pyarrow as pa  # noqa: E402
 
 from raysmooth import stats  # noqa: E402
 from raysmooth.certificates import counts_view, sweep_certificates  # noqa: E402
-from raysmooth.store import COUNTS_SCHEMA, RunStore, append_table  # noqa: E402
+from raysmooth.store import COUNTS_SCHEMA, RunStore, append_table, replace_text  # noqa: E402
 
 
 def synthetic_counts_table(
@@ -143,7 +143,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    replace_text(args.out / "sweep.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
