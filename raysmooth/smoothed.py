@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -228,16 +229,20 @@ class Smoothed:
         self.chunk = whole_number("chunk", chunk, error=ConfigError)
         if not isinstance(compile, (bool, np.bool_)):  # bool("false") is True: a string would compile
             raise ConfigError(f"compile must be True or False, got {compile!r}")
-        self.engine = EngineConfig(
-            batch_size=batch_size,
-            noise_block=noise_block,
-            precision=precision,
-            compile=bool(compile),
-            compile_mode=compile_mode,
-            attention=attention,
-            noise=noise,
-            levels=levels,
-        )
+        try:
+            self.engine = EngineConfig(
+                batch_size=batch_size,
+                noise_block=noise_block,
+                precision=precision,
+                compile=bool(compile),
+                compile_mode=compile_mode,
+                attention=attention,
+                noise=noise,
+                levels=levels,
+            )
+        except InputError as exc:  # said in the job's words (engine.compile=true); here they are arguments
+            said = re.sub(r"\bengine\.(\w+)", r"\1", str(exc)).replace("=true", "=True")
+            raise type(exc)(said) from None
         self.device = str(resolve_device(device))
         self._model, self._denoiser = _own_copy(model, "model"), _own_copy(denoiser, "denoiser")
         self._num_classes = num_classes
