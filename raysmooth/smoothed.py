@@ -470,6 +470,7 @@ class Smoothed:
     ) -> list[Certificate]:
         """CERTIFY (Cohen et al.) for many images, packed into full batches."""
         _check_alpha(alpha)
+        n0, n = whole_number("n0", n0), whole_number("n", n)  # before any sample is spent
         xs = _batch_input(xs)
         if _no_images(xs, ids):
             return []
@@ -571,6 +572,7 @@ class Smoothed:
     ) -> Prediction:
         """PREDICT for one image: abstains unless the top class beats the runner-up at level ``alpha``."""
         _check_alpha(alpha)
+        n = whole_number("n", n)
         s = self._sigma_index(sigma)
         counts = self.counts(_one_image(x, "predict"), phase="estimation", n=n, sigma_index=s, ids=[image_id])
         sparse = stats.SparseCounts.from_dense(counts)
@@ -594,6 +596,7 @@ class Smoothed:
         """The multi-scale cascade (Jeong & Shin) over ``sigmas`` (default: all of this classifier's):
         every level is sampled, then the largest σ whose lower bound clears ``p0`` answers."""
         _check_alpha(alpha)
+        n0, n = whole_number("n0", n0), whole_number("n", n)
         try:
             stats.check_p0(p0)
         except ValueError as exc:

@@ -562,3 +562,20 @@ def test_a_read_only_array_certifies_without_a_warning(recwarn):
     image.flags.writeable = False
     cert = Smoothed(_linear_module(), 0.25).certify(image, n0=5, n=50)
     assert cert.counts.sum() == 50 and not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "call, says",
+    [
+        (lambda s, x: s.certify(x, n0=0, n=50), "n0 must be"),
+        (lambda s, x: s.certify(x, n0=5, n=0), "n must be"),
+        (lambda s, x: s.predict(x, n=0), "n must be"),
+    ],
+)
+def test_a_bad_sample_count_names_its_argument_before_any_sample_is_drawn(call, says, monkeypatch):
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    drawn = []
+    monkeypatch.setattr(smoothed, "_draw", lambda *a, **k: drawn.append(a))
+    with pytest.raises(InputError, match=f"^{says} a whole number of at least 1"):
+        call(smoothed, np.zeros((1, 8, 8), np.float32))
+    assert drawn == []
