@@ -521,6 +521,7 @@ class Smoothed:
         decided. Valid at level ``alpha`` under that stopping. With the same seed, σ list and unit it
         draws exactly the noise of ``raysmooth certify smoothing.mode=sequential``."""
         _check_alpha(alpha)
+        n0 = whole_number("n0", n0)
         xs = _batch_input(xs)
         if _no_images(xs, ids):
             return []

@@ -570,6 +570,7 @@ def test_a_read_only_array_certifies_without_a_warning(recwarn):
         (lambda s, x: s.certify(x, n0=0, n=50), "n0 must be"),
         (lambda s, x: s.certify(x, n0=5, n=0), "n must be"),
         (lambda s, x: s.predict(x, n=0), "n must be"),
+        (lambda s, x: s.certify_sequential([x], n0=0, n_max=1000), "n0 must be"),
     ],
 )
 def test_a_bad_sample_count_names_its_argument_before_any_sample_is_drawn(call, says, monkeypatch):
