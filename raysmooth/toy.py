@@ -33,6 +33,7 @@ from .models.checkpoints import replacing_folder
 from .models.classifier import create_timm_model
 from .models.onestep import build_onestep
 from .models.schedule import DDPM_LINEAR, schedule_from_config
+from .store import replace_text
 
 __all__ = ["ToyConfig", "train_all", "EMBEDDED_DIR", "UNET_CONFIG", "CLASSIFIER"]
 
@@ -218,7 +219,7 @@ def train_all(
             "clean_classifier_accuracy_on_denoised": _accuracy(lambda x: clean(norm(x)), x0, test_y),
         }
     cards["denoiser"] = {**common, "unet": UNET_CONFIG, "scheduler": SCHEDULER_CONFIG, **den_stats, "test": den_metrics}
-    (out / "denoiser" / "card.json").write_text(json.dumps(cards["denoiser"], indent=2, sort_keys=True) + "\n")
+    replace_text(out / "denoiser" / "card.json", json.dumps(cards["denoiser"], indent=2, sort_keys=True) + "\n")
 
     # 3. Noise-augmented classifier (DiffSmooth's base).
     gen = torch.Generator().manual_seed(cfg.seed + 2)
