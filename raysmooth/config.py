@@ -294,7 +294,10 @@ def _override_parse_hint(exc: BaseException) -> str | None:
     if lines and lines[0].startswith("LexerNoViableAltException") and len(lines) > 1 and "^" in lines[1]:
         at = lines[1].index("^")  # the caret line points into the first line
         reason = f"{lines[0][at]!r} is not allowed bare" if at < len(lines[0]) else ""
-    key, _, value = str(override).partition("=")
+    key, eq, value = str(override).partition("=")
+    if not eq:  # a word that is no override at all (a flag after `--` is read as one)
+        after = "; a flag after `--` is read as an override" if key.startswith("-") else ""
+        return f"cannot read {override!r}: an override is key=value{after}"
     head = f"cannot read the override {override!r}" + (f" ({reason})" if reason else "")
     if value.lstrip().startswith(("[", "{")):
         return f"{head}; lists are written key=[a,b] and dicts key={{a:1}}, an item holding brackets or commas quoted"

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,15 @@ def test_an_override_hydra_cannot_read_is_named_with_how_to_write_it(override, s
     with pytest.raises(ConfigError) as raised:
         compose("certify", [override])
     assert str(raised.value).startswith(f"cannot read the override {override!r} (") and says in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "word, says",
+    [("smoothing", "an override is key=value"), ("--cfg", "a flag after `--` is read as an override")],
+)
+def test_a_word_that_is_no_override_says_what_an_override_is(word, says):
+    with pytest.raises(ConfigError, match=f"^cannot read '{word}': .*{re.escape(says)}"):
+        compose("certify", [word])
 
 
 @pytest.mark.parametrize(
