@@ -252,7 +252,6 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
 
 
 # ---- certify ---------------------------------------------------------------------------------------
-_WithOut = TypeVar("_WithOut", CertifyCfg, FinetuneConfig)  # a job's config: it names its folder, ``out``
 _SWEPT: list[str] = []  # the keys a multirun varies (its jobs' folders are named by them)
 
 
@@ -280,6 +279,9 @@ def _swept_keys(argv: Sequence[str]) -> list[str]:
     except Exception:  # noqa: BLE001 - hydra reports a bad override itself
         return []
     return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+_WithOut = TypeVar("_WithOut", CertifyCfg, FinetuneConfig)  # a job's config: it names its folder, ``out``
 
 
 def _job_out(cfg: _WithOut) -> _WithOut:

@@ -19,6 +19,7 @@ __all__ = [
     "UserError",
     "one_line",
     "os_error_text",
+    "naming",
     "logits_hint",
     "whole_number",
     "check_keys",
@@ -70,6 +71,11 @@ def os_error_text(exc: OSError, resume: str = "run it again") -> str:
     if exc.errno in _DISK_FULL:
         text += f" (the disk is full: what was stored before is kept; free some space and {resume})"
     return text
+
+
+def naming(exc: OSError, target: object) -> OSError:
+    """``exc`` naming ``target`` when it names no file: a write into an open file (a full disk) does not."""
+    return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(target))
 
 
 def logits_hint(out: object) -> str:

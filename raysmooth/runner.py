@@ -272,7 +272,7 @@ def _check_same_inputs(store: RunStore, identity: dict) -> None:
             "to resume, or certify into a new out"
         )
     then, now = manifest.get("model_fingerprints"), identity.get("model_fingerprints", {})
-    changed = sorted(k for k in then or {} if then[k] != now.get(k)) if isinstance(then, dict) else []
+    changed = sorted(k for k, v in then.items() if v != now.get(k)) if isinstance(then, dict) else []
     if changed:
         raise InputError(
             f"{store.root}: the files of model.{changed[0]} changed since this run started (retrained or "

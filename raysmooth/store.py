@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .errors import RaySmoothError
+from .errors import RaySmoothError, naming
 from .units import PHASES
 
 log = logging.getLogger("raysmooth")
@@ -177,8 +177,8 @@ def _staged(staging: Path, mode: str, target: Path) -> Iterator[IO]:
             os.fsync(fh.fileno())
     except OSError as exc:
         staging.unlink(missing_ok=True)
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
+        if (named := naming(exc, target)) is not exc:
+            raise named from exc
         raise
 
 
@@ -297,7 +297,9 @@ def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] 
     for attempt in range(READ_ATTEMPTS):
         try:
             files = [str(p) for p in _live_parts(directory)]
-            table = _read_files(directory, files, schema, columns) if files else empty
+            if not files:
+                return empty
+            table = _read_files(directory, files, schema, columns)
             break
         except _Vanished:
             if attempt + 1 == READ_ATTEMPTS:
@@ -305,8 +307,6 @@ def read_table(directory: Path | str, schema: pa.Schema, columns: Sequence[str] 
                     f"{directory}: its files kept being replaced while read (a compaction by the run writing "
                     "there); read it again once that run has finished"
                 ) from None
-    if not files:
-        return empty
     required = [c for c in table.column_names if c not in OPTIONAL_COLUMNS and schema.field(c).nullable]
     if any(table.column(c).null_count for c in required):
         for f in files:  # only on this error path: which file lacks our columns?

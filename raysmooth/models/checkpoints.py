@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError, one_line
+from ..errors import ModelLoadError, naming, one_line
 
 __all__ = [
     "load_state_dict_file",
@@ -154,7 +154,7 @@ def _write_failure(exc: BaseException, dst: Path) -> OSError | None:
     """A failed write (a full disk) as an ``OSError`` naming ``dst``, or None for any other exception:
     safetensors reports the OS error in its own type's message, and a write into an open file names no file."""
     if isinstance(exc, OSError):
-        return None if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(dst))
+        return None if exc.filename else naming(exc, dst)
     found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
     if found is None:
         return None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError, check_keys, whole_number
-from .checkpoints import load_state_dict_file, load_strict
+from .checkpoints import folder_kind, load_state_dict_file, load_strict
 from .schedule import noise_ratio, schedule_from_config
 
 __all__ = ["DenoiserConfig", "DiffusionDenoiser", "load_denoiser", "schedule_from_config"]
@@ -148,13 +148,7 @@ def _first_line(exc: BaseException) -> str:
 def _check_unet_folder(folder: Path, subfolder: str | None) -> None:
     """A local folder that cannot hold a diffusers UNet is named for what it is before diffusers tries
     every file name it knows (and logs each miss, with a note on pickles that reads as a warning)."""
-    top = folder / "config.json"
-    kind = None
-    if top.is_file():
-        try:
-            kind = json.loads(top.read_text()).get("raysmooth_model")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            kind = None
+    kind = folder_kind(folder)
     if kind:
         raise ModelLoadError(
             f"{folder}: a raysmooth {kind} folder, not a denoiser (a diffusers folder with "
