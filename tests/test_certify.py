@@ -64,6 +64,33 @@ def test_linear_classifier_lower_bound_covers_the_true_probability_at_rate_one_m
     assert wrong.mean() >= alpha / 3
 
 
+def test_linear_classifier_predict_names_the_wrong_class_at_rate_at_most_alpha():
+    # Just above the decision boundary p_A = Φ(d/σ) is barely above ½: the hardest case for PREDICT,
+    # whose two-sided test then names class 0 about α/2 of the time and never more than α.
+    rng = np.random.default_rng(11)
+    sigma, alpha, n, trials = 0.5, 0.05, 500, 40_000
+    p = norm.cdf(0.001 / sigma)
+    out = predict(_two_class(rng.binomial(n, p, size=trials), n), alpha)
+    wrong = (out.prediction == 0).mean()
+    slack = 4 * np.sqrt(alpha / 2 * (1 - alpha / 2) / trials)
+    assert wrong <= alpha / 2 + slack
+    assert wrong >= alpha / 4
+    # Far from the boundary it answers: the test is not just abstaining.
+    far = predict(_two_class(rng.binomial(n, norm.cdf(0.5 / sigma), size=1_000), n), alpha)
+    assert (far.prediction == 1).mean() > 0.99
+
+
+def test_predict_on_a_three_class_tie_answers_at_rate_at_most_alpha():
+    # p = (0.45, 0.45, 0.10): g has no top class, so any answer is one PREDICT must avoid but at rate α;
+    # which class is runner-up is itself decided by the samples.
+    rng = np.random.default_rng(12)
+    alpha, n, trials = 0.05, 400, 40_000
+    out = predict(SparseCounts.from_dense(rng.multinomial(n, [0.45, 0.45, 0.10], size=trials)), alpha)
+    answered = (out.prediction != ABSTAIN).mean()
+    assert answered <= alpha + 4 * np.sqrt(alpha * (1 - alpha) / trials)
+    assert answered >= alpha / 2
+
+
 def test_linear_classifier_radius_approaches_the_distance_from_below_as_n_grows():
     rng = np.random.default_rng(10)
     sigma, d = 0.25, 0.4
