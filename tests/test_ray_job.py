@@ -54,6 +54,10 @@ def ray_head():
             "--block",
             f"--port={_free_port()}",
             f"--dashboard-port={dashboard}",
+            # Ports Ray otherwise fixes (52365, 10001): another Ray on the machine (a local `ray.init()`)
+            # holding them leaves this head without a job agent ("No available agent to submit job").
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
             "--num-cpus=2",
             "--num-gpus=0",
             "--object-store-memory=200000000",
