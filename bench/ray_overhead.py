@@ -110,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = save_models(Path(tmp))
         engine = bare_engine(model, imgs, args.images, args.n, args.batch)
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         one = pipeline(model, imgs, args.images, args.n, args.batch, 1, args.task_samples)
         two = pipeline(model, imgs, args.images, args.n, args.batch, 2, args.task_samples)
         ray.shutdown()

@@ -45,6 +45,7 @@ def ray_head():
     # The job's `python` must be this environment's, as it is on a cluster node that installed raysmooth.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # unix socket paths must stay under 108 bytes
+    # The head records its address in TEMP/ray, where RAY_TMPDIR=TEMP makes Ray look for "the" cluster.
     dashboard = _free_port()
     head = subprocess.Popen(
         [
@@ -62,7 +63,7 @@ def ray_head():
             "--num-gpus=0",
             "--object-store-memory=200000000",
             "--disable-usage-stats",
-            f"--temp-dir={temp}",
+            f"--temp-dir={temp}/ray",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -80,7 +81,7 @@ def ray_head():
                 if head.poll() is not None or time.time() > deadline:
                     pytest.fail("the Ray head did not come up")
                 time.sleep(1)
-        yield ray_bin, env, url
+        yield ray_bin, env, url, temp
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # --block: the head takes its cluster down with it
         try:
@@ -91,7 +92,7 @@ def ray_head():
 
 
 def _submit(ray_head, *overrides: str) -> subprocess.CompletedProcess:
-    ray_bin, env, url = ray_head
+    ray_bin, env, url, _ = ray_head
     cmd = [
         ray_bin,
         "job",
@@ -149,3 +150,19 @@ def test_ray_job_submit_runs_a_sequential_certification(ray_head, tmp_path):
     seq = [c for c in certs if c["method"] == "sequential"]
     assert len(seq) == 16 * 3
     assert all(c["n_used"] <= 20 + 800 for c in seq)  # n_used counts the n0 selection samples too
+
+
+@pytest.mark.slow
+def test_a_run_without_an_address_starts_its_own_cluster_beside_one_that_ray_start_began(ray_head, tmp_path):
+    # ray.init() alone would join the head and then refuse the local CPU count ("When connecting to an
+    # existing cluster, num_cpus and num_gpus must not be provided"): the run failed on such a machine.
+    import pyarrow.parquet as pq
+
+    _, env, _, temp = ray_head
+    out = tmp_path / "out"
+    cmd = [sys.executable, "jobs/certify.py", "data=synthetic", "model=linear", "ray.num_actors=1", "plot=false"]
+    cmd += ["smoothing.n=100", "smoothing.n0=10", f"out={out}"]
+    proc = subprocess.run(cmd, env={**env, "RAY_TMPDIR": temp}, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ray.address=auto joins that one" in proc.stderr
+    assert pq.read_table(out / "linear" / "counts").num_rows == 16 * 3 * 2

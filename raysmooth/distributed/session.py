@@ -55,7 +55,9 @@ def connect(address: str | None, local_cpus: int | None = None, runtime_env: dic
         if address:
             ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         else:
+            _say_if_a_cluster_runs_here()
             ray.init(
+                address="local",  # a cluster `ray start` left on this machine is joined only when asked
                 num_cpus=local_cpus or os.cpu_count() or 1,
                 include_dashboard=False,
                 log_to_driver=True,
@@ -75,6 +77,23 @@ def connect(address: str | None, local_cpus: int | None = None, runtime_env: dic
         raise DistributedError(
             f"could not start or reach {where} ({type(exc).__name__}: {one_line(exc, 160)}); {hint}"
         ) from None
+
+
+def _say_if_a_cluster_runs_here() -> None:
+    """Ray's own ``ray.init()`` joins the last cluster ``ray start`` began on this machine (and then refuses
+    the local CPU count); a run without ``ray.address`` starts its own, and says how to join that one."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        running = find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - a private helper: if it moved, the run just starts its own cluster
+        return
+    if running:
+        log.info(
+            "a Ray cluster started with `ray start` runs on this machine (%s); this run starts its own "
+            "(ray.address=auto joins that one)",
+            running,
+        )
 
 
 def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
