@@ -57,6 +57,27 @@ def test_a_run_keeps_hydras_records_beside_its_results(tmp_path):
     assert (records[0].parent.parent / "certify.log").is_file()
 
 
+def test_runs_started_in_the_same_second_keep_their_own_hydra_records(tmp_path, monkeypatch):
+    """A script that starts one job per model (`… model=$m &`) starts them within a second: their records
+    shared one .hydra/<time>/ folder, the last job's config.yaml standing for both."""
+    import datetime as dt
+
+    import hydra.core.utils
+
+    ticks = iter(range(1, 1000))
+
+    class SameSecond(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 27, 12, 0, 0, next(ticks))
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", SameSecond)
+    for name in ("first", "second"):
+        assert certify_main([*SMALL, f"out={tmp_path}", f"model.name={name}"]) == 0
+    overrides = sorted(p.read_text() for p in (tmp_path / ".hydra").glob("*/.hydra/overrides.yaml"))
+    assert len(overrides) == 2 and "model.name=first" in overrides[0] and "model.name=second" in overrides[1]
+
+
 def test_a_multirun_grid_gives_each_job_its_own_run_directory(tmp_path):
     assert certify_main(["-m", *SMALL, "smoothing.n=40,60", f"out={tmp_path}"]) == 0
     runs = sorted(p.parent for p in tmp_path.glob("*/linear/manifest.json"))
