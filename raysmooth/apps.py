@@ -10,6 +10,7 @@ bug in raysmooth.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -152,9 +153,10 @@ def _failed(name: str, exc: BaseException) -> int:
     }.get(name, "run it again")
     if isinstance(exc, KeyboardInterrupt):
         stored = {"certify": "the rows finished so far are stored: "}.get(name, "")
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"raysmooth {name}: {what}; {stored}{resume}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        what = f"terminated ({exc.signal_name})" if isinstance(exc, Terminated) else "interrupted"
+        with contextlib.suppress(OSError):  # after a hangup the terminal may be gone
+            print(f"raysmooth {name}: {what}; {stored}{resume}", file=sys.stderr)
+        return exc.exit_status if isinstance(exc, Terminated) else 130
     if isinstance(exc, OSError):
         text = os_error_text(exc, resume)
     elif is_hydra_error(exc):

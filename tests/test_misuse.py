@@ -319,24 +319,65 @@ def test_a_lazy_cascade_table_says_its_lower_sigma_rows_count_only_the_images_se
     assert "a certify row below the largest σ counts only the images the cascade sent down" in out
 
 
-def test_a_job_stopped_by_sigterm_commits_its_finished_rows_and_says_how_to_resume(tmp_path):
-    """ray job stop, a scheduler's preemption: SIGTERM, then SIGKILL a few seconds later."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_job_stopped_by_a_signal_commits_its_finished_rows_and_says_how_to_resume(tmp_path, signum):
+    """ray job stop, a scheduler's preemption: SIGTERM, then SIGKILL a few seconds later; the terminal or
+    ssh session of a run closed: SIGHUP (which ended the run with its unflushed rows lost)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     args = [sys.executable, "jobs/certify.py", *SMALL, "data.options.num_images=400", "smoothing.n=100000"]
     args += ["flush_every=1000000", "flush_seconds=100000", f"out={tmp_path}"]  # no flush before the end
-    job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(  # SIGHUP as a shell leaves it, whatever this test runs under (nohup ignores it)
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
     for line in job.stderr:  # the progress line once images are finished
         if re.search(r"progress: [1-9]\d*/400 images", line):
             break
-    job.send_signal(signal.SIGTERM)
+    job.send_signal(signum)
     rest = job.stderr.read()
-    assert job.wait(timeout=60) == 143, rest
+    assert job.wait(timeout=60) == 128 + signum, rest
     assert rest.strip().splitlines()[-1] == (
-        "raysmooth certify: terminated (SIGTERM); the rows finished so far are stored: run the same command again "
-        "to resume"
+        f"raysmooth certify: terminated ({signum.name}); the rows finished so far are stored: run the same command "
+        "again to resume"
     )
     assert "SIGTERM received" not in rest  # Ray's stack dump
     assert RunStore.open(tmp_path / "linear").read_counts().num_rows > 0
+
+
+@pytest.mark.parametrize("enter", ["command", "after ray.init"])
+def test_a_run_under_nohup_keeps_ignoring_sighup(enter):
+    """`nohup raysmooth certify … &` must outlive its terminal: a hangup the caller ignores stays ignored."""
+    from raysmooth.signals import raise_on_sigterm, sigterm_raises
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with sigterm_raises():
+            if enter == "after ray.init":
+                raise_on_sigterm()
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_a_hangup_raises_only_while_a_command_runs():
+    from raysmooth.signals import Terminated, sigterm_raises
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with pytest.raises(Terminated) as caught, sigterm_raises():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)  # the handler raises here, in the main thread
+        assert caught.value.exit_status == 129 and caught.value.signal_name == "SIGHUP"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_the_directory_of_a_failed_start_takes_the_corrected_command(tmp_path, capsys):
