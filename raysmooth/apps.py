@@ -34,7 +34,7 @@ from .config import (
     parse_range,
     typed,
 )
-from .errors import ConfigError, RaySmoothError, one_line, os_error_text
+from .errors import ConfigError, RaySmoothError, one_line, os_error_text, reader_gone
 from .signals import Terminated, sigterm_raises
 
 __all__ = ["certify_main", "sweep_main", "finetune_main", "run_app", "sweep_report"]
@@ -151,6 +151,8 @@ def _failed(name: str, exc: BaseException) -> int:
         "certify": "run the same command again to resume",
         "finetune": "run the same command again to resume from the last checkpoint",
     }.get(name, "run it again")
+    if isinstance(exc, BrokenPipeError):  # `raysmooth certify … | head`: what was stored stays
+        return reader_gone()
     if isinstance(exc, KeyboardInterrupt):
         stored = {"certify": "the rows finished so far are stored: "}.get(name, "")
         what = f"terminated ({exc.signal_name})" if isinstance(exc, Terminated) else "interrupted"

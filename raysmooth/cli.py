@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import DEFAULT_RADII, SweepCfg, parse_floats
-from .errors import RaySmoothError, UserError, one_line, os_error_text
+from .errors import RaySmoothError, UserError, one_line, os_error_text, reader_gone
 
 __all__ = ["main", "build_parser"]
 
@@ -201,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        return reader_gone()
     except (RaySmoothError, OSError) as exc:
         text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
         print(f"raysmooth {args.command}: error: {one_line(text, 1000)}", file=sys.stderr)

@@ -7,7 +7,9 @@ import difflib
 import errno
 import math
 import numbers
+import os
 import re
+import sys
 from collections.abc import Iterable
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "UserError",
     "one_line",
     "os_error_text",
+    "reader_gone",
     "naming",
     "logits_hint",
     "whole_number",
@@ -71,6 +74,18 @@ def os_error_text(exc: OSError, resume: str = "run it again") -> str:
     if exc.errno in _DISK_FULL:
         text += f" (the disk is full: what was stored before is kept; free some space and {resume})"
     return text
+
+
+def reader_gone() -> int:
+    """The exit status when whatever read our stdout went away (``raysmooth analyze RUN | head``): quiet,
+    as for any command a closed pipe stops, with stdout pointed at /dev/null so that the interpreter's
+    last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (replaced by a caller)
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for such a command
 
 
 def naming(exc: OSError, target: object) -> OSError:

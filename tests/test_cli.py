@@ -267,6 +267,22 @@ def test_the_console_script_prints_no_traceback_for_a_user_mistake(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["analyze", "sweep"])
+def test_a_reader_that_stops_early_ends_the_command_quietly(run_dir, tsv, tmp_path, command):
+    """`raysmooth analyze RUN | head`: the closed pipe printed "error: [Errno 32] Broken pipe" (exit 2)."""
+    import shutil
+
+    run = shutil.copytree(run_dir[0], tmp_path / "run")  # a sweep writes into the run
+    args = ["analyze", str(tsv)] if command == "analyze" else ["sweep", str(run)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysmooth.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # the reader is gone before the table is printed
+    assert proc.wait(timeout=120) == 141
+    err = proc.stderr.read().decode()
+    assert "Broken pipe" not in err and "Traceback" not in err and "error" not in err
+
+
 def test_the_hydra_sweep_job_matches_the_cli_sweep(run_dir, capsys):
     from raysmooth.apps import sweep_main
 
