@@ -34,7 +34,7 @@ from .config import (
     parse_range,
     typed,
 )
-from .errors import ConfigError, RaySmoothError, one_line, os_error_text, reader_gone
+from .errors import ConfigError, RaySmoothError, one_line, os_error_text, printable_streams, reader_gone
 from .signals import Terminated, sigterm_raises
 
 __all__ = ["certify_main", "sweep_main", "finetune_main", "run_app", "sweep_report"]
@@ -198,6 +198,7 @@ def run_app(name: str, task: Callable[[Any], int], argv: Sequence[str] | None = 
                 "clone with `pip install -e .` (or `make demo`)"
             ),
         )
+    printable_streams()
     argv = _with_model_defaults(name, list(sys.argv[1:] if argv is None else argv))
     register_configs()
     plain = _plain_overrides(argv)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import DEFAULT_RADII, SweepCfg, parse_floats
-from .errors import RaySmoothError, UserError, one_line, os_error_text, reader_gone
+from .errors import RaySmoothError, UserError, one_line, os_error_text, printable_streams, reader_gone
 
 __all__ = ["main", "build_parser"]
 
@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    printable_streams()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("certify", "finetune"):  # the hydra apps get their arguments in the order given
         return _hydra_app(argv[0])(argparse.Namespace(overrides=argv[1:]))  # each says its own errors

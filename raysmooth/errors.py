@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import errno
@@ -22,6 +23,7 @@ __all__ = [
     "one_line",
     "os_error_text",
     "reader_gone",
+    "printable_streams",
     "naming",
     "logits_hint",
     "whole_number",
@@ -74,6 +76,17 @@ def os_error_text(exc: OSError, resume: str = "run it again") -> str:
     if exc.errno in _DISK_FULL:
         text += f" (the disk is full: what was stored before is kept; free some space and {resume})"
     return text
+
+
+def printable_streams() -> None:
+    """Make stdout and stderr replace what their encoding cannot write (σ in a latin-1 or ASCII locale)
+    instead of failing: the table at the end of a long run printed a traceback there."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            "σ≥…".encode(getattr(stream, "encoding", None) or "utf-8")
+        except (LookupError, UnicodeEncodeError):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors="replace")
 
 
 def reader_gone() -> int:

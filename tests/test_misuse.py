@@ -349,6 +349,15 @@ def test_a_job_stopped_by_a_signal_commits_its_finished_rows_and_says_how_to_res
     assert RunStore.open(tmp_path / "linear").read_counts().num_rows > 0
 
 
+def test_a_terminal_that_cannot_write_sigma_gets_the_table_not_a_traceback(tmp_path):
+    """A latin-1 or ASCII locale: printing the final table (its σ) raised UnicodeEncodeError after the run."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONIOENCODING": "ascii"}
+    args = [sys.executable, "jobs/certify.py", *SMALL, f"out={tmp_path}"]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert b"| certify ?=0.25 |" in proc.stdout
+
+
 @pytest.mark.parametrize("enter", ["command", "after ray.init"])
 def test_a_run_under_nohup_keeps_ignoring_sighup(enter):
     """`nohup raysmooth certify … &` must outlive its terminal: a hangup the caller ignores stays ignored."""
