@@ -95,7 +95,10 @@ def reader_gone() -> int:
     last flush does not fail again."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
     except (OSError, ValueError):  # stdout without a file descriptor (replaced by a caller)
         pass
     return 141  # 128 + SIGPIPE, what a shell reports for such a command
