@@ -349,13 +349,16 @@ def test_a_job_stopped_by_a_signal_commits_its_finished_rows_and_says_how_to_res
     assert RunStore.open(tmp_path / "linear").read_counts().num_rows > 0
 
 
-def test_a_terminal_that_cannot_write_sigma_gets_the_table_not_a_traceback(tmp_path):
-    """A latin-1 or ASCII locale: printing the final table (its σ) raised UnicodeEncodeError after the run."""
+def test_a_terminal_that_cannot_write_sigma_gets_the_lines_not_a_traceback(tmp_path):
+    """A latin-1 or ASCII locale: printing a σ (the final table of a run, an error) raised UnicodeEncodeError."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONIOENCODING": "ascii"}
-    args = [sys.executable, "jobs/certify.py", *SMALL, f"out={tmp_path}"]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
-    assert b"| certify ?=0.25 |" in proc.stdout
+    tsv = tmp_path / "cohen_σ_0.50.tsv"  # its name is the table's source column
+    tsv.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:00:01\n", encoding="utf-8")
+    cli = [sys.executable, "-m", "raysmooth.cli"]
+    table = subprocess.run([*cli, "analyze", str(tsv)], env=env, capture_output=True, timeout=120)
+    assert table.returncode == 0 and b"| cohen_?_0.50 |" in table.stdout, table.stderr[-2000:]
+    error = subprocess.run([*cli, "certify", "smoothing.sigmas=[0.25,0.25]"], env=env, capture_output=True, timeout=120)
+    assert error.returncode == 2 and error.stderr.strip().endswith(b"lists a ? twice: [0.25, 0.25]"), error.stderr
 
 
 @pytest.mark.parametrize("enter", ["command", "after ray.init"])
