@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import DEFAULT_RADII, SweepCfg, parse_floats
-from .errors import RaySmoothError, UserError, one_line, os_error_text, printable_streams, reader_gone
+from .errors import RaySmoothError, UserError, printable_streams
 
 __all__ = ["main", "build_parser"]
 
@@ -202,15 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except BrokenPipeError:
-        return reader_gone()
-    except (RaySmoothError, OSError) as exc:
-        text = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
-        print(f"raysmooth {args.command}: error: {one_line(text, 1000)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"raysmooth {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except (RaySmoothError, OSError, KeyboardInterrupt) as exc:
+        from .apps import _failed  # one mapping from what stopped a command to its line and exit status
+
+        return _failed(args.command, exc)
 
 
 if __name__ == "__main__":  # pragma: no cover
