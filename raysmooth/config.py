@@ -57,8 +57,9 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
-# engine.attention: timm's SDPA call, or FlexAttention (raysmooth.models.attention)
-ATTENTION_KERNELS = ("sdpa", "flex")
+# engine.attention: timm's SDPA call, the same with the bias computed once per replica, or
+# FlexAttention (raysmooth.models.attention)
+ATTENTION_KERNELS = ("sdpa", "sdpa_cached", "flex")
 # engine.compile_mode: torch.compile's modes (torch._inductor.list_mode_options). max-autotune benchmarks
 # Triton templates for every matmul and convolution at compile time; the cudagraphs modes replay each
 # static-shape batch as one CUDA graph (docs/performance.md).
@@ -135,7 +136,7 @@ class EngineCfg:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode: default | max-autotune[-no-cudagraphs] | reduce-overhead
-    attention: str = "sdpa"  # sdpa | flex: BEiT's relative-position attention as FlexAttention (needs compile)
+    attention: str = "sdpa"  # sdpa | sdpa_cached | flex (needs compile): how BEiT's biased attention runs
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; needs quantised images)
     levels: int = 255  # lattice noise: the images' quantisation (x·levels is an integer)
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu

@@ -21,7 +21,7 @@ import torch
 
 from .config import DEFAULT_BATCH_SIZE, EngineCfg, compile_settings_problem
 from .errors import ConfigError, InputError, ModelError, RaySmoothError, logits_hint, one_line, whole_number
-from .models.attention import set_attention
+from .models.attention import cached_bias_bytes, set_attention
 from .models.base import BaseClassifier
 from .units import WorkUnit, block_seed
 
@@ -54,7 +54,7 @@ class EngineConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the whole base classifier at a static batch shape
     compile_mode: str = EngineCfg.compile_mode  # torch.compile's mode (max-autotune: slower compile, tuned kernels)
-    attention: str = EngineCfg.attention  # sdpa | flex: BEiT's biased attention as FlexAttention (compiled runs only)
+    attention: str = EngineCfg.attention  # sdpa | sdpa_cached | flex (compiled runs only): BEiT's biased attention
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
     levels: int = EngineCfg.levels  # lattice noise: images lie on (1/levels)ℤ
     threads: int | None = None  # torch intra-op threads on CPU
@@ -245,11 +245,20 @@ class Replica:
             self._lattice = [(torch.from_numpy(t.thresholds).to(self.device), t.offset) for t in tables]
         # Both ways: a model an earlier flex replica switched runs SDPA again in an sdpa replica.
         switched = set_attention(self.base, self.config.attention)
-        if self.config.attention == "flex":
+        if self.config.attention != "sdpa":
             if switched:
-                log.info("engine.attention=flex: %d attention layers run FlexAttention", switched)
+                held = cached_bias_bytes(self.base)
+                log.info(
+                    "engine.attention=%s: %d attention layers switched%s",
+                    self.config.attention,
+                    switched,
+                    f" (their biases hold {held / 2**20:.0f} MiB)" if held else "",
+                )
             else:
-                log.warning("engine.attention=flex: the model has no BEiT relative-position attention; nothing changes")
+                log.warning(
+                    "engine.attention=%s: the model has no BEiT relative-position attention; nothing changes",
+                    self.config.attention,
+                )
         self._forward = self._compiled() if self.config.compile else self.base
         self._compile_worked = False  # a compiled call has finished: later errors are not the compiler's
         if self.config.batch_size == "auto":

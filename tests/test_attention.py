@@ -1,5 +1,6 @@
-"""engine.attention=flex: BEiT's relative-position attention as FlexAttention, checked against timm's
-own SDPA path on tiny BEiTs our code builds (no download)."""
+"""engine.attention: BEiT's relative-position attention with its bias computed once (sdpa_cached) and
+as FlexAttention (flex), checked against timm's own SDPA path on tiny BEiTs our code builds (no
+download)."""
 
 import logging
 
@@ -106,7 +107,7 @@ def test_a_subclass_of_timms_attention_keeps_its_own_forward():
 
 
 def test_an_unknown_attention_kernel_is_refused():
-    with pytest.raises(ValueError, match="sdpa, flex"):
+    with pytest.raises(ValueError, match="sdpa, sdpa_cached, flex"):
         set_attention(tiny_beit(), "xformers")
 
 
@@ -142,7 +143,7 @@ def test_a_model_a_flex_replica_switched_runs_sdpa_in_a_later_sdpa_replica():
 def test_flex_attention_without_compile_is_refused_in_the_engine_and_the_config(tmp_path):
     with pytest.raises(InputError, match="engine.compile=true"):
         EngineConfig(attention="flex")
-    with pytest.raises(InputError, match="sdpa, flex"):
+    with pytest.raises(InputError, match="sdpa, sdpa_cached, flex"):
         EngineConfig(attention="flash", compile=True)
     with pytest.raises(ConfigError, match="engine.attention=flex needs engine.compile=true"):
         compose("certify", ["engine.attention=flex", f"out={tmp_path}"])
@@ -162,3 +163,95 @@ def test_a_replica_whose_compile_fails_goes_back_to_sdpa(caplog):
         counts = replica.run(units, images)
     assert counts[units[0].key].sum() == 50
     assert replica.config.attention == "sdpa" and _flex_modules(replica.base) == 0  # eager FlexAttention is slow
+
+
+# ---- sdpa_cached ---------------------------------------------------------------------------------
+def _cached_modules(model) -> list:
+    return [m for m in model.modules() if type(m).__name__ == "CachedBiasBeitAttention"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cached_bias_is_timms_bias_in_rows_aligned_to_16(dtype):
+    model = tiny_beit().to(dtype)
+    with torch.no_grad():
+        timms = [block.attn._get_rel_pos_bias() for block in model.blocks]
+        assert set_attention(model, "sdpa_cached") == 2 and len(_cached_modules(model)) == 2
+        kept = [block.attn._get_rel_pos_bias() for block in model.blocks]
+    for theirs, ours in zip(timms, kept, strict=True):
+        assert torch.equal(theirs, ours) and ours.dtype == dtype
+        assert ours.stride(-1) == 1 and ours.stride(-2) % 16 == 0  # 17 tokens, rows of 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cached_bias_gives_timms_logits_eager_and_compiled(dtype):
+    model, x, expected = _beit_and_its_logits(dtype)
+    with torch.no_grad():
+        set_attention(model, "sdpa_cached")
+        eager = model(x).float()
+        compiled = torch.compile(model, dynamic=False)(x).float()
+    assert torch.equal(eager, expected)
+    assert (compiled - expected).abs().max() < TOLERANCE[dtype]
+
+
+def test_a_cached_bias_is_not_a_weight_and_goes_when_switched_back():
+    model = tiny_beit()
+    keys = set(model.state_dict())
+    set_attention(model, "sdpa_cached")
+    assert set(model.state_dict()) == keys  # a checkpoint saved from a replica's model is timm's
+    assert all("rel_pos_bias_cache" in dict(m.named_buffers()) for m in _cached_modules(model))
+    assert set_attention(model, "sdpa") == 2
+    assert not any("rel_pos_bias_cache" in name for name, _ in model.named_buffers())
+
+
+def test_weights_changed_after_caching_are_used_not_the_stale_bias():
+    """Eager, a table written in place or loaded from a state dict is seen at once: the cache stands
+    only for the table it was computed from."""
+    model, x, _ = _beit_and_its_logits(torch.float32)
+    other = tiny_beit(seed=1)
+    set_attention(model, "sdpa_cached")
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict())
+        assert torch.equal(model(x), other(x))
+        for block in (model.blocks[0], other.blocks[0]):
+            block.attn.relative_position_bias_table.mul_(3)
+        assert torch.equal(model(x), other(x))
+
+
+def test_training_a_cached_model_trains_its_bias_table():
+    model = tiny_beit()
+    set_attention(model, "sdpa_cached")
+    model.train()
+    model(torch.randn(2, 1, 16, 16)).square().sum().backward()
+    assert all(m.relative_position_bias_table.grad.abs().sum() > 0 for m in _cached_modules(model))
+
+
+def test_a_cached_replica_counts_exactly_like_an_sdpa_one(caplog):
+    images = {i: np.random.default_rng(i).random((1, 16, 16), dtype=np.float32) for i in range(3)}
+    units = [WorkUnit(i, 0, "estimation", 0, 200) for i in images]
+    z = torch.rand(64, 1, 16, 16)
+    counts, logits = {}, {}
+    for kernel in ("sdpa", "sdpa_cached"):
+        with caplog.at_level(logging.INFO, logger="raysmooth"):
+            replica = Replica(_beit_base(), [0.25], 0, EngineConfig(batch_size=64, attention=kernel))
+        counts[kernel] = replica.run(units, images)
+        with torch.no_grad():
+            logits[kernel] = replica._forward(z, torch.full((64,), 0.25))
+    assert len(_cached_modules(replica.base)) == 2
+    assert "engine.attention=sdpa_cached: 2 attention layers switched (their biases hold" in caplog.text
+    assert torch.equal(logits["sdpa"], logits["sdpa_cached"])
+    assert all(np.array_equal(counts["sdpa"][u.key], counts["sdpa_cached"][u.key]) for u in units)
+
+
+def test_a_cached_bias_needs_no_compile():
+    assert EngineConfig(attention="sdpa_cached").attention == "sdpa_cached"
+    assert compose("certify", ["engine.attention=sdpa_cached"]).engine.attention == "sdpa_cached"
+
+
+def test_a_model_built_in_inference_mode_runs_with_a_cached_bias():
+    """Inference tensors keep no count of in-place writes; the cache then stands for the storage alone."""
+    with torch.inference_mode():
+        model, x, expected = _beit_and_its_logits(torch.float32)
+        set_attention(model, "sdpa_cached")
+        assert torch.equal(model(x), expected)
+    with torch.no_grad():
+        assert torch.equal(model(x.clone()), expected)

@@ -224,7 +224,7 @@ def test_a_graph_break_is_what_that_check_catches():
         _one_graph(HostRead(np.ones((3, 4)), np.zeros(3), (1, 2, 2)))
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_cached", "flex"])
 def test_the_imagenet_pairs_layout_compiles_as_one_graph(attention):
     """guided-diffusion's ADM layout (up/down-sampling resblocks, fixed-width heads) then a BEiT with a
     per-layer relative-position bias, at toy sizes, with either attention kernel."""

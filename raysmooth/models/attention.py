@@ -1,6 +1,14 @@
-"""FlexAttention for BEiT's relative-position-biased attention (``engine.attention=flex``).
+"""BEiT's relative-position-biased attention, run three ways (``engine.attention``): timm's own SDPA
+call (``sdpa``), SDPA with the bias computed once per replica (``sdpa_cached``), or FlexAttention
+(``flex``).
 
-timm's BEiT passes its relative-position bias to ``scaled_dot_product_attention`` as a dense
+``sdpa_cached``: timm gathers, permutes and copies each layer's (heads, N, N) bias from its small table
+in every forward, and the fused kernels then want its rows aligned (1,025 tokens is not a multiple of
+the 16 elements they read at once), which costs another copy. A replica's weights never change, so the
+bias can be computed once, when the replica is built, into rows padded to 16 elements: the same values,
+hence the same logits, at the cost of holding it (about 0.8 GB for BEiT-L/16 at 512 px in bf16).
+
+``flex``: timm's BEiT passes its relative-position bias to ``scaled_dot_product_attention`` as a dense
 (heads, N, N) mask, which rules out the flash kernel; on an H100 the ImageNet classifier's attention ran
 at 7.7x its roofline bound (docs/performance.md). FlexAttention instead adds the bias inside a fused
 kernel, and here the bias is *computed* there: the relative offset of query and key follows from their
@@ -21,7 +29,13 @@ from torch import nn
 
 from ..config import ATTENTION_KERNELS
 
-__all__ = ["ATTENTION_KERNELS", "relative_position_index", "relative_position_score_mod", "set_attention"]
+__all__ = [
+    "ATTENTION_KERNELS",
+    "cached_bias_bytes",
+    "relative_position_index",
+    "relative_position_score_mod",
+    "set_attention",
+]
 
 log = logging.getLogger("raysmooth")
 
@@ -67,13 +81,61 @@ def _flex_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | Non
     return self.proj_drop(self.proj(x))
 
 
+ALIGN = 16  # elements per bias row the fused SDPA kernels read at once; rows are padded to a multiple
+
+
+def _cached_rel_pos_bias(self) -> torch.Tensor:
+    """The bias ``set_attention`` computed (rows padded to ``ALIGN``, this view drops the padding); in
+    training, or once the table was changed in place or replaced, timm's own computation again."""
+    table = self.relative_position_bias_table
+    if self.training or (not torch.compiler.is_compiling() and self._bias_source != _identity(table)):
+        return _classes()[0]._get_rel_pos_bias(self)
+    return self.rel_pos_bias_cache[..., : self.relative_position_index.shape[-1]]
+
+
+def _identity(table: torch.Tensor) -> tuple[int, int, torch.dtype, torch.device]:
+    """What tells a table's values apart without reading them: storage, in-place writes (an inference
+    tensor counts none: it can be written only inside inference mode), dtype, device."""
+    return table.data_ptr(), -1 if table.is_inference() else table._version, table.dtype, table.device
+
+
+def _cache_bias(module: nn.Module) -> None:
+    with torch.no_grad():
+        bias = _classes()[0]._get_rel_pos_bias(module)
+        tokens = bias.shape[-1]
+        padded = bias.new_zeros((*bias.shape[:-1], -(-tokens // ALIGN) * ALIGN))
+        padded[..., :tokens] = bias
+    module.register_buffer("rel_pos_bias_cache", padded, persistent=False)  # moves with the module
+    module._bias_source = _identity(module.relative_position_bias_table)
+
+
+def _drop_bias(module: nn.Module) -> None:
+    if "rel_pos_bias_cache" in module._buffers:
+        del module._buffers["rel_pos_bias_cache"]
+
+
+def cached_bias_bytes(model: nn.Module) -> int:
+    """Bytes the ``sdpa_cached`` layers of ``model`` hold in their biases."""
+    return sum(
+        m.rel_pos_bias_cache.numel() * m.rel_pos_bias_cache.element_size()
+        for m in model.modules()
+        if isinstance(getattr(m, "rel_pos_bias_cache", None), torch.Tensor)
+    )
+
+
 @functools.cache
-def _classes() -> tuple[type, type]:
-    """(timm's BEiT attention, its FlexAttention twin); timm is imported only when asked."""
+def _classes() -> tuple[type, type, type]:
+    """(timm's BEiT attention, its cached-bias twin, its FlexAttention twin); timm is imported only
+    when asked."""
     from timm.models.beit import Attention
 
+    cached = type(
+        "CachedBiasBeitAttention",
+        (Attention,),
+        {"_get_rel_pos_bias": _cached_rel_pos_bias, "__doc__": "timm's BEiT attention, its bias computed once."},
+    )
     flex = type("FlexBeitAttention", (Attention,), {"forward": _flex_forward, "__doc__": _flex_forward.__doc__})
-    return Attention, flex
+    return Attention, cached, flex
 
 
 def _index_matches(module: nn.Module) -> bool:
@@ -86,20 +148,25 @@ def _index_matches(module: nn.Module) -> bool:
 
 def set_attention(model: nn.Module, kernel: str) -> int:
     """Run every timm BEiT attention with a per-layer relative-position bias in ``model`` with
-    ``kernel`` (sdpa: timm's own; flex: FlexAttention); returns how many modules run it now. Only timm's
-    own class and its twin switch: a subclass of it has a forward of its own, which stays."""
+    ``kernel`` (sdpa: timm's own; sdpa_cached: its bias computed now, from the weights as they are;
+    flex: FlexAttention); returns how many modules run it now. Only timm's own class and its twins
+    switch: a subclass of it has a forward of its own, which stays."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
     if "timm.models.beit" not in sys.modules:
         return 0  # no BEiT can be in the model: timm need not be imported
-    sdpa, flex = _classes()
+    sdpa, cached, flex = _classes()
     switched = 0
     for name, module in model.named_modules():
-        if type(module) not in (sdpa, flex) or module.relative_position_bias_table is None:
+        if type(module) not in (sdpa, cached, flex) or module.relative_position_bias_table is None:
             continue
+        _drop_bias(module)
         if kernel == "flex" and not _index_matches(module):
             log.warning("engine.attention=flex: %s has a relative-position index of its own; it keeps SDPA", name)
+            module.__class__ = sdpa
             continue
-        module.__class__ = flex if kernel == "flex" else sdpa
+        module.__class__ = {"sdpa": sdpa, "sdpa_cached": cached, "flex": flex}[kernel]
+        if kernel == "sdpa_cached":
+            _cache_bias(module)
         switched += 1
     return switched
