@@ -11,17 +11,17 @@ order given): the measured bf16 matrix-product rate (the real ceiling beside the
 pair, bf16 in channels_last and contiguous layout, eager and compiled, interleaved; on the CIFAR pair,
 125- against 10,000-sample units, lattice against Gaussian noise, the reference per-image loop against
 the engine, and the host syncs inside a run; per pair, fp32 / bf16-mixed / bf16 eager, the measured
-activation memory per sample against the meta-device memory model, and the batch
-engine.batch_size=auto picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by
-kind with calls and time per call, eager and compiled); BEiT's biased attention under each SDPA
-backend, as timm passes it (eager and compiled) and as FlexAttention; the compiled pair with
-engine.attention=flex against SDPA, with BEiT's bias cached in aligned rows against timm's per-forward
-bias, with engine.compile_mode=max-autotune-no-cudagraphs and with inductor's coordinate-descent
-tuning against the default mode; inductor freezing. Rates are samples/s with FLOPs per sample counted
-by torch.utils.flop_counter (attention included) and their share of the bf16 peak. Timings are
-medians of interleaved repeats; every step is written to the JSON as soon as it is measured (and the
-section in progress before it starts), so a run cut short keeps what it measured and says where it
-stopped. Sections that would overrun --budget-s are skipped and listed.
+activation memory per sample against the meta-device memory model, and the batch engine.batch_size=auto
+picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by kind with calls and time
+per call, eager and compiled); BEiT's biased attention under each SDPA backend, as timm passes it
+(eager and compiled) and as FlexAttention; the compiled pair with engine.attention=flex against SDPA,
+engine.attention=sdpa_cached (BEiT's bias cached in aligned rows) against timm's per-forward bias, with
+engine.compile_mode=max-autotune-no-cudagraphs and with inductor's coordinate-descent tuning against
+the default mode; inductor freezing. Rates are samples/s with FLOPs per sample counted by
+torch.utils.flop_counter (attention included) and their share of the bf16 peak. Timings are medians of
+interleaved repeats; every step is written to the JSON as soon as it is measured (and the section in
+progress before it starts), so a run cut short keeps what it measured and says where it stopped.
+Sections that would overrun --budget-s are skipped and listed.
 """
 
 from __future__ import annotations
@@ -812,33 +812,13 @@ def compile_mode_section(bench: Bench, name: str = "imagenet") -> None:
     compare_compiled(bench, name, test, replicas)
 
 
-def cache_aligned_bias(model: torch.nn.Module) -> int:
-    """Give each of timm's BEiT attention layers its relative-position bias computed once, stored in rows
-    padded to 16 elements: the weights of a replica never change, so the gather, permute and copy timm
-    repeats in every forward (and the copy inductor adds to align the rows for the fused kernels) can
-    go. The values are the same, so the logits are too. Returns the number of layers changed."""
-    from timm.models.beit import Attention
-
-    changed = 0
-    for module in model.modules():
-        if type(module) is not Attention or module.relative_position_bias_table is None:
-            continue
-        with torch.no_grad():
-            bias = module._get_rel_pos_bias()
-            tokens = bias.shape[-1]
-            aligned = bias.new_zeros((*bias.shape[:-1], -(-tokens // 16) * 16))[..., :tokens].copy_(bias)
-        module._get_rel_pos_bias = lambda aligned=aligned: aligned
-        changed += 1
-    return changed
-
-
 def cached_bias_section(bench: Bench, name: str = "imagenet") -> None:
-    """The compiled pair (as the presets run it) with timm's per-forward BEiT bias against the bias
-    computed once per replica in aligned rows (cache_aligned_bias). Compiled, each BEiT attention call
-    took about 4.5 ms in run 5 against 2.53 ms for the same call alone with an aligned bias; this says
-    whether the bias is what costs the difference. A benchmark variant until measured."""
-    replicas = {variant: preset_replica(bench, name) for variant in ("sdpa", "sdpa, bias cached in aligned rows")}
-    layers = cache_aligned_bias(replicas["sdpa, bias cached in aligned rows"].base)
+    """The compiled pair (as the presets run it) with timm's per-forward BEiT bias against
+    ``engine.attention=sdpa_cached`` (each layer's bias computed once per replica, in aligned rows).
+    Compiled, each BEiT attention call took about 4.5 ms in run 5 against 2.53 ms for the same call
+    alone with an aligned bias; this says whether the bias is what costs the difference."""
+    replicas = {kernel: preset_replica(bench, name, attention=kernel) for kernel in ("sdpa", "sdpa_cached")}
+    layers = sum(type(m).__name__ == "CachedBiasBeitAttention" for m in replicas["sdpa_cached"].base.modules())
     test = "bf16 compiled, channels_last: BEiT's bias per forward (timm) against cached in aligned rows"
     compare_compiled(bench, name, test, replicas, cached_layers=layers)
 

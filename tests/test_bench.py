@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import timm
 import torch
 
 from raysmooth.config import compose
@@ -68,9 +67,9 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     cached = next(row for row in result["rows"] if "cached in aligned rows" in row.get("test", ""))
     assert cached["cached_layers"] == 2  # the smoke pair's two BEiT blocks
     # Each compile is recorded as it finishes, so a run killed in a later, longer compile still has it.
-    assert [c["variant"] for c in result["compiles"]] == ["sdpa", "sdpa, bias cached in aligned rows"]
+    assert [c["variant"] for c in result["compiles"]] == ["sdpa", "sdpa_cached"]
     assert all(c["seconds"] > 0 for c in result["compiles"])  # real compiles, not a cached graph or eager
-    first, other = cached["sdpa"], cached["sdpa, bias cached in aligned rows"]
+    first, other = cached["sdpa"], cached["sdpa_cached"]
     assert first["samples_per_s"] > 0 and other["samples_per_s"] > 0
     assert other["speedup"]["median"] > 0 and "speedup" not in first
     assert other["labels_differing"] == 0  # the same bias values give the same logits
@@ -111,23 +110,6 @@ def test_the_compiled_comparisons_hand_over_the_variants_they_name(tmp_path, mon
     assert default.config.compile and tuned.config.compile and default.base is not tuned.base
     assert isinstance(tuned._forward, torch._dynamo.eval_frame.OptimizedModule)
     assert tuned._forward._orig_mod is tuned.base and tuned._forward is not default._forward
-
-
-def test_a_cached_bias_is_timms_bias_in_aligned_rows():
-    gpu = _gpu_script()
-    torch.manual_seed(0)
-    model = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    model.eval()
-    x = torch.rand(3, 3, 32, 32)
-    with torch.no_grad():
-        before = model(x)
-        biases = [blk.attn._get_rel_pos_bias() for blk in model.blocks]
-        assert gpu.cache_aligned_bias(model) == 2
-        cached = [blk.attn._get_rel_pos_bias() for blk in model.blocks]
-        after = model(x)
-    for timm_bias, kept in zip(biases, cached, strict=True):
-        assert torch.equal(timm_bias, kept) and kept.stride(-2) % 16 == 0 and kept.stride(-1) == 1
-    assert torch.equal(before, after)
 
 
 def _gpu_script():
