@@ -260,6 +260,21 @@ def test_the_imagenet_preset_starts_with_a_batch_that_fits_an_80_gb_gpu(tmp_path
     assert est.batch_bytes(batch) * 1.25 < 0.85 * 80e9  # with the engine's own buffers, under 85% of 80 GB
 
 
+def test_the_imagenet_pairs_cached_bias_holds_0_8_gb_and_the_preset_batch_still_fits():
+    """engine.attention=sdpa_cached keeps BEiT-L/16's 24 biases (16 heads × 1,025 rows padded to 1,040)
+    as buffers, which the memory model counts with the weights."""
+    from raysmooth.models.architectures import paper_pair
+    from raysmooth.models.attention import cached_bias_bytes
+    from raysmooth.models.memory import estimate_memory
+
+    pair = paper_pair("imagenet", "meta").to(torch.bfloat16)
+    assert set_attention(pair, "sdpa_cached") == 24
+    held = cached_bias_bytes(pair)
+    assert held == 24 * 16 * 1025 * 1040 * 2  # about 0.82 GB
+    est = estimate_memory(pair, torch.bfloat16)
+    assert est.weights_bytes > held and est.batch_bytes(96) * 1.25 < 0.85 * 80e9
+
+
 @pytest.mark.parametrize("experiment", ["carlini_imagenet", "sequential_imagenet"])
 def test_the_papers_imagenet_presets_compile_while_engine_gpu_stays_eager(tmp_path, experiment):
     """Measured on an H100 (README): compiled bf16 is 1.54x eager, and channels_last only pays compiled."""
