@@ -255,3 +255,25 @@ def test_a_model_built_in_inference_mode_runs_with_a_cached_bias():
         assert torch.equal(model(x), expected)
     with torch.no_grad():
         assert torch.equal(model(x.clone()), expected)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_cached", "flex"])
+def test_a_switched_model_pickles_and_loads_in_a_fresh_process(tmp_path, kernel):
+    """torch.save of a whole model (or multiprocessing) pickles its classes by name."""
+    import pickle
+    import subprocess
+    import sys
+
+    model, x, expected = _beit_and_its_logits(torch.float32)
+    set_attention(model, kernel)
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps((model, x, expected)))
+    check = (
+        "import pickle, sys, torch; torch.set_grad_enabled(False); "
+        "model, x, expected = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print(type(model.blocks[0].attn).__name__, float((model.eval()(x) - expected).abs().max()))"
+    )
+    out = subprocess.run([sys.executable, "-c", check, str(tmp_path / "model.pkl")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, difference = out.stdout.split()
+    assert name == ("CachedBiasBeitAttention" if kernel == "sdpa_cached" else "FlexBeitAttention")
+    assert float(difference) < TOLERANCE[torch.float32]

@@ -135,7 +135,18 @@ def _classes() -> tuple[type, type, type]:
         {"_get_rel_pos_bias": _cached_rel_pos_bias, "__doc__": "timm's BEiT attention, its bias computed once."},
     )
     flex = type("FlexBeitAttention", (Attention,), {"forward": _flex_forward, "__doc__": _flex_forward.__doc__})
+    for twin in (cached, flex):
+        twin.__module__ = __name__  # pickle finds it by name through __getattr__ below
     return Attention, cached, flex
+
+
+def __getattr__(name: str) -> type:
+    """The twins by name, so that a switched model pickles (torch.save, multiprocessing) and unpickles
+    in a process that has not switched one yet."""
+    twins = {cls.__name__: cls for cls in _classes()[1:]} if name.endswith("BeitAttention") else {}
+    if name not in twins:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return twins[name]
 
 
 def _index_matches(module: nn.Module) -> bool:
