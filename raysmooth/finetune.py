@@ -267,7 +267,7 @@ def _finetune_into(out: Path, cfg: FinetuneConfig, progress: Callable[[int, dict
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
-    started = time.time()
+    started = time.monotonic()
     # the bar ends its line (closes) before any error is printed
     with metrics_path.open("a") as metrics, bar if bar is not None else contextlib.nullcontext():
         while step < cfg.steps:
@@ -282,7 +282,7 @@ def _finetune_into(out: Path, cfg: FinetuneConfig, progress: Callable[[int, dict
             losses["loss"].backward()
             opt.step()
             step += 1
-            row = {"step": step, **values, "seconds": time.time() - started}
+            row = {"step": step, **values, "seconds": time.monotonic() - started}
             metrics.write(json.dumps(row) + "\n")
             if bar is not None:
                 bar.update(1)

@@ -103,7 +103,7 @@ def train_denoiser(cfg: ToyConfig, train: torch.Tensor, out: Path, report: Calla
     sched = DDPMScheduler(**SCHEDULER_CONFIG)
     acp = torch.tensor(schedule_from_config(SCHEDULER_CONFIG), dtype=torch.float32)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.denoiser_lr, weight_decay=1e-4)
-    start = time.time()
+    start = time.monotonic()
     for step in range(cfg.denoiser_steps):
         for g in opt.param_groups:
             g["lr"] = _cosine(step, cfg.denoiser_steps, cfg.denoiser_lr)
@@ -118,12 +118,14 @@ def train_denoiser(cfg: ToyConfig, train: torch.Tensor, out: Path, report: Calla
         loss.backward()
         opt.step()
         if step % 500 == 0 or step == cfg.denoiser_steps - 1:
-            report(f"denoiser step {step}/{cfg.denoiser_steps}: loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+            report(
+                f"denoiser step {step}/{cfg.denoiser_steps}: loss {loss.item():.4f} ({time.monotonic() - start:.0f} s)"
+            )
     unet.eval()
     with replacing_folder(out / "denoiser") as tmp:  # the committed denoiser is never half overwritten
         unet.save_pretrained(tmp / "unet")
         sched.save_pretrained(tmp / "scheduler")
-    return {"steps": cfg.denoiser_steps, "final_loss": float(loss.item()), "seconds": time.time() - start}
+    return {"steps": cfg.denoiser_steps, "final_loss": float(loss.item()), "seconds": time.monotonic() - start}
 
 
 # ---- classifiers ---------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def _train_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.classifier_lr, weight_decay=5e-4)
     steps_per_epoch = math.ceil(len(train_x) / cfg.classifier_batch)
     total = epochs * steps_per_epoch
-    step, start = 0, time.time()
+    step, start = 0, time.monotonic()
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(train_x), generator=gen)
@@ -157,9 +159,9 @@ def _train_classifier(
             opt.step()
             step += 1
         if epoch % 10 == 0 or epoch == epochs - 1:
-            report(f"{name} epoch {epoch}/{epochs}: loss {loss.item():.4f} ({time.time() - start:.0f} s)")
+            report(f"{name} epoch {epoch}/{epochs}: loss {loss.item():.4f} ({time.monotonic() - start:.0f} s)")
     model.eval()
-    return time.time() - start
+    return time.monotonic() - start
 
 
 @torch.inference_mode()
