@@ -1,12 +1,16 @@
 """Progress of a sampling run: a tqdm bar on a terminal, plain log lines (every 10 s) in
 ``ray job logs`` and CI. Runs whose total is unknown in advance (sequential) show samples done and
-images still open instead of an ETA."""
+images still open instead of an ETA. The rate is that of the last few minutes, so the minutes a
+replica spends compiling before its first batch, or an actor lost or joined, do not skew a day-long
+run's ETA for hours."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 
 log = logging.getLogger("raysmooth")
 
@@ -27,20 +31,42 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_images: int, every_s: float = 10.0):
+    WINDOW_S = 300.0  # the rate is measured over about this long
+
+    def __init__(self, total_images: int, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self.total = total_images
         self.every_s = every_s
+        self.clock = clock
         self.tty = sys.stderr.isatty()
         self.last = 0.0
         self.bar = None
+        self._marks: deque[tuple[float, int]] = deque()  # (time, samples done), from the first samples in
+        self._first: tuple[float, int] | None = None
         if self.tty:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_images, unit="img", dynamic_ncols=True, file=sys.stderr)
 
+    def rate(self, samples_done: int, elapsed: float) -> float:
+        """Samples per second over the last ``WINDOW_S``, counted from the first samples to arrive (the
+        wait for them is start-up, not throughput); the whole run's average until more have come in.
+        A run that has stalled for the whole window has rate 0 (ETA ?)."""
+        now = self.clock()
+        marks = self._marks
+        if samples_done > 0 and (not marks or now - marks[-1][0] >= 1.0):
+            if not marks:
+                self._first = (now, samples_done)
+            marks.append((now, samples_done))
+        while len(marks) > 2 and marks[1][0] <= now - self.WINDOW_S:
+            marks.popleft()
+        if not marks or (marks[0] == self._first and samples_done == self._first[1]):
+            return samples_done / max(elapsed, 1e-9)
+        t0, s0 = marks[0]
+        return (samples_done - s0) / max(now - t0, 1e-9)
+
     def line(self, planner, elapsed: float) -> str:
         done = len(planner.finished_images)
-        rate = planner.samples_done / max(elapsed, 1e-9)
+        rate = self.rate(planner.samples_done, elapsed)
         if getattr(planner, "total_known", True):
             remaining = planner.samples_planned - planner.samples_done
             eta = f"ETA {duration(remaining / rate)}" if rate > 0 else "ETA ?"
@@ -56,8 +82,8 @@ class Progress:
             self.bar.n = done
             self.bar.set_postfix_str(self.line(planner, elapsed).split(", ", 1)[1], refresh=False)
             self.bar.refresh()
-        elif time.monotonic() - self.last > self.every_s or done == self.total:
-            self.last = time.monotonic()
+        elif self.clock() - self.last > self.every_s or done == self.total:
+            self.last = self.clock()
             log.info("progress: %s", self.line(planner, elapsed))
 
     def close(self) -> None:
