@@ -90,3 +90,14 @@ def test_one_batch_in_gives_the_average_not_nothing():
     clock = _Clock()
     progress = Progress(100, clock=clock)
     assert _rates(progress, clock, [(90.0, 9_000), (95.0, 9_000)]) == [100.0, pytest.approx(9_000 / 95)]
+
+
+def test_a_lazy_cascades_eta_is_marked_as_a_floor():
+    """Its lower σ are planned only as images are sent down, so the samples planned are a floor."""
+    from raysmooth.distributed import Planner
+
+    planner = Planner([0, 1], 3, 10, 100, 100, mode="cascade", stop_rule=lambda *a: True)
+    assert planner.total_is_floor and not Planner([0, 1], 3, 10, 100, 100).total_is_floor
+    planner.samples_done = 110
+    line = Progress(2).line(planner, 10.0)
+    assert line.endswith("11 samples/s, ETA at least 10 s")

@@ -104,6 +104,8 @@ class Planner(_UnitQueue):
             raise ValueError("cascade mode needs a stop rule")
         super().__init__()
         self.mode = mode
+        # A lazy cascade plans a lower σ only once an image is sent down: what is planned is a floor.
+        self.total_is_floor = mode == "cascade" and num_sigmas > 1
         self.num_sigmas = num_sigmas
         self.budget = {"selection": n0, "estimation": n}
         self.chunk = chunk

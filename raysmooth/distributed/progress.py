@@ -69,7 +69,8 @@ class Progress:
         rate = self.rate(planner.samples_done, elapsed)
         if getattr(planner, "total_known", True):
             remaining = planner.samples_planned - planner.samples_done
-            eta = f"ETA {duration(remaining / rate)}" if rate > 0 else "ETA ?"
+            floor = "at least " if getattr(planner, "total_is_floor", False) and remaining > 0 else ""
+            eta = f"ETA {floor}{duration(remaining / rate)}" if rate > 0 else "ETA ?"
             return f"{done:,}/{self.total:,} images, {rate:,.0f} samples/s, {eta}"
         return (
             f"{done:,}/{self.total:,} images done, {planner.open_images:,} open, {planner.samples_done:,} samples, "
