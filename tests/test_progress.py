@@ -101,3 +101,8 @@ def test_a_lazy_cascades_eta_is_marked_as_a_floor():
     planner.samples_done = 110
     line = Progress(2).line(planner, 10.0)
     assert line.endswith("11 samples/s, ETA at least 10 s")
+
+
+def test_before_the_first_samples_the_line_says_it_waits_not_zero_samples_per_second():
+    line = Progress(50_000).line(_planner(0, 0, 10**9), 75.0)
+    assert line == "0/50,000 images, waiting for the first samples (1 min 15 s)"

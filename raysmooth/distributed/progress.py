@@ -66,6 +66,8 @@ class Progress:
 
     def line(self, planner, elapsed: float) -> str:
         done = len(planner.finished_images)
+        if planner.samples_done == 0:  # the replicas' first batch: a compile can take minutes
+            return f"{done:,}/{self.total:,} images, waiting for the first samples ({duration(elapsed)})"
         rate = self.rate(planner.samples_done, elapsed)
         if getattr(planner, "total_known", True):
             remaining = planner.samples_planned - planner.samples_done
