@@ -41,7 +41,6 @@ class Progress:
         self.last = 0.0
         self.bar = None
         self._marks: deque[tuple[float, int]] = deque()  # (time, samples done), from the first samples in
-        self._first: tuple[float, int] | None = None
         if self.tty:
             from tqdm import tqdm
 
@@ -54,12 +53,11 @@ class Progress:
         now = self.clock()
         marks = self._marks
         if samples_done > 0 and (not marks or now - marks[-1][0] >= 1.0):
-            if not marks:
-                self._first = (now, samples_done)
             marks.append((now, samples_done))
         while len(marks) > 2 and marks[1][0] <= now - self.WINDOW_S:
             marks.popleft()
-        if not marks or (marks[0] == self._first and samples_done == self._first[1]):
+        # A first mark still inside the window was never trimmed: nothing in since it is one batch, not a stall.
+        if not marks or (samples_done == marks[0][1] and marks[0][0] > now - self.WINDOW_S):
             return samples_done / max(elapsed, 1e-9)
         t0, s0 = marks[0]
         return (samples_done - s0) / max(now - t0, 1e-9)

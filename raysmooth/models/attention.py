@@ -109,11 +109,6 @@ def _cache_bias(module: nn.Module) -> None:
     module._bias_source = _identity(module.relative_position_bias_table)
 
 
-def _drop_bias(module: nn.Module) -> None:
-    if "rel_pos_bias_cache" in module._buffers:
-        del module._buffers["rel_pos_bias_cache"]
-
-
 def cached_bias_bytes(model: nn.Module) -> int:
     """Bytes the ``sdpa_cached`` layers of ``model`` hold in their biases."""
     return sum(
@@ -171,7 +166,7 @@ def set_attention(model: nn.Module, kernel: str) -> int:
     for name, module in model.named_modules():
         if type(module) not in (sdpa, cached, flex) or module.relative_position_bias_table is None:
             continue
-        _drop_bias(module)
+        module._buffers.pop("rel_pos_bias_cache", None)  # a cache of an earlier sdpa_cached switch
         if kernel == "flex" and not _index_matches(module):
             log.warning("engine.attention=flex: %s has a relative-position index of its own; it keeps SDPA", name)
             module.__class__ = sdpa
