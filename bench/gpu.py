@@ -487,12 +487,12 @@ def kernels_by_kind(bench: Bench, forward) -> dict:
     }
 
 
-def compiled_profile(bench: Bench, name: str, **engine) -> None:
-    """Where the compiled pair's time goes (as engine=gpu_compiled runs it, ``engine`` on top): kernels
-    by kind over one batch, inductor's fused kernels counted apart."""
+def compiled_profile(bench: Bench, name: str) -> None:
+    """Where the compiled pair's time goes (as engine=gpu_compiled runs it): kernels by kind over one
+    batch, inductor's fused kernels counted apart."""
     dev = bench.device
     batch = batch_for(bench, name)
-    r = preset_replica(bench, name, **engine)
+    r = preset_replica(bench, name)
     units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
     compile_s = compile_seconds(bench, r, units, imgs)
     z = torch.rand((batch, *r.base.input_shape), device=dev).to(r.input_dtype)
@@ -503,9 +503,7 @@ def compiled_profile(bench: Bench, name: str, **engine) -> None:
         r._forward(z, sig, None)  # the shape the engine compiled for
     bench.row(
         pair=name,
-        test="kernel time by kind, one compiled forward batch (as engine=gpu_compiled"
-        + "".join(f", {k}={v}" for k, v in engine.items())
-        + ")",
+        test="kernel time by kind, one compiled forward batch (as engine=gpu_compiled)",
         batch=batch,
         preset=preset_settings(r),
         compile_seconds=compile_s,
@@ -760,7 +758,7 @@ def preset_settings(r: Replica) -> dict:
     return {k: getattr(r.config, k) for k in PRESET_FIELDS}
 
 
-def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, repeats: int = 3, **extra) -> None:
+def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra) -> None:
     """Compiled variants of a pair, each compiled first, then timed interleaved. Every variant after
     the first also gets its speed-up over the first (median and spread of per-repeat ratios; > 1:
     faster) and the labels it gives differently on the same noise."""
@@ -780,19 +778,15 @@ def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, repeats
         return
     counts = {k: r.run(units, imgs) for k, r in replicas.items()}  # also the timed rounds' warm-up
     cases = {k: (lambda r=r: timed(bench, r, units, imgs)) for k, r in replicas.items()}
-    times = interleaved(bench, cases, repeats=repeats, warm_up=False)
+    times = interleaved(bench, cases, repeats=3, warm_up=False)
     first = next(iter(replicas))
     res = {k: rates(bench, samples, secs, flops) | {"compile_seconds": compile_s[k]} for k, secs in times.items()}
-    names = list(replicas)
-
-    def speedup(base: str, k: str) -> dict:
-        ratios = [a / b for a, b in zip(times[base], times[k], strict=True)]
-        return {"median": round(statistics.median(ratios), 3), "spread": [round(min(ratios), 3), round(max(ratios), 3)]}
-
-    for i, k in enumerate(names[1:], start=1):
-        res[k]["speedup"] = speedup(first, k)
-        if i > 1:  # what this variant adds to the one before it
-            res[k]["speedup_over_previous"] = speedup(names[i - 1], k)
+    for k in list(replicas)[1:]:
+        ratios = [a / b for a, b in zip(times[first], times[k], strict=True)]
+        res[k]["speedup"] = {
+            "median": round(statistics.median(ratios), 3),
+            "spread": [round(min(ratios), 3), round(max(ratios), 3)],
+        }
         res[k]["labels_differing"] = sum(int(np.abs(counts[k][u.key] - counts[first][u.key]).sum()) // 2 for u in units)
     bench.row(pair=name, test=test, batch=batch, of_samples=samples, **extra, **res)
 
@@ -842,23 +836,6 @@ def coordinate_descent_section(bench: Bench, name: str = "imagenet") -> None:
         tuned._forward = tuned._compiled(coordinate_descent_tuning=True)  # the engine's recipe, tuning on top
     test = "bf16 compiled, channels_last: default against coordinate-descent tuning of inductor's kernels"
     compare_compiled(bench, name, test, replicas)
-
-
-def speedups_section(bench: Bench, name: str = "imagenet") -> None:
-    """The two untried speed-ups in one comparison, for a GPU session with room for only one call: the
-    preset as it is, with BEiT's bias cached (engine.attention=sdpa_cached), and cached with
-    coordinate-descent tuning on top. Three compiles instead of the four of the two sections apart;
-    the tuning's own share is the third variant's speed-up over the second's."""
-    replicas = {
-        "sdpa": preset_replica(bench, name),
-        "sdpa_cached": preset_replica(bench, name, attention="sdpa_cached"),
-        "sdpa_cached, coordinate descent": preset_replica(bench, name, attention="sdpa_cached"),
-    }
-    tuned = replicas["sdpa_cached, coordinate descent"]
-    if tuned.config.compile:
-        tuned._forward = tuned._compiled(coordinate_descent_tuning=True)
-    test = "bf16 compiled, channels_last: timm's bias, cached bias, cached bias with coordinate-descent tuning"
-    compare_compiled(bench, name, test, replicas, repeats=5)  # a few seconds more for a speed-up near 1
 
 
 def cifar_extras(bench: Bench) -> None:
@@ -1007,16 +984,6 @@ def main() -> None:
             "imagenet: compiled in the default mode and with coordinate-descent tuning",
             500,  # run 7: the tuned compile alone took 390 s (the default one 83 s), then the timed rounds
             lambda: coordinate_descent_section(bench, "imagenet"),
-        ),
-        "imagenet-speedups": (
-            "imagenet: compiled as the preset, with the bias cached, and cached with coordinate descent",
-            560,  # run 7: compiles of 83, 54 and 390 s (the tuned one), then the timed rounds
-            lambda: speedups_section(bench, "imagenet"),
-        ),
-        "imagenet-profile-cached": (
-            "imagenet: where the compiled time goes, BEiT's bias cached",
-            130,
-            lambda: compiled_profile(bench, "imagenet", attention="sdpa_cached"),
         ),
         "imagenet-compiled": (
             "imagenet: bf16 compiled",
