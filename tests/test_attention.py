@@ -242,6 +242,20 @@ def test_a_cached_replica_counts_exactly_like_an_sdpa_one(caplog):
     assert all(np.array_equal(counts["sdpa"][u.key], counts["sdpa_cached"][u.key]) for u in units)
 
 
+def test_a_cached_bias_on_a_model_without_beit_is_plain_sdpa_and_no_warning(caplog):
+    """sdpa_cached is engine=gpu_compiled's setting, which the CIFAR pair (a ViT, no relative-position
+    bias) runs too: nothing to switch, and nothing a user must act on."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, in_chans=1, num_classes=10)
+    contract = InputContract(input_size=(16, 16), interpolation="bilinear", mean=(0.5,), std=(0.5,))
+    base = PlainBase(NormalizedClassifier(vit.eval(), contract, 10), (1, 16, 16))
+    with caplog.at_level(logging.INFO, logger="raysmooth"):
+        Replica(base, [0.25], 0, EngineConfig(batch_size=8, attention="sdpa_cached"))
+    assert "no BEiT relative-position attention" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_a_cached_bias_needs_no_compile():
     assert EngineConfig(attention="sdpa_cached").attention == "sdpa_cached"
     assert compose("certify", ["engine.attention=sdpa_cached"]).engine.attention == "sdpa_cached"
