@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -511,6 +512,85 @@ def compiled_profile(bench: Bench, name: str) -> None:
     )
 
 
+def generated_kernels(code: str) -> list[str]:
+    """Names of the kernels inductor defined in one generated wrapper module, in order."""
+    return re.findall(r"^(\w+) = async_compile\.\w+\(", code, re.M)
+
+
+def kernel_report(code: str, name: str, max_chars: int = 8000) -> dict | None:
+    """One generated kernel as inductor wrote it: its source, the wrapper lines that launch it, and the
+    lines that allocate the buffers it is handed (their sizes and strides say which layouts it reads
+    and writes). ``name`` may be cut short (the profiler's names are); None when no kernel matches."""
+    full = next((k for k in generated_kernels(code) if k.startswith(name)), None)
+    if full is None:
+        return None
+    body = re.search(rf"^{re.escape(full)} = async_compile\.\w+\(.*?'''(.*?)'''", code, re.S | re.M)
+    source = body.group(1) if body else ""
+    wrapper = re.split(r"^def (?:get_args|benchmark_compiled_module)\(", code, maxsplit=1, flags=re.M)[0]
+    lines = [line.strip() for line in wrapper.splitlines()]
+    launches = [line for line in lines if re.match(rf"{re.escape(full)}(\.run)?\(", line)]
+    # The buffers of its launches, followed through reuses (bufA = bufB; del bufB  # reuse) back to
+    # the line that allocated them (a library kernel's output by its metadata check); graph inputs by
+    # their size-and-stride checks. The standalone harness at the end (random stand-ins) is left out.
+    wanted, seen, buffers = set(re.findall(r"\b(?:buf\d+|arg\d+_\d+)\b", " ".join(launches))), set(), []
+    while wanted - seen:
+        buf = min(wanted - seen)
+        seen.add(buf)
+        for line in lines:
+            if line.startswith(f"{buf} = "):
+                buffers.append(line)
+                rhs = line.split("=", 1)[1].strip()
+                if rhs.startswith(("buf", "reinterpret_tensor(buf")):  # a reuse or a view, not a kernel's inputs
+                    wanted |= set(re.findall(r"\bbuf\d+\b", rhs.split(";")[0]))
+            elif line.startswith(f"assert_tensor_metadata({buf},") or (
+                line.startswith("assert_size_stride") and re.search(rf"\b{buf}\b", line)
+            ):
+                buffers.append(line)
+    if len(source) > max_chars:
+        source = f"{source[:max_chars]}\n... ({len(source) - max_chars} more characters)"
+    return {"kernel": full, "source": source, "launches": launches[:3], "buffers": list(dict.fromkeys(buffers))[:20]}
+
+
+def kernel_sources(bench: Bench, name: str, top: int = 6) -> None:
+    """The compiled pair's slowest fused kernels as inductor generated them: run 9's largest (a
+    GroupNorm-then-SiLU pass, 3 calls of 19.2 ms each, several times what its bytes take at the memory
+    bandwidth) is to be read, not guessed at. Compiles with inductor's cache off (a cache hit writes
+    no code), then profiles one batch."""
+    import torch._inductor.config as inductor
+    from torch._inductor.utils import run_and_get_code
+
+    dev = bench.device
+    batch = batch_for(bench, name)
+    r = preset_replica(bench, name)
+    units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
+    with inductor.patch(fx_graph_cache=False):
+        compile_s, codes = run_and_get_code(lambda: compile_seconds(bench, r, units, imgs))
+    z = torch.rand((batch, *r.base.input_shape), device=dev).to(r.input_dtype)
+    if dev == "cuda" and r.config.channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    sig = torch.full((batch,), SIGMA, device=dev)
+    with torch.inference_mode():
+        r._forward(z, sig, None)
+    profile = kernels_by_kind(bench, lambda: r._forward(z, sig, None))
+    slowest = [k for k in profile["top_kernels"] if k["kind"] == "fused (triton)"][:top]
+    if not slowest:  # a CPU (--smoke): its profile does not name inductor's kernels; the first defined
+        slowest = [{"name": k} for code in codes for k in generated_kernels(code)][:top]
+    kernels = []
+    for k in slowest:
+        report = next((rep for code in codes if (rep := kernel_report(code, k["name"])) is not None), None)
+        kernels.append({key: k[key] for key in ("name", "calls", "ms_per_call", "share") if key in k} | (report or {}))
+    bench.row(
+        pair=name,
+        test="the slowest fused kernels' generated source, launches and buffers (as engine=gpu_compiled)",
+        batch=batch,
+        preset=preset_settings(r),
+        compile_seconds=compile_s,
+        generated_modules=len(codes),
+        total_ms=profile["total_ms"],
+        kernels=kernels,
+    )
+
+
 SDPA_BACKENDS = ("default", "cudnn", "efficient", "flash", "math")  # default: what PyTorch picks itself
 
 
@@ -962,6 +1042,11 @@ def main() -> None:
             "imagenet: where the compiled time goes",
             130,
             lambda: compiled_profile(bench, "imagenet"),
+        ),
+        "imagenet-kernels": (
+            "imagenet: the slowest fused kernels' generated source",
+            150,  # a compile without inductor's cache (54-83 s in runs 7 and 5), one profiled batch
+            lambda: kernel_sources(bench, "imagenet"),
         ),
         "imagenet-freezing": ("imagenet: compiled with freezing", 130, lambda: freezing_section(bench, "imagenet")),
         "imagenet-attention": ("imagenet: attention by SDPA backend", 90, lambda: attention_section(bench)),

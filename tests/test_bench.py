@@ -59,7 +59,7 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     interleaved, with its speed-up over the first and the labels it gives differently; the preset's own
     compiled row records the settings it ran (one smoke run: each compile costs seconds; the other
     comparisons share this code and are checked for what they hand it, below)."""
-    result = _smoke(tmp_path, "imagenet-bias,imagenet-compiled", timeout=600)
+    result = _smoke(tmp_path, "imagenet-bias,imagenet-compiled,imagenet-kernels", timeout=600)
     assert result["errors"] == [], result["errors"]
     assert "in_progress" not in result  # only a run killed inside a section says where it stopped
     compiled = next(row for row in result["rows"] if row.get("compiled"))
@@ -73,6 +73,34 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     assert first["samples_per_s"] > 0 and other["samples_per_s"] > 0
     assert other["speedup"]["median"] > 0 and "speedup" not in first
     assert other["labels_differing"] == 0  # the same bias values give the same logits
+    # The generated code of the preset's compile (inductor's cache off: a cache hit writes none).
+    kernels = next(row for row in result["rows"] if "generated source" in row.get("test", ""))
+    assert kernels["generated_modules"] >= 1 and kernels["kernels"]
+    assert all(k["source"] and k["launches"] for k in kernels["kernels"])
+
+
+def test_the_kernel_report_reads_a_generated_kernel_its_launch_and_its_buffers_layouts():
+    """What imagenet-kernels keeps of inductor's code, checked on code inductor really wrote (on the CPU):
+    a GroupNorm-then-SiLU kernel after a channels_last convolution, found by a name cut short as the
+    profiler cuts it, with the allocation of the convolution's input that its buffer chain leads to."""
+    from torch._inductor.utils import run_and_get_code
+
+    gpu = _gpu_script()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU())
+    model = model.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        _, codes = run_and_get_code(torch.compile(model), x)
+    (name,) = [k for k in gpu.generated_kernels(codes[0]) if "group_norm" in k]
+    report = gpu.kernel_report(codes[0], name[:20])
+    assert report["kernel"] == name
+    assert "1e-05" in report["source"]  # GroupNorm's epsilon: the kernel's own code, not the wrapper's
+    assert report["launches"] and all(line.startswith(name) for line in report["launches"])
+    assert any("extern_kernels.convolution" in line for line in report["buffers"])
+    assert not any("rand_strided" in line for line in report["buffers"])  # not the harness's stand-ins
+    assert gpu.kernel_report(codes[0], "triton_no_such_kernel") is None
+    assert gpu.kernel_report(codes[0], name, max_chars=100)["source"].endswith("more characters)")
 
 
 def _smoke_bench(tmp_path: Path):
@@ -143,8 +171,8 @@ def test_an_unknown_benchmark_section_is_one_line():
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
-        "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-freezing, imagenet-attention, imagenet-flex, "
-        "imagenet-autotune, imagenet-bias, imagenet-coordesc, imagenet-compiled or all"
+        "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-freezing, "
+        "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-coordesc, imagenet-compiled or all"
     ]
 
 
