@@ -172,7 +172,8 @@ def test_an_unknown_benchmark_section_is_one_line():
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-freezing, "
-        "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-coordesc, imagenet-compiled or all"
+        "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-coordesc, "
+        "imagenet-compiled or all"
     ]
 
 
