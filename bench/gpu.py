@@ -13,7 +13,8 @@ pair, bf16 in channels_last and contiguous layout, eager and compiled, interleav
 the engine, and the host syncs inside a run; per pair, fp32 / bf16-mixed / bf16 eager, the measured
 activation memory per sample against the meta-device memory model, and the batch engine.batch_size=auto
 picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by kind with calls and time
-per call, eager and compiled); BEiT's biased attention under each SDPA backend, as timm passes it
+per call, eager and compiled; the generated source of the compiled pair's slowest fused kernels, with
+their launches and buffers' layouts); BEiT's biased attention under each SDPA backend, as timm passes it
 (eager and compiled) and as FlexAttention; the compiled pair with engine.attention=flex against SDPA,
 engine.attention=sdpa_cached (BEiT's bias cached in aligned rows) against timm's per-forward bias, with
 engine.compile_mode=max-autotune-no-cudagraphs and with inductor's coordinate-descent tuning against
