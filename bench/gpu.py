@@ -489,6 +489,17 @@ def kernels_by_kind(bench: Bench, forward) -> dict:
     }
 
 
+def warm_batch(bench: Bench, r: Replica, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of the shape and layout a compiled replica was compiled for, with its σ, run once."""
+    z = torch.rand((batch, *r.base.input_shape), device=bench.device).to(r.input_dtype)
+    if bench.device == "cuda" and r.config.channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    sig = torch.full((batch,), SIGMA, device=bench.device)
+    with torch.inference_mode():
+        r._forward(z, sig, None)
+    return z, sig
+
+
 def compiled_profile(bench: Bench, name: str) -> None:
     """Where the compiled pair's time goes (as engine=gpu_compiled runs it): kernels by kind over one
     batch, inductor's fused kernels counted apart."""
@@ -497,12 +508,7 @@ def compiled_profile(bench: Bench, name: str) -> None:
     r = preset_replica(bench, name)
     units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
     compile_s = compile_seconds(bench, r, units, imgs)
-    z = torch.rand((batch, *r.base.input_shape), device=dev).to(r.input_dtype)
-    if dev == "cuda" and r.config.channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
-    sig = torch.full((batch,), SIGMA, device=dev)
-    with torch.inference_mode():
-        r._forward(z, sig, None)  # the shape the engine compiled for
+    z, sig = warm_batch(bench, r, batch)
     bench.row(
         pair=name,
         test="kernel time by kind, one compiled forward batch (as engine=gpu_compiled)",
@@ -566,12 +572,7 @@ def kernel_sources(bench: Bench, name: str, top: int = 6) -> None:
     units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
     with inductor.patch(fx_graph_cache=False):
         compile_s, codes = run_and_get_code(lambda: compile_seconds(bench, r, units, imgs))
-    z = torch.rand((batch, *r.base.input_shape), device=dev).to(r.input_dtype)
-    if dev == "cuda" and r.config.channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
-    sig = torch.full((batch,), SIGMA, device=dev)
-    with torch.inference_mode():
-        r._forward(z, sig, None)
+    z, sig = warm_batch(bench, r, batch)
     profile = kernels_by_kind(bench, lambda: r._forward(z, sig, None))
     slowest = [k for k in profile["top_kernels"] if k["kind"] == "fused (triton)"][:top]
     if not slowest:  # a CPU (--smoke): its profile does not name inductor's kernels; the first defined
