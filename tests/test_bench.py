@@ -82,7 +82,7 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
 def test_the_kernel_report_reads_a_generated_kernel_its_launch_and_its_buffers_layouts():
     """What imagenet-kernels keeps of inductor's code, checked on code inductor really wrote (on the CPU):
     a GroupNorm-then-SiLU kernel after a channels_last convolution, found by a name cut short as the
-    profiler cuts it, with the allocation of the convolution's input that its buffer chain leads to."""
+    profiler cuts it, with the library convolution that wrote its input, where its buffer chain leads."""
     from torch._inductor.utils import run_and_get_code
 
     gpu = _gpu_script()
