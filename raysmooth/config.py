@@ -60,6 +60,9 @@ DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 # engine.attention: timm's SDPA call, the same with the bias computed once per replica, or
 # FlexAttention (raysmooth.models.attention)
 ATTENTION_KERNELS = ("sdpa", "sdpa_cached", "flex")
+# engine.group_norm: PyTorch's GroupNorm, or the same computed in a channels_last activation's own
+# layout (raysmooth.models.norms)
+GROUP_NORM_KINDS = ("native", "channels_last")
 # engine.compile_mode: torch.compile's modes (torch._inductor.list_mode_options). max-autotune benchmarks
 # Triton templates for every matmul and convolution at compile time; the cudagraphs modes replay each
 # static-shape batch as one CUDA graph (docs/performance.md).
@@ -137,6 +140,7 @@ class EngineCfg:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode: default | max-autotune[-no-cudagraphs] | reduce-overhead
     attention: str = "sdpa"  # sdpa | sdpa_cached | flex (needs compile): how BEiT's biased attention runs
+    group_norm: str = "native"  # native | channels_last (needs compile): the layout GroupNorm computes in
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; needs quantised images)
     levels: int = 255  # lattice noise: the images' quantisation (x·levels is an integer)
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
@@ -446,15 +450,28 @@ def _check(key: str, ok: bool, message: str) -> None:
         raise ConfigError(f"{key} {message}")
 
 
-def compile_settings_problem(compile: bool, compile_mode: str, attention: str) -> str | None:
+def compile_settings_problem(
+    compile: bool,
+    compile_mode: str,
+    attention: str,
+    group_norm: str = EngineCfg.group_norm,
+    channels_last: bool = EngineCfg.channels_last,
+) -> str | None:
     """What is wrong with the engine's compile settings, as one line naming the key (None: nothing).
     The config check and the engine both ask here, so a job and ``Smoothed`` refuse the same things."""
     if attention not in ATTENTION_KERNELS:
         return f"engine.attention must be one of {', '.join(ATTENTION_KERNELS)}, got {attention!r}"
     if compile_mode not in COMPILE_MODES:
         return f"engine.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}"
+    if group_norm not in GROUP_NORM_KINDS:
+        return f"engine.group_norm must be one of {', '.join(GROUP_NORM_KINDS)}, got {group_norm!r}"
     if attention == "flex" and not compile:
         return "engine.attention=flex needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
+    if group_norm == "channels_last" and not (compile and channels_last):
+        return (
+            "engine.group_norm=channels_last needs engine.compile=true and engine.channels_last=true (it "
+            "computes GroupNorm in channels_last activations; uncompiled, its passes run unfused)"
+        )
     if compile_mode != "default" and not compile:
         return f"engine.compile_mode={compile_mode} needs engine.compile=true (it says how to compile)"
     return None
@@ -560,7 +577,7 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be fp32, bf16, fp16 or bf16-mixed, got {en.precision!r}",
     )
     _check("engine.noise", en.noise in ("gaussian", "lattice"), f"must be gaussian or lattice, got {en.noise!r}")
-    problem = compile_settings_problem(en.compile, en.compile_mode, en.attention)
+    problem = compile_settings_problem(en.compile, en.compile_mode, en.attention, en.group_norm, en.channels_last)
     if problem:
         raise ConfigError(problem)
     _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")

@@ -23,6 +23,7 @@ from .config import DEFAULT_BATCH_SIZE, EngineCfg, compile_settings_problem
 from .errors import ConfigError, InputError, ModelError, RaySmoothError, logits_hint, one_line, whole_number
 from .models.attention import cached_bias_bytes, set_attention
 from .models.base import BaseClassifier
+from .models.norms import set_group_norm
 from .units import WorkUnit, block_seed
 
 __all__ = ["EngineConfig", "Replica", "resolve_device", "validate_images", "validate_sampling", "DEFAULT_BATCH_SIZE"]
@@ -55,6 +56,7 @@ class EngineConfig:
     compile: bool = False  # torch.compile the whole base classifier at a static batch shape
     compile_mode: str = EngineCfg.compile_mode  # torch.compile's mode (max-autotune: slower compile, tuned kernels)
     attention: str = EngineCfg.attention  # sdpa | sdpa_cached | flex (compiled runs only): BEiT's biased attention
+    group_norm: str = EngineCfg.group_norm  # native | channels_last (compiled runs only): GroupNorm's layout
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
     levels: int = EngineCfg.levels  # lattice noise: images lie on (1/levels)ℤ
     threads: int | None = None  # torch intra-op threads on CPU
@@ -71,7 +73,9 @@ class EngineConfig:
             raise InputError(f"engine.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.noise not in ("gaussian", "lattice"):
             raise InputError(f"engine.noise must be gaussian or lattice, got {self.noise!r}")
-        problem = compile_settings_problem(self.compile, self.compile_mode, self.attention)
+        problem = compile_settings_problem(
+            self.compile, self.compile_mode, self.attention, self.group_norm, self.channels_last
+        )
         if problem:
             raise InputError(problem)
 
@@ -261,6 +265,13 @@ class Replica:
                     "engine.attention=%s: the model has no BEiT relative-position attention; nothing changes",
                     self.config.attention,
                 )
+        # Both ways too: a model an earlier channels_last replica switched runs PyTorch's GroupNorm again.
+        norms = set_group_norm(self.base, self.config.group_norm)
+        if self.config.group_norm != "native":
+            said = f"{norms} GroupNorm layers switched" if norms else "the model has no GroupNorm; nothing changes"
+            if norms and self.device.type != "cuda":
+                said += f" (on {self.device.type} activations stay contiguous: they take PyTorch's own path)"
+            log.info("engine.group_norm=%s: %s", self.config.group_norm, said)
         self._forward = self._compiled() if self.config.compile else self.base
         self._compile_worked = False  # a compiled call has finished: later errors are not the compiler's
         if self.config.batch_size == "auto":
@@ -455,6 +466,9 @@ class Replica:
         if self.config.attention == "flex":  # FlexAttention only pays compiled
             set_attention(self.base, "sdpa")
             self.config.attention = "sdpa"
+        if self.config.group_norm != "native":  # eager it would build float32 copies of each activation
+            set_group_norm(self.base, "native")
+            self.config.group_norm = "native"
         return True
 
     def _run(
