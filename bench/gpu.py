@@ -16,7 +16,8 @@ picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by ki
 per call, eager and compiled; the generated source of the compiled pair's slowest fused kernels, with
 their launches and buffers' layouts); BEiT's biased attention under each SDPA backend, as timm passes it
 (eager and compiled) and as FlexAttention; the compiled pair with engine.attention=flex against SDPA,
-engine.attention=sdpa_cached (BEiT's bias cached in aligned rows) against timm's per-forward bias, with
+engine.attention=sdpa_cached (BEiT's bias cached in aligned rows) against timm's per-forward bias,
+engine.group_norm=channels_last (GroupNorm in the activations' layout) against PyTorch's, with
 engine.compile_mode=max-autotune-no-cudagraphs and with inductor's coordinate-descent tuning against
 the default mode; inductor freezing. Rates are samples/s with FLOPs per sample counted by
 torch.utils.flop_counter (attention included) and their share of the bf16 peak. Timings are medians of
@@ -60,7 +61,7 @@ from raysmooth.units import WorkUnit  # noqa: E402
 
 SIGMA = 0.5
 # What the compiled rows take from the papers' preset: the settings that change speed, not counts.
-PRESET_FIELDS = ("precision", "channels_last", "compile", "compile_mode", "attention")
+PRESET_FIELDS = ("precision", "channels_last", "compile", "compile_mode", "attention", "group_norm")
 
 
 def _engine_yaml(name: str, folder: Path) -> dict:
@@ -905,6 +906,17 @@ def cached_bias_section(bench: Bench, name: str = "imagenet") -> None:
     compare_compiled(bench, name, test, replicas, cached_layers=layers)
 
 
+def group_norm_section(bench: Bench, name: str = "imagenet") -> None:
+    """The compiled pair (as the presets run it) with PyTorch's GroupNorm against
+    ``engine.group_norm=channels_last``: off the CPU, the GroupNorm inductor lowers copies each
+    channels_last activation of the UNet to the contiguous layout and back, and run 9's largest fused
+    kernel, a GroupNorm-then-SiLU pass, took several times what its bytes need."""
+    replicas = {kind: preset_replica(bench, name, group_norm=kind) for kind in ("native", "channels_last")}
+    layers = sum(type(m).__name__ == "ChannelsLastGroupNorm" for m in replicas["channels_last"].base.modules())
+    test = "bf16 compiled, channels_last: PyTorch's GroupNorm against GroupNorm in the activations' layout"
+    compare_compiled(bench, name, test, replicas, switched_layers=layers)
+
+
 def coordinate_descent_section(bench: Bench, name: str = "imagenet") -> None:
     """The compiled pair (as the presets run it) with inductor's coordinate-descent tuning alone: block
     sizes tuned for its own Triton kernels (the fused norm, activation and layout passes, 36% of the
@@ -1066,6 +1078,11 @@ def main() -> None:
             "imagenet: compiled, BEiT's bias per forward and cached in aligned rows",
             260,  # two compiles of the pair (83-92 s each in run 5) and the timed rounds
             lambda: cached_bias_section(bench, "imagenet"),
+        ),
+        "imagenet-groupnorm": (
+            "imagenet: compiled, PyTorch's GroupNorm and GroupNorm in the activations' layout",
+            200,  # two compiles of the pair (54-83 s each, runs 7 and 5) and the timed rounds
+            lambda: group_norm_section(bench, "imagenet"),
         ),
         "imagenet-coordesc": (
             "imagenet: compiled in the default mode and with coordinate-descent tuning",

@@ -59,7 +59,7 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     interleaved, with its speed-up over the first and the labels it gives differently; the preset's own
     compiled row records the settings it ran (one smoke run: each compile costs seconds; the other
     comparisons share this code and are checked for what they hand it, below)."""
-    result = _smoke(tmp_path, "imagenet-bias,imagenet-compiled,imagenet-kernels", timeout=600)
+    result = _smoke(tmp_path, "imagenet-bias,imagenet-compiled,imagenet-kernels,imagenet-groupnorm", timeout=600)
     assert result["errors"] == [], result["errors"]
     assert "in_progress" not in result  # only a run killed inside a section says where it stopped
     compiled = next(row for row in result["rows"] if row.get("compiled"))
@@ -67,7 +67,7 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     cached = next(row for row in result["rows"] if "cached in aligned rows" in row.get("test", ""))
     assert cached["cached_layers"] == 2  # the smoke pair's two BEiT blocks
     # Each compile is recorded as it finishes, so a run killed in a later, longer compile still has it.
-    assert [c["variant"] for c in result["compiles"]] == ["sdpa", "sdpa_cached"]
+    assert [c["variant"] for c in result["compiles"]] == ["sdpa", "sdpa_cached", "native", "channels_last"]
     assert all(c["seconds"] > 0 for c in result["compiles"])  # real compiles, not a cached graph or eager
     first, other = cached["sdpa"], cached["sdpa_cached"]
     assert first["samples_per_s"] > 0 and other["samples_per_s"] > 0
@@ -77,6 +77,8 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     kernels = next(row for row in result["rows"] if "generated source" in row.get("test", ""))
     assert kernels["generated_modules"] >= 1 and kernels["kernels"]
     assert all(k["source"] and k["launches"] for k in kernels["kernels"])
+    norms = next(row for row in result["rows"] if "GroupNorm in the activations' layout" in row.get("test", ""))
+    assert norms["switched_layers"] > 0 and norms["channels_last"]["labels_differing"] == 0
 
 
 def test_the_kernel_report_reads_a_generated_kernel_its_launch_and_its_buffers_layouts():
@@ -172,8 +174,8 @@ def test_an_unknown_benchmark_section_is_one_line():
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-freezing, "
-        "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-coordesc, "
-        "imagenet-compiled or all"
+        "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-groupnorm, "
+        "imagenet-coordesc, imagenet-compiled or all"
     ]
 
 
