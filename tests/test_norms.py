@@ -160,15 +160,20 @@ def test_without_compile_or_channels_last_the_option_is_refused_in_the_engine_an
     assert (ok.group_norm, ok.compile, ok.channels_last) == ("channels_last", True, True)
 
 
-def test_a_replica_switches_its_model_and_counts_exactly_as_with_pytorchs_group_norm(caplog):
-    """On a CPU the activations stay contiguous, so the switched layers take GroupNorm's own path: the
-    same counts to the vote, and the log says why nothing else changes."""
+def _conv_norm_base() -> PlainBase:
+    """A convolution, one GroupNorm, SiLU and a linear head on 3×8×8 images: quick to compile."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(), nn.Flatten(), nn.Linear(32 * 64, 10)
     )
     contract = InputContract((8, 8), "bilinear", (0.5,) * 3, (0.5,) * 3)
-    base = PlainBase(NormalizedClassifier(net.eval(), contract, 10), (3, 8, 8))
+    return PlainBase(NormalizedClassifier(net.eval(), contract, 10), (3, 8, 8))
+
+
+def test_a_replica_switches_its_model_and_counts_exactly_as_with_pytorchs_group_norm(caplog):
+    """On a CPU the activations stay contiguous, so the switched layers take GroupNorm's own path: the
+    same counts to the vote, and the log says why nothing else changes."""
+    base = _conv_norm_base()
     images = {i: np.random.default_rng(i).random((3, 8, 8), dtype=np.float32) for i in range(2)}
     units = [WorkUnit(i, 0, "estimation", 0, 200) for i in images]
     counts = {}
@@ -182,4 +187,23 @@ def test_a_replica_switches_its_model_and_counts_exactly_as_with_pytorchs_group_
     assert "1 GroupNorm layers switched (on cpu activations stay contiguous" in caplog.text
     assert all(np.array_equal(counts["native"][u.key], counts["channels_last"][u.key]) for u in units)
     Replica(base, [0.25], 0, EngineConfig(batch_size=64))  # a later native replica switches it back
+    assert not any(type(m) is ChannelsLastGroupNorm for m in base.modules())
+
+
+def test_a_replica_whose_compile_fails_goes_back_to_pytorchs_group_norm(caplog):
+    """Eager, the twin would build float32 copies of every activation: a replica left eager by a failed
+    compile runs PyTorch's GroupNorm."""
+    base = _conv_norm_base()
+    cfg = EngineConfig(batch_size=64, compile=True, channels_last=True, group_norm="channels_last")
+    replica = Replica(base, [0.25], 0, cfg)
+
+    def unbuildable(*args):
+        raise RuntimeError("backend='inductor' raised: the GPU is too old for Triton")
+
+    replica._forward = unbuildable
+    images = {0: np.random.default_rng(0).random((3, 8, 8), dtype=np.float32)}
+    with caplog.at_level("WARNING", logger="raysmooth"):
+        counts = replica.run([WorkUnit(0, 0, "estimation", 0, 50)], images)
+    assert sum(int(c.sum()) for c in counts.values()) == 50 and "torch.compile failed" in caplog.text
+    assert replica.config.group_norm == "native"
     assert not any(type(m) is ChannelsLastGroupNorm for m in base.modules())
