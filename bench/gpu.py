@@ -490,33 +490,44 @@ def kernels_by_kind(bench: Bench, forward) -> dict:
     }
 
 
-def warm_batch(bench: Bench, r: Replica, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of the shape and layout a compiled replica was compiled for, with its σ, run once."""
-    z = torch.rand((batch, *r.base.input_shape), device=bench.device).to(r.input_dtype)
-    if bench.device == "cuda" and r.config.channels_last:
+def profiled_preset(bench: Bench, name: str, keep_code: bool = False) -> tuple[Replica, int, float, list, dict]:
+    """The pair as engine=gpu_compiled runs it: compiled on its first unit, then one batch of the
+    compiled shape and layout profiled by kernel (``kernels_by_kind``). Returns the replica, its batch,
+    the compile's seconds, inductor's generated modules (with ``keep_code``, compiled with inductor's
+    cache off since a cache hit writes no code; else none) and the profile."""
+    import torch._inductor.config as inductor
+    from torch._inductor.utils import run_and_get_code
+
+    dev = bench.device
+    batch = batch_for(bench, name)
+    r = preset_replica(bench, name)
+    units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
+    codes: list[str] = []
+    if keep_code:
+        with inductor.patch(fx_graph_cache=False):
+            compile_s, codes = run_and_get_code(lambda: compile_seconds(bench, r, units, imgs))
+    else:
+        compile_s = compile_seconds(bench, r, units, imgs)
+    z = torch.rand((batch, *r.base.input_shape), device=dev).to(r.input_dtype)
+    if dev == "cuda" and r.config.channels_last:
         z = z.contiguous(memory_format=torch.channels_last)
-    sig = torch.full((batch,), SIGMA, device=bench.device)
+    sig = torch.full((batch,), SIGMA, device=dev)
     with torch.inference_mode():
-        r._forward(z, sig, None)
-    return z, sig
+        r._forward(z, sig, None)  # the shape the engine compiled for
+    return r, batch, compile_s, codes, kernels_by_kind(bench, lambda: r._forward(z, sig, None))
 
 
 def compiled_profile(bench: Bench, name: str) -> None:
     """Where the compiled pair's time goes (as engine=gpu_compiled runs it): kernels by kind over one
     batch, inductor's fused kernels counted apart."""
-    dev = bench.device
-    batch = batch_for(bench, name)
-    r = preset_replica(bench, name)
-    units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
-    compile_s = compile_seconds(bench, r, units, imgs)
-    z, sig = warm_batch(bench, r, batch)
+    r, batch, compile_s, _, profile = profiled_preset(bench, name)
     bench.row(
         pair=name,
         test="kernel time by kind, one compiled forward batch (as engine=gpu_compiled)",
         batch=batch,
         preset=preset_settings(r),
         compile_seconds=compile_s,
-        **kernels_by_kind(bench, lambda: r._forward(z, sig, None)),
+        **profile,
     )
 
 
@@ -564,17 +575,7 @@ def kernel_sources(bench: Bench, name: str, top: int = 6) -> None:
     GroupNorm-then-SiLU pass, 3 calls of 19.2 ms each, several times what its bytes take at the memory
     bandwidth) is to be read, not guessed at. Compiles with inductor's cache off (a cache hit writes
     no code), then profiles one batch."""
-    import torch._inductor.config as inductor
-    from torch._inductor.utils import run_and_get_code
-
-    dev = bench.device
-    batch = batch_for(bench, name)
-    r = preset_replica(bench, name)
-    units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
-    with inductor.patch(fx_graph_cache=False):
-        compile_s, codes = run_and_get_code(lambda: compile_seconds(bench, r, units, imgs))
-    z, sig = warm_batch(bench, r, batch)
-    profile = kernels_by_kind(bench, lambda: r._forward(z, sig, None))
+    r, batch, compile_s, codes, profile = profiled_preset(bench, name, keep_code=True)
     slowest = [k for k in profile["top_kernels"] if k["kind"] == "fused (triton)"][:top]
     if not slowest:  # a CPU (--smoke): its profile does not name inductor's kernels; the first defined
         slowest = [{"name": k} for code in codes for k in generated_kernels(code)][:top]
@@ -874,11 +875,16 @@ def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra
     bench.row(pair=name, test=test, batch=batch, of_samples=samples, **extra, **res)
 
 
+def layers_of(r: Replica, class_name: str) -> int:
+    """How many modules of a replica's model a speed setting switched to its class ``class_name``."""
+    return sum(type(m).__name__ == class_name for m in r.base.modules())
+
+
 def attention_kernel_section(bench: Bench, name: str = "imagenet") -> None:
     """The compiled pair with BEiT's attention as timm's SDPA call and as FlexAttention
     (engine.attention=flex: the bias computed inside the kernel)."""
     replicas = {kernel: preset_replica(bench, name, attention=kernel) for kernel in ("sdpa", "flex")}
-    layers = sum(type(m).__name__ == "FlexBeitAttention" for m in replicas["flex"].base.modules())
+    layers = layers_of(replicas["flex"], "FlexBeitAttention")
     test = "bf16 compiled, channels_last: BEiT attention as SDPA and as FlexAttention (interleaved)"
     compare_compiled(bench, name, test, replicas, flex_layers=layers)
 
@@ -901,7 +907,7 @@ def cached_bias_section(bench: Bench, name: str = "imagenet") -> None:
     Compiled, each BEiT attention call took about 4.5 ms in run 5 against 2.53 ms for the same call
     alone with an aligned bias; this says whether the bias is what costs the difference."""
     replicas = {kernel: preset_replica(bench, name, attention=kernel) for kernel in ("sdpa", "sdpa_cached")}
-    layers = sum(type(m).__name__ == "CachedBiasBeitAttention" for m in replicas["sdpa_cached"].base.modules())
+    layers = layers_of(replicas["sdpa_cached"], "CachedBiasBeitAttention")
     test = "bf16 compiled, channels_last: BEiT's bias per forward (timm) against cached in aligned rows"
     compare_compiled(bench, name, test, replicas, cached_layers=layers)
 
@@ -912,7 +918,7 @@ def group_norm_section(bench: Bench, name: str = "imagenet") -> None:
     channels_last activation of the UNet to the contiguous layout and back, and run 9's largest fused
     kernel, a GroupNorm-then-SiLU pass, took several times what its bytes need."""
     replicas = {kind: preset_replica(bench, name, group_norm=kind) for kind in ("native", "channels_last")}
-    layers = sum(type(m).__name__ == "ChannelsLastGroupNorm" for m in replicas["channels_last"].base.modules())
+    layers = layers_of(replicas["channels_last"], "ChannelsLastGroupNorm")
     test = "bf16 compiled, channels_last: PyTorch's GroupNorm against GroupNorm in the activations' layout"
     compare_compiled(bench, name, test, replicas, switched_layers=layers)
 

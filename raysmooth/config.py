@@ -451,11 +451,7 @@ def _check(key: str, ok: bool, message: str) -> None:
 
 
 def compile_settings_problem(
-    compile: bool,
-    compile_mode: str,
-    attention: str,
-    group_norm: str = EngineCfg.group_norm,
-    channels_last: bool = EngineCfg.channels_last,
+    compile: bool, compile_mode: str, attention: str, group_norm: str, channels_last: bool
 ) -> str | None:
     """What is wrong with the engine's compile settings, as one line naming the key (None: nothing).
     The config check and the engine both ask here, so a job and ``Smoothed`` refuse the same things."""
