@@ -54,7 +54,7 @@ from gpu_runs import write_atomic  # noqa: E402
 from reference_loop import reference_certify_counts  # noqa: E402
 
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
-from raysmooth.models.architectures import PAPER_PAIRS, paper_pair  # noqa: E402
+from raysmooth.models.architectures import PAPER_PAIRS, paper_pair, toy_pair  # noqa: E402
 from raysmooth.models.attention import relative_position_index, relative_position_score_mod  # noqa: E402
 from raysmooth.models.memory import estimate_memory  # noqa: E402
 from raysmooth.units import WorkUnit  # noqa: E402
@@ -138,43 +138,8 @@ class Bench:
 
 
 def build(name: str, device: str, smoke: bool):
-    if not smoke:
-        return paper_pair(name, device)
-    # The same code path with toy sizes: a small ADM-like UNet and a tiny timm net.
-    from diffusers import UNet2DModel
-
-    from raysmooth.models import ClassifierConfig, DenoiseThenClassify, DiffusionDenoiser, load_classifier
-    from raysmooth.models.schedule import DDPM_LINEAR, schedule_from_config
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=6,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-    den = DiffusionDenoiser(unet.eval().requires_grad_(False), schedule_from_config(DDPM_LINEAR))
-    if name == "cifar10":
-        arch = dict(name="test_efficientnet")
-    else:  # a two-block BEiT with a per-layer relative-position bias, as BEiT-L/16 has
-        arch = dict(
-            name="beit_base_patch16_224",
-            model_kwargs=dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
-        )
-    clf = load_classifier(
-        ClassifierConfig(
-            **arch,
-            num_classes=10 if name == "cifar10" else 1000,
-            input_size=(16, 16),
-            mean=(0.5,) * 3,
-            std=(0.5,) * 3,
-        )
-    )
-    return DenoiseThenClassify(den, clf, (3, 8, 8)).to(device).eval()
+    """The pair with the papers' architectures, or (``smoke``) the same code path with toy sizes."""
+    return toy_pair(name).to(device).eval() if smoke else paper_pair(name, device)
 
 
 def flops_of(fn) -> float:

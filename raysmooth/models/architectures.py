@@ -9,11 +9,11 @@ import torch
 
 from .adm import ADM_PRESETS, scheduler_config, timestep_scale, unet_config
 from .base import DenoiseThenClassify
-from .classifier import ClassifierConfig, InputContract, NormalizedClassifier, create_timm_model
+from .classifier import ClassifierConfig, InputContract, NormalizedClassifier, create_timm_model, load_classifier
 from .denoiser import DiffusionDenoiser
-from .schedule import schedule_from_config
+from .schedule import DDPM_LINEAR, schedule_from_config
 
-__all__ = ["PAPER_PAIRS", "paper_pair"]
+__all__ = ["PAPER_PAIRS", "paper_pair", "toy_pair"]
 
 _HALF = (0.5, 0.5, 0.5)
 PAPER_PAIRS: dict[str, dict] = {
@@ -65,3 +65,40 @@ def paper_pair(name: str, device: str | torch.device = "cpu", seed: int = 0) -> 
     contract = InputContract(tuple(clf_cfg.input_size), clf_cfg.interpolation, clf_cfg.mean, clf_cfg.std)
     classifier = NormalizedClassifier(model, contract, clf_cfg.num_classes, model_id=f"{clf_cfg.name} (random)")
     return DenoiseThenClassify(denoiser, classifier, spec["input_shape"]).to(device)
+
+
+def toy_pair(name: str, seed: int = 0) -> DenoiseThenClassify:
+    """The same code path as ``paper_pair`` at toy sizes, for tests of the benchmarks on a CPU: a small
+    UNet2DModel with attention in both directions (8×8 inputs) and, for ``imagenet``, a two-block BEiT
+    with BEiT's per-layer relative-position bias (a tiny timm EfficientNet for ``cifar10``)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=6,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    denoiser = DiffusionDenoiser(unet.eval().requires_grad_(False), schedule_from_config(DDPM_LINEAR))
+    if name == "cifar10":
+        arch = dict(name="test_efficientnet")
+    else:
+        arch = dict(
+            name="beit_base_patch16_224",
+            model_kwargs=dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+        )
+    classifier = load_classifier(
+        ClassifierConfig(
+            **arch,
+            num_classes=10 if name == "cifar10" else 1000,
+            input_size=(16, 16),
+            mean=_HALF,
+            std=_HALF,
+        )
+    )
+    return DenoiseThenClassify(denoiser, classifier, (3, 8, 8)).eval()
