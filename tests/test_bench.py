@@ -49,7 +49,9 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
     for kernel in profile["top_kernels"]:  # calls × time per call is the kernel's share of the batch
         spent = kernel["calls"] * kernel["ms_per_call"]
         assert kernel["calls"] >= 1
-        assert abs(spent - kernel["share"] * profile["total_ms"]) <= 5e-4 * (kernel["calls"] + profile["total_ms"])
+        # to the roundings: time per call and share to 3 decimals, the batch's total to 2
+        slack = 5e-4 * (kernel["calls"] + profile["total_ms"]) + 5e-3 * kernel["share"] + 1e-9
+        assert abs(spent - kernel["share"] * profile["total_ms"]) <= slack
     rates = [row for row in result["rows"] if row.get("precision") == "bf16" and not row.get("compiled")]
     assert rates and all(row["samples_per_s"] > 0 and "share_of_measured_matmul" in row for row in rates)
 
