@@ -1,0 +1,180 @@
+"""Inductor's CUDA kernels for the compiled pairs, generated without a GPU, and what their layouts cost.
+
+    python bench/codegen.py                  # ImageNet pair at batch 96 and 63, both GroupNorms (~5 min)
+    python bench/codegen.py --smoke          # the toy pair (a test of the script)
+    python bench/codegen.py --keep-source D  # also each configuration's generated code, under D
+
+Each configuration (pair, batch, ``engine.group_norm``) is built as ``engine=gpu_compiled`` runs it (bf16,
+channels_last, ``attention=sdpa_cached``) on a pretend H100 (bench/fake_h100.py: fake CUDA tensors,
+inductor's real lowering and scheduling, nothing compiled or run), in a process of its own. From the
+generated code it counts, per sample, what the GPU profile cannot say by itself:
+- strided gathers: elements a pointwise kernel reads with neighbouring threads at least 16 elements
+  apart (a 32-byte sector per bf16 element read; the reads of a buffer laid out across the order the
+  kernel walks);
+- 64-bit indexing: elements of pointwise kernels that index with int64 (a tensor over 2^31 elements);
+- transposing launches: kernels tiled in two dimensions to copy between layouts;
+- kernels still named for PyTorch's GroupNorm (with ``group_norm=channels_last``: inputs that were not
+  channels_last, which the twin hands to PyTorch's own path).
+Results go to bench/results/codegen.json, one entry per PyTorch version (replaced when rerun): the GPU
+image's PyTorch and the project's pin generate different code for the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu_runs import write_atomic  # noqa: E402
+
+OUT = ROOT / "bench" / "results" / "codegen.json"
+GATHER_STRIDE = 16  # elements: 32 bytes of bf16, one memory sector per thread
+FULL = [("imagenet", b, gn) for b in (96, 63) for gn in ("native", "channels_last")]
+SMOKE = [("imagenet", 8, gn) for gn in ("native", "channels_last")]
+
+
+def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
+    """One row per generated Triton kernel: its launches in the wrapper, elements per launch, whether it
+    is tiled in two dimensions or indexes with int64, and its strided-gather loads (pointwise only)."""
+    calls = Counter(re.findall(r"^\s*(triton_\w+)\.run\(", wrapper, re.M))
+    rows = []
+    for name, source in kernels.items():
+        body = source.split("@triton.jit", 1)[-1]
+        sizes = {k: int(v) for k, v in re.findall(r"\b(xnumel|ynumel|r0_numel) = (\d+)", body)}
+        tiled = "ynumel" in sizes
+        gathers = []
+        fastest = re.search(r"^\s*(x\d+) = \(?xindex % (\d+)\)?", body, re.M)
+        if name.startswith("triton_poi") and not tiled and fastest:
+            var = fastest.group(1)
+            for index in re.findall(r"tl\.load\(\w+ \+ \((.*?)\), ", body):
+                stride = re.search(rf"\b(\d+)\*{var}\b", index)
+                if stride and int(stride.group(1)) >= GATHER_STRIDE:
+                    gathers.append(index)
+        rows.append(
+            dict(
+                kernel=name,
+                calls=calls[name],
+                elements=sizes.get("xnumel", 1) * sizes.get("ynumel", 1) * sizes.get("r0_numel", 1),
+                tiled=tiled,
+                int64="tl.int64" in body,
+                strided_loads=gathers,
+            )
+        )
+    return rows
+
+
+def summarise(rows: list[dict], batch: int) -> dict:
+    """Per-sample totals over a forward's launches, and the strided loads, largest first."""
+    pointwise = [r for r in rows if r["kernel"].startswith("triton_poi")]
+    strided = sorted(
+        (r for r in pointwise if r["strided_loads"]), key=lambda r: r["calls"] * r["elements"], reverse=True
+    )
+    return dict(
+        kernels=len(rows),
+        launches=sum(r["calls"] for r in rows),
+        transposing_launches=sum(r["calls"] for r in rows if r["tiled"]),
+        strided_gather_elements_per_sample=sum(r["calls"] * r["elements"] * len(r["strided_loads"]) for r in strided)
+        // batch,
+        int64_pointwise_elements_per_sample=sum(r["calls"] * r["elements"] for r in pointwise if r["int64"]) // batch,
+        native_group_norm_kernels=sum(1 for r in rows if "native_group_norm" in r["kernel"]),
+        strided_loads=[
+            dict(kernel=r["kernel"], calls=r["calls"], elements=r["elements"], index=r["strided_loads"])
+            for r in strided
+        ],
+    )
+
+
+def one(pair: str, batch: int, group_norm: str, smoke: bool, keep: Path | None) -> dict:
+    """Generate one configuration (this process is patched for good: run it in a process of its own)."""
+    import torch
+    from fake_h100 import capture, fake_cuda, generate
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from raysmooth.models.architectures import paper_pair, toy_pair
+    from raysmooth.models.attention import set_attention
+    from raysmooth.models.norms import set_group_norm
+
+    start = time.perf_counter()
+    model = (toy_pair(pair) if smoke else paper_pair(pair, "meta")).to("meta")
+    model = model.eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    set_attention(model, "sdpa_cached")
+    set_group_norm(model, group_norm)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_cuda(model, mode)
+    with mode:
+        z = torch.empty((batch, *model.input_shape), device="cuda", dtype=torch.bfloat16)
+        z = z.contiguous(memory_format=torch.channels_last)
+        sigma = torch.full((batch,), 0.5, device="cuda")
+    gm, example_inputs = capture(model, z, sigma, None)
+    code = generate(gm, example_inputs)
+    wrapper = "\n".join(code.wrappers)
+    if keep is not None:
+        folder = keep / f"{pair}-b{batch}-{group_norm}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "wrapper.py").write_text(wrapper)
+        for name, source in code.kernels.items():
+            (folder / f"{name}.py").write_text(source)
+    return dict(
+        pair=pair,
+        batch=batch,
+        group_norm=group_norm,
+        attention="sdpa_cached",
+        precision="bf16",
+        channels_last=True,
+        seconds=round(time.perf_counter() - start, 1),
+        matmul_padding_questions=len(code.pad_questions),
+        **summarise(kernel_table(code.kernels, wrapper), batch),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="the toy pair at batch 8 (a test of the script)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--keep-source", type=Path, default=None, metavar="DIR")
+    ap.add_argument("--one", nargs=3, metavar=("PAIR", "BATCH", "GROUP_NORM"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        pair, batch, group_norm = args.one
+        print(json.dumps(one(pair, int(batch), group_norm, args.smoke, args.keep_source)))
+        return
+
+    import torch
+
+    rows = []
+    for pair, batch, group_norm in SMOKE if args.smoke else FULL:
+        cmd = [sys.executable, __file__, "--one", pair, str(batch), group_norm]
+        cmd += ["--smoke"] * args.smoke + (["--keep-source", str(args.keep_source)] if args.keep_source else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{pair} batch {batch} group_norm={group_norm} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(
+            f"{pair} batch {batch:3d} group_norm={group_norm:13s}: {r['kernels']} kernels, "
+            f"{r['transposing_launches']} transposing launches, strided gathers "
+            f"{r['strided_gather_elements_per_sample'] / 1e6:.1f} M elements/sample, int64 indexing "
+            f"{r['int64_pointwise_elements_per_sample'] / 1e6:.1f} M elements/sample ({r['seconds']} s)",
+            flush=True,
+        )
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results[torch.__version__] = dict(
+        command=" ".join(["python", "bench/codegen.py", *sys.argv[1:]]),
+        device="a pretend NVIDIA H100 80GB HBM3 (bench/fake_h100.py)",
+        rows=rows,
+    )
+    write_atomic(args.out, results)
+    print(f"wrote {args.out} (torch {torch.__version__})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""bench/codegen.py: inductor's CUDA kernels generated without a GPU, and the layout costs read from them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from codegen import kernel_table, summarise  # noqa: E402
+
+# Two kernels as inductor writes them (trimmed): a GroupNorm-then-SiLU pass that reads a buffer laid out
+# channels-first while it walks channels-last (neighbouring threads 12544 elements apart) and writes two
+# outputs, and a cat tiled in two dimensions with 64-bit indices.
+_GATHER = """
+@triton.jit
+def triton_poi_fused_convolution_native_group_norm_silu_7(in_ptr0, in_ptr1, in_ptr2, out_ptr1, xnumel, XBLOCK):
+    xnumel = 924844032
+    xoffset = tl.program_id(0) * XBLOCK
+    xindex = xoffset + tl.arange(0, XBLOCK)[:]
+    x0 = (xindex % 768)
+    x1 = ((xindex // 768) % 12544)
+    x2 = xindex // 9633792
+    x3 = xindex
+    tmp0 = tl.load(in_ptr0 + (x1 + 12544*x0 + 9633792*x2), None, eviction_policy='evict_last').to(tl.float32)
+    tmp2 = tl.load(in_ptr1 + (32*x2 + (x0 // 24)), None, eviction_policy='evict_last')
+    tmp11 = tl.load(in_ptr2 + (x0), None, eviction_policy='evict_last').to(tl.float32)
+    tl.store(out_ptr1 + (x3), tmp0, None)
+"""
+_COALESCED = """
+@triton.jit
+def triton_poi_fused_add_silu_8(in_ptr0, in_ptr1, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    xnumel = 1000
+    x3 = xindex
+    x0 = (xindex % 256)
+    x2 = xindex // 12845056
+    tmp0 = tl.load(in_ptr0 + (x3), None).to(tl.float32)
+    tmp20 = tl.load(in_ptr1 + (x0 + 512*x2), None, eviction_policy='evict_last').to(tl.float32)
+"""
+_TILED = """
+@triton.jit
+def triton_poi_fused_cat_9(in_ptr0, out_ptr0, ynumel, xnumel, YBLOCK : tl.constexpr, XBLOCK : tl.constexpr):
+    ynumel = 49152
+    xnumel = 50176
+    yindex = yoffset + tl.arange(0, YBLOCK)[:, None].to(tl.int64)
+    xindex = xoffset + tl.arange(0, XBLOCK)[None, :].to(tl.int64)
+    y0 = (yindex % 512)
+    tmp5 = tl.load(in_ptr0 + (256*x2 + 12845056*y1 + (y0)), xmask)
+"""
+_WRAPPER = """
+triton_poi_fused_convolution_native_group_norm_silu_7.run(buf1, buf2, buf3, buf4, 924844032, stream=stream0)
+triton_poi_fused_add_silu_8.run(buf5, buf6, buf7, 1000, stream=stream0)
+triton_poi_fused_add_silu_8.run(buf8, buf6, buf9, 1000, stream=stream0)
+triton_poi_fused_cat_9.run(buf10, buf11, 49152, 50176, stream=stream0)
+"""
+KERNELS = {
+    "triton_poi_fused_convolution_native_group_norm_silu_7": _GATHER,
+    "triton_poi_fused_add_silu_8": _COALESCED,
+    "triton_poi_fused_cat_9": _TILED,
+}
+
+
+def test_a_load_whose_neighbouring_threads_are_a_row_apart_is_a_strided_gather():
+    rows = {r["kernel"]: r for r in kernel_table(KERNELS, _WRAPPER)}
+    assert rows["triton_poi_fused_convolution_native_group_norm_silu_7"]["strided_loads"] == [
+        "x1 + 12544*x0 + 9633792*x2"
+    ]
+    # contiguous reads, broadcast parameters and per-channel reads with a batch stride are not gathers
+    assert rows["triton_poi_fused_add_silu_8"]["strided_loads"] == []
+
+
+def test_launches_elements_tiling_and_64_bit_indexing_are_read_from_the_code():
+    rows = {r["kernel"]: r for r in kernel_table(KERNELS, _WRAPPER)}
+    assert [rows[k]["calls"] for k in KERNELS] == [1, 2, 1]
+    assert rows["triton_poi_fused_cat_9"] | {"strided_loads": None} == {
+        "kernel": "triton_poi_fused_cat_9",
+        "calls": 1,
+        "elements": 49152 * 50176,
+        "tiled": True,
+        "int64": True,
+        "strided_loads": None,
+    }
+    assert not rows["triton_poi_fused_add_silu_8"]["tiled"] and not rows["triton_poi_fused_add_silu_8"]["int64"]
+
+
+def test_the_summary_counts_per_sample_over_every_launch():
+    s = summarise(kernel_table(KERNELS, _WRAPPER), batch=96)
+    assert s["kernels"] == 3 and s["launches"] == 4 and s["transposing_launches"] == 1
+    assert s["strided_gather_elements_per_sample"] == 924844032 // 96
+    assert s["int64_pointwise_elements_per_sample"] == 49152 * 50176 // 96
+    assert s["native_group_norm_kernels"] == 1
+    assert [x["kernel"] for x in s["strided_loads"]] == ["triton_poi_fused_convolution_native_group_norm_silu_7"]
+
+
+def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_groupnorm_twin_needs_no_transposes(
+    tmp_path,
+):
+    """The script end to end on the toy pair (a UNet with attention blocks and a small BEiT), both
+    GroupNorms: PyTorch's, lowered for a GPU, copies the attention blocks' channels-last activations
+    into the contiguous layout (kernels tiled to transpose); the twin normalises in place."""
+    out = tmp_path / "codegen.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "codegen.py"), "--smoke", "--out", str(out)]
+    cmd += ["--keep-source", str(tmp_path / "code")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=580)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (entry,) = json.loads(out.read_text()).values()
+    rows = {r["group_norm"]: r for r in entry["rows"]}
+    assert rows.keys() == {"native", "channels_last"}
+    for r in rows.values():
+        assert r["kernels"] > 20 and r["launches"] >= r["kernels"] and r["strided_gather_elements_per_sample"] == 0
+    assert rows["native"]["native_group_norm_kernels"] > 0 and rows["native"]["transposing_launches"] > 0
+    assert (
+        rows["channels_last"]["native_group_norm_kernels"] == 0 and rows["channels_last"]["transposing_launches"] == 0
+    )
+    # the generated code is kept: the wrapper launches CUDA kernels on a CUDA stream
+    wrapper = (tmp_path / "code" / "imagenet-b8-native" / "wrapper.py").read_text()
+    assert "empty_strided_cuda" in wrapper and ".run(" in wrapper
+    assert len(list((tmp_path / "code" / "imagenet-b8-native").glob("triton_*.py"))) == rows["native"]["kernels"]
