@@ -167,8 +167,16 @@ def main() -> None:
             flush=True,
         )
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    import diffusers
+    import timm
+    import triton
+
     results[torch.__version__] = dict(
         command=" ".join(["python", "bench/codegen.py", *sys.argv[1:]]),
+        python=sys.executable,  # the GPU image's torch runs from an environment of its own
+        versions=dict(
+            torch=torch.__version__, triton=triton.__version__, diffusers=diffusers.__version__, timm=timm.__version__
+        ),
         device="a pretend NVIDIA H100 80GB HBM3 (bench/fake_h100.py)",
         rows=rows,
     )

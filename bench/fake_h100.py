@@ -7,15 +7,16 @@ dynamo captures its graph (nothing runs), and inductor lowers, schedules and gen
 kernel and the wrapper that launches them, for a device that answers inductor's questions as an H100
 80GB does. Nothing is compiled by Triton or run.
 
-What is emulated, and how (``pretend_h100``; everything is undone by nothing: run it in a process of
-its own, as bench/codegen.py does):
+What is emulated, and how (``pretend_h100`` patches torch for good, so run it in a process of its own,
+as bench/codegen.py does):
 - convolutions pick cuDNN, so a channels_last input gives a channels_last output as on a GPU (the fake
   tensor's own choice, made without a GPU, is the slow CPU-style kernel with contiguous outputs);
-- attention runs cuDNN's fused kernel, as the H100 profile shows PyTorch picking for both pairs (the
-  C++ choice needs a GPU and would fall back to the unfused math);
+- attention runs cuDNN's fused kernel, as the H100 profiles of the ImageNet pair show PyTorch picking
+  (the C++ choice needs a GPU and would fall back to the unfused math);
 - device properties are an H100's (132 SMs, compute capability 9.0);
-- two things inductor would time on the device are answered without timing: whether to pad a matrix
-  product (no; the questions are recorded) and folding uniform constants (skipped).
+- two things inductor would do on the device itself are answered without it: timing whether to pad a
+  matrix product (answered no; the questions are recorded) and evaluating uniform constants to fold
+  them (skipped).
 The kernels it writes for the ImageNet pair under the GPU image's PyTorch are those of the H100
 profile, name for name (docs/performance.md, "Inductor's kernels without a GPU").
 """
