@@ -177,7 +177,7 @@ def test_an_unknown_benchmark_section_is_one_line():
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-freezing, "
         "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-groupnorm, "
-        "imagenet-coordesc, imagenet-compiled or all"
+        "cifar10-groupnorm, imagenet-coordesc, imagenet-compiled or all"
     ]
 
 
