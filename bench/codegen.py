@@ -1,6 +1,6 @@
 """Inductor's CUDA kernels for the compiled pairs, generated without a GPU, and what their layouts cost.
 
-    python bench/codegen.py                  # ImageNet pair at batch 96 and 63, both GroupNorms (~5 min)
+    python bench/codegen.py                  # ImageNet pair at 96 and 63, CIFAR at 1000; both GroupNorms (~7 min)
     python bench/codegen.py --smoke          # the toy pair (a test of the script)
     python bench/codegen.py --keep-source D  # also each configuration's generated code, under D
 
@@ -39,6 +39,7 @@ from gpu_runs import write_atomic  # noqa: E402
 OUT = ROOT / "bench" / "results" / "codegen.json"
 GATHER_STRIDE = 16  # elements: 32 bytes of bf16, one memory sector per thread
 FULL = [("imagenet", b, gn) for b in (96, 63) for gn in ("native", "channels_last")]
+FULL += [("cifar10", 1000, gn) for gn in ("native", "channels_last")]  # the presets' batch
 SMOKE = [("imagenet", 8, gn) for gn in ("native", "channels_last")]
 
 
