@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from gpu_runs import write_atomic  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "codegen.json"
+GPU_RUNS = ROOT / "bench" / "results" / "gpu.json"  # the H100 profiles the generated code is checked against
 GATHER_STRIDE = 16  # elements: 32 bytes of bf16, one memory sector per thread
 FULL = [("imagenet", b, gn) for b in (96, 63) for gn in ("native", "channels_last")]
 FULL += [("cifar10", 1000, gn) for gn in ("native", "channels_last")]  # the presets' batch
@@ -94,6 +95,42 @@ def summarise(rows: list[dict], batch: int) -> dict:
     )
 
 
+def profile_match(rows: list[dict], top_kernels: list[dict]) -> dict:
+    """How many of a GPU profile's fused kernels the generated code has: the same fused operations
+    (inductor's name without the number it appends) launched as often per batch; when several qualify,
+    the nearest number. A check that the pretend device generates what the real one did."""
+    found, offsets = [], []
+    for k in (k for k in top_kernels if k.get("kind") == "fused (triton)"):
+        stem, number = re.fullmatch(r"(.*)_(\d+)", k["name"]).groups()
+        same = [r for r in rows if r["kernel"].rsplit("_", 1)[0] == stem and r["calls"] == k.get("calls")]
+        if same:
+            nearest = min(same, key=lambda r: abs(int(r["kernel"].rsplit("_", 1)[1]) - int(number)))
+            found.append(k["name"])
+            offsets.append(abs(int(nearest["kernel"].rsplit("_", 1)[1]) - int(number)))
+    fused = sum(1 for k in top_kernels if k.get("kind") == "fused (triton)")
+    return dict(fused_kernels=fused, found=len(found), largest_number_offset=max(offsets, default=None))
+
+
+def gpu_profiles(pair: str, batch: int, group_norm: str, attention: str, path: Path = GPU_RUNS) -> list[dict]:
+    """The compiled profiles of bench/results/gpu.json taken with this configuration's settings."""
+    if not path.exists():
+        return []
+    found = []
+    for run in json.loads(path.read_text()).get("runs", []):
+        for row in run.get("rows", []):
+            preset = row.get("preset") or {}
+            if (
+                "top_kernels" in row
+                and row.get("pair") == pair
+                and row.get("batch") == batch
+                and preset.get("compile")
+                and preset.get("attention") == attention
+                and preset.get("group_norm", "native") == group_norm
+            ):
+                found.append(dict(run=run.get("run"), torch=run.get("torch"), top_kernels=row["top_kernels"]))
+    return found
+
+
 def one(pair: str, batch: int, group_norm: str, smoke: bool, keep: Path | None) -> dict:
     """Generate one configuration (this process is patched for good: run it in a process of its own)."""
     import torch
@@ -124,6 +161,13 @@ def one(pair: str, batch: int, group_norm: str, smoke: bool, keep: Path | None) 
         (folder / "wrapper.py").write_text(wrapper)
         for name, source in code.kernels.items():
             (folder / f"{name}.py").write_text(source)
+    rows = kernel_table(code.kernels, wrapper)
+    # Profiles taken under another torch name other kernels: only the same version is a check.
+    matches = [
+        dict(run=p["run"], **profile_match(rows, p["top_kernels"]))
+        for p in gpu_profiles(pair, batch, group_norm, "sdpa_cached")
+        if p["torch"] == torch.__version__ and not smoke
+    ]
     return dict(
         pair=pair,
         batch=batch,
@@ -133,7 +177,8 @@ def one(pair: str, batch: int, group_norm: str, smoke: bool, keep: Path | None) 
         channels_last=True,
         seconds=round(time.perf_counter() - start, 1),
         matmul_padding_questions=len(code.pad_questions),
-        **summarise(kernel_table(code.kernels, wrapper), batch),
+        gpu_profiles_matched=matches,
+        **summarise(rows, batch),
     )
 
 
@@ -167,6 +212,11 @@ def main() -> None:
             f"{r['int64_pointwise_elements_per_sample'] / 1e6:.1f} M elements/sample ({r['seconds']} s)",
             flush=True,
         )
+        for m in r["gpu_profiles_matched"]:
+            print(
+                f"   GPU run {m['run']}: {m['found']} of its {m['fused_kernels']} profiled fused kernels generated "
+                f"(same fused operations and launches; numbers at most {m['largest_number_offset']} apart)"
+            )
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     import diffusers
     import timm

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from codegen import kernel_table, summarise  # noqa: E402
+from codegen import kernel_table, profile_match, summarise  # noqa: E402
 
 # Two kernels as inductor writes them (trimmed): a GroupNorm-then-SiLU pass that reads a buffer laid out
 # channels-first while it walks channels-last (neighbouring threads 12544 elements apart) and writes two
@@ -117,3 +117,14 @@ def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_gro
     wrapper = (tmp_path / "code" / "imagenet-b8-native" / "wrapper.py").read_text()
     assert "empty_strided_cuda" in wrapper and ".run(" in wrapper
     assert len(list((tmp_path / "code" / "imagenet-b8-native").glob("triton_*.py"))) == rows["native"]["kernels"]
+
+
+def test_a_gpu_profiles_fused_kernels_are_found_by_operations_and_launches_not_by_number():
+    rows = kernel_table(KERNELS, _WRAPPER)
+    profile = [
+        {"kind": "fused (triton)", "name": "triton_poi_fused_add_silu_10", "calls": 2},  # numbered 8 here
+        {"kind": "fused (triton)", "name": "triton_poi_fused_cat_9", "calls": 3},  # launched once here
+        {"kind": "fused (triton)", "name": "triton_poi_fused_gelu_4", "calls": 1},  # not generated
+        {"kind": "convolution", "name": "sm90_xmma_fprop_implicit_gemm", "calls": 28},  # a library kernel
+    ]
+    assert profile_match(rows, profile) == {"fused_kernels": 3, "found": 1, "largest_number_offset": 2}
