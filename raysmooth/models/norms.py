@@ -3,9 +3,10 @@
 A UNet run in channels_last keeps its activations with the channels innermost, which is what the GPU's
 convolution kernels read fastest. PyTorch's GroupNorm does not: outside the CPU, its reference
 decomposition, which ``torch.compile`` lowers, first copies a channels_last input to the contiguous
-layout (channels outermost), normalises there, and hands the next convolution a tensor it must
-transpose back. Those copies run across the memory layout, and a GroupNorm-then-SiLU pass of the ADM
-UNet took several times what its bytes need on an H100 (docs/performance.md).
+layout (channels outermost) and normalises there. Inductor fuses most of that copy away, but in the
+code it generates for a GPU the attention blocks' GroupNorm still writes channels-first and is read
+back transposed (kernels tiled to transpose, 16 launches per batch of the ImageNet pair;
+docs/performance.md, "Inductor's kernels without a GPU").
 
 ``ChannelsLastGroupNorm`` computes the same normalisation on a view of the activation with the channels
 last, (N, H·W, groups, channels per group): the statistics reduce over positions and the channels of a
