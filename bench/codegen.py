@@ -99,35 +99,36 @@ def profile_match(rows: list[dict], top_kernels: list[dict]) -> dict:
     """How many of a GPU profile's fused kernels the generated code has: the same fused operations
     (inductor's name without the number it appends) launched as often per batch; when several qualify,
     the nearest number. A check that the pretend device generates what the real one did."""
-    found, offsets = [], []
-    for k in (k for k in top_kernels if k.get("kind") == "fused (triton)"):
-        stem, number = re.fullmatch(r"(.*)_(\d+)", k["name"]).groups()
-        same = [r for r in rows if r["kernel"].rsplit("_", 1)[0] == stem and r["calls"] == k.get("calls")]
+    generated = [(*r["kernel"].rsplit("_", 1), r["calls"]) for r in rows]  # (operations, number, launches)
+    fused = [k for k in top_kernels if k.get("kind") == "fused (triton)"]
+    offsets = []
+    for k in fused:
+        stem, number = k["name"].rsplit("_", 1)
+        same = [abs(int(n) - int(number)) for s, n, calls in generated if s == stem and calls == k.get("calls")]
         if same:
-            nearest = min(same, key=lambda r: abs(int(r["kernel"].rsplit("_", 1)[1]) - int(number)))
-            found.append(k["name"])
-            offsets.append(abs(int(nearest["kernel"].rsplit("_", 1)[1]) - int(number)))
-    fused = sum(1 for k in top_kernels if k.get("kind") == "fused (triton)")
-    return dict(fused_kernels=fused, found=len(found), largest_number_offset=max(offsets, default=None))
+            offsets.append(min(same))
+    return dict(fused_kernels=len(fused), found=len(offsets), largest_number_offset=max(offsets, default=None))
 
 
-def gpu_profiles(pair: str, batch: int, group_norm: str, attention: str, path: Path = GPU_RUNS) -> list[dict]:
-    """The compiled profiles of bench/results/gpu.json taken with this configuration's settings."""
-    if not path.exists():
+def gpu_profiles(pair: str, batch: int, group_norm: str, attention: str, torch_version: str) -> list[dict]:
+    """The compiled profiles in bench/results/gpu.json taken with this configuration's settings under
+    this torch (another version names other kernels, so only the same one is a check)."""
+    if not GPU_RUNS.exists():
         return []
     found = []
-    for run in json.loads(path.read_text()).get("runs", []):
+    for run in json.loads(GPU_RUNS.read_text()).get("runs", []):
         for row in run.get("rows", []):
             preset = row.get("preset") or {}
             if (
-                "top_kernels" in row
+                run.get("torch") == torch_version
+                and "top_kernels" in row
                 and row.get("pair") == pair
                 and row.get("batch") == batch
                 and preset.get("compile")
                 and preset.get("attention") == attention
                 and preset.get("group_norm", "native") == group_norm
             ):
-                found.append(dict(run=run.get("run"), torch=run.get("torch"), top_kernels=row["top_kernels"]))
+                found.append(dict(run=run.get("run"), top_kernels=row["top_kernels"]))
     return found
 
 
@@ -162,12 +163,8 @@ def one(pair: str, batch: int, group_norm: str, smoke: bool, keep: Path | None) 
         for name, source in code.kernels.items():
             (folder / f"{name}.py").write_text(source)
     rows = kernel_table(code.kernels, wrapper)
-    # Profiles taken under another torch name other kernels: only the same version is a check.
-    matches = [
-        dict(run=p["run"], **profile_match(rows, p["top_kernels"]))
-        for p in gpu_profiles(pair, batch, group_norm, "sdpa_cached")
-        if p["torch"] == torch.__version__ and not smoke
-    ]
+    profiles = [] if smoke else gpu_profiles(pair, batch, group_norm, "sdpa_cached", torch.__version__)
+    matches = [dict(run=p["run"], **profile_match(rows, p["top_kernels"])) for p in profiles]
     return dict(
         pair=pair,
         batch=batch,

@@ -52,7 +52,7 @@ class Generated:
     pad_questions: list[tuple[str, tuple, tuple]] = dataclasses.field(default_factory=list)
 
 
-_SEEN = Generated()  # what the patched hooks write into; generate() hands out a copy
+_SEEN = Generated()  # what the patched hooks write into (generate() starts a fresh one per graph)
 
 
 def _layouts_as_on_a_gpu() -> None:
@@ -187,8 +187,9 @@ def generate(gm: torch.fx.GraphModule, example_inputs: list) -> Generated:
     from torch._inductor.compile_fx import compile_fx
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    seen = pretend_h100()
-    seen.kernels.clear(), seen.wrappers.clear(), seen.pad_questions.clear()
+    global _SEEN
+    pretend_h100()
+    _SEEN = seen = Generated()  # a fresh record for this graph; the patched hooks write into _SEEN
     with FakeTensorMode(allow_non_fake_inputs=False):
         inputs = [
             torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda") if isinstance(t, torch.Tensor) else t
@@ -207,6 +208,4 @@ def generate(gm: torch.fx.GraphModule, example_inputs: list) -> Generated:
             compile_fx(gm, inputs)
     finally:
         codecache.PyCodeCache.load_by_key_path = load
-    return dataclasses.replace(
-        seen, kernels=dict(seen.kernels), wrappers=list(seen.wrappers), pad_questions=list(seen.pad_questions)
-    )
+    return seen
