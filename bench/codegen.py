@@ -3,6 +3,7 @@
     python bench/codegen.py                  # ImageNet pair at 96 and 63, CIFAR at 1000; both GroupNorms (~7 min)
     python bench/codegen.py --smoke          # the toy pair (a test of the script)
     python bench/codegen.py --keep-source D  # also each configuration's generated code, under D
+    python bench/codegen.py --jobs 1         # one configuration at a time (default: one per core)
 
 Each configuration (pair, batch, ``engine.group_norm``) is built as ``engine=gpu_compiled`` runs it (bf16,
 channels_last, ``attention=sdpa_cached``) on a pretend H100 (bench/fake_h100.py: fake CUDA tensors,
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +187,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="the toy pair at batch 8 (a test of the script)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--keep-source", type=Path, default=None, metavar="DIR")
+    ap.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="configurations generated at once (default: one per core)"
+    )
     ap.add_argument("--one", nargs=3, metavar=("PAIR", "BATCH", "GROUP_NORM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -191,29 +197,40 @@ def main() -> None:
         print(json.dumps(one(pair, int(batch), group_norm, args.smoke, args.keep_source)))
         return
 
+    if not args.out.parent.is_dir():
+        sys.exit(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    if args.jobs < 1:
+        sys.exit(f"--jobs {args.jobs}: at least 1")
     import torch
 
-    rows = []
-    for pair, batch, group_norm in SMOKE if args.smoke else FULL:
+    def generate(config: tuple[str, int, str]) -> subprocess.CompletedProcess:
+        pair, batch, group_norm = config
         cmd = [sys.executable, __file__, "--one", pair, str(batch), group_norm]
         cmd += ["--smoke"] * args.smoke + (["--keep-source", str(args.keep_source)] if args.keep_source else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{pair} batch {batch} group_norm={group_norm} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(
-            f"{pair} batch {batch:3d} group_norm={group_norm:13s}: {r['kernels']} kernels, "
-            f"{r['transposing_launches']} transposing launches, strided gathers "
-            f"{r['strided_gather_elements_per_sample'] / 1e6:.1f} M elements/sample, int64 indexing "
-            f"{r['int64_pointwise_elements_per_sample'] / 1e6:.1f} M elements/sample ({r['seconds']} s)",
-            flush=True,
-        )
-        for m in r["gpu_profiles_matched"]:
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+    # Each configuration runs in a process of its own (the patches are for good); they are independent,
+    # so they run side by side, and are reported in their fixed order as they finish.
+    configs = SMOKE if args.smoke else FULL
+    rows = []
+    with ThreadPoolExecutor(min(args.jobs, len(configs))) as pool:
+        for (pair, batch, group_norm), done in zip(configs, pool.map(generate, configs)):
+            if done.returncode != 0:
+                sys.exit(f"{pair} batch {batch} group_norm={group_norm} failed:\n{done.stderr[-3000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
             print(
-                f"   GPU run {m['run']}: {m['found']} of its {m['fused_kernels']} profiled fused kernels generated "
-                f"(same fused operations and launches; numbers at most {m['largest_number_offset']} apart)"
+                f"{pair} batch {batch:3d} group_norm={group_norm:13s}: {r['kernels']} kernels, "
+                f"{r['transposing_launches']} transposing launches, strided gathers "
+                f"{r['strided_gather_elements_per_sample'] / 1e6:.1f} M elements/sample, int64 indexing "
+                f"{r['int64_pointwise_elements_per_sample'] / 1e6:.1f} M elements/sample ({r['seconds']} s)",
+                flush=True,
             )
+            for m in r["gpu_profiles_matched"]:
+                print(
+                    f"   GPU run {m['run']}: {m['found']} of its {m['fused_kernels']} profiled fused kernels generated "
+                    f"(same fused operations and launches; numbers at most {m['largest_number_offset']} apart)"
+                )
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     import diffusers
     import timm

@@ -128,3 +128,12 @@ def test_a_gpu_profiles_fused_kernels_are_found_by_operations_and_launches_not_b
         {"kind": "convolution", "name": "sm90_xmma_fprop_implicit_gemm", "calls": 28},  # a library kernel
     ]
     assert profile_match(rows, profile) == {"fused_kernels": 3, "found": 1, "largest_number_offset": 2}
+
+
+def test_an_out_file_in_a_folder_that_does_not_exist_is_one_line_before_anything_is_generated(tmp_path):
+    out = tmp_path / "missing" / "codegen.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "codegen.py"), "--smoke", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"--out {out}: the folder {out.parent} does not exist"
+    assert not (tmp_path / "missing").exists()
