@@ -174,6 +174,7 @@ class CertifyCfg:
     plot: bool = True
     flush_every: int = 200  # commit counts after this many finished rows …
     flush_seconds: float = 30.0  # … or this many seconds
+    progress_seconds: float = 10.0  # a progress line (images done, samples/s, ETA) this often
 
 
 @dataclass
@@ -639,6 +640,11 @@ def validate_certify(cfg: CertifyCfg) -> None:
         "flush_seconds",
         _finite(cfg.flush_seconds) and cfg.flush_seconds > 0,
         f"must be a positive number of seconds, got {cfg.flush_seconds}",
+    )
+    _check(
+        "progress_seconds",
+        _finite(cfg.progress_seconds) and cfg.progress_seconds > 0,
+        f"must be a positive number of seconds, got {cfg.progress_seconds}",
     )
     _check_out(cfg.out)
     _check_not_in_a_run(cfg.out)

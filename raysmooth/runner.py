@@ -372,6 +372,7 @@ def _sample(
         ray_cfg=ry,
         flush_every=cfg.flush_every,
         flush_seconds=cfg.flush_seconds,
+        progress_seconds=cfg.progress_seconds,
         joining=replicas.joining,
         check_joined=functools.partial(_same_replica, info),
     )

@@ -3,6 +3,7 @@ typed configs checked once at the edge, and a torch-free path for the statistics
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,14 @@ def test_a_run_keeps_hydras_records_beside_its_results(tmp_path):
     records = list((tmp_path / ".hydra").glob("*/.hydra/config.yaml"))
     assert len(records) == 1 and "'n': 40" in records[0].read_text()
     assert (records[0].parent.parent / "certify.log").is_file()
+
+
+def test_progress_seconds_sets_how_often_a_run_logs_its_progress(tmp_path, capfd):
+    """A 40-hour job's log wants a line every few minutes, a short one every second; the default is 10 s."""
+    args = [*SMALL, "data.options.num_images=400", "smoothing.n=2000", "progress_seconds=0.05", f"out={tmp_path}"]
+    assert certify_main(args) == 0
+    done = [int(m) for m in re.findall(r"progress: (\d+)/400 images", capfd.readouterr().err.replace(",", ""))]
+    assert len([d for d in done if 0 < d < 400]) >= 2, done  # the 10 s default logs only the first and the last
 
 
 def test_runs_started_in_the_same_second_keep_their_own_hydra_records(tmp_path, monkeypatch):

@@ -42,6 +42,8 @@ def test_a_wrong_key_or_value_is_one_line_naming_it(override, names):
     [
         ("flush_seconds=nan", "flush_seconds must be a positive number of seconds"),  # never flushed by time
         ("flush_seconds=-1", "flush_seconds must be a positive number of seconds"),
+        ("progress_seconds=0", "progress_seconds must be a positive number of seconds"),
+        ("progress_seconds=inf", "progress_seconds must be a positive number of seconds"),
         ("ray.max_restarts=-2", r"ray.max_restarts must be -1 \(restart without limit\) or more"),
         ("ray.local_cpus=0", "ray.local_cpus must be at least 1, or null"),  # 0 took every CPU
         ("radii=[]", r"radii must be non-negative numbers, at least one"),  # a table without a radius

@@ -326,6 +326,7 @@ def test_a_job_stopped_by_a_signal_commits_its_finished_rows_and_says_how_to_res
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     args = [sys.executable, "jobs/certify.py", *SMALL, "data.options.num_images=400", "smoothing.n=100000"]
     args += ["flush_every=1000000", "flush_seconds=100000", f"out={tmp_path}"]  # no flush before the end
+    args += ["progress_seconds=0.5"]  # the signal goes once a progress line shows images finished
     job = subprocess.Popen(  # SIGHUP as a shell leaves it, whatever this test runs under (nohup ignores it)
         args,
         cwd=ROOT,

@@ -39,6 +39,7 @@ def sample_counts(
     ray_cfg: Any,
     flush_every: int = 200,
     flush_seconds: float = 30.0,
+    progress_seconds: float = 10.0,
     progress: Callable[[Planner, float], None] | None = None,
     joining: Mapping[Any, Any] | None = None,
     check_joined: Callable[[dict], None] | None = None,
@@ -66,7 +67,7 @@ def sample_counts(
         if len(buffer) >= flush_every or time.monotonic() - state["last_flush"] > flush_seconds:
             flush()
 
-    bar = progress or Progress(len(images))
+    bar = progress or Progress(len(images), every_s=progress_seconds)
     driver = Driver(
         actors,
         images,
