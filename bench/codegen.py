@@ -1,11 +1,12 @@
 """Inductor's CUDA kernels for the compiled pairs, generated without a GPU, and what their layouts cost.
 
-    python bench/codegen.py                  # ImageNet pair at 96 and 63, CIFAR at 1000; both GroupNorms (~7 min)
+    python bench/codegen.py                  # ImageNet pair at 96 and 63, CIFAR at 1000; both GroupNorms (~5 min)
     python bench/codegen.py --smoke          # the toy pair (a test of the script)
     python bench/codegen.py --keep-source D  # also each configuration's generated code, under D
     python bench/codegen.py --jobs 1         # one configuration at a time (default: one per core)
 
-Each configuration (pair, batch, ``engine.group_norm``) is built as ``engine=gpu_compiled`` runs it (bf16,
+Each configuration (pair, batch, ``engine.group_norm``, and whether the UNet's skip concatenations are
+pinned channels_last, bench/layouts.py) is built as ``engine=gpu_compiled`` runs it (bf16,
 channels_last, ``attention=sdpa_cached``) on a pretend H100 (bench/fake_h100.py: fake CUDA tensors,
 inductor's real lowering and scheduling, nothing compiled or run), in a process of its own. From the
 generated code it counts, per sample, what the GPU profile cannot say by itself:
@@ -41,10 +42,13 @@ from gpu_runs import write_atomic  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "codegen.json"
 GPU_RUNS = ROOT / "bench" / "results" / "gpu.json"  # the H100 profiles the generated code is checked against
+GROUP_NORMS = ("native", "channels_last")
 GATHER_STRIDE = 16  # elements: 32 bytes of bf16, one memory sector per thread
-FULL = [("imagenet", b, gn) for b in (96, 63) for gn in ("native", "channels_last")]
-FULL += [("cifar10", 1000, gn) for gn in ("native", "channels_last")]  # the presets' batch
-SMOKE = [("imagenet", 8, gn) for gn in ("native", "channels_last")]
+FULL = [("imagenet", b, gn, "free") for b in (96, 63) for gn in ("native", "channels_last")]
+FULL += [("cifar10", 1000, gn, "free") for gn in ("native", "channels_last")]  # the presets' batch
+# The skip concatenations pinned channels_last (bench/layouts.py): what bench/gpu.py's imagenet-concat measures.
+FULL += [(pair, batch, gn, "pinned") for pair, batch in (("imagenet", 96), ("cifar10", 1000)) for gn in GROUP_NORMS]
+SMOKE = [("imagenet", 8, gn, "free") for gn in ("native", "channels_last")]
 
 
 def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
@@ -135,10 +139,11 @@ def gpu_profiles(pair: str, batch: int, group_norm: str, attention: str, torch_v
     return found
 
 
-def one(pair: str, batch: int, group_norm: str, smoke: bool, keep: Path | None) -> dict:
+def one(pair: str, batch: int, group_norm: str, concat: str, smoke: bool, keep: Path | None) -> dict:
     """Generate one configuration (this process is patched for good: run it in a process of its own)."""
     import torch
     from fake_h100 import capture, fake_cuda, generate
+    from layouts import pin_concatenations
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from raysmooth.models.architectures import paper_pair, toy_pair
@@ -150,6 +155,8 @@ def one(pair: str, batch: int, group_norm: str, smoke: bool, keep: Path | None) 
     model = model.eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
     set_attention(model, "sdpa_cached")
     set_group_norm(model, group_norm)
+    if concat == "pinned":
+        pin_concatenations(model)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_cuda(model, mode)
     with mode:
@@ -160,18 +167,22 @@ def one(pair: str, batch: int, group_norm: str, smoke: bool, keep: Path | None) 
     code = generate(gm, example_inputs)
     wrapper = "\n".join(code.wrappers)
     if keep is not None:
-        folder = keep / f"{pair}-b{batch}-{group_norm}"
+        folder = keep / (f"{pair}-b{batch}-{group_norm}" + ("-pinned" if concat == "pinned" else ""))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "wrapper.py").write_text(wrapper)
         for name, source in code.kernels.items():
             (folder / f"{name}.py").write_text(source)
     rows = kernel_table(code.kernels, wrapper)
-    profiles = [] if smoke else gpu_profiles(pair, batch, group_norm, "sdpa_cached", torch.__version__)
+    # The GPU's profiles ran with the concatenations free.
+    profiles = (
+        [] if smoke or concat != "free" else gpu_profiles(pair, batch, group_norm, "sdpa_cached", torch.__version__)
+    )
     matches = [dict(run=p["run"], **profile_match(rows, p["top_kernels"])) for p in profiles]
     return dict(
         pair=pair,
         batch=batch,
         group_norm=group_norm,
+        concat=concat,
         attention="sdpa_cached",
         precision="bf16",
         channels_last=True,
@@ -190,11 +201,11 @@ def main() -> None:
     ap.add_argument(
         "--jobs", type=int, default=os.cpu_count() or 1, help="configurations generated at once (default: one per core)"
     )
-    ap.add_argument("--one", nargs=3, metavar=("PAIR", "BATCH", "GROUP_NORM"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=4, metavar=("PAIR", "BATCH", "GROUP_NORM", "CONCAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        pair, batch, group_norm = args.one
-        print(json.dumps(one(pair, int(batch), group_norm, args.smoke, args.keep_source)))
+        pair, batch, group_norm, concat = args.one
+        print(json.dumps(one(pair, int(batch), group_norm, concat, args.smoke, args.keep_source)))
         return
 
     if not args.out.parent.is_dir():
@@ -203,9 +214,9 @@ def main() -> None:
         sys.exit(f"--jobs {args.jobs}: at least 1")
     import torch
 
-    def generate(config: tuple[str, int, str]) -> subprocess.CompletedProcess:
-        pair, batch, group_norm = config
-        cmd = [sys.executable, __file__, "--one", pair, str(batch), group_norm]
+    def generate(config: tuple[str, int, str, str]) -> subprocess.CompletedProcess:
+        pair, batch, group_norm, concat = config
+        cmd = [sys.executable, __file__, "--one", pair, str(batch), group_norm, concat]
         cmd += ["--smoke"] * args.smoke + (["--keep-source", str(args.keep_source)] if args.keep_source else [])
         return subprocess.run(cmd, capture_output=True, text=True)
 
@@ -214,13 +225,14 @@ def main() -> None:
     configs = SMOKE if args.smoke else FULL
     rows = []
     with ThreadPoolExecutor(min(args.jobs, len(configs))) as pool:
-        for (pair, batch, group_norm), done in zip(configs, pool.map(generate, configs)):
+        for (pair, batch, group_norm, concat), done in zip(configs, pool.map(generate, configs)):
+            what = f"{pair} batch {batch:3d} group_norm={group_norm:13s} concat={concat:6s}"
             if done.returncode != 0:
-                sys.exit(f"{pair} batch {batch} group_norm={group_norm} failed:\n{done.stderr[-3000:]}")
+                sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(
-                f"{pair} batch {batch:3d} group_norm={group_norm:13s}: {r['kernels']} kernels, "
+                f"{what}: {r['kernels']} kernels, "
                 f"{r['transposing_launches']} transposing launches, strided gathers "
                 f"{r['strided_gather_elements_per_sample'] / 1e6:.1f} M elements/sample, int64 indexing "
                 f"{r['int64_pointwise_elements_per_sample'] / 1e6:.1f} M elements/sample ({r['seconds']} s)",

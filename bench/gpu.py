@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_runs import write_atomic  # noqa: E402
+from layouts import pin_concatenations  # noqa: E402
 from reference_loop import reference_certify_counts  # noqa: E402
 
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
@@ -890,6 +891,18 @@ def group_norm_section(bench: Bench, name: str = "imagenet") -> None:
     compare_compiled(bench, name, test, replicas, switched_layers=layers)
 
 
+def concat_layout_section(bench: Bench, name: str = "imagenet") -> None:
+    """The compiled pair (as the presets run it) with the UNet's skip concatenations left to inductor
+    and pinned to channels_last (bench/layouts.py). Under the GPU image's torch 2.11 the free ones are
+    written channels-first and read back with strided gathers (112.6 M elements per ImageNet sample,
+    bench/codegen.py); torch 2.14.1, the project's pin, generates the pinned code by itself. So the
+    speed-up is what our pinned torch gains over the image's in these kernels, measured on the image."""
+    replicas = {variant: preset_replica(bench, name) for variant in ("free", "pinned")}
+    pinned = pin_concatenations(replicas["pinned"].base)
+    test = "bf16 compiled, channels_last: the UNet's skip concatenations laid out by inductor against pinned"
+    compare_compiled(bench, name, test, replicas, pinned_concatenations=pinned)
+
+
 def coordinate_descent_section(bench: Bench, name: str = "imagenet") -> None:
     """The compiled pair (as the presets run it) with inductor's coordinate-descent tuning alone: block
     sizes tuned for its own Triton kernels (the fused norm, activation and layout passes, 36% of the
@@ -1061,6 +1074,11 @@ def main() -> None:
             "cifar10: compiled, PyTorch's GroupNorm and GroupNorm in the activations' layout",
             150,  # two compiles of the pair (49 s in run 4) and the timed rounds
             lambda: group_norm_section(bench, "cifar10"),
+        ),
+        "imagenet-concat": (
+            "imagenet: compiled, the skip concatenations laid out by inductor and pinned channels_last",
+            200,  # two compiles of the pair (54-83 s each, runs 7 and 5) and the timed rounds
+            lambda: concat_layout_section(bench, "imagenet"),
         ),
         "imagenet-coordesc": (
             "imagenet: compiled in the default mode and with coordinate-descent tuning",

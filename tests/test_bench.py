@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from raysmooth.config import compose
+from raysmooth.models.architectures import toy_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,11 +58,13 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
 
 
 def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
-    """BEiT's bias cached against timm's per-forward bias: each variant compiled for real, timed
-    interleaved, with its speed-up over the first and the labels it gives differently; the preset's own
-    compiled row records the settings it ran (one smoke run: each compile costs seconds; the other
-    comparisons share this code and are checked for what they hand it, below)."""
-    result = _smoke(tmp_path, "imagenet-bias,imagenet-compiled,imagenet-kernels,imagenet-groupnorm", timeout=600)
+    """BEiT's bias cached against timm's per-forward bias (and the other compiled comparisons): each
+    variant compiled for real, timed interleaved, with its speed-up over the first and the labels it
+    gives differently; the preset's own compiled row records the settings it ran (one smoke run: each
+    compile costs seconds; the other comparisons share this code and are checked for what they hand it,
+    below)."""
+    sections = "imagenet-bias,imagenet-compiled,imagenet-kernels,imagenet-groupnorm,imagenet-concat"
+    result = _smoke(tmp_path, sections, timeout=600)
     assert result["errors"] == [], result["errors"]
     assert "in_progress" not in result  # only a run killed inside a section says where it stopped
     compiled = next(row for row in result["rows"] if row.get("compiled"))
@@ -69,7 +72,8 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     cached = next(row for row in result["rows"] if "cached in aligned rows" in row.get("test", ""))
     assert cached["cached_layers"] == 2  # the smoke pair's two BEiT blocks
     # Each compile is recorded as it finishes, so a run killed in a later, longer compile still has it.
-    assert [c["variant"] for c in result["compiles"]] == ["sdpa", "sdpa_cached", "native", "channels_last"]
+    variants = ["sdpa", "sdpa_cached", "native", "channels_last", "free", "pinned"]
+    assert [c["variant"] for c in result["compiles"]] == variants
     assert all(c["seconds"] > 0 for c in result["compiles"])  # real compiles, not a cached graph or eager
     first, other = cached["sdpa"], cached["sdpa_cached"]
     assert first["samples_per_s"] > 0 and other["samples_per_s"] > 0
@@ -81,6 +85,10 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     assert all(k["source"] and k["launches"] for k in kernels["kernels"])
     norms = next(row for row in result["rows"] if "GroupNorm in the activations' layout" in row.get("test", ""))
     assert norms["switched_layers"] > 0 and norms["channels_last"]["labels_differing"] == 0
+    concat = next(row for row in result["rows"] if "skip concatenations" in row.get("test", ""))
+    unet = next(m for m in toy_pair("imagenet").modules() if type(m).__name__ == "UNet2DModel")
+    assert concat["pinned_concatenations"] == sum(len(b.resnets) for b in unet.up_blocks)  # each takes a concat
+    assert concat["pinned"]["labels_differing"] == 0  # a layout, not a value, changes
 
 
 def test_the_kernel_report_reads_a_generated_kernel_its_launch_and_its_buffers_layouts():
@@ -177,7 +185,7 @@ def test_an_unknown_benchmark_section_is_one_line():
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-freezing, "
         "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-groupnorm, "
-        "cifar10-groupnorm, imagenet-coordesc, imagenet-compiled or all"
+        "cifar10-groupnorm, imagenet-concat, imagenet-coordesc, imagenet-compiled or all"
     ]
 
 
@@ -195,3 +203,25 @@ def test_gpu_sh_without_torch_says_where_to_run_it(tmp_path):
     done = subprocess.run(["bash", str(tmp_path / "bench" / "gpu.sh")], capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert "bench/gpu.sh: python3 cannot import torch and timm; run it where they are installed" in done.stderr
+
+
+def test_pinning_the_skip_concatenations_hooks_each_up_block_resnet_and_changes_no_logit():
+    """bench/layouts.py, the imagenet-concat variant: a stride order for inductor, never a value."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from layouts import pin_concatenations
+
+    model = toy_pair("imagenet")
+    torch.manual_seed(1)
+    z = torch.randn(4, 3, 8, 8)
+    sigma = torch.full((4,), 0.5)
+    with torch.inference_mode():
+        before = model(z, sigma)  # contiguous activations: eager, the pin copies them channels_last
+        pinned = pin_concatenations(model)
+        handed = []  # what each resnet's first layer, its GroupNorm, is handed
+        for block in next(m for m in model.modules() if type(m).__name__ == "UNet2DModel").up_blocks:
+            for resnet in block.resnets:
+                resnet.norm1.register_forward_pre_hook(lambda m, args: handed.append(args[0]) and None)
+        after = model(z, sigma)
+    assert pinned == len(handed) == 4  # the toy UNet's two up blocks of two resnets, each after a concat
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in handed)
+    torch.testing.assert_close(after, before)  # the convolutions sum in another order channels_last
