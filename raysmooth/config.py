@@ -174,7 +174,7 @@ class CertifyCfg:
     plot: bool = True
     flush_every: int = 200  # commit counts after this many finished rows …
     flush_seconds: float = 30.0  # … or this many seconds
-    progress_seconds: float = 10.0  # a progress line (images done, samples/s, ETA) this often
+    progress_seconds: float = 10.0  # a progress line (images done, samples/s, ETA) this often, in a log
 
 
 @dataclass
