@@ -40,15 +40,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_runs import write_atomic  # noqa: E402
 
+from raysmooth.config import GROUP_NORM_KINDS  # noqa: E402
+
 OUT = ROOT / "bench" / "results" / "codegen.json"
 GPU_RUNS = ROOT / "bench" / "results" / "gpu.json"  # the H100 profiles the generated code is checked against
-GROUP_NORMS = ("native", "channels_last")
 GATHER_STRIDE = 16  # elements: 32 bytes of bf16, one memory sector per thread
-FULL = [("imagenet", b, gn, "free") for b in (96, 63) for gn in ("native", "channels_last")]
-FULL += [("cifar10", 1000, gn, "free") for gn in ("native", "channels_last")]  # the presets' batch
+FULL = [("imagenet", b, gn, "free") for b in (96, 63) for gn in GROUP_NORM_KINDS]
+FULL += [("cifar10", 1000, gn, "free") for gn in GROUP_NORM_KINDS]  # the presets' batch
 # The skip concatenations pinned channels_last (bench/layouts.py): what bench/gpu.py's imagenet-concat measures.
-FULL += [(pair, batch, gn, "pinned") for pair, batch in (("imagenet", 96), ("cifar10", 1000)) for gn in GROUP_NORMS]
-SMOKE = [("imagenet", 8, gn, "free") for gn in ("native", "channels_last")]
+FULL += [
+    (pair, batch, gn, "pinned") for pair, batch in (("imagenet", 96), ("cifar10", 1000)) for gn in GROUP_NORM_KINDS
+]
+SMOKE = [("imagenet", 8, gn, "free") for gn in GROUP_NORM_KINDS]
 
 
 def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
