@@ -456,17 +456,22 @@ def kernels_by_kind(bench: Bench, forward) -> dict:
     }
 
 
-def profiled_preset(bench: Bench, name: str, keep_code: bool = False) -> tuple[Replica, int, float, list, dict]:
+def profiled_preset(
+    bench: Bench, name: str, keep_code: bool = False, pinned: bool = False
+) -> tuple[Replica, int, float, list, dict]:
     """The pair as engine=gpu_compiled runs it: compiled on its first unit, then one batch of the
     compiled shape and layout profiled by kernel (``kernels_by_kind``). Returns the replica, its batch,
     the compile's seconds, inductor's generated modules (with ``keep_code``, compiled with inductor's
-    cache off since a cache hit writes no code; else none) and the profile."""
+    cache off since a cache hit writes no code; else none) and the profile. ``pinned``: the skip
+    concatenations pinned channels_last first (bench/layouts.py), the layout torch 2.14.1 gives them."""
     import torch._inductor.config as inductor
     from torch._inductor.utils import run_and_get_code
 
     dev = bench.device
     batch = batch_for(bench, name)
     r = preset_replica(bench, name)
+    if pinned:
+        pin_concatenations(r.base)
     units, imgs = work(r.base.input_shape, 1, batch, batch, dev)
     codes: list[str] = []
     if keep_code:
@@ -536,12 +541,13 @@ def kernel_report(code: str, name: str, max_chars: int = 8000) -> dict | None:
     return {"kernel": full, "source": source, "launches": launches[:3], "buffers": list(dict.fromkeys(buffers))[:20]}
 
 
-def kernel_sources(bench: Bench, name: str, top: int = 6) -> None:
+def kernel_sources(bench: Bench, name: str, top: int = 6, pinned: bool = False) -> None:
     """The compiled pair's slowest fused kernels as inductor generated them: run 9's largest (a
     GroupNorm-then-SiLU pass, 3 calls of 19.2 ms each, several times what its bytes take at the memory
     bandwidth) is to be read, not guessed at. Compiles with inductor's cache off (a cache hit writes
-    no code), then profiles one batch."""
-    r, batch, compile_s, codes, profile = profiled_preset(bench, name, keep_code=True)
+    no code), then profiles one batch; the row keeps that profile by kind too, so one compile answers
+    both where the time goes and what the slowest kernels do. ``pinned``: see ``profiled_preset``."""
+    r, batch, compile_s, codes, profile = profiled_preset(bench, name, keep_code=True, pinned=pinned)
     slowest = [k for k in profile["top_kernels"] if k["kind"] == "fused (triton)"][:top]
     if not slowest:  # a CPU (--smoke): its profile does not name inductor's kernels; the first defined
         slowest = [{"name": k} for code in codes for k in generated_kernels(code)][:top]
@@ -549,14 +555,16 @@ def kernel_sources(bench: Bench, name: str, top: int = 6) -> None:
     for k in slowest:
         report = next((rep for code in codes if (rep := kernel_report(code, k["name"])) is not None), None)
         kernels.append({key: k[key] for key in ("name", "calls", "ms_per_call", "share") if key in k} | (report or {}))
+    layout = ", skip concatenations pinned channels_last" if pinned else ""
     bench.row(
         pair=name,
-        test="the slowest fused kernels' generated source, launches and buffers (as engine=gpu_compiled)",
+        test=f"the slowest fused kernels' generated source, launches and buffers (as engine=gpu_compiled{layout})",
         batch=batch,
         preset=preset_settings(r),
         compile_seconds=compile_s,
         generated_modules=len(codes),
-        total_ms=profile["total_ms"],
+        pinned_concatenations=layers_of(r, "ConcatPinned"),
+        **profile,
         kernels=kernels,
     )
 
@@ -842,7 +850,10 @@ def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra
 
 
 def layers_of(r: Replica, class_name: str) -> int:
-    """How many modules of a replica's model a speed setting switched to its class ``class_name``."""
+    """How many modules of a replica's model a speed setting switched to its class ``class_name`` (or,
+    for the concatenation pin's ``ConcatPinned``, to any class of that prefix)."""
+    if class_name == "ConcatPinned":
+        return sum(type(m).__name__.startswith(class_name) for m in r.base.modules())
     return sum(type(m).__name__ == class_name for m in r.base.modules())
 
 
@@ -1047,6 +1058,11 @@ def main() -> None:
             "imagenet: the slowest fused kernels' generated source",
             150,  # a compile without inductor's cache (54-83 s in runs 7 and 5), one profiled batch
             lambda: kernel_sources(bench, "imagenet"),
+        ),
+        "imagenet-kernels-pinned": (
+            "imagenet: the slowest fused kernels and the time by kind, skip concatenations pinned",
+            150,  # as imagenet-kernels: one compile without inductor's cache (64-90 s in run 10)
+            lambda: kernel_sources(bench, "imagenet", pinned=True),
         ),
         "imagenet-freezing": ("imagenet: compiled with freezing", 130, lambda: freezing_section(bench, "imagenet")),
         "imagenet-attention": ("imagenet: attention by SDPA backend", 90, lambda: attention_section(bench)),

@@ -63,7 +63,7 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     gives differently; the preset's own compiled row records the settings it ran (one smoke run: each
     compile costs seconds; the other comparisons share this code and are checked for what they hand it,
     below)."""
-    sections = "imagenet-bias,imagenet-compiled,imagenet-kernels,imagenet-groupnorm,imagenet-concat"
+    sections = "imagenet-bias,imagenet-compiled,imagenet-kernels-pinned,imagenet-groupnorm,imagenet-concat"
     result = _smoke(tmp_path, sections, timeout=600)
     assert result["errors"] == [], result["errors"]
     assert "in_progress" not in result  # only a run killed inside a section says where it stopped
@@ -79,13 +79,16 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     assert first["samples_per_s"] > 0 and other["samples_per_s"] > 0
     assert other["speedup"]["median"] > 0 and "speedup" not in first
     assert other["labels_differing"] == 0  # the same bias values give the same logits
-    # The generated code of the preset's compile (inductor's cache off: a cache hit writes none).
+    # The generated code of the preset's compile (inductor's cache off: a cache hit writes none), here
+    # with the concatenations pinned, and the same batch's time by kind for bench/roofline.py.
     kernels = next(row for row in result["rows"] if "generated source" in row.get("test", ""))
     assert kernels["generated_modules"] >= 1 and kernels["kernels"]
     assert all(k["source"] and k["launches"] for k in kernels["kernels"])
+    assert kernels["pinned_concatenations"] == 4 and "pinned" in kernels["test"]
+    assert kernels["total_ms"] > 0 and abs(sum(kernels["share_by_kind"].values()) - 1) < 0.01
     norms = next(row for row in result["rows"] if "GroupNorm in the activations' layout" in row.get("test", ""))
     assert norms["switched_layers"] > 0 and norms["channels_last"]["labels_differing"] == 0
-    concat = next(row for row in result["rows"] if "skip concatenations" in row.get("test", ""))
+    concat = next(row for row in result["rows"] if "laid out by inductor against pinned" in row.get("test", ""))
     unet = next(m for m in toy_pair("imagenet").modules() if type(m).__name__ == "UNet2DModel")
     assert concat["pinned_concatenations"] == sum(len(b.resnets) for b in unet.up_blocks)  # each takes a concat
     assert concat["pinned"]["labels_differing"] == 0  # a layout, not a value, changes
@@ -183,7 +186,8 @@ def test_an_unknown_benchmark_section_is_one_line():
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.strip().splitlines() == [
         "unknown section(s) bogus; choose from ceiling, imagenet-layout, cifar10-layout, cifar10-extras, imagenet, "
-        "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-freezing, "
+        "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-kernels-pinned, "
+        "imagenet-freezing, "
         "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-groupnorm, "
         "cifar10-groupnorm, imagenet-concat, imagenet-coordesc, imagenet-compiled or all"
     ]
