@@ -229,15 +229,20 @@ def pair_ops(name: str, batch: int | None = None) -> list[Op]:
 
 
 def measured_rates(runs: list[dict]) -> dict:
-    """The best measured bf16 samples/s per "pair mode" (eager or compiled) over the runs of gpu.json."""
+    """The best measured bf16 samples/s per "pair mode" (eager or compiled) over the runs of gpu.json.
+    The compiled comparisons' variants count too (each row's test begins "bf16 compiled"; the variant is
+    named with its test, since "pinned" or "sdpa_cached" alone says nothing)."""
     best: dict = {}
     for run in runs:
         for row in run.get("rows", []):
             cases = {k: v for k, v in row.items() if isinstance(v, dict) and "samples_per_s" in v}
             if row.get("precision") == "bf16" and "samples_per_s" in row:
                 cases[("compiled" if row.get("compiled") else "eager") + ", channels_last"] = row
+            variants = str(row.get("test", "")).startswith("bf16 compiled")
             for label, v in cases.items():
                 mode = "compiled" if label.startswith("compiled") else "eager" if label.startswith("eager") else None
+                if mode is None and variants:
+                    mode, label = "compiled", f"{label} ({row['test']})"
                 if mode and row.get("pair"):
                     key = f"{row['pair']} {mode}"
                     if v["samples_per_s"] > best.get(key, {}).get("samples_per_s", 0):

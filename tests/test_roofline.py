@@ -91,3 +91,25 @@ def test_a_kernel_profile_is_set_against_the_bound_of_its_own_kind(tmp_path):
     conv = kinds["convolution"]
     ratio = conv["measured_ms_per_sample"] / conv["bound_ms_per_sample"]  # the bound is rounded to 1 µs
     assert conv["measured_over_bound"] == pytest.approx(ratio, rel=0.02)
+
+
+def test_the_best_compiled_rate_counts_the_compiled_comparisons_variants_named_with_their_test():
+    run = {
+        "run": 7,
+        "rows": [
+            {"pair": "imagenet", "precision": "bf16", "compiled": True, "samples_per_s": 150.0},
+            {
+                "pair": "imagenet",
+                "test": "bf16 compiled, channels_last: free against pinned",
+                "free": {"samples_per_s": 153.0},
+                "pinned": {"samples_per_s": 168.0},
+            },
+            {"pair": "imagenet", "test": "eager, by SDPA backend", "cudnn": {"samples_per_s": 999.0}},
+        ],
+    }
+    best = roofline.measured_rates([run])["imagenet compiled"]
+    assert best == {
+        "samples_per_s": 168.0,
+        "run": 7,
+        "case": "pinned (bf16 compiled, channels_last: free against pinned)",
+    }
