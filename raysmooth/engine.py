@@ -489,7 +489,8 @@ class Replica:
         sample_unit = torch.from_numpy(unit_of).to(dev, non_blocking=True)
         sample_row = torch.from_numpy(unit_row).to(dev)[sample_unit]
         sample_sigma_index = torch.from_numpy(unit_sig).to(dev)[sample_unit]
-        sample_sigma = self.sigmas[sample_sigma_index]
+        with torch.inference_mode():  # as z is: a compiled model guards on it, whatever mode the caller is in
+            sample_sigma = self.sigmas[sample_sigma_index]
         counts = torch.zeros((len(units) + 1) * c, dtype=torch.int64, device=dev)
         nonfinite = torch.zeros(len(units) + 1, dtype=torch.int64, device=dev)
         ones = torch.ones(batch_size, dtype=torch.int64, device=dev)

@@ -141,6 +141,21 @@ def test_a_compiled_model_counts_like_the_eager_one_and_padding_is_never_counted
     assert _flip_bound(eager, compiled) <= 0.002  # reordered float arithmetic may flip a rare label
 
 
+def test_a_compiled_replica_compiles_once_whether_or_not_its_caller_is_in_inference_mode(digits):
+    """The σ of each sample is made in inference mode like the images, so a caller's grad mode
+    (a benchmark timing inside torch.inference_mode, an actor outside it) never costs a recompile."""
+    from torch._dynamo.utils import counters
+
+    replica = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=64, compile=True))
+    units = _units(dict(list(digits.items())[:2]), n=32)
+    with torch.inference_mode():
+        first = replica.run(units, digits)
+    compiled = counters["stats"]["unique_graphs"]
+    second = replica.run(units, digits)
+    assert counters["stats"]["unique_graphs"] == compiled  # the second call reused the first one's graph
+    assert all(np.array_equal(first[u.key], second[u.key]) for u in units)
+
+
 def test_a_max_autotune_compiled_model_counts_like_the_eager_one(digits):
     units = _units(digits, n=150)  # padded as in the default mode
     eager = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512)).run(units, digits)
