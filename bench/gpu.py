@@ -14,10 +14,12 @@ the engine, and the host syncs inside a run; per pair, fp32 / bf16-mixed / bf16 
 activation memory per sample against the meta-device memory model, and the batch engine.batch_size=auto
 picks; where the ImageNet pair's time goes (its halves alone, CUDA kernels by kind with calls and time
 per call, eager and compiled; the generated source of the compiled pair's slowest fused kernels, with
-their launches and buffers' layouts); BEiT's biased attention under each SDPA backend, as timm passes it
+their launches and buffers' layouts, also with the UNet's skip concatenations pinned channels_last, the
+layout the project's torch generates); BEiT's biased attention under each SDPA backend, as timm passes it
 (eager and compiled) and as FlexAttention; the compiled pair with engine.attention=flex against SDPA,
 engine.attention=sdpa_cached (BEiT's bias cached in aligned rows) against timm's per-forward bias,
-engine.group_norm=channels_last (GroupNorm in the activations' layout) against PyTorch's, with
+engine.group_norm=channels_last (GroupNorm in the activations' layout) against PyTorch's, the skip
+concatenations left to inductor against pinned (bench/layouts.py), with
 engine.compile_mode=max-autotune-no-cudagraphs and with inductor's coordinate-descent tuning against
 the default mode; inductor freezing. Rates are samples/s with FLOPs per sample counted by
 torch.utils.flop_counter (attention included) and their share of the bf16 peak. Timings are medians of
