@@ -489,15 +489,17 @@ class Replica:
         sample_unit = torch.from_numpy(unit_of).to(dev, non_blocking=True)
         sample_row = torch.from_numpy(unit_row).to(dev)[sample_unit]
         sample_sigma_index = torch.from_numpy(unit_sig).to(dev)[sample_unit]
-        with torch.inference_mode():  # as z is: a compiled model guards on it, whatever mode the caller is in
-            sample_sigma = self.sigmas[sample_sigma_index]
         counts = torch.zeros((len(units) + 1) * c, dtype=torch.int64, device=dev)
         nonfinite = torch.zeros(len(units) + 1, dtype=torch.int64, device=dev)
         ones = torch.ones(batch_size, dtype=torch.int64, device=dev)
         noise_dtype = torch.int64 if self._lattice is not None else torch.float32
-        noise_buf = torch.zeros((batch_size, *self.shape), dtype=noise_dtype, device=dev)
         aux_n = self.base.aux_noise_per_sample
-        aux_buf = torch.zeros((batch_size, aux_n, *self.shape), device=dev) if aux_n else None
+        # What the model is handed (σ, and the auxiliary noise as it is when no cast copies it) is made in
+        # inference mode, as z is, whatever mode the caller is in: a compiled model guards on it.
+        with torch.inference_mode():
+            sample_sigma = self.sigmas[sample_sigma_index]
+            noise_buf = torch.zeros((batch_size, *self.shape), dtype=noise_dtype, device=dev)
+            aux_buf = torch.zeros((batch_size, aux_n, *self.shape), device=dev) if aux_n else None
         seeds = [u.seed(self.run_seed) for u in units]
         cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         block = self.config.noise_block

@@ -141,17 +141,40 @@ def test_a_compiled_model_counts_like_the_eager_one_and_padding_is_never_counted
     assert _flip_bound(eager, compiled) <= 0.002  # reordered float arithmetic may flip a rare label
 
 
-def test_a_compiled_replica_compiles_once_whether_or_not_its_caller_is_in_inference_mode(digits):
-    """The σ of each sample is made in inference mode like the images, so a caller's grad mode
-    (a benchmark timing inside torch.inference_mode, an actor outside it) never costs a recompile."""
+class AuxLinear(LinearBase):
+    """A linear model that also reads one auxiliary noise image per sample (as stochastic multi-step
+    denoising does), so the engine hands its compiled forward a third tensor."""
+
+    aux_noise_per_sample = 1
+
+    def logits(self, z, sigma, aux_noise=None):
+        return super().logits(z + 0.01 * aux_noise[:, 0], sigma)
+
+
+def _toy_onestep():
+    return _embedded("toy_onestep"), None
+
+
+def _aux_linear():
+    w, images, _ = _linear_case()
+    return AuxLinear(w, np.zeros(5), (1, 4, 4)), images
+
+
+@pytest.mark.parametrize("make", [_toy_onestep, _aux_linear], ids=["toy_onestep", "with_aux_noise"])
+def test_a_compiled_replica_compiles_once_whether_or_not_its_caller_is_in_inference_mode(make, digits):
+    """σ, the noise and any auxiliary noise reach the model made in inference mode like the images, so
+    a caller's grad mode (a benchmark timing inside torch.inference_mode, an actor outside it) never
+    costs a recompile."""
     from torch._dynamo.utils import counters
 
-    replica = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=64, compile=True))
-    units = _units(dict(list(digits.items())[:2]), n=32)
+    base, images = make()
+    images = images or dict(list(digits.items())[:2])
+    replica = Replica(base, [0.5], 0, EngineConfig(batch_size=64, compile=True))
+    units = _units(images, n=32)
     with torch.inference_mode():
-        first = replica.run(units, digits)
+        first = replica.run(units, images)
     compiled = counters["stats"]["unique_graphs"]
-    second = replica.run(units, digits)
+    second = replica.run(units, images)
     assert counters["stats"]["unique_graphs"] == compiled  # the second call reused the first one's graph
     assert all(np.array_equal(first[u.key], second[u.key]) for u in units)
 
