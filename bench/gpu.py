@@ -481,11 +481,11 @@ def profiled_preset(
             compile_s, codes = run_and_get_code(lambda: compile_seconds(bench, r, units, imgs))
     else:
         compile_s = compile_seconds(bench, r, units, imgs)
-    z = torch.rand((batch, *r.base.input_shape), device=dev).to(r.input_dtype)
-    if dev == "cuda" and r.config.channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
-    sig = torch.full((batch,), SIGMA, device=dev)
-    with torch.inference_mode():
+    with torch.inference_mode():  # the inputs as the engine makes them: another grad mode would recompile
+        z = torch.rand((batch, *r.base.input_shape), device=dev).to(r.input_dtype)
+        if dev == "cuda" and r.config.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        sig = torch.full((batch,), SIGMA, device=dev)
         r._forward(z, sig, None)  # the shape the engine compiled for
     return r, batch, compile_s, codes, kernels_by_kind(bench, lambda: r._forward(z, sig, None))
 
@@ -549,7 +549,11 @@ def kernel_sources(bench: Bench, name: str, top: int = 6, pinned: bool = False) 
     bandwidth) is to be read, not guessed at. Compiles with inductor's cache off (a cache hit writes
     no code), then profiles one batch; the row keeps that profile by kind too, so one compile answers
     both where the time goes and what the slowest kernels do. ``pinned``: see ``profiled_preset``."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     r, batch, compile_s, codes, profile = profiled_preset(bench, name, keep_code=True, pinned=pinned)
+    graphs = counters["stats"]["unique_graphs"] - graphs  # 1: the profiled batch ran the code kept here
     slowest = [k for k in profile["top_kernels"] if k["kind"] == "fused (triton)"][:top]
     if not slowest:  # a CPU (--smoke): its profile does not name inductor's kernels; the first defined
         slowest = [{"name": k} for code in codes for k in generated_kernels(code)][:top]
@@ -565,6 +569,7 @@ def kernel_sources(bench: Bench, name: str, top: int = 6, pinned: bool = False) 
         preset=preset_settings(r),
         compile_seconds=compile_s,
         generated_modules=len(codes),
+        graphs_compiled=graphs,
         pinned_concatenations=layers_of(r, "ConcatPinned"),
         **profile,
         kernels=kernels,

@@ -83,6 +83,7 @@ def test_the_gpu_benchmark_compares_compiled_variants_on_the_cpu(tmp_path):
     # with the concatenations pinned, and the same batch's time by kind for bench/roofline.py.
     kernels = next(row for row in result["rows"] if "generated source" in row.get("test", ""))
     assert kernels["generated_modules"] >= 1 and kernels["kernels"]
+    assert kernels["graphs_compiled"] == 1  # the profiled batch ran the code kept, not a recompile
     assert all(k["source"] and k["launches"] for k in kernels["kernels"])
     assert kernels["pinned_concatenations"] == 4 and "pinned" in kernels["test"]
     assert kernels["total_ms"] > 0 and abs(sum(kernels["share_by_kind"].values()) - 1) < 0.01
