@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_runs import write_atomic  # noqa: E402
-from layouts import pin_concatenations  # noqa: E402
+from layouts import pin_concatenations, pinned_concatenations  # noqa: E402
 from reference_loop import reference_certify_counts  # noqa: E402
 
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
@@ -570,7 +570,7 @@ def kernel_sources(bench: Bench, name: str, top: int = 6, pinned: bool = False) 
         compile_seconds=compile_s,
         generated_modules=len(codes),
         graphs_compiled=graphs,
-        pinned_concatenations=layers_of(r, "ConcatPinned"),
+        pinned_concatenations=pinned_concatenations(r.base),
         **profile,
         kernels=kernels,
     )
@@ -857,10 +857,7 @@ def compare_compiled(bench: Bench, name: str, test: str, replicas: dict, **extra
 
 
 def layers_of(r: Replica, class_name: str) -> int:
-    """How many modules of a replica's model a speed setting switched to its class ``class_name`` (or,
-    for the concatenation pin's ``ConcatPinned``, to any class of that prefix)."""
-    if class_name == "ConcatPinned":
-        return sum(type(m).__name__.startswith(class_name) for m in r.base.modules())
+    """How many modules of a replica's model a speed setting switched to its class ``class_name``."""
     return sum(type(m).__name__ == class_name for m in r.base.modules())
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["pin_concatenations"]
+__all__ = ["pin_concatenations", "pinned_concatenations"]
 
 _PINNED: dict[type, type] = {}
 
@@ -53,3 +53,8 @@ def pin_concatenations(model: nn.Module) -> int:
                     resnet.__class__ = _pinned_class(type(resnet))
                 pinned += 1
     return pinned
+
+
+def pinned_concatenations(model: nn.Module) -> int:
+    """How many inputs of ``model`` ``pin_concatenations`` has pinned (0 for a model it never saw)."""
+    return sum(type(m) in _PINNED.values() for m in model.modules())
