@@ -16,7 +16,10 @@ generated code it counts, per sample, what the GPU profile cannot say by itself:
 - 64-bit indexing: elements of pointwise kernels that index with int64 (a tensor over 2^31 elements);
 - transposing launches: kernels tiled in two dimensions to copy between layouts;
 - kernels still named for PyTorch's GroupNorm (with ``group_norm=channels_last``: inputs that were not
-  channels_last, which the twin hands to PyTorch's own path).
+  channels_last, which the twin hands to PyTorch's own path);
+- bytes: what inductor itself estimates each kernel moves (its ``kernel_num_gb``: every buffer the kernel
+  is handed, read or written once, an in-place one twice), summed over the launches. Against the
+  roofline's fused bound this says whether inductor's kernels are slow or simply move more.
 Results go to bench/results/codegen.json, one entry per PyTorch version (replaced when rerun): the GPU
 image's PyTorch and the project's pin generate different code for the same model.
 """
@@ -57,7 +60,8 @@ SMOKE = [("imagenet", 8, gn, "free") for gn in GROUP_NORM_KINDS]
 def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
     """One row per generated Triton kernel: its launches in the wrapper, elements per launch, whether it
     is tiled in two dimensions or indexes with int64, and its strided-gather loads (pointwise only)."""
-    calls = Counter(re.findall(r"^\s*(triton_\w+)\.run\(", wrapper, re.M))
+    # Launches with their buffers; a kernel's own benchmark harness (``.run(*args``) is not one.
+    calls = Counter(re.findall(r"^\s*(triton_\w+)\.run\((?!\*args)", wrapper, re.M))
     rows = []
     for name, source in kernels.items():
         body = source.split("@triton.jit", 1)[-1]
@@ -71,10 +75,12 @@ def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
                 stride = re.search(rf"\b(\d+)\*{var}\b", index)
                 if stride and int(stride.group(1)) >= GATHER_STRIDE:
                     gathers.append(index)
+        num_gb = re.search(r"'kernel_num_gb': ([0-9.eE+-]+)", source)
         rows.append(
             dict(
                 kernel=name,
                 calls=calls[name],
+                bytes=round(float(num_gb.group(1)) * 1e9) if num_gb else None,
                 elements=sizes.get("xnumel", 1) * sizes.get("ynumel", 1) * sizes.get("r0_numel", 1),
                 tiled=tiled,
                 int64="tl.int64" in body,
@@ -98,6 +104,8 @@ def summarise(rows: list[dict], batch: int) -> dict:
         // batch,
         int64_pointwise_elements_per_sample=sum(r["calls"] * r["elements"] for r in pointwise if r["int64"]) // batch,
         native_group_norm_kernels=sum(1 for r in rows if "native_group_norm" in r["kernel"]),
+        kernel_bytes_per_sample=sum(r["calls"] * (r.get("bytes") or 0) for r in rows) // batch,
+        kernels_without_bytes=sum(1 for r in rows if r.get("bytes") is None),
         strided_loads=[
             dict(kernel=r["kernel"], calls=r["calls"], elements=r["elements"], index=r["strided_loads"])
             for r in strided
@@ -167,7 +175,10 @@ def one(pair: str, batch: int, group_norm: str, concat: str, smoke: bool, keep: 
         z = z.contiguous(memory_format=torch.channels_last)
         sigma = torch.full((batch,), 0.5, device="cuda")
     gm, example_inputs = capture(model, z, sigma, None)
-    code = generate(gm, example_inputs)
+    import torch._inductor.config as inductor
+
+    with inductor.patch(benchmark_kernel=True):  # each kernel's metadata then carries its bytes
+        code = generate(gm, example_inputs)
     wrapper = "\n".join(code.wrappers)
     if keep is not None:
         folder = keep / (f"{pair}-b{batch}-{group_norm}" + ("-pinned" if concat == "pinned" else ""))

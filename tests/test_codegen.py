@@ -76,6 +76,7 @@ def test_launches_elements_tiling_and_64_bit_indexing_are_read_from_the_code():
     assert rows["triton_poi_fused_cat_9"] | {"strided_loads": None} == {
         "kernel": "triton_poi_fused_cat_9",
         "calls": 1,
+        "bytes": None,  # trimmed: no inductor metadata
         "elements": 49152 * 50176,
         "tiled": True,
         "int64": True,
@@ -91,6 +92,33 @@ def test_the_summary_counts_per_sample_over_every_launch():
     assert s["int64_pointwise_elements_per_sample"] == 49152 * 50176 // 96
     assert s["native_group_norm_kernels"] == 1
     assert [x["kernel"] for x in s["strided_loads"]] == ["triton_poi_fused_convolution_native_group_norm_silu_7"]
+
+
+_IN_PLACE = """
+@triton_heuristics.pointwise(
+    size_hints={'x': 32768},
+    inductor_meta={'grid_type': 'Grid1D', 'kernel_name': 'triton_poi_fused_silu_4', 'kernel_num_gb': 6.9632e-05},
+)
+@triton.jit
+def triton_poi_fused_silu_4(in_out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    xnumel = 17408
+    x0 = xindex
+    tmp0 = tl.load(in_out_ptr0 + (x0), None).to(tl.float32)
+    tl.store(in_out_ptr0 + (x0), tmp1, None)
+
+def call(args):
+    with torch.cuda._DeviceGuard(0):
+        triton_poi_fused_silu_4.run(*args, stream=raw_stream0)
+"""
+
+
+def test_a_kernels_bytes_are_inductors_estimate_and_its_benchmark_harness_is_not_a_launch():
+    wrapper = _IN_PLACE + "\ntriton_poi_fused_silu_4.run(buf3, 17408, stream=stream0)\n"
+    (row,) = kernel_table({"triton_poi_fused_silu_4": _IN_PLACE}, wrapper)
+    assert row["calls"] == 1  # the harness's .run(*args is the kernel's own benchmark, not the forward's
+    assert row["bytes"] == 17408 * 2 * 2  # one bf16 buffer read and written in place
+    s = summarise([row, dict(row, kernel="triton_poi_other", bytes=None)], batch=4)
+    assert s["kernel_bytes_per_sample"] == 17408 and s["kernels_without_bytes"] == 1
 
 
 def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_groupnorm_twin_needs_no_transposes(
@@ -109,6 +137,7 @@ def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_gro
     assert rows.keys() == {"native", "channels_last"}
     for r in rows.values():
         assert r["kernels"] > 20 and r["launches"] >= r["kernels"] and r["strided_gather_elements_per_sample"] == 0
+        assert r["kernels_without_bytes"] == 0 and r["kernel_bytes_per_sample"] > 0
     assert rows["native"]["native_group_norm_kernels"] > 0 and rows["native"]["transposing_launches"] > 0
     assert (
         rows["channels_last"]["native_group_norm_kernels"] == 0 and rows["channels_last"]["transposing_launches"] == 0
@@ -117,6 +146,17 @@ def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_gro
     wrapper = (tmp_path / "code" / "imagenet-b8-native" / "wrapper.py").read_text()
     assert "empty_strided_cuda" in wrapper and ".run(" in wrapper
     assert len(list((tmp_path / "code" / "imagenet-b8-native").glob("triton_*.py"))) == rows["native"]["kernels"]
+    # Inductor's byte estimate, checked where it is plain: a kernel that updates one bf16 buffer in place
+    # (an activation) reads and writes each element once.
+    in_place = [
+        source
+        for f in (tmp_path / "code" / "imagenet-b8-native").glob("triton_poi_*.py")
+        if "(in_out_ptr0, xnumel, XBLOCK" in (source := f.read_text()) and "'in_out_ptr0': '*bf16'" in source
+    ]
+    assert in_place
+    for source in in_place:
+        ((row,),) = [kernel_table({"k": source}, "")]
+        assert row["bytes"] == row["elements"] * 2 * 2
 
 
 def test_a_gpu_profiles_fused_kernels_are_found_by_operations_and_launches_not_by_number():
