@@ -73,10 +73,11 @@ def test_a_load_whose_neighbouring_threads_are_a_row_apart_is_a_strided_gather()
 def test_launches_elements_tiling_and_64_bit_indexing_are_read_from_the_code():
     rows = {r["kernel"]: r for r in kernel_table(KERNELS, _WRAPPER)}
     assert [rows[k]["calls"] for k in KERNELS] == [1, 2, 1]
-    assert rows["triton_poi_fused_cat_9"] | {"strided_loads": None} == {
+    assert rows["triton_poi_fused_cat_9"] | {"strided_loads": None, "code": None} == {
         "kernel": "triton_poi_fused_cat_9",
         "calls": 1,
         "bytes": None,  # trimmed: no inductor metadata
+        "code": None,
         "elements": 49152 * 50176,
         "tiled": True,
         "int64": True,
@@ -106,6 +107,10 @@ def triton_poi_fused_silu_4(in_out_ptr0, xnumel, XBLOCK : tl.constexpr):
     tmp0 = tl.load(in_out_ptr0 + (x0), None).to(tl.float32)
     tl.store(in_out_ptr0 + (x0), tmp1, None)
 
+def get_args():
+    arg_0 = rand_strided((8, 16, 8, 17), (2176, 1, 272, 16), device='cuda:0', dtype=torch.bfloat16)
+    return arg_0, 17408,
+
 def call(args):
     with torch.cuda._DeviceGuard(0):
         triton_poi_fused_silu_4.run(*args, stream=raw_stream0)
@@ -119,6 +124,17 @@ def test_a_kernels_bytes_are_inductors_estimate_and_its_benchmark_harness_is_not
     assert row["bytes"] == 17408 * 2 * 2  # one bf16 buffer read and written in place
     s = summarise([row, dict(row, kernel="triton_poi_other", bytes=None)], batch=4)
     assert s["kernel_bytes_per_sample"] == 17408 and s["kernels_without_bytes"] == 1
+
+
+def test_two_launches_of_one_kernel_code_that_its_benchmark_harness_told_apart_count_as_one_kernel():
+    """With its byte estimates on, inductor gives each launch shape a harness of its own, so one code can
+    come out under two names (the later with other fused operations in it); it is one kernel, named as
+    inductor first named it."""
+    first = _IN_PLACE.replace("silu_4", "native_group_norm_silu_4")
+    second = _IN_PLACE.replace("silu_4", "var_mean_silu_9").replace("(2176, 1, 272, 16)", "(2176, 136, 1, 8)")
+    kernels = {"triton_poi_fused_native_group_norm_silu_4": first, "triton_poi_fused_var_mean_silu_9": second}
+    s = summarise(kernel_table(kernels, ""), batch=1)
+    assert s["kernels"] == 1 and s["native_group_norm_kernels"] == 1
 
 
 def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_groupnorm_twin_needs_no_transposes(
