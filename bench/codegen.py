@@ -170,6 +170,7 @@ def gpu_profiles(pair: str, batch: int, group_norm: str, attention: str, torch_v
 def one(pair: str, batch: int, group_norm: str, concat: str, smoke: bool, keep: Path | None) -> dict:
     """Generate one configuration (this process is patched for good: run it in a process of its own)."""
     import torch
+    import torch._inductor.config as inductor
     from fake_h100 import capture, fake_cuda, generate
     from layouts import pin_concatenations
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -192,8 +193,6 @@ def one(pair: str, batch: int, group_norm: str, concat: str, smoke: bool, keep: 
         z = z.contiguous(memory_format=torch.channels_last)
         sigma = torch.full((batch,), 0.5, device="cuda")
     gm, example_inputs = capture(model, z, sigma, None)
-    import torch._inductor.config as inductor
-
     with inductor.patch(benchmark_kernel=True):  # each kernel's metadata then carries its bytes
         code = generate(gm, example_inputs)
     wrapper = "\n".join(code.wrappers)

@@ -928,7 +928,8 @@ def coordinate_descent_section(bench: Bench, name: str = "imagenet") -> None:
     concatenations pinned (bench/layouts.py): the kernels worth tuning are those of the layout the
     project's torch generates, not the GPU image's strided gathers (runs 10-11)."""
     replicas = {variant: preset_replica(bench, name) for variant in ("default", "coordinate descent")}
-    pinned = [pin_concatenations(r.base) for r in replicas.values()][0]
+    for r in replicas.values():
+        pinned = pin_concatenations(r.base)
     tuned = replicas["coordinate descent"]
     if tuned.config.compile:
         tuned._forward = tuned._compiled(coordinate_descent_tuning=True)  # the engine's recipe, tuning on top

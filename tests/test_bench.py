@@ -212,7 +212,7 @@ def test_gpu_sh_without_torch_says_where_to_run_it(tmp_path):
     assert "bench/gpu.sh: python3 cannot import torch and timm; run it where they are installed" in done.stderr
 
 
-def test_pinning_the_skip_concatenations_hooks_each_up_block_resnet_and_changes_no_logit():
+def test_pinning_the_skip_concatenations_hands_each_up_block_resnet_a_channels_last_input_and_changes_no_logit():
     """bench/layouts.py, the imagenet-concat variant: a stride order for inductor, never a value."""
     sys.path.insert(0, str(ROOT / "bench"))
     from layouts import pin_concatenations
