@@ -63,6 +63,9 @@ ATTENTION_KERNELS = ("sdpa", "sdpa_cached", "flex")
 # engine.group_norm: PyTorch's GroupNorm, or the same computed in a channels_last activation's own
 # layout (raysmooth.models.norms)
 GROUP_NORM_KINDS = ("native", "channels_last")
+# engine.gelu: a transformer MLP's GELU as a pass of its own, or in its first matmul's epilogue
+# (raysmooth.models.mlp)
+GELU_KINDS = ("native", "epilogue")
 # engine.compile_mode: torch.compile's modes (torch._inductor.list_mode_options). max-autotune benchmarks
 # Triton templates for every matmul and convolution at compile time; the cudagraphs modes replay each
 # static-shape batch as one CUDA graph (docs/performance.md).
@@ -141,6 +144,7 @@ class EngineCfg:
     compile_mode: str = "default"  # torch.compile's mode: default | max-autotune[-no-cudagraphs] | reduce-overhead
     attention: str = "sdpa"  # sdpa | sdpa_cached | flex (needs compile): how BEiT's biased attention runs
     group_norm: str = "native"  # native | channels_last (needs compile): the layout GroupNorm computes in
+    gelu: str = "native"  # native | epilogue: a transformer MLP's GELU as its own pass or in fc1's matmul
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; needs quantised images)
     levels: int = 255  # lattice noise: the images' quantisation (x·levels is an integer)
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
@@ -452,7 +456,7 @@ def _check(key: str, ok: bool, message: str) -> None:
 
 
 def compile_settings_problem(
-    compile: bool, compile_mode: str, attention: str, group_norm: str, channels_last: bool
+    compile: bool, compile_mode: str, attention: str, group_norm: str, channels_last: bool, gelu: str = "native"
 ) -> str | None:
     """What is wrong with the engine's compile settings, as one line naming the key (None: nothing).
     The config check and the engine both ask here, so a job and ``Smoothed`` refuse the same things."""
@@ -462,6 +466,8 @@ def compile_settings_problem(
         return f"engine.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}"
     if group_norm not in GROUP_NORM_KINDS:
         return f"engine.group_norm must be one of {', '.join(GROUP_NORM_KINDS)}, got {group_norm!r}"
+    if gelu not in GELU_KINDS:
+        return f"engine.gelu must be one of {', '.join(GELU_KINDS)}, got {gelu!r}"
     if attention == "flex" and not compile:
         return "engine.attention=flex needs engine.compile=true (uncompiled, FlexAttention runs unfused and slower)"
     if group_norm == "channels_last" and not (compile and channels_last):
@@ -574,7 +580,9 @@ def validate_certify(cfg: CertifyCfg) -> None:
         f"must be fp32, bf16, fp16 or bf16-mixed, got {en.precision!r}",
     )
     _check("engine.noise", en.noise in ("gaussian", "lattice"), f"must be gaussian or lattice, got {en.noise!r}")
-    problem = compile_settings_problem(en.compile, en.compile_mode, en.attention, en.group_norm, en.channels_last)
+    problem = compile_settings_problem(
+        en.compile, en.compile_mode, en.attention, en.group_norm, en.channels_last, en.gelu
+    )
     if problem:
         raise ConfigError(problem)
     _check("engine.levels", 1 <= en.levels <= 65535, f"must lie in [1, 65535], got {en.levels}")
@@ -963,6 +971,8 @@ def counts_relevant_config(cfg: CertifyCfg) -> dict[str, Any]:
     }
     if cfg.engine.noise != "gaussian":  # the default keeps the identity of runs made before the option
         relevant["noise"] = {"kind": cfg.engine.noise, "levels": cfg.engine.levels}
+    if cfg.engine.gelu != "native":  # on a GPU another function (tanh GELU), not another summation order
+        relevant["gelu"] = cfg.engine.gelu
     return relevant
 
 

@@ -23,6 +23,7 @@ from .config import DEFAULT_BATCH_SIZE, EngineCfg, compile_settings_problem
 from .errors import ConfigError, InputError, ModelError, RaySmoothError, logits_hint, one_line, whole_number
 from .models.attention import cached_bias_bytes, set_attention
 from .models.base import BaseClassifier
+from .models.mlp import set_gelu
 from .models.norms import set_group_norm
 from .units import WorkUnit, block_seed
 
@@ -57,6 +58,7 @@ class EngineConfig:
     compile_mode: str = EngineCfg.compile_mode  # torch.compile's mode (max-autotune: slower compile, tuned kernels)
     attention: str = EngineCfg.attention  # sdpa | sdpa_cached | flex (compiled runs only): BEiT's biased attention
     group_norm: str = EngineCfg.group_norm  # native | channels_last (compiled runs only): GroupNorm's layout
+    gelu: str = EngineCfg.gelu  # native | epilogue: a timm MLP's GELU as its own pass or in fc1's matmul
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)
     levels: int = EngineCfg.levels  # lattice noise: images lie on (1/levels)ℤ
     threads: int | None = None  # torch intra-op threads on CPU
@@ -74,7 +76,7 @@ class EngineConfig:
         if self.noise not in ("gaussian", "lattice"):
             raise InputError(f"engine.noise must be gaussian or lattice, got {self.noise!r}")
         problem = compile_settings_problem(
-            self.compile, self.compile_mode, self.attention, self.group_norm, self.channels_last
+            self.compile, self.compile_mode, self.attention, self.group_norm, self.channels_last, self.gelu
         )
         if problem:
             raise InputError(problem)
@@ -272,6 +274,13 @@ class Replica:
             if norms and self.device.type != "cuda":
                 said += f" (on {self.device.type} activations stay contiguous: they take PyTorch's own path)"
             log.info("engine.group_norm=%s: %s", self.config.group_norm, said)
+        # And the MLPs: a model an earlier epilogue replica switched runs timm's own MLP again.
+        mlps = set_gelu(self.base, self.config.gelu)
+        if self.config.gelu != "native":
+            said = f"{mlps} MLPs switched" if mlps else "the model has no timm MLP with a GELU; nothing changes"
+            if mlps and self.device.type == "cuda":
+                said += " (cuBLASLt's GELU is the tanh approximation)"
+            log.info("engine.gelu=%s: %s", self.config.gelu, said)
         self._forward = self._compiled() if self.config.compile else self.base
         self._compile_worked = False  # a compiled call has finished: later errors are not the compiler's
         if self.config.batch_size == "auto":

@@ -17,6 +17,7 @@ from raysmooth.models.attention import set_attention
 from raysmooth.models.base import DenoiseThenClassify
 from raysmooth.models.classifier import InputContract, NormalizedClassifier
 from raysmooth.models.denoiser import DiffusionDenoiser
+from raysmooth.models.mlp import set_gelu
 from raysmooth.models.schedule import schedule_from_config
 from raysmooth.units import WorkUnit
 
@@ -262,10 +263,12 @@ def test_a_graph_break_is_what_that_check_catches():
         _one_graph(HostRead(np.ones((3, 4)), np.zeros(3), (1, 2, 2)))
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "sdpa_cached", "flex"])
-def test_the_imagenet_pairs_layout_compiles_as_one_graph(attention):
+@pytest.mark.parametrize(
+    "attention, gelu", [("sdpa", "native"), ("sdpa_cached", "native"), ("flex", "native"), ("sdpa_cached", "epilogue")]
+)
+def test_the_imagenet_pairs_layout_compiles_as_one_graph(attention, gelu):
     """guided-diffusion's ADM layout (up/down-sampling resblocks, fixed-width heads) then a BEiT with a
-    per-layer relative-position bias, at toy sizes, with either attention kernel."""
+    per-layer relative-position bias, at toy sizes, with any attention kernel and either GELU."""
     from diffusers import UNet2DModel
     from timm.models.beit import Beit
 
@@ -277,6 +280,7 @@ def test_the_imagenet_pairs_layout_compiles_as_one_graph(attention):
     beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=1000, use_rel_pos_bias=True)
     beit.eval().requires_grad_(False)
     assert set_attention(beit, attention) == 2
+    assert set_gelu(beit, gelu) == 2
     contract = InputContract((32, 32), "bicubic", (0.5,) * 3, (0.5,) * 3)
     _one_graph(DenoiseThenClassify(denoiser, NormalizedClassifier(beit, contract, 1000), (3, 16, 16)).eval())
 
