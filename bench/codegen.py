@@ -1,12 +1,12 @@
 """Inductor's CUDA kernels for the compiled pairs, generated without a GPU, and what their layouts cost.
 
-    python bench/codegen.py                  # ImageNet pair at 96 and 63, CIFAR at 1000; both GroupNorms (~5 min)
+    python bench/codegen.py                  # ImageNet at 96 and 63, CIFAR at 1000; both GroupNorms and GELUs (~6 min)
     python bench/codegen.py --smoke          # the toy pair (a test of the script)
     python bench/codegen.py --keep-source D  # also each configuration's generated code, under D
     python bench/codegen.py --jobs 1         # one configuration at a time (default: one per core)
 
-Each configuration (pair, batch, ``engine.group_norm``, and whether the UNet's skip concatenations are
-pinned channels_last, bench/layouts.py) is built as ``engine=gpu_compiled`` runs it (bf16,
+Each configuration (pair, batch, ``engine.group_norm``, whether the UNet's skip concatenations are
+pinned channels_last, bench/layouts.py, and ``engine.gelu``) is built as ``engine=gpu_compiled`` runs it (bf16,
 channels_last, ``attention=sdpa_cached``) on a pretend H100 (bench/fake_h100.py: fake CUDA tensors,
 inductor's real lowering and scheduling, nothing compiled or run), in a process of its own. From the
 generated code it counts, per sample, what the GPU profile cannot say by itself:
@@ -49,13 +49,20 @@ from raysmooth.config import GROUP_NORM_KINDS  # noqa: E402
 OUT = ROOT / "bench" / "results" / "codegen.json"
 GPU_RUNS = ROOT / "bench" / "results" / "gpu.json"  # the H100 profiles the generated code is checked against
 GATHER_STRIDE = 16  # elements: 32 bytes of bf16, one memory sector per thread
-FULL = [("imagenet", b, gn, "free") for b in (96, 63) for gn in GROUP_NORM_KINDS]
-FULL += [("cifar10", 1000, gn, "free") for gn in GROUP_NORM_KINDS]  # the presets' batch
+# (pair, batch, engine.group_norm, skip concatenations, engine.gelu)
+FULL = [("imagenet", b, gn, "free", "native") for b in (96, 63) for gn in GROUP_NORM_KINDS]
+FULL += [("cifar10", 1000, gn, "free", "native") for gn in GROUP_NORM_KINDS]  # the presets' batch
 # The skip concatenations pinned channels_last (bench/layouts.py): what bench/gpu.py's imagenet-concat measures.
 FULL += [
-    (pair, batch, gn, "pinned") for pair, batch in (("imagenet", 96), ("cifar10", 1000)) for gn in GROUP_NORM_KINDS
+    (pair, batch, gn, "pinned", "native")
+    for pair, batch in (("imagenet", 96), ("cifar10", 1000))
+    for gn in GROUP_NORM_KINDS
 ]
-SMOKE = [("imagenet", 8, gn, "free") for gn in GROUP_NORM_KINDS]
+# The classifiers' MLP GELU in the matmul's epilogue (raysmooth.models.mlp): what imagenet-gelu measures.
+FULL += [(pair, batch, "native", "pinned", "epilogue") for pair, batch in (("imagenet", 96), ("cifar10", 1000))]
+SMOKE = [("imagenet", 8, gn, "free", "native") for gn in GROUP_NORM_KINDS] + [
+    ("imagenet", 8, "native", "free", "epilogue")
+]
 
 
 def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
@@ -145,9 +152,12 @@ def profile_match(rows: list[dict], top_kernels: list[dict]) -> dict:
     return dict(fused_kernels=len(fused), found=len(offsets), largest_number_offset=max(offsets, default=None))
 
 
-def gpu_profiles(pair: str, batch: int, group_norm: str, attention: str, torch_version: str) -> list[dict]:
+def gpu_profiles(
+    pair: str, batch: int, group_norm: str, attention: str, torch_version: str, concat: str, gelu: str
+) -> list[dict]:
     """The compiled profiles in bench/results/gpu.json taken with this configuration's settings under
-    this torch (another version names other kernels, so only the same one is a check)."""
+    this torch (another version names other kernels, so only the same one is a check): the same
+    GroupNorm, attention and GELU, and the skip concatenations pinned exactly when they are here."""
     if not GPU_RUNS.exists():
         return []
     found = []
@@ -162,12 +172,14 @@ def gpu_profiles(pair: str, batch: int, group_norm: str, attention: str, torch_v
                 and preset.get("compile")
                 and preset.get("attention") == attention
                 and preset.get("group_norm", "native") == group_norm
+                and preset.get("gelu", "native") == gelu
+                and bool(row.get("pinned_concatenations")) == (concat == "pinned")
             ):
                 found.append(dict(run=run.get("run"), top_kernels=row["top_kernels"]))
     return found
 
 
-def one(pair: str, batch: int, group_norm: str, concat: str, smoke: bool, keep: Path | None) -> dict:
+def one(pair: str, batch: int, group_norm: str, concat: str, gelu: str, smoke: bool, keep: Path | None) -> dict:
     """Generate one configuration (this process is patched for good: run it in a process of its own)."""
     import torch
     import torch._inductor.config as inductor
@@ -177,6 +189,7 @@ def one(pair: str, batch: int, group_norm: str, concat: str, smoke: bool, keep: 
 
     from raysmooth.models.architectures import paper_pair, toy_pair
     from raysmooth.models.attention import set_attention
+    from raysmooth.models.mlp import set_gelu
     from raysmooth.models.norms import set_group_norm
 
     start = time.perf_counter()
@@ -184,6 +197,7 @@ def one(pair: str, batch: int, group_norm: str, concat: str, smoke: bool, keep: 
     model = model.eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
     set_attention(model, "sdpa_cached")
     set_group_norm(model, group_norm)
+    set_gelu(model, gelu)
     if concat == "pinned":
         pin_concatenations(model)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -197,22 +211,24 @@ def one(pair: str, batch: int, group_norm: str, concat: str, smoke: bool, keep: 
         code = generate(gm, example_inputs)
     wrapper = "\n".join(code.wrappers)
     if keep is not None:
-        folder = keep / (f"{pair}-b{batch}-{group_norm}" + ("-pinned" if concat == "pinned" else ""))
+        folder = keep / (
+            f"{pair}-b{batch}-{group_norm}"
+            + ("-pinned" if concat == "pinned" else "")
+            + (f"-gelu_{gelu}" if gelu != "native" else "")
+        )
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "wrapper.py").write_text(wrapper)
         for name, source in code.kernels.items():
             (folder / f"{name}.py").write_text(source)
     rows = kernel_table(code.kernels, wrapper)
-    # The GPU's profiles ran with the concatenations free.
-    profiles = (
-        [] if smoke or concat != "free" else gpu_profiles(pair, batch, group_norm, "sdpa_cached", torch.__version__)
-    )
+    profiles = [] if smoke else gpu_profiles(pair, batch, group_norm, "sdpa_cached", torch.__version__, concat, gelu)
     matches = [dict(run=p["run"], **profile_match(rows, p["top_kernels"])) for p in profiles]
     return dict(
         pair=pair,
         batch=batch,
         group_norm=group_norm,
         concat=concat,
+        gelu=gelu,
         attention="sdpa_cached",
         precision="bf16",
         channels_last=True,
@@ -231,11 +247,11 @@ def main() -> None:
     ap.add_argument(
         "--jobs", type=int, default=os.cpu_count() or 1, help="configurations generated at once (default: one per core)"
     )
-    ap.add_argument("--one", nargs=4, metavar=("PAIR", "BATCH", "GROUP_NORM", "CONCAT"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=5, metavar=("PAIR", "BATCH", "GROUP_NORM", "CONCAT", "GELU"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        pair, batch, group_norm, concat = args.one
-        print(json.dumps(one(pair, int(batch), group_norm, concat, args.smoke, args.keep_source)))
+        pair, batch, group_norm, concat, gelu = args.one
+        print(json.dumps(one(pair, int(batch), group_norm, concat, gelu, args.smoke, args.keep_source)))
         return
 
     if not args.out.parent.is_dir():
@@ -244,9 +260,9 @@ def main() -> None:
         sys.exit(f"--jobs {args.jobs}: at least 1")
     import torch
 
-    def generate(config: tuple[str, int, str, str]) -> subprocess.CompletedProcess:
-        pair, batch, group_norm, concat = config
-        cmd = [sys.executable, __file__, "--one", pair, str(batch), group_norm, concat]
+    def generate(config: tuple[str, int, str, str, str]) -> subprocess.CompletedProcess:
+        pair, batch, group_norm, concat, gelu = config
+        cmd = [sys.executable, __file__, "--one", pair, str(batch), group_norm, concat, gelu]
         cmd += ["--smoke"] * args.smoke + (["--keep-source", str(args.keep_source)] if args.keep_source else [])
         return subprocess.run(cmd, capture_output=True, text=True)
 
@@ -255,8 +271,8 @@ def main() -> None:
     configs = SMOKE if args.smoke else FULL
     rows = []
     with ThreadPoolExecutor(min(args.jobs, len(configs))) as pool:
-        for (pair, batch, group_norm, concat), done in zip(configs, pool.map(generate, configs)):
-            what = f"{pair} batch {batch:3d} group_norm={group_norm:13s} concat={concat:6s}"
+        for (pair, batch, group_norm, concat, gelu), done in zip(configs, pool.map(generate, configs)):
+            what = f"{pair} batch {batch:3d} group_norm={group_norm:13s} concat={concat:6s} gelu={gelu:8s}"
             if done.returncode != 0:
                 sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -265,7 +281,8 @@ def main() -> None:
                 f"{what}: {r['kernels']} kernels, "
                 f"{r['transposing_launches']} transposing launches, strided gathers "
                 f"{r['strided_gather_elements_per_sample'] / 1e6:.1f} M elements/sample, int64 indexing "
-                f"{r['int64_pointwise_elements_per_sample'] / 1e6:.1f} M elements/sample ({r['seconds']} s)",
+                f"{r['int64_pointwise_elements_per_sample'] / 1e6:.1f} M elements/sample, "
+                f"{r['kernel_bytes_per_sample'] / 1e9:.3f} GB/sample in its kernels ({r['seconds']} s)",
                 flush=True,
             )
             for m in r["gpu_profiles_matched"]:

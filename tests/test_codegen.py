@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -137,19 +139,27 @@ def test_two_launches_of_one_kernel_code_that_its_benchmark_harness_told_apart_c
     assert s["kernels"] == 1 and s["native_group_norm_kernels"] == 1
 
 
-def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_groupnorm_twin_needs_no_transposes(
-    tmp_path,
-):
-    """The script end to end on the toy pair (a UNet with attention blocks and a small BEiT), both
-    GroupNorms: PyTorch's, lowered for a GPU, copies the attention blocks' channels-last activations
-    into the contiguous layout (kernels tiled to transpose); the twin normalises in place."""
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, Path]:
+    """The script end to end on the toy pair (a UNet with attention blocks and a small BEiT), run once
+    for the tests below: its results entry and the folder of the code it kept."""
+    tmp_path = tmp_path_factory.mktemp("codegen")
     out = tmp_path / "codegen.json"
     cmd = [sys.executable, str(ROOT / "bench" / "codegen.py"), "--smoke", "--out", str(out)]
     cmd += ["--keep-source", str(tmp_path / "code")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=580)
     assert done.returncode == 0, done.stderr[-2000:]
     (entry,) = json.loads(out.read_text()).values()
-    rows = {r["group_norm"]: r for r in entry["rows"]}
+    return entry, tmp_path / "code"
+
+
+def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_groupnorm_twin_needs_no_transposes(
+    smoke,
+):
+    """Both GroupNorms: PyTorch's, lowered for a GPU, copies the attention blocks' channels-last
+    activations into the contiguous layout (kernels tiled to transpose); the twin normalises in place."""
+    entry, code = smoke
+    rows = {r["group_norm"]: r for r in entry["rows"] if r["gelu"] == "native"}
     assert rows.keys() == {"native", "channels_last"}
     for r in rows.values():
         assert r["kernels"] > 20 and r["launches"] >= r["kernels"] and r["strided_gather_elements_per_sample"] == 0
@@ -159,20 +169,34 @@ def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_gro
         rows["channels_last"]["native_group_norm_kernels"] == 0 and rows["channels_last"]["transposing_launches"] == 0
     )
     # the generated code is kept: the wrapper launches CUDA kernels on a CUDA stream
-    wrapper = (tmp_path / "code" / "imagenet-b8-native" / "wrapper.py").read_text()
+    wrapper = (code / "imagenet-b8-native" / "wrapper.py").read_text()
     assert "empty_strided_cuda" in wrapper and ".run(" in wrapper
-    assert len(list((tmp_path / "code" / "imagenet-b8-native").glob("triton_*.py"))) == rows["native"]["kernels"]
+    assert len(list((code / "imagenet-b8-native").glob("triton_*.py"))) == rows["native"]["kernels"]
     # Inductor's byte estimate, checked where it is plain: a kernel that updates one bf16 buffer in place
     # (an activation) reads and writes each element once.
     in_place = [
         source
-        for f in (tmp_path / "code" / "imagenet-b8-native").glob("triton_poi_*.py")
+        for f in (code / "imagenet-b8-native").glob("triton_poi_*.py")
         if "(in_out_ptr0, xnumel, XBLOCK" in (source := f.read_text()) and "'in_out_ptr0': '*bf16'" in source
     ]
     assert in_place
     for source in in_place:
         ((row,),) = [kernel_table({"k": source}, "")]
         assert row["bytes"] == row["elements"] * 2 * 2
+
+
+def test_with_the_gelu_epilogue_the_mlps_gelu_leaves_inductors_kernels_for_atens_fused_matmul(smoke):
+    """engine.gelu=epilogue: inductor hands fc1 and its GELU to ATen as one call per BEiT block (cuBLASLt's
+    epilogue on a GPU), so its own kernels launch fewer times and move fewer bytes."""
+    entry, code = smoke
+    (native,) = [r for r in entry["rows"] if r["gelu"] == "native" and r["group_norm"] == "native"]
+    (fused,) = [r for r in entry["rows"] if r["gelu"] == "epilogue"]
+    assert (fused["group_norm"], fused["concat"]) == (native["group_norm"], native["concat"])
+    wrapper = (code / "imagenet-b8-native-gelu_epilogue" / "wrapper.py").read_text()
+    assert wrapper.count("torch.ops.aten._addmm_activation.default(") == 2  # the toy BEiT's two blocks
+    assert "_addmm_activation" not in (code / "imagenet-b8-native" / "wrapper.py").read_text()
+    assert fused["launches"] < native["launches"]
+    assert fused["kernel_bytes_per_sample"] < native["kernel_bytes_per_sample"]
 
 
 def test_a_gpu_profiles_fused_kernels_are_found_by_operations_and_launches_not_by_number():
@@ -193,3 +217,22 @@ def test_an_out_file_in_a_folder_that_does_not_exist_is_one_line_before_anything
     assert done.returncode == 1
     assert done.stderr.strip() == f"--out {out}: the folder {out.parent} does not exist"
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_gpu_profile_is_checked_against_the_configuration_it_ran(tmp_path, monkeypatch):
+    """A profile of the pinned layout (or of another GELU) says nothing about the free layout's code."""
+    import codegen
+
+    def row(pinned: int, gelu: str | None = None) -> dict:
+        preset = dict(compile=True, attention="sdpa_cached", group_norm="native") | ({"gelu": gelu} if gelu else {})
+        return dict(pair="imagenet", batch=96, preset=preset, top_kernels=[], pinned_concatenations=pinned)
+
+    runs = [dict(run=9, torch="2.11.0", rows=[row(0)]), dict(run=11, torch="2.11.0", rows=[row(18)])]
+    runs += [dict(run=12, torch="2.11.0", rows=[row(18, "epilogue")]), dict(run=13, torch="2.99", rows=[row(0)])]
+    (tmp_path / "gpu.json").write_text(json.dumps({"runs": runs}))
+    monkeypatch.setattr(codegen, "GPU_RUNS", tmp_path / "gpu.json")
+
+    def found(concat: str, gelu: str = "native") -> list[int]:
+        return [p["run"] for p in codegen.gpu_profiles("imagenet", 96, "native", "sdpa_cached", "2.11.0", concat, gelu)]
+
+    assert (found("free"), found("pinned"), found("pinned", "epilogue")) == ([9], [11], [12])
