@@ -128,7 +128,7 @@ def _smoke_bench(tmp_path: Path):
 
 
 def test_the_compiled_comparisons_hand_over_the_variants_they_name(tmp_path, monkeypatch):
-    """FlexAttention, max-autotune and coordinate-descent tuning: each section is checked for the
+    """FlexAttention, max-autotune, coordinate-descent tuning and the GELU epilogue: each section is checked for the
     replicas it hands to the comparison the test above runs for real (max-autotune and coordinate
     descent tune nothing on a CPU, and every compile costs CI seconds)."""
     gpu, bench = _smoke_bench(tmp_path)
@@ -156,6 +156,11 @@ def test_the_compiled_comparisons_hand_over_the_variants_they_name(tmp_path, mon
     assert tuned._forward._orig_mod is tuned.base and tuned._forward is not default._forward
     assert extra["pinned_concatenations"] == 4  # tuned on the layout the project's torch generates
     assert {gpu.pinned_concatenations(r.base) for r in (default, tuned)} == {4}
+    handed.clear()
+    gpu.gelu_section(bench, "imagenet")
+    assert {k: r.config.gelu for k, r in handed.items()} == {"native": "native", "epilogue": "epilogue"}
+    assert extra["switched_layers"] == 2  # the smoke pair's two BEiT MLPs
+    assert {gpu.pinned_concatenations(r.base) for r in handed.values()} == {4}
 
 
 def _gpu_script():
@@ -192,7 +197,7 @@ def test_an_unknown_benchmark_section_is_one_line():
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-kernels-pinned, "
         "imagenet-freezing, "
         "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-groupnorm, "
-        "cifar10-groupnorm, imagenet-concat, imagenet-coordesc, imagenet-compiled or all"
+        "cifar10-groupnorm, imagenet-gelu, cifar10-gelu, imagenet-concat, imagenet-coordesc, imagenet-compiled or all"
     ]
 
 
