@@ -57,9 +57,9 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
-# engine.attention: timm's SDPA call, the same with the bias computed once per replica, or
-# FlexAttention (raysmooth.models.attention)
-ATTENTION_KERNELS = ("sdpa", "sdpa_cached", "flex")
+# engine.attention: timm's SDPA call, the same with the bias computed once per replica (batched by sample
+# or by head), or FlexAttention (raysmooth.models.attention)
+ATTENTION_KERNELS = ("sdpa", "sdpa_cached", "sdpa_by_head", "flex")
 # engine.group_norm: PyTorch's GroupNorm, or the same computed in a channels_last activation's own
 # layout (raysmooth.models.norms)
 GROUP_NORM_KINDS = ("native", "channels_last")
@@ -142,7 +142,7 @@ class EngineCfg:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode: default | max-autotune[-no-cudagraphs] | reduce-overhead
-    attention: str = "sdpa"  # sdpa | sdpa_cached | flex (needs compile): how BEiT's biased attention runs
+    attention: str = "sdpa"  # sdpa | sdpa_cached | sdpa_by_head | flex (needs compile): BEiT's biased attention
     group_norm: str = "native"  # native | channels_last (needs compile): the layout GroupNorm computes in
     gelu: str = "native"  # native | epilogue: a transformer MLP's GELU as its own pass or in fc1's matmul
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; needs quantised images)

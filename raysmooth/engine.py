@@ -56,7 +56,7 @@ class EngineConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the whole base classifier at a static batch shape
     compile_mode: str = EngineCfg.compile_mode  # torch.compile's mode (max-autotune: slower compile, tuned kernels)
-    attention: str = EngineCfg.attention  # sdpa | sdpa_cached | flex (compiled runs only): BEiT's biased attention
+    attention: str = EngineCfg.attention  # sdpa | sdpa_cached | sdpa_by_head | flex (compiled only): BEiT's attention
     group_norm: str = EngineCfg.group_norm  # native | channels_last (compiled runs only): GroupNorm's layout
     gelu: str = EngineCfg.gelu  # native | epilogue: a timm MLP's GELU as its own pass or in fc1's matmul
     noise: str = "gaussian"  # gaussian | lattice (sound in floating point; see raysmooth.noise)

@@ -174,8 +174,8 @@ class Smoothed:
     ``torch.compile`` (as ``engine.compile``; worth it for long runs, docs/methods.md §8.5);
     ``compile_mode`` is torch.compile's mode (``engine.compile_mode``, needs ``compile=True``);
     ``attention`` says how a timm BEiT's biased attention runs (``engine.attention``: ``"sdpa_cached"``
-    computes its bias once, as the compiled presets do, 1.064× on an H100; ``"flex"`` runs FlexAttention
-    and needs ``compile=True``).
+    computes its bias once, as the compiled presets do, 1.064× on an H100; ``"sdpa_by_head"`` also batches
+    the attention by head; ``"flex"`` runs FlexAttention and needs ``compile=True``).
     ``progress``: a bar of samples drawn (a widget in a notebook) for every call that runs over 2 s.
     A module ``model`` or ``denoiser`` is copied here: the caller's is never changed (its mode, weights and
     dtype stay as they were), and training it further does not change what this object certifies.

@@ -107,7 +107,7 @@ def test_a_subclass_of_timms_attention_keeps_its_own_forward():
 
 
 def test_an_unknown_attention_kernel_is_refused():
-    with pytest.raises(ValueError, match="sdpa, sdpa_cached, flex"):
+    with pytest.raises(ValueError, match="sdpa, sdpa_cached, sdpa_by_head, flex"):
         set_attention(tiny_beit(), "xformers")
 
 
@@ -143,7 +143,7 @@ def test_a_model_a_flex_replica_switched_runs_sdpa_in_a_later_sdpa_replica():
 def test_flex_attention_without_compile_is_refused_in_the_engine_and_the_config(tmp_path):
     with pytest.raises(InputError, match="engine.compile=true"):
         EngineConfig(attention="flex")
-    with pytest.raises(InputError, match="sdpa, sdpa_cached, flex"):
+    with pytest.raises(InputError, match="sdpa, sdpa_cached, sdpa_by_head, flex"):
         EngineConfig(attention="flash", compile=True)
     with pytest.raises(ConfigError, match="engine.attention=flex needs engine.compile=true"):
         compose("certify", ["engine.attention=flex", f"out={tmp_path}"])
@@ -271,7 +271,7 @@ def test_a_model_built_in_inference_mode_runs_with_a_cached_bias():
         assert torch.equal(model(x.clone()), expected)
 
 
-@pytest.mark.parametrize("kernel", ["sdpa_cached", "flex"])
+@pytest.mark.parametrize("kernel", ["sdpa_cached", "sdpa_by_head", "flex"])
 def test_a_switched_model_pickles_and_loads_in_a_fresh_process(tmp_path, kernel):
     """torch.save of a whole model (or multiprocessing) pickles its classes by name."""
     import pickle
@@ -289,5 +289,58 @@ def test_a_switched_model_pickles_and_loads_in_a_fresh_process(tmp_path, kernel)
     out = subprocess.run([sys.executable, "-c", check, str(tmp_path / "model.pkl")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     name, difference = out.stdout.split()
-    assert name == ("CachedBiasBeitAttention" if kernel == "sdpa_cached" else "FlexBeitAttention")
+    names = {
+        "sdpa_cached": "CachedBiasBeitAttention",
+        "sdpa_by_head": "ByHeadBeitAttention",
+        "flex": "FlexBeitAttention",
+    }
+    assert name == names[kernel]
     assert float(difference) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_batched_by_head_gives_timms_logits_eager_and_compiled(dtype):
+    """sdpa_by_head hands SDPA the heads as its batch axis and the samples as its head axis: each
+    (sample, head) attention is the one timm computes."""
+    model, x, expected = _beit_and_its_logits(dtype)
+    with torch.no_grad():
+        assert set_attention(model, "sdpa_by_head") == 2
+        assert sum(type(m).__name__ == "ByHeadBeitAttention" for m in model.modules()) == 2
+        eager = model(x).float()
+        compiled = torch.compile(model, dynamic=False)(x).float()
+    assert (eager - expected).abs().max() < TOLERANCE[dtype]
+    assert (compiled - expected).abs().max() < TOLERANCE[dtype]
+
+
+def test_attention_batched_by_head_hands_sdpa_the_heads_as_its_batch_and_one_bias_per_head(monkeypatch):
+    """What the kernel is given: q, k, v of shape (heads, samples, tokens, width) as views of the packed
+    projection (no copy), and the cached bias, aligned rows and all, broadcast over the samples."""
+    model = tiny_beit()
+    set_attention(model, "sdpa_by_head")
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append((q, k, v, attn_mask))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        model(torch.randn(6, 1, 16, 16))
+    assert len(seen) == 2
+    for q, k, v, bias in seen:
+        assert q.shape == k.shape == v.shape == (4, 6, 17, 8)  # heads, samples, tokens, head width
+        assert q.stride(0) < q.stride(1) and not q.is_contiguous()  # a view: heads are not outermost in memory
+        assert bias.shape == (4, 1, 17, 17) and bias.stride(-2) % 16 == 0  # the cached, aligned rows
+
+
+def test_a_by_head_replica_counts_like_an_sdpa_one(caplog):
+    images = {i: np.random.default_rng(i).random((1, 16, 16), dtype=np.float32) for i in range(3)}
+    units = [WorkUnit(i, 0, "estimation", 0, 200) for i in images]
+    counts = {}
+    for kernel in ("sdpa", "sdpa_by_head"):
+        with caplog.at_level(logging.INFO, logger="raysmooth"):
+            replica = Replica(_beit_base(), [0.25], 0, EngineConfig(batch_size=64, attention=kernel))
+        counts[kernel] = replica.run(units, images)
+    assert "engine.attention=sdpa_by_head: 2 attention layers switched (their biases hold" in caplog.text
+    assert all(np.array_equal(counts["sdpa"][u.key], counts["sdpa_by_head"][u.key]) for u in units)

@@ -264,7 +264,14 @@ def test_a_graph_break_is_what_that_check_catches():
 
 
 @pytest.mark.parametrize(
-    "attention, gelu", [("sdpa", "native"), ("sdpa_cached", "native"), ("flex", "native"), ("sdpa_cached", "epilogue")]
+    "attention, gelu",
+    [
+        ("sdpa", "native"),
+        ("sdpa_cached", "native"),
+        ("sdpa_by_head", "native"),
+        ("flex", "native"),
+        ("sdpa_cached", "epilogue"),
+    ],
 )
 def test_the_imagenet_pairs_layout_compiles_as_one_graph(attention, gelu):
     """guided-diffusion's ADM layout (up/down-sampling resblocks, fixed-width heads) then a BEiT with a

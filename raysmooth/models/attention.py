@@ -1,12 +1,20 @@
-"""BEiT's relative-position-biased attention, run three ways (``engine.attention``): timm's own SDPA
-call (``sdpa``), SDPA with the bias computed once per replica (``sdpa_cached``), or FlexAttention
-(``flex``).
+"""BEiT's relative-position-biased attention, run four ways (``engine.attention``): timm's own SDPA
+call (``sdpa``), SDPA with the bias computed once per replica (``sdpa_cached``), the same batched head
+by head (``sdpa_by_head``), or FlexAttention (``flex``).
 
 ``sdpa_cached``: timm gathers, permutes and copies each layer's (heads, N, N) bias from its small table
 in every forward, and the fused kernels then want its rows aligned (1,025 tokens is not a multiple of
 the 16 elements they read at once), which costs another copy. A replica's weights never change, so the
 bias can be computed once, when the replica is built, into rows padded to 16 elements: the same values,
 hence the same logits, at the cost of holding it (about 0.8 GB for BEiT-L/16 at 512 px in bf16).
+
+``sdpa_by_head``: ``sdpa_cached`` with SDPA's batch and head axes swapped. The bias is the same for every
+sample, but a fused kernel walks (sample, head) pairs with the heads innermost, so it reads every head's
+bias once per sample: for BEiT-L/16 at 512 px and 96 samples, 3.3 GB per layer, about what the biased
+call takes longer than the unbiased one on an H100 (docs/performance.md). With the heads as the batch
+axis and the samples as the head axis (views of the same q, k, v; no copy), a head's 2 MB of bias is read
+while its samples are computed, where the GPU's L2 cache can keep it. Each (sample, head) attention is
+computed as before, so the values are the same.
 
 ``flex``: timm's BEiT passes its relative-position bias to ``scaled_dot_product_attention`` as a dense
 (heads, N, N) mask, which rules out the flash kernel; on an H100 the ImageNet classifier's attention ran
@@ -84,6 +92,23 @@ def _flex_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | Non
 ALIGN = 16  # elements per bias row the fused SDPA kernels read at once; rows are padded to a multiple
 
 
+def _by_head_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's BEiT attention (eval, per-layer bias) with SDPA batched over heads, each head over the
+    samples: q, k and v of shape (heads, samples, tokens, head width), the bias (heads, 1, N, N)."""
+    if shared_rel_pos_bias is not None or (self.training and self.attn_drop.p > 0):
+        return _classes()[0].forward(self, x, shared_rel_pos_bias)  # timm's own SDPA path
+    b, n, _ = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv = nn.functional.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+    q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 3, 0, 1, 4).unbind(0)
+    bias = self._get_rel_pos_bias().transpose(0, 1)  # (1, heads, N, N) -> (heads, 1, N, N)
+    x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    x = x.permute(1, 2, 0, 3).reshape(b, n, -1)  # (samples, tokens, heads, width): timm's layout
+    return self.proj_drop(self.proj(x))
+
+
 def _cached_rel_pos_bias(self) -> torch.Tensor:
     """The bias ``set_attention`` computed (rows padded to ``ALIGN``, this view drops the padding); in
     training, or once the table was changed in place or replaced, timm's own computation again."""
@@ -110,7 +135,7 @@ def _cache_bias(module: nn.Module) -> None:
 
 
 def cached_bias_bytes(model: nn.Module) -> int:
-    """Bytes the ``sdpa_cached`` layers of ``model`` hold in their biases."""
+    """Bytes the ``sdpa_cached`` and ``sdpa_by_head`` layers of ``model`` hold in their biases."""
     return sum(
         m.rel_pos_bias_cache.numel() * m.rel_pos_bias_cache.element_size()
         for m in model.modules()
@@ -119,9 +144,9 @@ def cached_bias_bytes(model: nn.Module) -> int:
 
 
 @functools.cache
-def _classes() -> tuple[type, type, type]:
-    """(timm's BEiT attention, its cached-bias twin, its FlexAttention twin); timm is imported only
-    when asked."""
+def _classes() -> tuple[type, type, type, type]:
+    """(timm's BEiT attention, its cached-bias twin, its FlexAttention twin, its cached-bias twin
+    batched by head); timm is imported only when asked."""
     from timm.models.beit import Attention
 
     cached = type(
@@ -130,9 +155,14 @@ def _classes() -> tuple[type, type, type]:
         {"_get_rel_pos_bias": _cached_rel_pos_bias, "__doc__": "timm's BEiT attention, its bias computed once."},
     )
     flex = type("FlexBeitAttention", (Attention,), {"forward": _flex_forward, "__doc__": _flex_forward.__doc__})
-    for twin in (cached, flex):
+    by_head = type(
+        "ByHeadBeitAttention",
+        (Attention,),
+        {"_get_rel_pos_bias": _cached_rel_pos_bias, "forward": _by_head_forward, "__doc__": _by_head_forward.__doc__},
+    )
+    for twin in (cached, flex, by_head):
         twin.__module__ = __name__  # pickle finds it by name through __getattr__ below
-    return Attention, cached, flex
+    return Attention, cached, flex, by_head
 
 
 def __getattr__(name: str) -> type:
@@ -155,24 +185,25 @@ def _index_matches(module: nn.Module) -> bool:
 def set_attention(model: nn.Module, kernel: str) -> int:
     """Run every timm BEiT attention with a per-layer relative-position bias in ``model`` with
     ``kernel`` (sdpa: timm's own; sdpa_cached: its bias computed now, from the weights as they are;
-    flex: FlexAttention); returns how many modules run it now. Only timm's own class and its twins
+    sdpa_by_head: the same with SDPA batched by head; flex: FlexAttention); returns how many modules run
+    it now. Only timm's own class and its twins
     switch: a subclass of it has a forward of its own, which stays."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
     if "timm.models.beit" not in sys.modules:
         return 0  # no BEiT can be in the model: timm need not be imported
-    sdpa, cached, flex = _classes()
+    sdpa, cached, flex, by_head = _classes()
     switched = 0
     for name, module in model.named_modules():
-        if type(module) not in (sdpa, cached, flex) or module.relative_position_bias_table is None:
+        if type(module) not in (sdpa, cached, flex, by_head) or module.relative_position_bias_table is None:
             continue
         module._buffers.pop("rel_pos_bias_cache", None)  # a cache of an earlier sdpa_cached switch
         if kernel == "flex" and not _index_matches(module):
             log.warning("engine.attention=flex: %s has a relative-position index of its own; it keeps SDPA", name)
             module.__class__ = sdpa
             continue
-        module.__class__ = {"sdpa": sdpa, "sdpa_cached": cached, "flex": flex}[kernel]
-        if kernel == "sdpa_cached":
+        module.__class__ = {"sdpa": sdpa, "sdpa_cached": cached, "sdpa_by_head": by_head, "flex": flex}[kernel]
+        if kernel in ("sdpa_cached", "sdpa_by_head"):
             _cache_bias(module)
         switched += 1
     return switched
