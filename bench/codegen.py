@@ -6,8 +6,8 @@
     python bench/codegen.py --jobs 1         # one configuration at a time (default: one per core)
 
 Each configuration (pair, batch, ``engine.group_norm``, whether the UNet's skip concatenations are
-pinned channels_last, bench/layouts.py, and ``engine.gelu``) is built as ``engine=gpu_compiled`` runs it (bf16,
-channels_last, ``attention=sdpa_cached``) on a pretend H100 (bench/fake_h100.py: fake CUDA tensors,
+pinned channels_last, bench/layouts.py, ``engine.gelu`` and ``engine.attention``) is built as
+``engine=gpu_compiled`` runs it (bf16, channels_last) on a pretend H100 (bench/fake_h100.py: fake CUDA tensors,
 inductor's real lowering and scheduling, nothing compiled or run), in a process of its own. From the
 generated code it counts, per sample, what the GPU profile cannot say by itself:
 - strided gathers: elements a pointwise kernel reads with neighbouring threads at least 16 elements
@@ -36,6 +36,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,20 +50,36 @@ from raysmooth.config import GROUP_NORM_KINDS  # noqa: E402
 OUT = ROOT / "bench" / "results" / "codegen.json"
 GPU_RUNS = ROOT / "bench" / "results" / "gpu.json"  # the H100 profiles the generated code is checked against
 GATHER_STRIDE = 16  # elements: 32 bytes of bf16, one memory sector per thread
-# (pair, batch, engine.group_norm, skip concatenations, engine.gelu)
-FULL = [("imagenet", b, gn, "free", "native") for b in (96, 63) for gn in GROUP_NORM_KINDS]
-FULL += [("cifar10", 1000, gn, "free", "native") for gn in GROUP_NORM_KINDS]  # the presets' batch
+
+
+@dataclass(frozen=True)
+class Config:
+    """One generated configuration: the pair at a batch, with the engine settings that change its code."""
+
+    pair: str
+    batch: int
+    group_norm: str = "native"
+    concat: str = "free"  # the UNet's skip concatenations left to inductor, or pinned channels_last
+    gelu: str = "native"
+    attention: str = "sdpa_cached"  # the compiled presets'
+
+    def folder(self) -> str:
+        """Where --keep-source puts its code: the pair, batch and GroupNorm, then each setting off its default."""
+        parts = [self.pair, f"b{self.batch}", self.group_norm] + ["pinned"] * (self.concat == "pinned")
+        parts += [f"gelu_{self.gelu}"] * (self.gelu != "native")
+        parts += [f"attention_{self.attention}"] * (self.attention != "sdpa_cached")
+        return "-".join(parts)
+
+
+FULL = [Config("imagenet", b, gn) for b in (96, 63) for gn in GROUP_NORM_KINDS]
+FULL += [Config("cifar10", 1000, gn) for gn in GROUP_NORM_KINDS]  # the presets' batch
 # The skip concatenations pinned channels_last (bench/layouts.py): what bench/gpu.py's imagenet-concat measures.
-FULL += [
-    (pair, batch, gn, "pinned", "native")
-    for pair, batch in (("imagenet", 96), ("cifar10", 1000))
-    for gn in GROUP_NORM_KINDS
-]
+FULL += [Config(p, b, gn, "pinned") for p, b in (("imagenet", 96), ("cifar10", 1000)) for gn in GROUP_NORM_KINDS]
 # The classifiers' MLP GELU in the matmul's epilogue (raysmooth.models.mlp): what imagenet-gelu measures.
-FULL += [(pair, batch, "native", "pinned", "epilogue") for pair, batch in (("imagenet", 96), ("cifar10", 1000))]
-SMOKE = [("imagenet", 8, gn, "free", "native") for gn in GROUP_NORM_KINDS] + [
-    ("imagenet", 8, "native", "free", "epilogue")
-]
+FULL += [Config(p, b, concat="pinned", gelu="epilogue") for p, b in (("imagenet", 96), ("cifar10", 1000))]
+# BEiT's attention batched by head (raysmooth.models.attention): what imagenet-by-head measures.
+FULL += [Config("imagenet", 96, concat="pinned", attention="sdpa_by_head")]
+SMOKE = [Config("imagenet", 8, gn) for gn in GROUP_NORM_KINDS] + [Config("imagenet", 8, gelu="epilogue")]
 
 
 def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
@@ -179,7 +196,7 @@ def gpu_profiles(
     return found
 
 
-def one(pair: str, batch: int, group_norm: str, concat: str, gelu: str, smoke: bool, keep: Path | None) -> dict:
+def one(config: Config, smoke: bool, keep: Path | None) -> dict:
     """Generate one configuration (this process is patched for good: run it in a process of its own)."""
     import torch
     import torch._inductor.config as inductor
@@ -192,10 +209,11 @@ def one(pair: str, batch: int, group_norm: str, concat: str, gelu: str, smoke: b
     from raysmooth.models.mlp import set_gelu
     from raysmooth.models.norms import set_group_norm
 
+    pair, batch, group_norm, concat, gelu, attention = astuple(config)
     start = time.perf_counter()
     model = (toy_pair(pair) if smoke else paper_pair(pair, "meta")).to("meta")
     model = model.eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
-    set_attention(model, "sdpa_cached")
+    set_attention(model, attention)
     set_group_norm(model, group_norm)
     set_gelu(model, gelu)
     if concat == "pinned":
@@ -211,25 +229,16 @@ def one(pair: str, batch: int, group_norm: str, concat: str, gelu: str, smoke: b
         code = generate(gm, example_inputs)
     wrapper = "\n".join(code.wrappers)
     if keep is not None:
-        folder = keep / (
-            f"{pair}-b{batch}-{group_norm}"
-            + ("-pinned" if concat == "pinned" else "")
-            + (f"-gelu_{gelu}" if gelu != "native" else "")
-        )
+        folder = keep / config.folder()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "wrapper.py").write_text(wrapper)
         for name, source in code.kernels.items():
             (folder / f"{name}.py").write_text(source)
     rows = kernel_table(code.kernels, wrapper)
-    profiles = [] if smoke else gpu_profiles(pair, batch, group_norm, "sdpa_cached", torch.__version__, concat, gelu)
+    profiles = [] if smoke else gpu_profiles(pair, batch, group_norm, attention, torch.__version__, concat, gelu)
     matches = [dict(run=p["run"], **profile_match(rows, p["top_kernels"])) for p in profiles]
     return dict(
-        pair=pair,
-        batch=batch,
-        group_norm=group_norm,
-        concat=concat,
-        gelu=gelu,
-        attention="sdpa_cached",
+        **asdict(config),
         precision="bf16",
         channels_last=True,
         seconds=round(time.perf_counter() - start, 1),
@@ -247,11 +256,10 @@ def main() -> None:
     ap.add_argument(
         "--jobs", type=int, default=os.cpu_count() or 1, help="configurations generated at once (default: one per core)"
     )
-    ap.add_argument("--one", nargs=5, metavar=("PAIR", "BATCH", "GROUP_NORM", "CONCAT", "GELU"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        pair, batch, group_norm, concat, gelu = args.one
-        print(json.dumps(one(pair, int(batch), group_norm, concat, gelu, args.smoke, args.keep_source)))
+        print(json.dumps(one(Config(**json.loads(args.one)), args.smoke, args.keep_source)))
         return
 
     if not args.out.parent.is_dir():
@@ -260,9 +268,8 @@ def main() -> None:
         sys.exit(f"--jobs {args.jobs}: at least 1")
     import torch
 
-    def generate(config: tuple[str, int, str, str, str]) -> subprocess.CompletedProcess:
-        pair, batch, group_norm, concat, gelu = config
-        cmd = [sys.executable, __file__, "--one", pair, str(batch), group_norm, concat, gelu]
+    def generate(config: Config) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, __file__, "--one", json.dumps(asdict(config))]
         cmd += ["--smoke"] * args.smoke + (["--keep-source", str(args.keep_source)] if args.keep_source else [])
         return subprocess.run(cmd, capture_output=True, text=True)
 
@@ -271,8 +278,11 @@ def main() -> None:
     configs = SMOKE if args.smoke else FULL
     rows = []
     with ThreadPoolExecutor(min(args.jobs, len(configs))) as pool:
-        for (pair, batch, group_norm, concat, gelu), done in zip(configs, pool.map(generate, configs)):
-            what = f"{pair} batch {batch:3d} group_norm={group_norm:13s} concat={concat:6s} gelu={gelu:8s}"
+        for c, done in zip(configs, pool.map(generate, configs)):
+            what = (
+                f"{c.pair} batch {c.batch:3d} group_norm={c.group_norm:13s} concat={c.concat:6s} "
+                f"gelu={c.gelu:8s} attention={c.attention:12s}"
+            )
             if done.returncode != 0:
                 sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -629,6 +629,12 @@ def attention_section(bench: Bench) -> None:
             aligned = aligned[..., :n].copy_(bias)  # a strided view with the same values
             for backend in ("default", "cudnn", "efficient"):
                 cases[f"{backend}, {n} tokens, bias in aligned rows"] = (_sdpa(backend, q, k, v, aligned), n, True)
+                # engine.attention=sdpa_by_head: the heads as SDPA's batch axis, the samples as its heads
+                cases[f"{backend}, {n} tokens, bias in aligned rows, by head"] = (
+                    _sdpa_by_head(backend, q, k, v, aligned),
+                    n,
+                    True,
+                )
             # What the model really passes: timm makes the bias contiguous (rows of 1,025, not aligned)
             # and takes q, k, v as strided slices of one packed projection, (B, N, 3, H, D) permuted.
             # Eager and compiled (inductor adds its own copies for alignment): the compiled profile's
@@ -713,6 +719,18 @@ def _sdpa(backend: str, q, k, v, bias, compiled: bool = False):
     def fn():
         with sdpa_backend(backend), torch.inference_mode():
             return attend(q, k, v, attn_mask=bias)
+
+    return fn
+
+
+def _sdpa_by_head(backend: str, q, k, v, bias):
+    """SDPA on (heads, samples, tokens, width) views with the bias (heads, 1, N, N), as
+    engine.attention=sdpa_by_head calls it; the output in the usual (samples, heads, ...) order."""
+    qh, kh, vh, bh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bias.transpose(0, 1)
+
+    def fn():
+        with sdpa_backend(backend), torch.inference_mode():
+            return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bh).transpose(0, 1)
 
     return fn
 
@@ -907,21 +925,36 @@ def group_norm_section(bench: Bench, name: str = "imagenet") -> None:
     compare_compiled(bench, name, test, replicas, switched_layers=layers)
 
 
-def gelu_section(bench: Bench, name: str = "imagenet") -> None:
-    """The compiled pair (as the presets run it, skip concatenations pinned as the project's torch lays
-    them out) with timm's MLP against ``engine.gelu=epilogue``: the classifier's first MLP matmul and
-    its GELU as one cuBLASLt call (bias and tanh GELU in the epilogue). In the code inductor generates,
-    the GELU is a pass of its own over the MLP's widest activation: BEiT-L's 24 of them move 0.40 GB per
-    sample, 11% of inductor's bytes (bench/codegen.py), and took 0.65 ms each in run 11. Whether the
-    epilogue costs the matmul less than that, and how many labels the tanh form changes, is measured."""
-    replicas = {kind: preset_replica(bench, name, gelu=kind) for kind in ("native", "epilogue")}
+def pinned_comparison(bench: Bench, name: str, setting: str, kinds: tuple[str, str], twin: str, test: str) -> None:
+    """The compiled pair as the presets run it, with the skip concatenations pinned as the project's
+    torch lays them out (runs 10-11), and one engine setting each way: compiled, timed interleaved,
+    with the labels the second gives differently."""
+    replicas = {kind: preset_replica(bench, name, **{setting: kind}) for kind in kinds}
     for r in replicas.values():
         pinned = pin_concatenations(r.base)
-    layers = layers_of(replicas["epilogue"], "EpilogueGeluMlp")
-    test = (
-        "bf16 compiled, channels_last, skip concatenations pinned: timm's MLP against fc1 and GELU in one cuBLASLt call"
-    )
+    layers = layers_of(replicas[kinds[1]], twin)
+    test = f"bf16 compiled, channels_last, skip concatenations pinned: {test}"
     compare_compiled(bench, name, test, replicas, pinned_concatenations=pinned, switched_layers=layers)
+
+
+def gelu_section(bench: Bench, name: str = "imagenet") -> None:
+    """timm's MLP against ``engine.gelu=epilogue``: the classifier's first MLP matmul and its GELU as one
+    cuBLASLt call (bias and tanh GELU in the epilogue). In the code inductor generates, the GELU is a
+    pass of its own over the MLP's widest activation: BEiT-L's 24 of them move 0.40 GB per sample, 11%
+    of inductor's bytes (bench/codegen.py), and took 0.65 ms each in run 11. Whether the epilogue costs
+    the matmul less than that, and how many labels the tanh form changes, is measured."""
+    test = "timm's MLP against fc1 and GELU in one cuBLASLt call"
+    pinned_comparison(bench, name, "gelu", ("native", "epilogue"), "EpilogueGeluMlp", test)
+
+
+def by_head_section(bench: Bench, name: str = "imagenet") -> None:
+    """BEiT's attention with the cached bias, batched by sample (``sdpa_cached``, the presets') against
+    batched by head (``sdpa_by_head``). A fused kernel walks (sample, head) pairs with the heads
+    innermost and reads each head's bias once per sample: 3.3 GB per layer at 96 samples, about the
+    1.1 ms the biased call took beyond the unbiased one (2.53 against 1.42 ms, run 5). By head, a head's
+    2 MB of bias serves all its samples in turn, where L2 can hold it. Same values; measured here."""
+    test = "BEiT attention batched by sample against by head"
+    pinned_comparison(bench, name, "attention", ("sdpa_cached", "sdpa_by_head"), "ByHeadBeitAttention", test)
 
 
 def concat_layout_section(bench: Bench, name: str = "imagenet") -> None:
@@ -1124,6 +1157,11 @@ def main() -> None:
             "imagenet: compiled, timm's MLP and its GELU in the matmul's epilogue, concatenations pinned",
             200,  # two compiles of the pair (54-90 s each, runs 7 and 10) and the timed rounds
             lambda: gelu_section(bench, "imagenet"),
+        ),
+        "imagenet-by-head": (
+            "imagenet: compiled, BEiT's attention batched by sample and by head, concatenations pinned",
+            200,  # two compiles of the pair (54-90 s each, runs 7 and 10) and the timed rounds
+            lambda: by_head_section(bench, "imagenet"),
         ),
         "cifar10-gelu": (
             "cifar10: compiled, timm's MLP and its GELU in the matmul's epilogue, concatenations pinned",

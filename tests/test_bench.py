@@ -42,6 +42,8 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
     for case in ("bias", "bias from positions"):  # FlexAttention with the bias is the same attention
         flex = attention[f"flex (compiled), 17 tokens, {case}"]
         assert 0 < flex["max_abs_error_vs_math"] < 0.05 and flex["ms"] > 0
+    by_head = attention["default, 17 tokens, bias in aligned rows, by head"]  # the heads as SDPA's batch axis
+    assert 0 < by_head["max_abs_error_vs_math"] < 0.05 and by_head["ms"] > 0
     timm_cases = ("timm's bias", "timm's bias and q/k/v", "aligned bias, timm's q/k/v")
     for case in [f"default, 17 tokens, {timm_cases[1]}"] + [f"compiled, 17 tokens, {c}" for c in timm_cases]:
         # q, k, v sliced from one packed projection as timm does: the same attention as the plain call
@@ -128,9 +130,9 @@ def _smoke_bench(tmp_path: Path):
 
 
 def test_the_compiled_comparisons_hand_over_the_variants_they_name(tmp_path, monkeypatch):
-    """FlexAttention, max-autotune, coordinate-descent tuning and the GELU epilogue: each section is checked for the
-    replicas it hands to the comparison the test above runs for real (max-autotune and coordinate
-    descent tune nothing on a CPU, and every compile costs CI seconds)."""
+    """FlexAttention, max-autotune, coordinate-descent tuning, the GELU epilogue and attention by head:
+    each section is checked for the replicas it hands to the comparison the test above runs for real
+    (max-autotune and coordinate descent tune nothing on a CPU, and every compile costs CI seconds)."""
     gpu, bench = _smoke_bench(tmp_path)
     handed, extra = {}, {}
 
@@ -160,6 +162,14 @@ def test_the_compiled_comparisons_hand_over_the_variants_they_name(tmp_path, mon
     gpu.gelu_section(bench, "imagenet")
     assert {k: r.config.gelu for k, r in handed.items()} == {"native": "native", "epilogue": "epilogue"}
     assert extra["switched_layers"] == 2  # the smoke pair's two BEiT MLPs
+    assert {gpu.pinned_concatenations(r.base) for r in handed.values()} == {4}
+    handed.clear()
+    gpu.by_head_section(bench, "imagenet")
+    assert {k: r.config.attention for k, r in handed.items()} == {
+        "sdpa_cached": "sdpa_cached",
+        "sdpa_by_head": "sdpa_by_head",
+    }
+    assert extra["switched_layers"] == 2  # the smoke pair's two BEiT attention layers
     assert {gpu.pinned_concatenations(r.base) for r in handed.values()} == {4}
 
 
@@ -197,7 +207,8 @@ def test_an_unknown_benchmark_section_is_one_line():
         "cifar10, imagenet-profile, imagenet-profile-compiled, imagenet-kernels, imagenet-kernels-pinned, "
         "imagenet-freezing, "
         "imagenet-attention, imagenet-flex, imagenet-autotune, imagenet-bias, imagenet-groupnorm, "
-        "cifar10-groupnorm, imagenet-gelu, cifar10-gelu, imagenet-concat, imagenet-coordesc, imagenet-compiled or all"
+        "cifar10-groupnorm, imagenet-gelu, imagenet-by-head, cifar10-gelu, imagenet-concat, imagenet-coordesc, "
+        "imagenet-compiled or all"
     ]
 
 
