@@ -71,6 +71,16 @@ def relative_position_score_mod(table: torch.Tensor, window: tuple[int, int]) ->
     return score_mod
 
 
+def _packed_qkv(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's BEiT projection of ``x`` (samples, tokens, width) to q, k and v in one tensor, viewed as
+    (samples, tokens, 3, heads, head width)."""
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv = nn.functional.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+    return qkv.reshape(*x.shape[:2], 3, self.num_heads, -1)
+
+
 def _flex_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
     """timm's BEiT attention (eval, per-layer bias) with the bias added inside FlexAttention."""
     if shared_rel_pos_bias is not None or (self.training and self.attn_drop.p > 0):
@@ -78,11 +88,7 @@ def _flex_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | Non
     from torch.nn.attention.flex_attention import flex_attention
 
     b, n, _ = x.shape
-    if self.q_bias is None:
-        qkv = self.qkv(x)
-    else:
-        qkv = nn.functional.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
-    q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = _packed_qkv(self, x).permute(2, 0, 3, 1, 4).unbind(0)
     score_mod = relative_position_score_mod(self.relative_position_bias_table, self.window_size)
     x = flex_attention(q, k, v, score_mod=score_mod, scale=self.scale)
     x = x.transpose(1, 2).reshape(b, n, -1)
@@ -98,11 +104,7 @@ def _by_head_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | 
     if shared_rel_pos_bias is not None or (self.training and self.attn_drop.p > 0):
         return _classes()[0].forward(self, x, shared_rel_pos_bias)  # timm's own SDPA path
     b, n, _ = x.shape
-    if self.q_bias is None:
-        qkv = self.qkv(x)
-    else:
-        qkv = nn.functional.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
-    q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 3, 0, 1, 4).unbind(0)
+    q, k, v = _packed_qkv(self, x).permute(2, 3, 0, 1, 4).unbind(0)
     bias = self._get_rel_pos_bias().transpose(0, 1)  # (1, heads, N, N) -> (heads, 1, N, N)
     x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     x = x.permute(1, 2, 0, 3).reshape(b, n, -1)  # (samples, tokens, heads, width): timm's layout
