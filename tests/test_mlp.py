@@ -1,5 +1,6 @@
 """engine.gelu=epilogue: a timm MLP's first matmul and its GELU as one call with cuBLASLt's epilogue."""
 
+import functools
 import logging
 
 import numpy as np
@@ -68,15 +69,21 @@ def test_switching_keeps_every_state_dict_key_and_switches_back():
     assert sum(type(m) is Mlp for m in beit.modules()) == 2
 
 
-def test_mlps_without_a_biased_linear_and_a_gelu_or_of_a_subclass_stay_as_they_are():
+def test_mlps_without_a_biased_linear_and_the_exact_gelu_or_of_a_subclass_stay_as_they_are():
     class MyMlp(Mlp):
         pass
 
+    tanh = functools.partial(nn.GELU, approximate="tanh")  # a CPU's epilogue would give it the exact GELU
     model = nn.Sequential(
-        Mlp(8, 16, act_layer=nn.SiLU), Mlp(8, 16, bias=False), Mlp(8, 16, use_conv=True), MyMlp(8, 16), Mlp(8, 16)
+        Mlp(8, 16, act_layer=nn.SiLU),
+        Mlp(8, 16, act_layer=tanh),
+        Mlp(8, 16, bias=False),
+        Mlp(8, 16, use_conv=True),
+        MyMlp(8, 16),
+        Mlp(8, 16),
     )
     assert set_gelu(model, "epilogue") == 1
-    assert [type(m).__name__ for m in model] == ["Mlp", "Mlp", "Mlp", "MyMlp", "EpilogueGeluMlp"]
+    assert [type(m).__name__ for m in model] == ["Mlp", "Mlp", "Mlp", "Mlp", "MyMlp", "EpilogueGeluMlp"]
 
 
 def test_an_unknown_gelu_kind_is_refused_by_the_module_the_engine_and_the_config():

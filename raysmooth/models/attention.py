@@ -9,8 +9,8 @@ bias can be computed once, when the replica is built, into rows padded to 16 ele
 hence the same logits, at the cost of holding it (about 0.8 GB for BEiT-L/16 at 512 px in bf16).
 
 ``sdpa_by_head``: ``sdpa_cached`` with SDPA's batch and head axes swapped. The bias is the same for every
-sample, but a fused kernel walks (sample, head) pairs with the heads innermost, so it reads every head's
-bias once per sample: for BEiT-L/16 at 512 px and 96 samples, 3.3 GB per layer, about what the biased
+sample, but fused kernels usually walk (sample, head) pairs with the heads innermost, and so read every
+head's bias once per sample: for BEiT-L/16 at 512 px and 96 samples, 3.3 GB per layer, about what the biased
 call takes longer than the unbiased one on an H100 (docs/performance.md). With the heads as the batch
 axis and the samples as the head axis (views of the same q, k, v; no copy), a head's 2 MB of bias is read
 while its samples are computed, where the GPU's L2 cache can keep it. Each (sample, head) attention is
@@ -188,8 +188,8 @@ def set_attention(model: nn.Module, kernel: str) -> int:
     """Run every timm BEiT attention with a per-layer relative-position bias in ``model`` with
     ``kernel`` (sdpa: timm's own; sdpa_cached: its bias computed now, from the weights as they are;
     sdpa_by_head: the same with SDPA batched by head; flex: FlexAttention); returns how many modules run
-    it now. Only timm's own class and its twins
-    switch: a subclass of it has a forward of its own, which stays."""
+    it now. Only timm's own class and its twins switch: a subclass of it has a forward of its own, which
+    stays."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(ATTENTION_KERNELS)}, got {kernel!r}")
     if "timm.models.beit" not in sys.modules:

@@ -11,8 +11,9 @@ a GELU to the product before writing it; PyTorch reaches that epilogue through
 
 The epilogue's GELU is the tanh approximation, so on a GPU the classifier changes: by at most 4.8·10⁻⁴
 in each activation (``GELU_TANH_MAX_ERROR``, at x ≈ 2.7, where bf16's spacing is 1.6·10⁻²), far below the
-rounding of the bf16 runs it is meant for; labels may differ as they do between summation orders.
-On a CPU ATen computes the exact GELU after the product, as ``nn.GELU`` does. The module keeps timm's
+rounding of the bf16 runs it is meant for, but another function: a label may differ, and the setting is
+part of a run's identity. On a CPU ATen computes the exact GELU after the product, as ``nn.GELU`` does.
+Only the exact GELU switches (an MLP built with the tanh form would get the exact one on a CPU). The module keeps timm's
 parameters and state-dict keys: switching only changes the class.
 """
 
@@ -27,17 +28,18 @@ from ..config import GELU_KINDS
 
 __all__ = ["GELU_KINDS", "GELU_TANH_MAX_ERROR", "set_gelu"]
 
-# max over x of |GELU(x) − GELU_tanh(x)| (tests/test_models.py checks it on a fine grid).
+# max over x of |GELU(x) − GELU_tanh(x)| (tests/test_mlp.py checks it on a fine grid).
 GELU_TANH_MAX_ERROR = 4.8e-4
 
 
 def _fusable(mlp: nn.Module) -> bool:
-    """An MLP whose first layer is a linear map with a bias followed by a GELU (either form)."""
-    fc1 = getattr(mlp, "fc1", None)
+    """An MLP whose first layer is a linear map with a bias followed by the exact GELU."""
+    fc1, act = getattr(mlp, "fc1", None), getattr(mlp, "act", None)
     return (
         type(fc1) is nn.Linear
         and fc1.bias is not None
-        and type(getattr(mlp, "act", None)) is nn.GELU
+        and type(act) is nn.GELU
+        and act.approximate == "none"
         and type(getattr(mlp, "fc2", None)) is nn.Linear
     )
 
