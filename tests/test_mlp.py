@@ -143,3 +143,15 @@ def test_the_epilogue_is_part_of_a_runs_identity_and_the_default_leaves_it_as_be
     fused = counts_relevant_config(compose("certify", ["engine.gelu=epilogue"]))
     assert config_hash(fused) != config_hash(before)
     assert config_differences(before, fused) == "gelu: '(unset)' there, 'epilogue' here"
+
+
+def test_a_switched_model_pickles_by_name():
+    """torch.save of a whole model (or multiprocessing) finds the twin's class by name."""
+    import pickle
+
+    native, twin = _mlps()
+    again = pickle.loads(pickle.dumps(nn.Sequential(twin)))[0]
+    assert type(again).__name__ == "EpilogueGeluMlp"
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), native(x), atol=1e-6, rtol=1e-6)

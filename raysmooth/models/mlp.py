@@ -19,6 +19,7 @@ parameters and state-dict keys: switching only changes the class.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -44,39 +45,36 @@ def _fusable(mlp: nn.Module) -> bool:
     )
 
 
+def _epilogue_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm's MLP with ``fc1`` and its GELU as one call (cuBLASLt's bias and GELU epilogue on a GPU)."""
+    if torch.is_autocast_enabled(x.device.type):  # not on autocast's lower-precision list: it would run in fp32
+        return _classes()[0].forward(self, x)
+    h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+    h = self.norm(self.drop1(h.view(*x.shape[:-1], h.shape[-1])))
+    return self.drop2(self.fc2(h))
+
+
+@functools.cache
 def _classes() -> tuple[type, type]:
+    """(timm's ``Mlp``, its epilogue twin); timm is imported only when asked."""
     from timm.layers import Mlp
 
-    return Mlp, _epilogue_class(Mlp)
+    twin = type("EpilogueGeluMlp", (Mlp,), {"forward": _epilogue_forward, "__doc__": _epilogue_forward.__doc__})
+    twin.__module__ = __name__  # pickle finds it by name through __getattr__ below
+    return Mlp, twin
 
 
-_EPILOGUE: dict[type, type] = {}
-
-
-def _epilogue_class(mlp: type) -> type:
-    """timm's ``Mlp`` with ``fc1`` and its GELU as one cuBLASLt call (made once per base class)."""
-    if mlp not in _EPILOGUE:
-
-        class EpilogueGeluMlp(mlp):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                # Under autocast the op is not on the lower-precision list: it would run in float32.
-                if torch.is_autocast_enabled(x.device.type):
-                    return super().forward(x)
-                lead = x.shape[:-1]
-                h = torch._addmm_activation(
-                    self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True
-                )
-                h = self.norm(self.drop1(h.view(*lead, h.shape[-1])))
-                return self.drop2(self.fc2(h))
-
-        EpilogueGeluMlp.__qualname__ = EpilogueGeluMlp.__name__
-        _EPILOGUE[mlp] = EpilogueGeluMlp
-    return _EPILOGUE[mlp]
+def __getattr__(name: str) -> type:
+    """The twin by name, so that a switched model pickles (torch.save, multiprocessing) and unpickles in
+    a process that has not switched one yet."""
+    if name != "EpilogueGeluMlp":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _classes()[1]
 
 
 def set_gelu(model: nn.Module, kind: str) -> int:
-    """Run every timm ``Mlp`` in ``model`` whose first layer is a biased linear map followed by a GELU
-    as ``kind`` says (native: timm's own; epilogue: fc1 and the GELU as one matmul with its epilogue);
+    """Run every timm ``Mlp`` in ``model`` whose first layer is a biased linear map followed by the exact
+    GELU as ``kind`` says (native: timm's own; epilogue: fc1 and the GELU as one matmul with its epilogue);
     returns how many modules run it now. Only timm's own class and its twin switch: a subclass of it
     has a forward of its own, which stays."""
     if kind not in GELU_KINDS:
