@@ -48,6 +48,10 @@ def test_the_gpu_benchmark_runs_its_eager_sections_on_the_cpu(tmp_path):
     for case in [f"default, 17 tokens, {timm_cases[1]}"] + [f"compiled, 17 tokens, {c}" for c in timm_cases]:
         # q, k, v sliced from one packed projection as timm does: the same attention as the plain call
         assert 0 < attention[case]["max_abs_error_vs_math"] < 0.05 and attention[case]["ms"] > 0
+    for how in ("default", "compiled"):  # as the model calls it, merged for the projection, both orders
+        for order in ("by sample", "by head"):
+            case = attention[f"{how}, 17 tokens, aligned bias, timm's q/k/v, merged, {order}"]
+            assert 0 < case["max_abs_error_vs_math"] < 0.05 and case["ms"] > 0
     profile = next(row for row in result["rows"] if "by kind" in row.get("test", ""))
     for kernel in profile["top_kernels"]:  # calls × time per call is the kernel's share of the batch
         spent = kernel["calls"] * kernel["ms_per_call"]
