@@ -215,6 +215,7 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": None}, ConfigError, "a number or a list of numbers"),
         ({"sigma": 0.5, "compile_mode": "max-autotune"}, InputError, r"compile_mode=max-autotune needs compile=True"),
         ({"sigma": 0.5, "attention": "flex"}, InputError, r"^attention=flex needs compile=True"),
+        ({"sigma": 0.5, "gelu": "tanh"}, InputError, r"^gelu must be one of native, epilogue, got 'tanh'"),
         ({"sigma": 0.5, "batch_size": 0}, InputError, r"^batch_size must be a positive integer or auto"),
         ({"sigma": 0.5, "compile": True, "compile_mode": "fast"}, InputError, "compile_mode must be one of"),
         ({"sigma": 0.5, "seed": 1.5}, ConfigError, "seed must be a whole number"),
