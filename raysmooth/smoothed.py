@@ -178,6 +178,10 @@ class Smoothed:
     the attention by head; ``"flex"`` runs FlexAttention and needs ``compile=True``); ``gelu="epilogue"``
     runs a timm MLP's GELU in its first matmul's epilogue (``engine.gelu``, the compiled presets' setting:
     1.018× on the ImageNet pair and 1.045× on the CIFAR pair on an H100; on a GPU it is the tanh GELU).
+    ``channels_last=True`` keeps the model's activations in the channels-last memory layout on the device
+    (``engine.channels_last``, as the compiled presets do; images are still given as (C, H, W)), and
+    ``group_norm="channels_last"`` computes GroupNorm in that layout (``engine.group_norm``; needs
+    ``compile=True`` and ``channels_last=True``).
     ``progress``: a bar of samples drawn (a widget in a notebook) for every call that runs over 2 s.
     A module ``model`` or ``denoiser`` is copied here: the caller's is never changed (its mode, weights and
     dtype stay as they were), and training it further does not change what this object certifies.
@@ -198,8 +202,10 @@ class Smoothed:
         device: str = "auto",
         precision: str = EngineCfg.precision,
         compile: bool = False,
+        channels_last: bool = False,
         compile_mode: str = EngineCfg.compile_mode,
         attention: str = EngineCfg.attention,
+        group_norm: str = EngineCfg.group_norm,
         gelu: str = EngineCfg.gelu,
         noise_block: int = EngineCfg.noise_block,
         chunk: int = SmoothingCfg.chunk,
@@ -234,14 +240,18 @@ class Smoothed:
         self.chunk = whole_number("chunk", chunk, error=ConfigError)
         if not isinstance(compile, (bool, np.bool_)):  # bool("false") is True: a string would compile
             raise ConfigError(f"compile must be True or False, got {compile!r}")
+        if not isinstance(channels_last, (bool, np.bool_)):
+            raise ConfigError(f"channels_last must be True or False, got {channels_last!r}")
         try:
             self.engine = EngineConfig(
                 batch_size=batch_size,
                 noise_block=noise_block,
                 precision=precision,
                 compile=bool(compile),
+                channels_last=bool(channels_last),
                 compile_mode=compile_mode,
                 attention=attention,
+                group_norm=group_norm,
                 gelu=gelu,
                 noise=noise,
                 levels=levels,

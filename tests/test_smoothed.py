@@ -216,6 +216,8 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": 0.5, "compile_mode": "max-autotune"}, InputError, r"compile_mode=max-autotune needs compile=True"),
         ({"sigma": 0.5, "attention": "flex"}, InputError, r"^attention=flex needs compile=True"),
         ({"sigma": 0.5, "gelu": "tanh"}, InputError, r"^gelu must be one of native, epilogue, got 'tanh'"),
+        ({"sigma": 0.5, "group_norm": "channels_last"}, InputError, r"^group_norm=channels_last needs compile=True"),
+        ({"sigma": 0.5, "channels_last": "yes"}, ConfigError, "channels_last must be True or False"),
         ({"sigma": 0.5, "batch_size": 0}, InputError, r"^batch_size must be a positive integer or auto"),
         ({"sigma": 0.5, "compile": True, "compile_mode": "fast"}, InputError, "compile_mode must be one of"),
         ({"sigma": 0.5, "seed": 1.5}, ConfigError, "seed must be a whole number"),
@@ -474,6 +476,19 @@ def test_a_channels_last_first_image_is_refused_with_the_transpose():
 def test_compile_takes_only_true_or_false(flag):
     with pytest.raises(ConfigError, match=r"compile must be True or False"):
         Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8), compile=flag)
+
+
+def test_the_compiled_presets_engine_settings_are_arguments_handed_to_the_engine():
+    """What engine=gpu_compiled sets (configs/engine/gpu_compiled.yaml) a notebook can set too."""
+    settings = dict(compile=True, channels_last=True, attention="sdpa_cached", group_norm="channels_last")
+    engine = Smoothed(_linear_module(), 0.25, gelu="epilogue", **settings).engine
+    assert (engine.compile, engine.channels_last, engine.attention, engine.group_norm, engine.gelu) == (
+        True,
+        True,
+        "sdpa_cached",
+        "channels_last",
+        "epilogue",
+    )
 
 
 def test_a_float64_module_is_told_its_weights_dtype_not_asked_about_the_image_shape():
