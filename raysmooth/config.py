@@ -976,6 +976,18 @@ def counts_relevant_config(cfg: CertifyCfg) -> dict[str, Any]:
     return relevant
 
 
+# How a refused resume names the identity's keys (as a user sets them), and what a key the identity
+# leaves out at its default stands for: "engine.gelu: 'native' there, 'epilogue' here" says what to set.
+IDENTITY_NAMES = {
+    "noise_block": "engine.noise_block",
+    "precision": "engine.precision",
+    "noise.kind": "engine.noise",
+    "noise.levels": "engine.levels",
+    "gelu": "engine.gelu",
+}
+IDENTITY_ABSENT = {"noise.kind": "gaussian", "gelu": "native"}
+
+
 # ---- small parsers shared by the command line and the jobs -------------------------------------------
 def parse_floats(text: str, what: str) -> list[float]:
     try:

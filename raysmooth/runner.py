@@ -28,7 +28,15 @@ from .certificates import (
     noise_info,
     stored_progress,
 )
-from .config import DEFAULT_BATCH_SIZE, CertifyCfg, counts_relevant_config, model_fingerprints, resolve_model_paths
+from .config import (
+    DEFAULT_BATCH_SIZE,
+    IDENTITY_ABSENT,
+    IDENTITY_NAMES,
+    CertifyCfg,
+    counts_relevant_config,
+    model_fingerprints,
+    resolve_model_paths,
+)
 from .data import fingerprint, load_test_set
 from .errors import InputError, ModelLoadError
 from .store import COMPACT_ABOVE, RunStore
@@ -111,7 +119,7 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
             sm.alpha,
         )
 
-    with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
+    with _run_store(out, cfg) as store:
         _check_same_inputs(store, identity)
         stop_rule = _cascade_rule(cfg, len(sigmas), noise) if sm.mode == "cascade" else None
         existing, decided, half = stored_progress(store, data.ids.tolist(), sigmas, stop_rule)
@@ -192,7 +200,7 @@ def _certify_sequential(
     from .distributed import SequentialPlanner
 
     sm, sq = cfg.smoothing, cfg.smoothing.sequential
-    with RunStore.for_run(out, counts_relevant_config(cfg)) as store:
+    with _run_store(out, cfg) as store:
         _check_same_inputs(store, identity)
         designs = sequential_designs(store.manifest, store.manifest_path) or sequential_designs_for(cfg, sigmas, noise)
         resume = sequential_progress(store, data.ids.tolist(), sigmas, designs)
@@ -257,6 +265,11 @@ def _cascade_rule(cfg: CertifyCfg, num_levels: int, noise: NoiseInfo):
         )
 
     return stops
+
+
+def _run_store(out: Path, cfg: CertifyCfg) -> RunStore:
+    """The run directory for ``cfg``'s counts; a refused resume names the keys as the user sets them."""
+    return RunStore.for_run(out, counts_relevant_config(cfg), names=IDENTITY_NAMES, absent=IDENTITY_ABSENT)
 
 
 def _check_same_inputs(store: RunStore, identity: dict) -> None:

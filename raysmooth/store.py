@@ -25,7 +25,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,16 +140,29 @@ def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def config_differences(stored: Any, config: dict, limit: int = 3) -> str:
+def config_differences(
+    stored: Any,
+    config: dict,
+    limit: int = 3,
+    names: Mapping[str, str] | None = None,
+    absent: Mapping[str, Any] | None = None,
+) -> str:
     """Which keys a stored run's config and ``config`` disagree on, as "key: A there, B here" (at most
-    ``limit`` named), so a refused resume says what changed instead of two hashes."""
+    ``limit`` named), so a refused resume says what changed instead of two hashes. ``names``: the name a
+    user sets a key by; ``absent``: the value a key left out of the config stands for (a default kept
+    out so that older runs keep their identity), so the line says what to set to resume."""
     if not isinstance(stored, dict):
         return ""
+    names, absent = names or {}, absent or {}
     here = _leaves(json.loads(json.dumps(config, default=str)))  # as the manifest stored it
     there = _leaves(stored)
     unset = "(unset)"
-    keys = sorted(k for k in set(here) | set(there) if here.get(k, unset) != there.get(k, unset))
-    parts = [f"{k}: {there.get(k, unset)!r} there, {here.get(k, unset)!r} here" for k in keys[:limit]]
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        return side[key] if key in side else absent.get(key, unset)
+
+    keys = sorted(k for k in set(here) | set(there) if value(here, k) != value(there, k))
+    parts = [f"{names.get(k, k)}: {value(there, k)!r} there, {value(here, k)!r} here" for k in keys[:limit]]
     more = f", and {len(keys) - limit} more" if len(keys) > limit else ""
     return "; ".join(parts) + more
 
@@ -415,10 +428,19 @@ class RunStore:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     @classmethod
-    def for_run(cls, root: Path | str, config: dict, *, lock: bool = True) -> RunStore:
+    def for_run(
+        cls,
+        root: Path | str,
+        config: dict,
+        *,
+        lock: bool = True,
+        names: Mapping[str, str] | None = None,
+        absent: Mapping[str, Any] | None = None,
+    ) -> RunStore:
         """Take the run directory for a run of ``config``: lock it, refuse another config's run or a
         foreign folder, and clear staging files a crash left behind. A new run's manifest is written
-        by ``commit_manifest`` once the run has really started."""
+        by ``commit_manifest`` once the run has really started. ``names`` and ``absent`` word a refusal
+        in the caller's terms (``config_differences``)."""
         root = Path(root)
         digest = config_hash(config)
         if root.exists() and not root.is_dir():
@@ -431,7 +453,7 @@ class RunStore:
             if (root / cls.MANIFEST).exists():
                 store.manifest = cls.open(root).manifest
                 if store.manifest.get("config_hash") != digest:
-                    changed = config_differences(store.manifest.get("config"), config)
+                    changed = config_differences(store.manifest.get("config"), config, names=names, absent=absent)
                     what = changed or f"hash {store.manifest.get('config_hash')}, this one {digest}"
                     raise StoreError(
                         f"{root} holds a run of another config ({what}); use a new output directory, or the same "

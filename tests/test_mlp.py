@@ -171,6 +171,20 @@ def test_the_epilogue_is_part_of_a_runs_identity_and_the_default_leaves_it_as_be
     assert config_differences(before, fused) == "gelu: '(unset)' there, 'epilogue' here"
 
 
+def test_a_run_started_with_timms_mlp_is_refused_under_the_epilogue_saying_what_to_set(tmp_path):
+    """A run begun under the presets before they took the epilogue: the refusal says engine.gelu=native."""
+    from raysmooth import runner
+    from raysmooth.store import StoreError
+
+    before = compose("certify", ["engine=gpu_compiled", "engine.gelu=native"])
+    with runner._run_store(tmp_path, before) as store:
+        store.commit_manifest()
+    with pytest.raises(StoreError, match=r"another config \(engine\.gelu: 'native' there, 'epilogue' here\)"):
+        runner._run_store(tmp_path, compose("certify", ["engine=gpu_compiled"]))
+    with runner._run_store(tmp_path, before) as store:  # the same config resumes
+        assert store.manifest["config"]["precision"] == "bf16"
+
+
 def test_a_switched_model_pickles_by_name():
     """torch.save of a whole model (or multiprocessing) finds the twin's class by name."""
     import pickle
