@@ -1,9 +1,10 @@
 """Inductor's CUDA kernels for the compiled pairs, generated without a GPU, and what their layouts cost.
 
-    python bench/codegen.py                  # ImageNet at 96 and 63, CIFAR at 1000; both GroupNorms and GELUs (~6 min)
+    python bench/codegen.py                  # ImageNet at 96 and 63, CIFAR at 1000; both GroupNorms and GELUs (~8 min)
     python bench/codegen.py --smoke          # the toy pair (a test of the script)
     python bench/codegen.py --keep-source D  # also each configuration's generated code, under D
     python bench/codegen.py --jobs 1         # one configuration at a time (default: one per core)
+    python bench/codegen.py --table          # the results file as docs/performance.md's table
 
 Each configuration (pair, batch, ``engine.group_norm``, whether the UNet's skip concatenations are
 pinned channels_last, bench/layouts.py, ``engine.gelu`` and ``engine.attention``) is built as
@@ -14,7 +15,11 @@ generated code it counts, per sample, what the GPU profile cannot say by itself:
   apart (a 32-byte sector per bf16 element read; the reads of a buffer laid out across the order the
   kernel walks);
 - 64-bit indexing: elements of pointwise kernels that index with int64 (a tensor over 2^31 elements);
-- transposing launches: kernels tiled in two dimensions to copy between layouts;
+- transposing launches: kernels tiled in two dimensions whose full-size reads and writes walk memory
+  along different axes (a copy between layouts);
+- short-run reductions: bytes of reduction kernels that read their input in contiguous runs shorter
+  than 128 bytes (PyTorch's GroupNorm statistics on channels_last activations read a group's 8 or 16
+  channels, then jump a row);
 - kernels still named for PyTorch's GroupNorm (with ``group_norm=channels_last``: inputs that were not
   channels_last, which the twin hands to PyTorch's own path);
 - bytes: what inductor itself estimates each kernel moves (its ``kernel_num_gb``: every buffer the kernel
@@ -50,6 +55,9 @@ from raysmooth.config import GROUP_NORM_KINDS  # noqa: E402
 OUT = ROOT / "bench" / "results" / "codegen.json"
 GPU_RUNS = ROOT / "bench" / "results" / "gpu.json"  # the H100 profiles the generated code is checked against
 GATHER_STRIDE = 16  # elements: 32 bytes of bf16, one memory sector per thread
+SHORT_RUN_BYTES = 128  # a warp's coalesced read of 4-byte words; reductions reading shorter runs are counted
+_AXES = {"x": "xnumel", "y": "ynumel", "r0_": "r0_numel"}
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "i64": 8, "i32": 4, "i1": 1}
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ FULL += [Config("cifar10", 1000, gn) for gn in GROUP_NORM_KINDS]  # the presets'
 FULL += [Config(p, b, gn, "pinned") for p, b in (("imagenet", 96), ("cifar10", 1000)) for gn in GROUP_NORM_KINDS]
 # The classifiers' MLP GELU in the matmul's epilogue (raysmooth.models.mlp): what imagenet-gelu measures.
 FULL += [Config(p, b, concat="pinned", gelu="epilogue") for p, b in (("imagenet", 96), ("cifar10", 1000))]
+# With the epilogue, the compiled presets' setting since run 12, the GroupNorm twin: what imagenet-groupnorm measures.
+FULL += [Config(p, b, "channels_last", "pinned", "epilogue") for p, b in (("imagenet", 96), ("cifar10", 1000))]
 # BEiT's attention batched by head (raysmooth.models.attention): what imagenet-by-head measures.
 FULL += [Config("imagenet", 96, concat="pinned", attention="sdpa_by_head")]
 # The toy pair both ways, the second also with the GELU epilogue (a third process would cost CI half a minute;
@@ -84,9 +94,32 @@ FULL += [Config("imagenet", 96, concat="pinned", attention="sdpa_by_head")]
 SMOKE = [Config("imagenet", 8, "native"), Config("imagenet", 8, "channels_last", gelu="epilogue")]
 
 
+def _unit_variable(index: str) -> str | None:
+    """The index variable a load or store walks memory along: the term with no coefficient."""
+    index = re.sub(r"^tl\.broadcast_to\((.*), \[.*\]\)$", r"\1", index.strip())
+    for term in index.split(" + "):
+        bare = re.fullmatch(r"\(?((?:x|y|r0_)\d+)\)?", term.strip())
+        if bare:
+            return bare.group(1)
+    return None
+
+
+def _run_length(var: str, body: str, sizes: dict[str, int]) -> int:
+    """How many consecutive elements ``var`` walks before it wraps: its modulus, or its axis's size when
+    it is the axis itself; 1 when it steps only every few lanes (an ``index // k``)."""
+    m = re.search(rf"^\s*{var} = (.*)$", body, re.M)
+    d = m.group(1).strip() if m else ""
+    if mod := re.fullmatch(r"\(?(x|y|r0_)index % (\d+)\)?", d):
+        return int(mod.group(2))
+    if whole := re.fullmatch(r"(x|y|r0_)index", d):
+        return sizes.get(_AXES[whole.group(1)], 1)
+    return 1
+
+
 def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
     """One row per generated Triton kernel: its launches in the wrapper, elements per launch, whether it
-    is tiled in two dimensions or indexes with int64, and its strided-gather loads (pointwise only)."""
+    is tiled in two dimensions, transposes or indexes with int64, its strided-gather loads (pointwise
+    only), and for a reduction the contiguous run (bytes) it reads its first input in."""
     # Launches with their buffers; a kernel's own benchmark harness (``.run(*args``) is not one.
     calls = Counter(re.findall(r"^\s*(triton_\w+)\.run\((?!\*args)", wrapper, re.M))
     rows = []
@@ -105,6 +138,20 @@ def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
                 stride = re.search(rf"\b(\d+)\*{var}\b", index)
                 if stride and int(stride.group(1)) >= GATHER_STRIDE:
                     gathers.append(index)
+        # Full-size accesses (indexed by both tiled axes) walking along different axes: a transpose.
+        accesses = re.findall(r"tl\.(?:load|store)\(\w+ \+ \((.*?)\), ", body)
+        walks = {
+            var.rstrip("0123456789")
+            for index in accesses
+            if tiled and re.search(r"\bx\d", index) and re.search(r"\by\d", index)
+            if (var := _unit_variable(index))
+        }
+        run_bytes, along = None, None
+        first = re.search(r"tl\.load\(in_ptr0 \+ \((.*?)\), ", body)
+        if name.startswith(("triton_red", "triton_per")) and first and (var := _unit_variable(first.group(1))):
+            dtype = re.search(r"'in_ptr0': '\*(\w+)'", source)
+            run_bytes = _run_length(var, body, sizes) * _DTYPE_BYTES.get(dtype.group(1) if dtype else "bf16", 2)
+            along = "outputs" if var.startswith("x") else "reduction"  # what neighbouring lanes step over
         num_gb = re.search(r"'kernel_num_gb': ([0-9.eE+-]+)", source)
         rows.append(
             dict(
@@ -114,7 +161,10 @@ def kernel_table(kernels: dict[str, str], wrapper: str) -> list[dict]:
                 bytes=round(float(num_gb.group(1)) * 1e9) if num_gb else None,
                 elements=sizes.get("xnumel", 1) * sizes.get("ynumel", 1) * sizes.get("r0_numel", 1),
                 tiled=tiled,
+                transposing=len(walks) > 1,
                 int64="tl.int64" in body,
+                reduction_run_bytes=run_bytes,
+                reduction_reads_along=along,
                 strided_loads=gathers,
             )
         )
@@ -142,13 +192,19 @@ def summarise(rows: list[dict], batch: int) -> dict:
     return dict(
         kernels=len(names),
         launches=sum(r["calls"] for r in rows),
-        transposing_launches=sum(r["calls"] for r in rows if r["tiled"]),
+        transposing_launches=sum(r["calls"] for r in rows if r.get("transposing", r["tiled"])),
         strided_gather_elements_per_sample=sum(r["calls"] * r["elements"] * len(r["strided_loads"]) for r in strided)
         // batch,
         int64_pointwise_elements_per_sample=sum(r["calls"] * r["elements"] for r in pointwise if r["int64"]) // batch,
         native_group_norm_kernels=sum(1 for name in names if "native_group_norm" in name),
         kernel_bytes_per_sample=sum(r["calls"] * (r.get("bytes") or 0) for r in rows) // batch,
         kernels_without_bytes=sum(1 for r in rows if r.get("bytes") is None),
+        short_run_reduction_bytes_per_sample=sum(
+            r["calls"] * (r.get("bytes") or 0)
+            for r in rows
+            if r.get("reduction_run_bytes") is not None and r["reduction_run_bytes"] < SHORT_RUN_BYTES
+        )
+        // batch,
         strided_loads=[
             dict(kernel=r["kernel"], calls=r["calls"], elements=r["elements"], index=r["strided_loads"])
             for r in strided
@@ -250,6 +306,28 @@ def one(config: Config, smoke: bool, keep: Path | None) -> dict:
     )
 
 
+def markdown_table(results: dict) -> str:
+    """bench/results/codegen.json as the table in docs/performance.md, the GPU image's PyTorch first."""
+    head = (
+        "| PyTorch | pair | batch | `group_norm` | skip concatenations | `gelu` | `attention` | kernels | launches "
+        "| transposing launches | strided gathers (M elements/sample) | int64 indexing (M elements/sample) "
+        "| inductor's bytes (GB/sample) | reductions' short-run bytes (GB/sample) |"
+    )
+    lines = [head, "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for version in sorted(results, key=lambda v: [int(p) for p in re.findall(r"\d+", v.split("+")[0])]):
+        label = f"{version.split('+')[0]} ({'GPU image' if version.startswith('2.11') else 'our pin'})"
+        for r in results[version]["rows"]:
+            short = r.get("short_run_reduction_bytes_per_sample")
+            lines.append(
+                f"| {label} | {r['pair']} | {r['batch']} | {r['group_norm']} | {r['concat']} | {r['gelu']} "
+                f"| {r['attention']} | {r['kernels']} | {r['launches']} | {r['transposing_launches']} "
+                f"| {r['strided_gather_elements_per_sample'] / 1e6:.1f} "
+                f"| {r['int64_pointwise_elements_per_sample'] / 1e6:.1f} | {r['kernel_bytes_per_sample'] / 1e9:.3f} "
+                f"| {'—' if short is None else f'{short / 1e9:.3f}'} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the toy pair at batch 8 (a test of the script)")
@@ -259,7 +337,13 @@ def main() -> None:
         "--jobs", type=int, default=os.cpu_count() or 1, help="configurations generated at once (default: one per core)"
     )
     ap.add_argument("--one", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--table", action="store_true", help="print --out's results as a markdown table and stop")
     args = ap.parse_args()
+    if args.table:
+        if not args.out.is_file():
+            sys.exit(f"--out {args.out}: no results file (run bench/codegen.py first)")
+        print(markdown_table(json.loads(args.out.read_text())))
+        return
     if args.one:
         print(json.dumps(one(Config(**json.loads(args.one)), args.smoke, args.keep_source)))
         return

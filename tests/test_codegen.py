@@ -1,6 +1,7 @@
 """bench/codegen.py: inductor's CUDA kernels generated without a GPU, and the layout costs read from them."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from codegen import Config, kernel_table, profile_match, summarise  # noqa: E402
+from codegen import Config, kernel_table, markdown_table, profile_match, summarise  # noqa: E402
 
 # Two kernels as inductor writes them (trimmed): a GroupNorm-then-SiLU pass that reads a buffer laid out
 # channels-first while it walks channels-last (neighbouring threads 12544 elements apart) and writes two
@@ -49,6 +50,7 @@ def triton_poi_fused_cat_9(in_ptr0, out_ptr0, ynumel, xnumel, YBLOCK : tl.conste
     xindex = xoffset + tl.arange(0, XBLOCK)[None, :].to(tl.int64)
     y0 = (yindex % 512)
     tmp5 = tl.load(in_ptr0 + (256*x2 + 12845056*y1 + (y0)), xmask)
+    tl.store(out_ptr0 + (x2 + 50176*y3), tmp5, xmask)
 """
 _WRAPPER = """
 triton_poi_fused_convolution_native_group_norm_silu_7.run(buf1, buf2, buf3, buf4, 924844032, stream=stream0)
@@ -82,10 +84,75 @@ def test_launches_elements_tiling_and_64_bit_indexing_are_read_from_the_code():
         "code": None,
         "elements": 49152 * 50176,
         "tiled": True,
+        "transposing": True,  # it reads along y and writes along x
         "int64": True,
         "strided_loads": None,
+        "reduction_run_bytes": None,
+        "reduction_reads_along": None,
     }
     assert not rows["triton_poi_fused_add_silu_8"]["tiled"] and not rows["triton_poi_fused_add_silu_8"]["int64"]
+
+
+# A pass tiled in two dimensions whose reads and writes both walk along y: tiled, not a transpose.
+_TILED_IN_PLACE = """
+@triton.jit
+def triton_poi_fused_mean_rsqrt_silu_7(in_ptr0, out_ptr1, ynumel, xnumel, YBLOCK : tl.constexpr, XBLOCK : tl.constexpr):
+    ynumel = 1024
+    xnumel = 8
+    x3 = xindex
+    y2 = yindex // 128
+    y4 = (yindex % 128)
+    tmp0 = tl.load(in_ptr0 + (y4 + 128*x3 + 1024*y2), xmask).to(tl.float32)
+    tl.store(out_ptr1 + (y4 + 128*x3 + 1024*y2), tmp40, xmask)
+"""
+# GroupNorm statistics of a channels_last (N, 224, 224, 256) activation, 8 channels per group, as
+# PyTorch's GroupNorm gets them (each group's 8 channels, then a row further) and as the twin does
+# (each channel's, neighbouring lanes on neighbouring channels).
+_GROUP_STATS = """
+    triton_meta={'signature': {'in_ptr0': '*bf16', 'out_ptr0': '*fp32'}},
+)
+@triton.jit
+def triton_red_fused_native_group_norm_2(in_ptr0, out_ptr0, xnumel, r0_numel, XBLOCK, R0_BLOCK):
+    xnumel = 3072
+    r0_numel = 401408
+    x0 = (xindex % 32)
+    x1 = xindex // 32
+        r0_2 = (r0_index % 8)
+        r0_3 = r0_index // 8
+        tmp0 = tl.load(in_ptr0 + (r0_2 + 8*x0 + 256*r0_3 + 12845056*x1), r0_mask & xmask, other=0.0)
+"""
+_CHANNEL_STATS = """
+    triton_meta={'signature': {'in_ptr0': '*bf16', 'out_ptr0': '*fp32'}},
+)
+@triton.jit
+def triton_red_fused_var_mean_2(in_ptr0, out_ptr0, xnumel, r0_numel, XBLOCK, R0_BLOCK):
+    xnumel = 98304
+    r0_numel = 12544
+    x0 = (xindex % 256)
+    x1 = xindex // 256
+        r0_2 = r0_index
+        tmp0 = tl.load(in_ptr0 + (x0 + 256*r0_2 + 3211264*x1), r0_mask & xmask, other=0.0)
+"""
+
+
+def test_a_tiled_pass_is_a_transpose_only_where_its_reads_and_writes_walk_different_axes():
+    rows = {r["kernel"]: r for r in kernel_table(KERNELS | {"triton_poi_fused_mean_rsqrt_silu_7": _TILED_IN_PLACE}, "")}
+    assert rows["triton_poi_fused_cat_9"]["tiled"] and rows["triton_poi_fused_cat_9"]["transposing"]
+    assert rows["triton_poi_fused_mean_rsqrt_silu_7"]["tiled"]
+    assert not rows["triton_poi_fused_mean_rsqrt_silu_7"]["transposing"]
+
+
+def test_a_reductions_contiguous_run_is_read_from_the_index_its_lanes_step_over():
+    """PyTorch's GroupNorm statistics read 16-byte runs (a group's 8 bf16 channels); the twin's read a
+    whole row of 256 channels: only the first counts as a short-run reduction."""
+    kernels = {"triton_red_fused_native_group_norm_2": _GROUP_STATS, "triton_red_fused_var_mean_2": _CHANNEL_STATS}
+    wrapper = "".join(f"{k}.run(buf1, buf2, 1, 1, stream=stream0)\n" for k in kernels)
+    rows = {r["kernel"]: r for r in kernel_table(kernels, wrapper)}
+    group, channel = rows["triton_red_fused_native_group_norm_2"], rows["triton_red_fused_var_mean_2"]
+    assert (group["reduction_run_bytes"], group["reduction_reads_along"]) == (16, "reduction")
+    assert (channel["reduction_run_bytes"], channel["reduction_reads_along"]) == (512, "outputs")
+    with_bytes = [dict(group, bytes=1000), dict(channel, bytes=3000)]
+    assert summarise(with_bytes, batch=1)["short_run_reduction_bytes_per_sample"] == 1000
 
 
 def test_the_summary_counts_per_sample_over_every_launch():
@@ -168,6 +235,14 @@ def test_inductor_writes_cuda_kernels_for_the_toy_pair_without_a_gpu_and_the_gro
     assert (
         rows["channels_last"]["native_group_norm_kernels"] == 0 and rows["channels_last"]["transposing_launches"] == 0
     )
+    # The statistics over the bf16 activation: PyTorch's walk a group's few channels, then a row on; the
+    # twin's walk the channels (its second step reduces the float32 per-channel statistics).
+    for kind, along in (("native", "reduction"), ("channels_last", "outputs")):
+        folder = code / Config(**{f: rows[kind][f] for f in Config.__dataclass_fields__}).folder()
+        kernels = {f.stem: f.read_text() for f in folder.glob("triton_*.py")}
+        stats = [r for r in kernel_table(kernels, "") if re.search(r"native_group_norm|var_mean", r["kernel"])]
+        stats = [r for r in stats if r["reduction_reads_along"] and "'in_ptr0': '*bf16'" in kernels[r["kernel"]]]
+        assert stats and {r["reduction_reads_along"] for r in stats} == {along}, kind
     # the generated code is kept: the wrapper launches CUDA kernels on a CUDA stream
     wrapper = (code / "imagenet-b8-native" / "wrapper.py").read_text()
     assert "empty_strided_cuda" in wrapper and ".run(" in wrapper
@@ -217,6 +292,32 @@ def test_a_gpu_profiles_fused_kernels_are_found_by_operations_and_launches_not_b
         {"kind": "convolution", "name": "sm90_xmma_fprop_implicit_gemm", "calls": 28},  # a library kernel
     ]
     assert profile_match(rows, profile) == {"fused_kernels": 3, "found": 1, "largest_number_offset": 2}
+
+
+def test_the_results_file_reads_as_the_docs_table_the_gpu_images_pytorch_first():
+    row = dict(
+        pair="imagenet",
+        batch=96,
+        group_norm="native",
+        concat="pinned",
+        gelu="epilogue",
+        attention="sdpa_cached",
+        kernels=160,
+        launches=394,
+        transposing_launches=16,
+        strided_gather_elements_per_sample=0,
+        int64_pointwise_elements_per_sample=141_600_000,
+        kernel_bytes_per_sample=3_402_860_248,
+        short_run_reduction_bytes_per_sample=689_042_501,
+    )
+    older = {k: v for k, v in row.items() if k != "short_run_reduction_bytes_per_sample"}  # before the count
+    table = markdown_table({"2.14.1+cu130": {"rows": [row]}, "2.11.0+cu130": {"rows": [older]}}).splitlines()
+    assert len(table) == 4 and table[0].count("|") == table[2].count("|") == table[3].count("|") == 15
+    assert table[2].startswith("| 2.11.0 (GPU image) | imagenet | 96 |") and table[2].endswith("| 3.403 | — |")
+    assert table[3] == (
+        "| 2.14.1 (our pin) | imagenet | 96 | native | pinned | epilogue | sdpa_cached | 160 | 394 | 16 | 0.0 "
+        "| 141.6 | 3.403 | 0.689 |"
+    )
 
 
 def test_an_out_file_in_a_folder_that_does_not_exist_is_one_line_before_anything_is_generated(tmp_path):

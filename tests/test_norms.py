@@ -48,6 +48,22 @@ def test_it_gives_group_norms_values_on_a_channels_last_input(dtype, tol):
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize(
+    "groups, channels, size",
+    [(4, 16, (8, 8)), (4, 16, (7, 7)), (32, 256, (6, 6)), (2, 64, (3, 5))],
+    ids=["4-chunks", "odd-positions-1-chunk", "adm-groups-2-chunks", "wide-groups-1-chunk"],
+)
+def test_its_two_step_statistics_are_group_norms_whatever_the_chunking(groups, channels, size):
+    """Each channel's statistics over chunks of positions, then each group's from them (the law of total
+    variance): float64 GroupNorm's values, also far from zero where a sum of squares would cancel."""
+    native, twin = _norms(groups, channels)
+    torch.manual_seed(2)
+    x = (torch.randn(2, channels, *size) * 3 + 1000).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exact = native.double()(x.double())
+        torch.testing.assert_close(twin(x).double(), exact, atol=2e-4, rtol=0)
+
+
 def test_a_channel_last_sequence_is_normalised_in_its_layout_too():
     """diffusers' attention blocks normalise (N, C, positions) views of channels_last activations."""
     native, twin = _norms()

@@ -9,14 +9,17 @@ back transposed (kernels tiled to transpose, 16 launches per batch of the ImageN
 docs/performance.md, "Inductor's kernels without a GPU").
 
 ``ChannelsLastGroupNorm`` computes the same normalisation on a view of the activation with the channels
-last, (N, H·W, groups, channels per group): the statistics reduce over positions and the channels of a
-group, the normalisation and the affine map run along memory, and the result is a channels_last
-tensor again. The statistics are taken in float32 for bf16 and fp16 inputs, as PyTorch's decomposition
-does; the values agree with ``nn.GroupNorm`` to the float rounding of another summation order. An input
-that is not channels_last, or whose layout is ambiguous (one channel, one position), takes
-``nn.GroupNorm``'s own path. The module keeps GroupNorm's parameters and state-dict keys: switching only
-changes the class. Eager it would build float32 copies of every activation, so it is for compiled
-runs, where inductor fuses its passes.
+last, (N, H·W, groups, channels per group): the normalisation and the affine map run along memory, and
+the result is a channels_last tensor again. The statistics come in two steps: each channel's over chunks
+of positions, then each group's from those. Taken per group in one step, inductor's reduction walks a
+group's few channels (16 bytes for 8 bf16 channels) and then jumps a row, which is how PyTorch's
+GroupNorm reads a channels_last activation too; per channel, neighbouring lanes read neighbouring
+channels (bench/codegen.py counts both). The statistics are taken in float32 for bf16 and fp16 inputs,
+as PyTorch's decomposition does; the values agree with ``nn.GroupNorm`` to the float rounding of another
+summation order. An input that is not channels_last, or whose layout is ambiguous (one channel, one
+position), takes ``nn.GroupNorm``'s own path. The module keeps GroupNorm's parameters and state-dict
+keys: switching only changes the class. Eager it would build float32 copies of every activation, so it
+is for compiled runs, where inductor fuses its passes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from ..config import GROUP_NORM_KINDS
 
 __all__ = ["GROUP_NORM_KINDS", "ChannelsLastGroupNorm", "set_group_norm"]
 
+UNROLLED = 8  # torch._inductor.config.unroll_reductions_threshold's default
+
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` that normalises a channels_last input without leaving its layout."""
@@ -38,8 +43,22 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
             return super().forward(x)
         n, c = x.shape[0], x.shape[1]
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        grouped = last.reshape(n, -1, self.num_groups, c // self.num_groups).to(acc)
-        var, mean = torch.var_mean(grouped, dim=(1, 3), keepdim=True, correction=0)
+        g, cg = self.num_groups, c // self.num_groups
+        positions = last.numel() // (n * c)
+        # The statistics in two steps, so that the pass over the activation reads along memory: each
+        # channel's over chunks of positions (neighbouring lanes read neighbouring channels), then each
+        # group's from those (equal counts: the law of total variance, exact). Enough chunks that the
+        # second step reduces more than UNROLLED values, which inductor would otherwise unroll into the
+        # normalising pass, recomputing it per element and tiling that pass across layouts.
+        chunks = 1
+        while chunks * cg <= UNROLLED and positions % (2 * chunks) == 0:
+            chunks *= 2
+        parts = last.reshape(n, chunks, -1, c).to(acc)
+        var_c, mean_c = torch.var_mean(parts, dim=2, correction=0)  # (N, chunks, C)
+        mean_c, var_c = mean_c.view(n, chunks, g, cg), var_c.view(n, chunks, g, cg)
+        mean = mean_c.mean(dim=(1, 3)).view(n, 1, g, 1)
+        var = (var_c + (mean_c - mean).square()).mean(dim=(1, 3)).view(n, 1, g, 1)
+        grouped = last.reshape(n, -1, g, cg).to(acc)
         y = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(last.shape)
         if self.affine:
             y = y * self.weight + self.bias  # channels are the last axis here: plain broadcasting
