@@ -165,6 +165,7 @@ def test_the_compiled_comparisons_hand_over_the_variants_they_name(tmp_path, mon
     gpu.group_norm_section(bench, "imagenet")
     assert {k: r.config.group_norm for k, r in handed.items()} == {"native": "native", "channels_last": "channels_last"}
     assert extra["switched_layers"] > 0  # the toy UNet's GroupNorms
+    assert {gpu.pinned_concatenations(r.base) for r in handed.values()} == {4}  # the project's torch's layout
     handed.clear()
     gpu.gelu_section(bench, "imagenet")
     assert {k: r.config.gelu for k, r in handed.items()} == {"native": "native", "epilogue": "epilogue"}
