@@ -192,7 +192,7 @@ def summarise(rows: list[dict], batch: int) -> dict:
     return dict(
         kernels=len(names),
         launches=sum(r["calls"] for r in rows),
-        transposing_launches=sum(r["calls"] for r in rows if r.get("transposing", r["tiled"])),
+        transposing_launches=sum(r["calls"] for r in rows if r["transposing"]),
         strided_gather_elements_per_sample=sum(r["calls"] * r["elements"] * len(r["strided_loads"]) for r in strided)
         // batch,
         int64_pointwise_elements_per_sample=sum(r["calls"] * r["elements"] for r in pointwise if r["int64"]) // batch,
@@ -202,7 +202,7 @@ def summarise(rows: list[dict], batch: int) -> dict:
         short_run_reduction_bytes_per_sample=sum(
             r["calls"] * (r.get("bytes") or 0)
             for r in rows
-            if r.get("reduction_run_bytes") is not None and r["reduction_run_bytes"] < SHORT_RUN_BYTES
+            if r["reduction_run_bytes"] is not None and r["reduction_run_bytes"] < SHORT_RUN_BYTES
         )
         // batch,
         strided_loads=[

@@ -58,7 +58,11 @@ from reference_loop import reference_certify_counts  # noqa: E402
 
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
 from raysmooth.models.architectures import PAPER_PAIRS, paper_pair, toy_pair  # noqa: E402
-from raysmooth.models.attention import relative_position_index, relative_position_score_mod  # noqa: E402
+from raysmooth.models.attention import (  # noqa: E402
+    attend_by_head,
+    relative_position_index,
+    relative_position_score_mod,
+)
 from raysmooth.models.memory import estimate_memory  # noqa: E402
 from raysmooth.units import WorkUnit  # noqa: E402
 
@@ -756,9 +760,8 @@ def _timm_sdpa(packed, bias, heads: int, compiled: bool = False, by_head: bool =
     def attend(qkv, mask):
         b, n, _ = qkv.shape
         parts = qkv.view(b, n, 3, heads, -1)
-        if by_head:
-            q, k, v = parts.permute(2, 3, 0, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.transpose(0, 1)).transpose(0, 1)
+        if by_head:  # as the model calls it
+            out = attend_by_head(parts, mask).transpose(1, 2)
         else:
             q, k, v = parts.permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -972,9 +975,9 @@ def by_head_section(bench: Bench, name: str = "imagenet") -> None:
     """BEiT's attention with the cached bias, batched by sample (``sdpa_cached``, the presets') against
     batched by head (``sdpa_by_head``). If the fused kernel walks (sample, head) pairs with the heads
     innermost, as such kernels usually do, it reads each head's bias once per sample: 3.3 GB per layer at
-    96 samples, about the
-    1.1 ms the biased call took beyond the unbiased one (2.53 against 1.42 ms, run 5). By head, a head's
-    2 MB of bias serves all its samples in turn, where L2 can hold it. Same values; measured here."""
+    96 samples, about the 1.1 ms the biased call took beyond the unbiased one (2.53 against 1.42 ms, run
+    5). By head, a head's 2 MB of bias serves all its samples in turn, where L2 can hold it. Same values;
+    measured here (run 12: 1.005x)."""
     test = "BEiT attention batched by sample against by head"
     pinned_comparison(bench, name, "attention", ("sdpa_cached", "sdpa_by_head"), "ByHeadBeitAttention", test)
 

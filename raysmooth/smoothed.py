@@ -238,10 +238,9 @@ class Smoothed:
         if not fits_int64(self.seed):  # the job stores it as an int64: the same seed must name the same noise
             raise ConfigError(f"seed must fit in 64 bits, as the job stores it, got {self.seed}")
         self.chunk = whole_number("chunk", chunk, error=ConfigError)
-        if not isinstance(compile, (bool, np.bool_)):  # bool("false") is True: a string would compile
-            raise ConfigError(f"compile must be True or False, got {compile!r}")
-        if not isinstance(channels_last, (bool, np.bool_)):
-            raise ConfigError(f"channels_last must be True or False, got {channels_last!r}")
+        for name, flag in (("compile", compile), ("channels_last", channels_last)):
+            if not isinstance(flag, (bool, np.bool_)):  # bool("false") is True: a string would switch it on
+                raise ConfigError(f"{name} must be True or False, got {flag!r}")
         try:
             self.engine = EngineConfig(
                 batch_size=batch_size,

@@ -98,16 +98,21 @@ def _flex_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | Non
 ALIGN = 16  # elements per bias row the fused SDPA kernels read at once; rows are padded to a multiple
 
 
+def attend_by_head(packed: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SDPA batched over heads, each head over the samples: ``packed`` (samples, tokens, 3, heads, head
+    width) gives q, k and v as (heads, samples, tokens, head width) views, ``bias`` (1, heads, N, N) is
+    handed over as (heads, 1, N, N). The output as (samples, tokens, heads, head width)."""
+    q, k, v = packed.permute(2, 3, 0, 1, 4).unbind(0)
+    x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.transpose(0, 1))
+    return x.permute(1, 2, 0, 3)
+
+
 def _by_head_forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """timm's BEiT attention (eval, per-layer bias) with SDPA batched over heads, each head over the
-    samples: q, k and v of shape (heads, samples, tokens, head width), the bias (heads, 1, N, N)."""
+    """timm's BEiT attention (eval, per-layer bias) with SDPA batched by head (``attend_by_head``)."""
     if shared_rel_pos_bias is not None or (self.training and self.attn_drop.p > 0):
         return _classes()[0].forward(self, x, shared_rel_pos_bias)  # timm's own SDPA path
     b, n, _ = x.shape
-    q, k, v = _packed_qkv(self, x).permute(2, 3, 0, 1, 4).unbind(0)
-    bias = self._get_rel_pos_bias().transpose(0, 1)  # (1, heads, N, N) -> (heads, 1, N, N)
-    x = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    x = x.permute(1, 2, 0, 3).reshape(b, n, -1)  # (samples, tokens, heads, width): timm's layout
+    x = attend_by_head(_packed_qkv(self, x), self._get_rel_pos_bias()).reshape(b, n, -1)  # timm's layout
     return self.proj_drop(self.proj(x))
 
 
