@@ -267,6 +267,10 @@ class Smoothed:
         self.progress = bool(progress)
         self.input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
         self._replica: Replica | None = None
+        # A shape taken from the first image is held only once the model has run on it: a first image of
+        # the wrong shape (3 channels into a grey model) must not make every later, right one an error.
+        self._shape_from_image = input_shape is None
+        self._shape_proven = input_shape is not None
         if self.input_shape is not None:
             self._build(self.input_shape)
 
@@ -340,11 +344,12 @@ class Smoothed:
         return self._replica
 
     def _ready(self, shape: tuple[int, ...]) -> Replica:
-        if self._replica is None:
+        if self._replica is None or (not self._shape_proven and tuple(shape) != self.input_shape):
             _refuse_channels_last(shape)
             return self._build(shape)
         if tuple(shape) != self.input_shape:
-            raise InputError(f"images must have shape {self.input_shape} for this model, got {tuple(shape)}")
+            taken = " (taken from the first image; input_shape= declares it)" if self._shape_from_image else ""
+            raise InputError(f"images must have shape {self.input_shape} for this model{taken}, got {tuple(shape)}")
         return self._replica
 
     @property
@@ -410,6 +415,7 @@ class Smoothed:
             row_of = {ids[r]: r for r in rows[g : g + per_group]}
             units = [WorkUnit(i, sigma_index, phase, c, size) for i in row_of for c, size in chunks]
             counts = self._replica.run(units, {i: batch[r] for i, r in row_of.items()}, progress)
+            self._shape_proven = True
             for u in units:
                 out[row_of[u.image_id]] += counts[u.key]
 

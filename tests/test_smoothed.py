@@ -329,6 +329,25 @@ def test_a_module_that_cannot_take_the_images_is_one_model_error_keeping_its_own
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+def test_a_first_image_the_model_cannot_take_does_not_fix_the_shape_for_later_images():
+    """The shape comes from the first image; if the model fails on it, the next image's shape is tried
+    afresh (a colour image into a grey model made every later, right image an error)."""
+    smoothed = Smoothed(_linear_module(), 0.25, num_classes=10, progress=False)
+    with pytest.raises(ModelError, match=r"shape \(3, 8, 8\)"):
+        smoothed.certify(np.zeros((3, 8, 8), np.float32), n0=5, n=20)
+    grey = np.full((1, 8, 8), 0.5, np.float32)
+    cert = smoothed.certify(grey, n0=5, n=20)
+    fresh = Smoothed(_linear_module(), 0.25, num_classes=10, progress=False).certify(grey, n0=5, n=20)
+    assert smoothed.input_shape == (1, 8, 8) and np.array_equal(cert.counts, fresh.counts)
+
+
+def test_a_shape_the_model_has_run_on_is_held_and_named_as_taken_from_the_first_image():
+    smoothed = Smoothed(_linear_module(), 0.25, num_classes=10, progress=False)
+    smoothed.certify(np.full((1, 8, 8), 0.5, np.float32), n0=5, n=20)
+    with pytest.raises(InputError, match=r"\(1, 8, 8\) for this model \(taken from the first image; input_shape="):
+        smoothed.certify(np.zeros((1, 4, 16), np.float32), n0=5, n=20)
+
+
 @pytest.mark.parametrize("empty", [[], np.zeros((0, 1, 8, 8), np.float32), torch.zeros(0, 1, 8, 8)])
 def test_an_empty_batch_certifies_to_an_empty_list(empty):
     smoothed = Smoothed(_linear_module(), 0.25, progress=False)
