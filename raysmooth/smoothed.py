@@ -150,6 +150,14 @@ def _own_copy(obj: Any, what: str) -> Any:
         return obj
 
 
+def _model_kwargs_words(text: str) -> str:
+    """A registered builder's complaint about its config sections, in the API's words: ``model.base=dds
+    needs model.denoiser`` becomes ``dds needs model_kwargs['denoiser']``."""
+    text = re.sub(r"takes no '(\w+)' \(model\.\w+ or model\.options\.\w+\)", r"takes no model_kwargs['\1']", text)
+    text = re.sub(r"\bmodel\.base=(\S+)", r"\1", text)
+    return re.sub(r"\bmodel\.(\w+)", r"model_kwargs['\1']", text)
+
+
 def _refuse_channels_last(shape: tuple[int, ...]) -> None:
     """The first image fixes the model's input shape: an (H, W, C) array from PIL or OpenCV would be read
     as H channels of H × W pixels, which a model that flattens its input runs without complaint."""
@@ -290,7 +298,10 @@ class Smoothed:
             if name in list_base_classifiers() or (":" in name and not Path(name).exists()):
                 what = f"{name}, configured by model_kwargs (dds: model_kwargs={{'denoiser': {{'path': …}}}})"
                 self._refuse_unused(what, denoiser=True, adapter=True)
-                return create_base_classifier(name, input_shape=list(shape), **self._model_kwargs)
+                try:
+                    return create_base_classifier(name, input_shape=list(shape), **self._model_kwargs)
+                except ConfigError as exc:  # said in the job's words (model.denoiser); here they are model_kwargs
+                    raise ConfigError(_model_kwargs_words(str(exc))) from None
             return self._from_folder(Path(name), shape)
         raise ConfigError(
             f"model must be an nn.Module, a base-classifier name or a model folder, got {type(model).__name__}"

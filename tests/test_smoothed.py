@@ -258,6 +258,27 @@ def test_settings_the_kind_of_model_has_no_use_for_are_refused_not_ignored(model
         Smoothed(model, 0.25, input_shape=(1, 8, 8), progress=False, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("model_kwargs", "says"),
+    [
+        ({}, r"^dds needs model_kwargs\['denoiser'\]$"),
+        ({"denoiser": {"path": str(EMBEDDED / "denoiser")}}, r"^dds needs model_kwargs\['classifier'\]$"),
+        (
+            {
+                "denoiser": {"path": str(EMBEDDED / "denoiser")},
+                "classifier": {"path": str(EMBEDDED / "classifier")},
+                "w": 1,
+            },
+            r"^dds takes no model_kwargs\['w'\]$",
+        ),
+    ],
+)
+def test_a_registered_models_missing_or_unknown_section_is_named_as_a_model_kwargs_key(model_kwargs, says):
+    """The builders speak the job's words (model.base=dds needs model.denoiser); the API says model_kwargs."""
+    with pytest.raises(ConfigError, match=says):
+        Smoothed("dds", 0.25, input_shape=(1, 8, 8), model_kwargs=model_kwargs, progress=False)
+
+
 def test_one_input_size_is_a_square():
     smoothed = Smoothed(_linear_module(), 0.5, input_shape=(1, 8, 8), input_size=8, progress=False)
     assert smoothed.certify(np.full((1, 8, 8), 0.5, np.float32), n0=5, n=20).n_used == 25
