@@ -124,9 +124,19 @@ def _hydra_app(name: str):
     return run
 
 
+def _sentence(text: str) -> str:
+    """A subcommand's one-line help as the start of its --help description."""
+    return text[0].upper() + text[1:]
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raysmooth", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="raysmooth",
+        description="Certify the L2 robustness of image classifiers with randomized smoothing and diffusion "
+        "denoised smoothing. `raysmooth certify` with no arguments certifies the digits test split with the "
+        "embedded models; `raysmooth COMMAND --help` says more.",
+    )
     parser.add_argument("--version", action="version", version=f"raysmooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -142,18 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs=argparse.REMAINDER)
     p.set_defaults(func=_hydra_app("finetune"))
 
-    p = sub.add_parser("train-toy", help="train the embedded digits models (denoiser and classifiers)")
+    what = "train the embedded digits models (denoiser and classifiers)"
+    p = sub.add_parser("train-toy", help=what, description=_sentence(what) + " on the CPU, from a seed.")
     p.add_argument("--out", help="folder for the models (default: the embedded ones in the package)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training order (default 0)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=cmd_train_toy)
 
-    p = sub.add_parser(
-        "convert-adm", help="convert an OpenAI ADM .pt (improved-/guided-diffusion) to a diffusers folder"
-    )
-    p.add_argument("src", metavar="IN.pt")
-    p.add_argument("dst", metavar="OUT_DIR")
+    what = "convert an OpenAI ADM .pt (improved-/guided-diffusion) to a diffusers folder"
+    p = sub.add_parser("convert-adm", help=what, description=_sentence(what) + " (the .pt is read as weights only).")
+    p.add_argument("src", metavar="IN.pt", help="the OpenAI checkpoint")
+    p.add_argument("dst", metavar="OUT_DIR", help="the diffusers folder to write (model.denoiser.path)")
     p.add_argument(
         "--preset",
         choices=("cifar10", "imagenet256"),
@@ -162,20 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert_adm)
 
-    p = sub.add_parser("analyze", help="certified accuracy, ACR and abstention of runs or reference TSV files")
+    what = "certified accuracy, ACR and abstention of runs or reference TSV files"
+    p = sub.add_parser("analyze", help=what, description=_sentence(what) + ", as a table (and a plot).")
     p.add_argument("paths", nargs="+", metavar="PATH", help="run directory, sweep directory or certify TSV")
     p.add_argument("--radii", help="comma-separated radii (default 0,0.25,...,2)")
-    p.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    p.add_argument(
+        "--format",
+        choices=("markdown", "csv"),
+        default="markdown",
+        help="a markdown table (default), or csv rows of source,radius,certified_accuracy",
+    )
     p.add_argument("--plot", metavar="FILE.png", help="also draw certified accuracy against radius")
     p.set_defaults(func=cmd_analyze)
 
     defaults = SweepCfg()
-    p = sub.add_parser(
-        "sweep",
-        help="cascade certificates for a grid of p0 from stored counts (no sampling); "
-        "the same job as python jobs/sweep.py",
+    what = (
+        "cascade certificates for a grid of p0 from stored counts (no sampling); the same job as python jobs/sweep.py"
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("sweep", help=what, description=_sentence(what) + ".")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a certify run's directory (smoothing.mode=full: counts at every σ)"
+    )
     p.add_argument("--p0", help=f"START:STOP:STEP, one value, or several comma-separated (default {defaults.p0})")
     p.add_argument("--alpha", help="failure probability, or several comma-separated (default: the run's)")
     p.add_argument("--policy", choices=("strict", "reference"), help=f"(default {defaults.policy})")

@@ -299,3 +299,21 @@ def test_the_hydra_sweep_job_matches_the_cli_sweep(run_dir, capsys):
     assert sweep_main(["p0=0.5"]) == 2  # run_dir is required
     err = capsys.readouterr().err.strip()
     assert "run_dir" in err and err.count("\n") == 0
+
+
+def test_every_plain_command_says_what_it_does_and_what_each_argument_is():
+    """`raysmooth COMMAND --help` opens with a sentence and explains every argument (the hydra apps,
+    certify and finetune, print hydra's own help with the config groups)."""
+    import argparse
+
+    from raysmooth.cli import build_parser
+
+    parser = build_parser()
+    assert parser.description and "``" not in parser.description  # no docstring markup in a terminal
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    plain = {name: p for name, p in commands.choices.items() if name not in ("certify", "finetune")}
+    assert set(plain) == {"train-toy", "convert-adm", "analyze", "sweep"}
+    for name, sub in plain.items():
+        assert sub.description and sub.description[0].isupper() and sub.description.endswith("."), name
+        unexplained = [a.dest for a in sub._actions if not a.help and a.dest != "help"]
+        assert unexplained == [], f"{name}: {unexplained}"
