@@ -212,6 +212,14 @@ def _check_unique_ids(idx: np.ndarray, path: Path) -> None:
     )
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_tsv(path: Path) -> Curve:
     _check_text(path)
     try:
@@ -221,9 +229,18 @@ def _read_tsv(path: Path) -> Curve:
         raise AnalysisError(f"{path}: not a readable TSV file ({str(exc).splitlines()[0][:160]})") from None
     missing = [c for c in TSV_COLUMNS if c not in names]
     if missing:
+        spaced = len(names) == 1 and all(c in names[0].split() for c in TSV_COLUMNS)
+        headless = all(_is_number(n) for n in names)
+        hint = (
+            "; this header has them separated by spaces: the columns must be separated by tabs"
+            if spaced
+            else "; its first line is numbers, so the file has no header: add one naming its columns, tab-separated"
+            if headless
+            else ""
+        )
         raise AnalysisError(
             f"{path}: missing column(s) {', '.join(missing)}; expected a header with {' '.join(TSV_COLUMNS)} "
-            "(the certify output of locuslab/smoothing and its descendants)"
+            f"(the certify output of locuslab/smoothing and its descendants){hint}"
         )
     if table.num_rows == 0:
         raise AnalysisError(f"{path}: the table has no rows")

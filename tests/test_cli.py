@@ -73,7 +73,11 @@ def test_analyze_detects_a_running_total_in_correct(tmp_path, capsys):
     [
         ("label\tpredict\tradius\n1\t1\t0.5\n", "missing column"),
         ("idx\tlabel\tpredict\tradius\tcorrect\n", "no rows"),
-        ("0\t1\t1\t0.5\t1\n", "missing column"),  # rRCM writes no header
+        ("0\t1\t1\t0.5\t1\n", "first line is numbers, so the file has no header"),  # rRCM writes none
+        (
+            "idx label predict radius correct\n0 1 1 0.5 1\n",
+            "separated by spaces: the columns must be separated by tabs",
+        ),
     ],
 )
 def test_analyze_rejects_malformed_tables_in_one_line(tmp_path, capsys, content, message):
