@@ -551,6 +551,8 @@ class Replica:
                     ) from exc
                 if not isinstance(logits, torch.Tensor) or logits.shape != (width, c):
                     raise InputError(_logits_problem(self.base.model_id, logits, width, c))
+                if logits.dtype == torch.bool:  # a one-hot vote: argmax has no bool kernel, its first True is the class
+                    logits = logits.to(torch.uint8)
                 owner = sample_unit[start : start + width]
                 nonfinite.index_add_(0, owner, (~torch.isfinite(logits).all(dim=1)).to(torch.int64))
                 counts.index_add_(0, owner * c + logits.argmax(dim=1), ones[:width])

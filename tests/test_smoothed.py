@@ -369,6 +369,20 @@ def test_a_shape_the_model_has_run_on_is_held_and_named_as_taken_from_the_first_
         smoothed.certify(np.zeros((1, 4, 16), np.float32), n0=5, n=20)
 
 
+def test_a_module_voting_one_hot_in_bools_counts_each_vote_for_its_class():
+    """Any deterministic f may be smoothed: a one-hot bool output is a vote (argmax has no bool kernel)."""
+
+    class Threshold(torch.nn.Module):
+        def forward(self, z):  # class 3 where the image is bright, else class 1
+            bright = z.flatten(1).mean(dim=1) > 0.5
+            return torch.nn.functional.one_hot(torch.where(bright, 3, 1), 10).bool()
+
+    cert = Smoothed(Threshold(), 0.1, num_classes=10, progress=False).certify(
+        np.full((1, 8, 8), 0.9, np.float32), 5, 100
+    )
+    assert cert.prediction == 3 and cert.counts[3] == 100
+
+
 @pytest.mark.parametrize("empty", [[], np.zeros((0, 1, 8, 8), np.float32), torch.zeros(0, 1, 8, 8)])
 def test_an_empty_batch_certifies_to_an_empty_list(empty):
     smoothed = Smoothed(_linear_module(), 0.25, progress=False)
