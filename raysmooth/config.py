@@ -237,6 +237,11 @@ class FinetuneConfig:
             )
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ConfigError("finetune.lora_rank must be at least 1 (or null for full fine-tuning)")
+        if self.lora_rank is None and list(self.lora_targets) != FinetuneConfig().lora_targets:
+            raise ConfigError(  # ignored, they would train every weight while the user asked for a few
+                f"finetune.lora_targets={list(self.lora_targets)} would be ignored: with lora_rank null every "
+                "weight is fine-tuned; give finetune.lora_rank (e.g. 4) to train LoRA adapters on those modules"
+            )
         _check_out(self.out)
 
 

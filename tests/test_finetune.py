@@ -191,6 +191,13 @@ def test_settings_that_would_train_nothing_or_nans_are_refused_before_training(t
     assert not (tmp_path / "ft").exists()
 
 
+def test_lora_targets_without_a_lora_rank_are_refused_not_ignored(tmp_path):
+    """Without a rank every weight is trained: targets given for adapters would silently mean nothing."""
+    with pytest.raises(ConfigError, match=r"lora_targets=\['to_q'\] would be ignored: with lora_rank null"):
+        finetune(_cfg(tmp_path, lora_targets=["to_q"]), progress=lambda s, r: None)
+    assert not (tmp_path / "ft").exists()
+
+
 def test_a_loss_that_turns_nan_stops_the_run_before_it_is_trained_on(tmp_path, monkeypatch):
     import raysmooth.finetune as ft
 
