@@ -275,6 +275,15 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
     path = Path(path)
     if not path.exists():
         raise AnalysisError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".parquet":  # one part of a table: a run's rows span many
+        run = path.parent.parent
+        inside = (
+            f"a part of the {path.parent.name} table of the run {run}" if (run / RunStore.MANIFEST).is_file() else ""
+        )
+        raise AnalysisError(
+            f"{path} is {inside or 'a Parquet file'}; analyze takes a run directory, a sweep directory or a certify "
+            f"TSV{f' (here: raysmooth analyze {run})' if inside else ''}"
+        )
     if path.is_file():
         curve = _read_tsv(path)
         return [Curve(prefix + curve.source, curve.radius, curve.correct, curve.abstained)]

@@ -146,6 +146,19 @@ def test_analyze_of_a_table_inside_a_run_points_at_the_run_not_at_a_damaged_file
     assert f"is the counts table of the run {root}; analyze the run itself" in err and "aside" not in err
 
 
+def test_analyze_of_one_parquet_part_names_the_run_it_belongs_to(run_dir, tmp_path, capsys):
+    """A run's rows span many part files: one part alone is a fraction of its images, never analysed."""
+    root, _, _ = run_dir
+    part = sorted((root / "counts").glob("part-*.parquet"))[0]
+    assert main(["analyze", str(part)]) == 2
+    assert f"is a part of the counts table of the run {root};" in capsys.readouterr().err
+    lone = tmp_path / "lone.parquet"
+    lone.write_bytes(part.read_bytes())
+    assert main(["analyze", str(lone)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a Parquet file; analyze takes a run directory" in err and len(err.splitlines()) == 1
+
+
 def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
     root, levels, labels = run_dir
     assert main(["sweep", str(root), "--p0", "0.5:0.9:0.1", "--policy", "strict"]) == 0
