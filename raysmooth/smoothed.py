@@ -42,7 +42,7 @@ from .data import TestSet
 from .engine import EngineConfig, Replica, resolve_device, validate_images
 from .errors import ConfigError, InputError, one_line, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
-from .units import WorkUnit, split_budget
+from .units import MAX_PLANNED_UNITS, WorkUnit, budget_units, split_budget
 
 __all__ = ["Smoothed", "Certificate", "Prediction"]
 
@@ -397,6 +397,19 @@ class Smoothed:
         validate_images(batch, None, replica.shape, replica.num_classes)
         return batch
 
+    def _samples(self, name: str, value: Any) -> int:
+        """A sample count as a whole number the call can split into work units (checked before any sample is
+        drawn): n=1e14 in chunks of 10,000 was a MemoryError while its units were listed."""
+        n = whole_number(name, value)
+        if not fits_int64(n):
+            raise InputError(f"{name} must be below 2**63 (counts are int64), got {n}")
+        if (units := budget_units(n, self.chunk)) > MAX_PLANNED_UNITS:
+            raise InputError(
+                f"{name}={n:,} in chunks of chunk={self.chunk:,} is {units:,} work units, more than the "
+                f"{MAX_PLANNED_UNITS:,} one call lists; lower {name} or build with a larger chunk= (it seeds the noise)"
+            )
+        return n
+
     def _ids(self, batch: torch.Tensor, ids: Sequence[int] | None) -> list[int]:
         ids = list(range(len(batch))) if ids is None else [whole_number("an image id", i, minimum=0) for i in ids]
         if len(ids) != len(batch) or len(set(ids)) != len(ids):
@@ -436,7 +449,7 @@ class Smoothed:
         """Dense counts (N, classes) of ``n`` draws per image in ``phase`` at σ number ``sigma_index``,
         split into chunks and seeded exactly as the job's work units."""
         batch = self._stack(xs)
-        n = whole_number("the number of samples", n)
+        n = self._samples("the number of samples", n)
         sigma_index = whole_number("sigma_index", sigma_index, minimum=0)
         if sigma_index >= len(self.sigmas):
             raise InputError(f"sigma_index={sigma_index}, but this classifier has {len(self.sigmas)} σ: {self.sigmas}")
@@ -502,7 +515,7 @@ class Smoothed:
     ) -> list[Certificate]:
         """CERTIFY (Cohen et al.) for many images, packed into full batches."""
         _check_alpha(alpha)
-        n0, n = whole_number("n0", n0), whole_number("n", n)  # before any sample is spent
+        n0, n = self._samples("n0", n0), self._samples("n", n)  # before any sample is spent
         xs = _batch_input(xs)
         if _no_images(xs, ids):
             return []
@@ -553,7 +566,7 @@ class Smoothed:
         decided. Valid at level ``alpha`` under that stopping. With the same seed, σ list and unit it
         draws exactly the noise of ``raysmooth certify smoothing.mode=sequential``."""
         _check_alpha(alpha)
-        n0 = whole_number("n0", n0)
+        n0 = self._samples("n0", n0)
         xs = _batch_input(xs)
         if _no_images(xs, ids):
             return []
@@ -562,11 +575,17 @@ class Smoothed:
         s = self._sigma_index(sigma)
         applied, margin = self._noise(s)
         unit = whole_number("unit", unit, error=ConfigError)  # it also numbers the chunks of every round below
+        n_max = whole_number("n_max", n_max, error=ConfigError)
+        if n_max // unit > MAX_PLANNED_UNITS:
+            raise ConfigError(
+                f"n_max={n_max:,} in units of unit={unit:,} is {n_max // unit:,} work units, more than the "
+                f"{MAX_PLANNED_UNITS:,} one call lists; raise unit or lower n_max"
+            )
         try:
             d = stats.sequential.design(
                 alpha,
                 unit,
-                whole_number("n_max", n_max, error=ConfigError),
+                n_max,
                 list(radii),
                 applied,
                 ratio=look_ratio,
@@ -605,7 +624,7 @@ class Smoothed:
     ) -> Prediction:
         """PREDICT for one image: abstains unless the top class beats the runner-up at level ``alpha``."""
         _check_alpha(alpha)
-        n = whole_number("n", n)
+        n = self._samples("n", n)
         s = self._sigma_index(sigma)
         counts = self.counts(_one_image(x, "predict"), phase="estimation", n=n, sigma_index=s, ids=[image_id])
         sparse = stats.SparseCounts.from_dense(counts)
@@ -629,7 +648,7 @@ class Smoothed:
         """The multi-scale cascade (Jeong & Shin) over ``sigmas`` (default: all of this classifier's):
         every level is sampled, then the largest σ whose lower bound clears ``p0`` answers."""
         _check_alpha(alpha)
-        n0, n = whole_number("n0", n0), whole_number("n", n)
+        n0, n = self._samples("n0", n0), self._samples("n", n)
         try:
             stats.check_p0(p0)
         except ValueError as exc:

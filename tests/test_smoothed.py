@@ -637,16 +637,30 @@ def test_a_read_only_array_certifies_without_a_warning(recwarn):
 @pytest.mark.parametrize(
     "call, says",
     [
-        (lambda s, x: s.certify(x, n0=0, n=50), "n0 must be"),
-        (lambda s, x: s.certify(x, n0=5, n=0), "n must be"),
-        (lambda s, x: s.predict(x, n=0), "n must be"),
-        (lambda s, x: s.certify_sequential([x], n0=0, n_max=1000), "n0 must be"),
+        (lambda s, x: s.certify(x, n0=0, n=50), "n0 must be a whole number of at least 1"),
+        (lambda s, x: s.certify(x, n0=5, n=0), "n must be a whole number of at least 1"),
+        (lambda s, x: s.predict(x, n=0), "n must be a whole number of at least 1"),
+        (lambda s, x: s.certify_sequential([x], n0=0, n_max=1000), "n0 must be a whole number of at least 1"),
+        # a count that could never be drawn: its work units alone were a MemoryError
+        (
+            lambda s, x: s.certify(x, n0=5, n=10**14),
+            r"n=100,000,000,000,000 in chunks of chunk=10,000 is 10,000,000,000",
+        ),
+        (lambda s, x: s.predict(x, n=2**70), r"n must be below 2\*\*63"),
+        (lambda s, x: s.cascade(x, n0=10**12, n=50), r"n0=1,000,000,000,000 in chunks of chunk=10,000"),
     ],
 )
 def test_a_bad_sample_count_names_its_argument_before_any_sample_is_drawn(call, says, monkeypatch):
-    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8))
     drawn = []
     monkeypatch.setattr(smoothed, "_draw", lambda *a, **k: drawn.append(a))
-    with pytest.raises(InputError, match=f"^{says} a whole number of at least 1"):
+    with pytest.raises(InputError, match=f"^{says}"):
         call(smoothed, np.zeros((1, 8, 8), np.float32))
     assert drawn == []
+
+
+def test_a_sequential_schedule_of_more_units_than_a_call_lists_is_refused_before_sampling(monkeypatch):
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    monkeypatch.setattr(smoothed, "_draw", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(ConfigError, match=r"n_max=125,000,000,000 in units of unit=125 is 1,000,000,000 work units"):
+        smoothed.certify_sequential([np.zeros((1, 8, 8), np.float32)], n0=5, n_max=125 * 10**9)
