@@ -339,10 +339,11 @@ def _with_hint(text: str, config_name: str | None) -> str:
     unset = re.search(r"is not in struct \(key: ([\w.]+)\)", text)
     if unset:
         text += f"; a key this section does not hold yet is added with a +: +{unset.group(1)}=…"
-    mandatory = re.search(r"missing mandatory value: \w+ \(key: ([\w.]+)\)", text)
+    mandatory = re.search(r"missing mandatory value: (\w+)(?: \(key: ([\w.]+)\))?", text)
     if mandatory:
-        example = "=pkg.module:builder" if mandatory.group(1) == "model.base" else "=…"
-        text += f"; give it on the command line: {mandatory.group(1)}{example}"
+        key = mandatory.group(2) or mandatory.group(1)  # a top-level key is named once, without "(key: …)"
+        example = {"model.base": "=pkg.module:builder", "run_dir": "=RUN_DIR"}.get(key, "=…")
+        text += f"; give it on the command line: {key}{example}"
     listed = re.search(r"is not a ListConfig, list or tuple.*\(key: ([\w.]+)\)", text)
     if listed:
         text += f"; {listed.group(1)} is a list: {listed.group(1)}=[…]"

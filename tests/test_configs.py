@@ -287,6 +287,13 @@ def test_the_custom_model_without_a_builder_says_to_give_one_instead_of_running_
         compose("certify", ["model=custom"])
 
 
+def test_the_sweep_job_without_a_run_dir_says_how_to_give_one():
+    with pytest.raises(
+        ConfigError, match=r"missing mandatory value: run_dir; give it on the command line: run_dir=RUN_DIR$"
+    ):
+        compose("sweep", [])
+
+
 def test_a_model_or_data_path_under_an_unexpanded_tilde_is_found_at_home(tmp_path, monkeypatch):
     """`'data.root="~/imagenet"'` (what a quoted override gives): the home folder, not a path named '~'."""
     import shutil
