@@ -397,6 +397,11 @@ def test_a_folder_of_another_kind_is_refused(tmp_path):
         load_classifier({"path": str(folder)})
 
 
+def test_a_denoiser_folder_given_as_a_classifier_is_named_as_one():
+    with pytest.raises(ModelLoadError, match=r"denoiser: a diffusers denoiser folder, not a classifier folder"):
+        load_classifier({"path": str(EMBEDDED / "denoiser")})
+
+
 def test_adding_a_method_is_one_registered_function():
     from raysmooth.models import register_base_classifier
     from raysmooth.models.base import _REGISTRY

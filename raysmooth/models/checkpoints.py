@@ -132,7 +132,9 @@ def read_folder_config(folder: str | Path, kind: str) -> tuple[dict[str, Any], P
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: no such model folder")
     if not config.is_file() or not weights.is_file():
-        raise ModelLoadError(f"{folder}: a model folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        diffusers = (folder / "unet" / "config.json").is_file() or (folder / "model_index.json").is_file()
+        what = f"a diffusers denoiser folder, not a {kind} folder; a {kind}" if diffusers else "a model"
+        raise ModelLoadError(f"{folder}: {what} folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     fields = _folder_fields(config)
     found = (fields or {}).get("raysmooth_model")
     if found != kind:
