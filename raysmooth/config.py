@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, UserError, one_line
-from .units import MAX_PLANNED_UNITS, budget_units, smallest_chunk
 
 __all__ = [
     "CONFIG_DIR",
@@ -575,7 +574,6 @@ def validate_certify(cfg: CertifyCfg) -> None:
     _check("smoothing.mode", sm.mode != "cascade" or len(sm.sigmas) >= 2, "=cascade needs two or more σ")
     if sm.mode == "sequential":
         _check_sequential(sm.sequential, cfg.radii)
-        check_planned_units(1, sm)  # a sequential run plans round by round: one image's rounds are bounded
 
     bs = en.batch_size
     _check(
@@ -731,43 +729,6 @@ def _in_ray_job_working_dir() -> bool:
 def _check_distinct(key: str, values: Sequence[Any]) -> None:
     twice = sorted((v for v, times in Counter(values).items() if times > 1), key=str)
     _check(key, not twice, f"lists {', '.join(map(str, twice))} twice: {list(values)}")
-
-
-def check_planned_units(images: int, sm: SmoothingCfg) -> None:
-    """The work units a run plans for ``images`` images must fit the driver (``MAX_PLANNED_UNITS``): an
-    n meant as 1e5 typed as 1e14 planned 10^10 units and died of a MemoryError. Checked by the runner
-    once the test set is read (a full or cascade run plans every image at once), and for a sequential
-    run, which plans round by round, on one image's rounds when the config is validated."""
-    sigmas = len(sm.sigmas)
-    if sm.mode == "sequential":
-        sq = sm.sequential
-        per = budget_units(sm.n0, sm.chunk) + sq.n_max // sq.unit
-        _check(
-            "smoothing.sequential.n_max",
-            sigmas * per <= MAX_PLANNED_UNITS,
-            f"is {sq.n_max:,}: in units of smoothing.sequential.unit={sq.unit:,} that is {sq.n_max // sq.unit:,} "
-            f"work units per image and σ, more than the {MAX_PLANNED_UNITS:,} a run's driver holds; raise the unit "
-            "or lower n_max",
-        )
-        return
-
-    def units_at(chunk: int) -> int:
-        return images * sigmas * (budget_units(sm.n0, chunk) + budget_units(sm.n, chunk))
-
-    units = units_at(sm.chunk)
-    if units <= MAX_PLANNED_UNITS:
-        return
-    bigger = smallest_chunk(units_at, sm.chunk, max(sm.n0, sm.n))
-    fix = (
-        f"smoothing.chunk={bigger} or more plans few enough (the chunk also seeds the noise: it makes a new run)"
-        if bigger
-        else "certify the test set in parts"
-    )
-    raise ConfigError(
-        f"smoothing.n0={sm.n0:,} and smoothing.n={sm.n:,} in chunks of smoothing.chunk={sm.chunk:,} plan "
-        f"{units:,} work units ({images:,} image(s) × {sigmas} σ), more than the {MAX_PLANNED_UNITS:,} a run's "
-        f"driver holds; {fix}"
-    )
 
 
 def _check_sequential(sq: SequentialCfg, report_radii: list[float]) -> None:

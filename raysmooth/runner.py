@@ -33,7 +33,6 @@ from .config import (
     IDENTITY_ABSENT,
     IDENTITY_NAMES,
     CertifyCfg,
-    check_planned_units,
     counts_relevant_config,
     model_fingerprints,
     resolve_model_paths,
@@ -112,7 +111,6 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
         identity["model_fingerprints"] = prints
     if sm.mode == "sequential":
         return _certify_sequential(cfg, data, model, out, sigmas, noise, started, identity)
-    check_planned_units(len(data), sm)  # before any actor starts
     if sm.n < stats.min_samples_to_certify(sm.alpha):
         log.warning(
             "n=%d is below %d: at alpha=%g every image will abstain",

@@ -42,7 +42,7 @@ from .data import TestSet
 from .engine import EngineConfig, Replica, resolve_device, validate_images
 from .errors import ConfigError, InputError, one_line, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
-from .units import MAX_PLANNED_UNITS, WorkUnit, budget_units, split_budget
+from .units import WorkUnit, budget_units, split_budget
 
 __all__ = ["Smoothed", "Certificate", "Prediction"]
 
@@ -148,6 +148,11 @@ def _own_copy(obj: Any, what: str) -> Any:
             one_line(exc, 120),
         )
         return obj
+
+
+# Work units one call lists (each image's chunks, drawn group by group): n=1e14 in chunks of 10,000
+# was a MemoryError while they were listed. The job's planner issues units lazily and has no such limit.
+MAX_CALL_UNITS = 20_000_000
 
 
 def _model_kwargs_words(text: str) -> str:
@@ -403,10 +408,10 @@ class Smoothed:
         n = whole_number(name, value)
         if not fits_int64(n):
             raise InputError(f"{name} must be below 2**63 (counts are int64), got {n}")
-        if (units := budget_units(n, self.chunk)) > MAX_PLANNED_UNITS:
+        if (units := budget_units(n, self.chunk)) > MAX_CALL_UNITS:
             raise InputError(
                 f"{name}={n:,} in chunks of chunk={self.chunk:,} is {units:,} work units, more than the "
-                f"{MAX_PLANNED_UNITS:,} one call lists; lower {name} or build with a larger chunk= (it seeds the noise)"
+                f"{MAX_CALL_UNITS:,} one call lists; lower {name} or build with a larger chunk= (it seeds the noise)"
             )
         return n
 
@@ -576,10 +581,10 @@ class Smoothed:
         applied, margin = self._noise(s)
         unit = whole_number("unit", unit, error=ConfigError)  # it also numbers the chunks of every round below
         n_max = whole_number("n_max", n_max, error=ConfigError)
-        if n_max // unit > MAX_PLANNED_UNITS:
+        if n_max // unit > MAX_CALL_UNITS:
             raise ConfigError(
                 f"n_max={n_max:,} in units of unit={unit:,} is {n_max // unit:,} work units, more than the "
-                f"{MAX_PLANNED_UNITS:,} one call lists; raise unit or lower n_max"
+                f"{MAX_CALL_UNITS:,} one call lists; raise unit or lower n_max"
             )
         try:
             d = stats.sequential.design(

@@ -9,7 +9,6 @@ the driver plans units without importing torch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
@@ -18,16 +17,10 @@ __all__ = [
     "unit_seed",
     "block_seed",
     "split_budget",
-    "MAX_PLANNED_UNITS",
     "budget_units",
-    "smallest_chunk",
 ]
 
 PHASES = ("selection", "estimation")
-# Work units planned at once: each is a small Python object on the driver (about 120 bytes with its
-# queue entry; 50,000 ImageNet images × 3 σ × 11 units take 200 MB and seconds to plan). A budget split
-# into more (smoothing.n=1e14 in chunks of 10,000) was a MemoryError while planning.
-MAX_PLANNED_UNITS = 20_000_000
 _MASK63 = (1 << 63) - 1
 
 
@@ -82,15 +75,3 @@ def split_budget(n: int, chunk_size: int) -> list[int]:
 def budget_units(n: int, chunk_size: int) -> int:
     """How many work units ``split_budget(n, chunk_size)`` makes, without making them."""
     return -(-n // chunk_size)
-
-
-def smallest_chunk(units_at: Callable[[int], int], chunk_size: int, largest: int) -> int | None:
-    """The smallest chunk size from ``chunk_size`` up to ``largest`` at which ``units_at(chunk)`` is at
-    most ``MAX_PLANNED_UNITS`` (units only fall as chunks grow), or None when even ``largest`` plans more."""
-    if units_at(largest) > MAX_PLANNED_UNITS:
-        return None
-    lo, hi = chunk_size, largest
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if units_at(mid) <= MAX_PLANNED_UNITS else (mid + 1, hi)
-    return lo

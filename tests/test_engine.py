@@ -11,7 +11,7 @@ from raysmooth.errors import InputError
 from raysmooth.models import create_base_classifier
 from raysmooth.models.denoiser import DenoiserConfig
 from raysmooth.stats import SparseCounts, certify
-from raysmooth.units import MAX_PLANNED_UNITS, WorkUnit, budget_units, smallest_chunk, split_budget, unit_seed
+from raysmooth.units import WorkUnit, budget_units, split_budget, unit_seed
 
 from tiny_models import save_denoiser_folder, tiny_classifier_config
 
@@ -86,15 +86,6 @@ def test_unit_seeds_are_distinct_for_every_coordinate():
 @pytest.mark.parametrize(("n", "chunk"), [(1, 1), (100_000, 30_000), (90_000, 30_000), (7, 10_000)])
 def test_budget_units_counts_the_units_split_budget_makes(n, chunk):
     assert budget_units(n, chunk) == len(split_budget(n, chunk))
-
-
-def test_the_smallest_chunk_is_the_first_whose_units_fit_or_none_when_none_does():
-    def units_at(chunk):
-        return 1000 * budget_units(10**12, chunk)
-
-    chunk = smallest_chunk(units_at, 10_000, 10**12)
-    assert units_at(chunk) <= MAX_PLANNED_UNITS < units_at(chunk - 1)
-    assert smallest_chunk(lambda chunk: MAX_PLANNED_UNITS + 1, 10_000, 10**12) is None
 
 
 def test_linear_frequencies_match_the_closed_form_within_binomial_error():

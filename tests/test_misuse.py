@@ -135,31 +135,10 @@ def test_the_job_refuses_an_alpha_of_one_half_or_more_before_it_samples(tmp_path
     assert not any(tmp_path.iterdir())
 
 
-def test_a_budget_of_more_work_units_than_the_driver_holds_names_the_chunk_that_fits(tmp_path, capsys):
-    """n typed with extra zeros planned every image's units at once and died of a MemoryError."""
-    from raysmooth.units import MAX_PLANNED_UNITS, budget_units
-
-    n = 10**11  # the synthetic set's images × 3 σ × 10^7 units each
-    assert certify_main([*SMALL, f"smoothing.n={n}", f"out={tmp_path}"]) == 2
-    line = _one_line(capsys)
-    found = re.search(r"plan ([\d,]+) work units \((\d+) image\(s\) × 3 σ\).*smoothing\.chunk=(\d+) or more", line)
-    assert found, line
-    images, chunk = int(found.group(2)), int(found.group(3))
-
-    def units(c):
-        return images * 3 * (budget_units(8, c) + budget_units(n, c))
-
-    assert int(found.group(1).replace(",", "")) == units(10_000) > MAX_PLANNED_UNITS
-    assert units(chunk) <= MAX_PLANNED_UNITS < units(chunk - 1)  # the smallest chunk that fits
-    assert not (tmp_path / "linear").exists()  # refused before the run's store or an actor
-
-
-def test_a_sequential_n_max_of_more_units_than_the_driver_holds_is_refused_with_the_config():
-    from raysmooth.config import compose, validate_certify
-
-    overrides = [*SMALL, "smoothing.mode=sequential", "smoothing.sequential.n_max=125000000000"]
-    with pytest.raises(ConfigError, match=r"sequential.n_max is 125,000,000,000: .* 1,000,000,000 work units"):
-        validate_certify(compose("certify", overrides))
+def test_a_budget_beyond_int64_is_refused_before_the_run_starts(tmp_path, capsys):
+    """The stored counts are int64: a budget past them could never be stored."""
+    assert certify_main([*SMALL, f"smoothing.n={2**63}", f"out={tmp_path}"]) == 2
+    assert "smoothing.n must be below 2**63" in _one_line(capsys)
 
 
 def test_a_model_with_one_class_is_refused_not_certified_as_class_zero_everywhere():

@@ -113,3 +113,32 @@ def test_a_cascade_level_interrupted_between_its_phases_is_decided_when_the_othe
     assert [(u.sigma_index, u.phase) for u in units] == [(1, "estimation")]
     p.complete(units[0], _counts(10))
     assert [(u.sigma_index, u.phase) for u in p.take(10**9)] == [(0, "selection"), (0, "estimation")]
+
+
+def test_a_unit_of_a_finished_row_that_arrives_again_is_dropped():
+    """A retried task that also finished late: its units' row is complete and stored already."""
+    p = Planner([0], num_sigmas=1, n0=10, n=20, chunk=10)
+    units = p.take(10**9)
+    rows = [r for u in units for r in p.complete(u, _counts(u.n_samples))]
+    assert len(rows) == 2 and p.samples_done == 30
+    assert all(p.complete(u, _counts(u.n_samples)) == [] for u in units)
+    p.requeue(units)
+    assert p.samples_done == 30 and not p.has_work()
+
+
+def test_the_planner_holds_rows_not_units_so_a_huge_budget_plans_at_once():
+    """Each row's chunks are one span, issued as units only when a task takes them: 1,000 images × 3 σ
+    at n = 10^12 in chunks of 10,000 (3·10^11 units) plan in a few MB (listing units would not fit)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    p = Planner(list(range(1000)), num_sigmas=3, n0=100, n=10**12, chunk=10_000)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert held < 5e6 and p.samples_planned == 1000 * 3 * (100 + 10**12)
+    first = p.take(25_000)
+    assert [(u.phase, u.chunk_index, u.n_samples) for u in first] == [
+        ("selection", 0, 100),
+        ("estimation", 0, 10_000),
+        ("estimation", 1, 10_000),
+    ]

@@ -444,3 +444,15 @@ def test_the_python_api_gives_the_jobs_sequential_certificates(reference_run):
                 row["stop_reason"],
             ), (sigma, image_id)
             assert cert.radius == pytest.approx(row["radius"], abs=1e-12)
+
+
+def test_a_unit_of_a_finished_round_that_arrives_again_is_dropped():
+    p = _planner(images=(0,), decide=lambda s, hist: len(hist) < 2)
+    seen, rows = [], []
+    while p.has_work():
+        for u in p.take(120):
+            seen.append(u)
+            rows += p.complete(u, _fake_counts(u))
+    done = p.samples_done
+    assert all(p.complete(u, _fake_counts(u)) == [] for u in seen) and p.samples_done == done
+    assert sum(r.phase == "estimation" for r in rows) == 2 * 2  # two rounds at each of 2 σ, each once

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..units import PHASES, WorkUnit, split_budget
+from ..units import PHASES, WorkUnit, budget_units
 
 __all__ = ["Planner", "SequentialPlanner", "RowKey", "FinishedRow", "StopRule", "SequentialRule", "Selector"]
 
@@ -34,25 +34,55 @@ class FinishedRow:
     seq_continue: bool | None = None  # sequential runs: the stop rule's decision after this round
 
 
+@dataclass
+class _Span:
+    """Consecutive chunks of one (image, σ, phase), issued as units only when taken: a queue of spans is
+    as long as the rows it plans, not their units (sequential ImageNet in audit mode would hold about
+    40 million units in its last round)."""
+
+    image_id: int
+    sigma_index: int
+    phase: str
+    first: int  # the next chunk index to issue
+    stop: int  # one past the last
+    size: int  # samples per chunk
+    last_size: int  # samples of chunk ``stop - 1``
+
+    def next_unit(self) -> WorkUnit:
+        size = self.last_size if self.first == self.stop - 1 else self.size
+        return WorkUnit(self.image_id, self.sigma_index, self.phase, self.first, size)
+
+
 class _UnitQueue:
     """The queue both planners share: units go out in order, failed ones come back to the front, and
-    a unit's counts are accepted once (a retried task that also finished late is not counted twice)."""
+    a unit's counts are accepted once (a retried task that also finished late is not counted twice).
+    Whether a unit is done is the planner's to say (``_is_done``) from the rows it keeps, so the queue
+    holds no set of every unit ever finished."""
 
     def __init__(self) -> None:
-        self._queue: deque[WorkUnit] = deque()
-        self._done_units: set[tuple] = set()
+        self._queue: deque[WorkUnit | _Span] = deque()
         self.samples_planned = 0
         self.samples_done = 0
 
-    def _push(self, unit: WorkUnit) -> None:
-        self._queue.append(unit)
-        self.samples_planned += unit.n_samples
+    def _push_span(self, image: int, s: int, phase: str, first: int, count: int, size: int, last_size: int) -> None:
+        """Chunks ``first … first + count - 1`` of (image, σ index, phase): ``size`` samples each, the last
+        ``last_size``."""
+        self._queue.append(_Span(image, s, phase, first, first + count, size, last_size))
+        self.samples_planned += size * (count - 1) + last_size
+
+    def _push_budget(self, image: int, s: int, phase: str, n: int, chunk: int) -> None:
+        """The chunks ``split_budget(n, chunk)`` makes, as one span."""
+        count = budget_units(n, chunk)
+        self._push_span(image, s, phase, 0, count, chunk, n - chunk * (count - 1))
+
+    def _is_done(self, unit: WorkUnit) -> bool:
+        raise NotImplementedError
 
     def _accept(self, unit: WorkUnit) -> bool:
-        """Mark ``unit`` done; False when it already was (its counts must then be dropped)."""
-        if unit.key in self._done_units:
+        """Count ``unit``'s samples as done; False when it already was (its counts must then be dropped).
+        Called before the planner stores the unit's counts, which is what makes it done."""
+        if self._is_done(unit):
             return False
-        self._done_units.add(unit.key)
         self.samples_done += unit.n_samples
         return True
 
@@ -62,8 +92,17 @@ class _UnitQueue:
     def take(self, max_samples: int) -> list[WorkUnit]:
         """Units from the front of the queue, about ``max_samples`` samples in all (at least one unit)."""
         out, total = [], 0
-        while self._queue and (not out or total + self._queue[0].n_samples <= max_samples):
-            unit = self._queue.popleft()
+        while self._queue:
+            head = self._queue[0]
+            unit = head.next_unit() if isinstance(head, _Span) else head
+            if out and total + unit.n_samples > max_samples:
+                break
+            if isinstance(head, _Span):
+                head.first += 1
+                if head.first == head.stop:
+                    self._queue.popleft()
+            else:
+                self._queue.popleft()
             out.append(unit)
             total += unit.n_samples
         return out
@@ -71,7 +110,7 @@ class _UnitQueue:
     def requeue(self, units: Iterable[WorkUnit]) -> None:
         """Put units whose task failed back at the front."""
         for unit in reversed(list(units)):
-            if unit.key not in self._done_units:
+            if not self._is_done(unit):
                 self._queue.appendleft(unit)
 
 
@@ -116,7 +155,7 @@ class Planner(_UnitQueue):
         self._level_counts: dict[tuple[int, int], dict[str, np.ndarray]] = {}  # cascade: awaiting the other phase
         for (image, s, phase), counts in (half_levels or {}).items():
             self._level_counts.setdefault((image, s), {})[phase] = np.asarray(counts)
-        self._chunks = {p: len(split_budget(self.budget[p], chunk)) for p in PHASES}
+        self._chunks = {p: budget_units(self.budget[p], chunk) for p in PHASES}
         self._open_levels: dict[int, int] = {}  # image -> σ index being sampled (cascade)
         self.finished_images: set[int] = set()
         for image in image_ids:
@@ -139,8 +178,7 @@ class Planner(_UnitQueue):
         for phase in PHASES:
             if (image, s, phase) in self.done_rows:
                 continue
-            for c, size in enumerate(split_budget(self.budget[phase], self.chunk)):
-                self._push(WorkUnit(image, s, phase, c, size))
+            self._push_budget(image, s, phase, self.budget[phase], self.chunk)
 
     def _advance_cascade(self, image: int, s: int) -> None:
         """Walk down from σ index ``s`` through levels already decided; plan the first open one."""
@@ -158,6 +196,10 @@ class Planner(_UnitQueue):
             s -= 1
 
     # ---- the driver's side ---------------------------------------------------------------------
+    def _is_done(self, unit: WorkUnit) -> bool:
+        row = (unit.image_id, unit.sigma_index, unit.phase)
+        return row in self.done_rows or unit.chunk_index in self._parts.get(row, ())
+
     def complete(self, unit: WorkUnit, counts: np.ndarray) -> list[FinishedRow]:
         """Record a unit's counts (idempotent); return the rows this completes."""
         if not self._accept(unit):
@@ -194,7 +236,7 @@ Selector = Callable[[np.ndarray], int]
 class _Pair:
     """One (image, σ) of a sequential run."""
 
-    selection: dict[int, np.ndarray]  # chunk -> counts, until complete
+    selection: dict[int, np.ndarray] | None  # chunk -> counts, until complete (then None)
     c_hat: int | None = None
     history: list[int] | None = None  # cumulative count of ĉ at each decided look
     round: int = 0  # the round being sampled (1-based); 0 before the first
@@ -240,7 +282,7 @@ class SequentialPlanner(_UnitQueue):
         self.n0, self.chunk, self.unit = n0, chunk, unit
         self.looks = [int(n) for n in looks]
         self.select, self.rule, self.audit = select, rule, audit
-        self._sel_chunks = len(split_budget(n0, chunk))
+        self._sel_chunks = budget_units(n0, chunk)
         self._pairs: dict[tuple[int, int], _Pair] = {}
         self._open: dict[int, int] = {}  # image -> pairs still open
         self.finished_images: set[int] = set()
@@ -252,8 +294,9 @@ class SequentialPlanner(_UnitQueue):
                 pair = _Pair(selection={}, c_hat=c_hat, history=list(history), round=len(history))
                 self._pairs[(image, s)] = pair
                 if not sel_stored:
-                    for c, size in enumerate(split_budget(n0, chunk)):
-                        self._push(WorkUnit(image, s, "selection", c, size))
+                    self._push_budget(image, s, "selection", n0, chunk)
+                else:
+                    pair.selection = None  # stored: a late unit of it is done
                 if history and not self._continues(s, pair, decision):
                     pair.done = True
                     continue
@@ -274,14 +317,23 @@ class SequentialPlanner(_UnitQueue):
         pair.round += 1
         pair.parts = {}
         start = 0 if pair.round == 1 else self.looks[pair.round - 2]
-        for c in range(start // self.unit, self.looks[pair.round - 1] // self.unit):
-            self._push(WorkUnit(image, s, "estimation", c, self.unit))
+        first, stop = start // self.unit, self.looks[pair.round - 1] // self.unit
+        self._push_span(image, s, "estimation", first, stop - first, self.unit, self.unit)
 
     @property
     def open_images(self) -> int:
         return sum(1 for n in self._open.values() if n > 0)
 
     # ---- the driver's side ---------------------------------------------------------------------
+    def _is_done(self, unit: WorkUnit) -> bool:
+        pair = self._pairs[(unit.image_id, unit.sigma_index)]
+        if unit.phase == "selection":
+            return pair.selection is None or unit.chunk_index in pair.selection
+        rounds = len(pair.history) + len(pair.waiting or [])  # complete rounds: their units are all done
+        return (rounds > 0 and unit.chunk_index * self.unit < self.looks[rounds - 1]) or (
+            unit.chunk_index in (pair.parts or {})
+        )
+
     def complete(self, unit: WorkUnit, counts: np.ndarray) -> list[FinishedRow]:
         """Record a unit's counts (idempotent); return the rows this completes."""
         if not self._accept(unit):
@@ -293,7 +345,7 @@ class SequentialPlanner(_UnitQueue):
             pair.selection[unit.chunk_index] = np.asarray(counts)
             if len(pair.selection) == self._sel_chunks:
                 total = np.sum([pair.selection[c] for c in sorted(pair.selection)], axis=0)
-                pair.selection = {}
+                pair.selection = None
                 pair.c_hat = int(self.select(total))
                 rows.append(FinishedRow(image, s, "selection", total))
                 for k, round_counts in pair.waiting or []:
