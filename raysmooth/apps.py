@@ -318,8 +318,13 @@ def certify_task(dcfg: Any) -> int:
         log.warning("smoothing.mode=cascade %s", note)
     models = [cfg] + [dataclasses.replace(cfg, model=load_model_option(n)) for n in cfg.compare]
     names = [m.model.name for m in models]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two models share a name (model.name): {names}")
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        given = ["model"] + [f"compare's {c}" for c in cfg.compare]
+        which = ", ".join(g for g, n in zip(given, names) if n in twice)
+        raise ConfigError(
+            f"the models to certify share the name {', '.join(twice)} ({which}); each one's results go to a "
+            "folder of that name: list each model once (compare holds the models beside model=…)"
+        )
     results = []
     for i, run_cfg in enumerate(models):
         log.info("certifying %s (%d of %d)", run_cfg.model.name, i + 1, len(models))

@@ -155,6 +155,13 @@ def test_a_mistake_is_one_line_and_creates_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_model_listed_twice_says_which_entries_share_its_folder(tmp_path, capsys):
+    assert certify_main([*SMALL, "compare=[linear]", f"out={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "share the name linear (model, compare's linear); each one's results go to a folder" in err
+    assert not (tmp_path / "linear").exists()
+
+
 def test_composition_gives_a_typed_config_that_survives():
     cfg = compose("certify", ["smoothing.n=500", "engine.batch_size=auto"])
     assert isinstance(cfg, CertifyCfg)
