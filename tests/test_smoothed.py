@@ -153,6 +153,26 @@ def test_a_denoiser_goes_in_front_of_the_users_own_classifier():
     assert cert.sigma in (None, 0.25, 0.5)
 
 
+def test_a_bare_unet_as_denoiser_is_refused_with_the_construction_that_gives_the_folders_counts():
+    """A UNet2DModel has no noise schedule (t is picked from it): the message's construction is exact."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from raysmooth.models import DiffusionDenoiser
+
+    unet = UNet2DModel.from_pretrained(str(EMBEDDED / "denoiser" / "unet"))
+    with pytest.raises(ConfigError, match=r"UNet2DModel alone has no noise schedule.*DiffusionDenoiser\(unet, sched"):
+        Smoothed(_linear_module(), 0.25, denoiser=unet, input_shape=(1, 8, 8))
+    with pytest.raises(
+        ConfigError, match="denoiser must be a diffusers folder, an hf:// id or a DiffusionDenoiser, got int"
+    ):
+        Smoothed(_linear_module(), 0.25, denoiser=42, input_shape=(1, 8, 8))
+    schedule = DDPMScheduler.from_pretrained(str(EMBEDDED / "denoiser" / "scheduler")).alphas_cumprod.numpy()
+    x = np.full((1, 8, 8), 0.5, np.float32)
+    built = Smoothed(_linear_module(), 0.25, denoiser=DiffusionDenoiser(unet, schedule), progress=False)
+    folder = Smoothed(_linear_module(), 0.25, denoiser=str(EMBEDDED / "denoiser"), progress=False)
+    assert np.array_equal(built.certify(x, 5, 200).counts, folder.certify(x, 5, 200).counts)
+
+
 def test_colour_images_into_a_greyscale_denoiser_are_one_config_error():
     colour = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
     with pytest.raises(ConfigError, match=r"takes 1-channel images but the input shape is \(3, 8, 8\)"):

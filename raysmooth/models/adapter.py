@@ -93,8 +93,18 @@ def from_module(
     clf = module if isinstance(module, NormalizedClassifier) else as_classifier(module, input_shape=shape, **adapter)
     if denoiser is None:
         return PlainBase(clf, shape)
-    from .denoiser import DiffusionDenoiser, load_denoiser
+    from .denoiser import DenoiserConfig, DiffusionDenoiser, load_denoiser
 
+    if isinstance(denoiser, nn.Module) and not isinstance(denoiser, DiffusionDenoiser):
+        raise ConfigError(
+            f"denoiser: a {type(denoiser).__name__} alone has no noise schedule to pick t from; give its diffusers "
+            "folder (unet/ and scheduler/, as pipeline.save_pretrained writes it) or "
+            "raysmooth.models.DiffusionDenoiser(unet, scheduler.alphas_cumprod.numpy())"
+        )
+    if not isinstance(denoiser, (DiffusionDenoiser, str, dict, DenoiserConfig)) and not hasattr(denoiser, "__fspath__"):
+        raise ConfigError(
+            f"denoiser must be a diffusers folder, an hf:// id or a DiffusionDenoiser, got {type(denoiser).__name__}"
+        )
     if not isinstance(denoiser, DiffusionDenoiser):
         denoiser = load_denoiser(
             {"path": str(denoiser)} if isinstance(denoiser, str) or hasattr(denoiser, "__fspath__") else denoiser
