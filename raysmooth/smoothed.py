@@ -155,6 +155,11 @@ def _own_copy(obj: Any, what: str) -> Any:
 MAX_CALL_UNITS = 20_000_000
 
 
+def _engine_words(text: str) -> str:
+    """The engine's complaint in the API's words: ``engine.compile=true`` is the argument ``compile=True``."""
+    return re.sub(r"\bengine\.(\w+)", r"\1", text).replace("=true", "=True")
+
+
 def _model_kwargs_words(text: str) -> str:
     """A registered builder's complaint about its config sections, in the API's words: ``model.base=dds
     needs model.denoiser`` becomes ``dds needs model_kwargs['denoiser']``."""
@@ -269,8 +274,7 @@ class Smoothed:
                 levels=levels,
             )
         except InputError as exc:  # said in the job's words (engine.compile=true); here they are arguments
-            said = re.sub(r"\bengine\.(\w+)", r"\1", str(exc)).replace("=true", "=True")
-            raise type(exc)(said) from None
+            raise type(exc)(_engine_words(str(exc))) from None
         self.device = str(resolve_device(device))
         self._model, self._denoiser = _own_copy(model, "model"), _own_copy(denoiser, "denoiser")
         self._num_classes = num_classes
@@ -355,7 +359,10 @@ class Smoothed:
             raise ConfigError(f"num_classes={self._num_classes} but the model predicts {base.num_classes} classes")
         with warnings.catch_warnings():  # a copied TorchScript module's parameters are not leaves: harmless here
             warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-            self._replica = Replica(base, self.sigmas, self.seed, self.engine, device=self.device)
+            try:
+                self._replica = Replica(base, self.sigmas, self.seed, self.engine, device=self.device)
+            except InputError as exc:  # a setting the device cannot run (fp16 on a CPU), in the API's words
+                raise type(exc)(_engine_words(str(exc))) from None
         self.input_shape = tuple(base.input_shape)
         return self._replica
 

@@ -254,6 +254,11 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": 0.5, "input_size": (8, 0), "input_shape": (1, 8, 8)}, ConfigError, "input_size must be"),
         ({"sigma": 0.5, "input_size": (16.5, 16), "input_shape": (1, 8, 8)}, ConfigError, "whole positive sizes"),
         ({"sigma": 0.5, "input_size": True, "input_shape": (1, 8, 8)}, ConfigError, "whole positive sizes"),
+        (
+            {"sigma": 0.5, "precision": "fp16", "device": "cpu", "input_shape": (1, 8, 8)},
+            InputError,
+            "^precision=fp16 needs a CUDA",
+        ),
     ],
 )
 def test_bad_parameters_are_refused_at_construction(kwargs, error, match):
