@@ -579,13 +579,6 @@ class Smoothed:
         draws exactly the noise of ``raysmooth certify smoothing.mode=sequential``."""
         _check_alpha(alpha)
         n0 = self._samples("n0", n0)
-        xs = _batch_input(xs)
-        if _no_images(xs, ids):
-            return []
-        batch = self._stack(xs)
-        ids = self._ids(batch, ids)
-        s = self._sigma_index(sigma)
-        applied, margin = self._noise(s)
         unit = whole_number("unit", unit, error=ConfigError)  # it also numbers the chunks of every round below
         n_max = whole_number("n_max", n_max, error=ConfigError)
         if n_max // unit > MAX_CALL_UNITS:
@@ -593,6 +586,13 @@ class Smoothed:
                 f"n_max={n_max:,} in units of unit={unit:,} is {n_max // unit:,} work units, more than the "
                 f"{MAX_CALL_UNITS:,} one call lists; raise unit or lower n_max"
             )
+        xs = _batch_input(xs)
+        if _no_images(xs, ids):
+            return []
+        batch = self._stack(xs)
+        ids = self._ids(batch, ids)
+        s = self._sigma_index(sigma)
+        applied, margin = self._noise(s)
         try:
             d = stats.sequential.design(
                 alpha,

@@ -11,14 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-__all__ = [
-    "PHASES",
-    "WorkUnit",
-    "unit_seed",
-    "block_seed",
-    "split_budget",
-    "budget_units",
-]
+__all__ = ["PHASES", "WorkUnit", "unit_seed", "block_seed", "split_budget", "budget_units"]
 
 PHASES = ("selection", "estimation")
 _MASK63 = (1 << 63) - 1

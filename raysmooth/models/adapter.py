@@ -95,19 +95,19 @@ def from_module(
         return PlainBase(clf, shape)
     from .denoiser import DenoiserConfig, DiffusionDenoiser, load_denoiser
 
-    if isinstance(denoiser, nn.Module) and not isinstance(denoiser, DiffusionDenoiser):
+    if isinstance(denoiser, str) or hasattr(denoiser, "__fspath__"):
+        denoiser = load_denoiser({"path": str(denoiser)})
+    elif isinstance(denoiser, (dict, DenoiserConfig)):
+        denoiser = load_denoiser(denoiser)
+    elif isinstance(denoiser, nn.Module) and not isinstance(denoiser, DiffusionDenoiser):
         raise ConfigError(
             f"denoiser: a {type(denoiser).__name__} alone has no noise schedule to pick t from; give its diffusers "
             "folder (unet/ and scheduler/, as pipeline.save_pretrained writes it) or "
             "raysmooth.models.DiffusionDenoiser(unet, scheduler.alphas_cumprod.numpy())"
         )
-    if not isinstance(denoiser, (DiffusionDenoiser, str, dict, DenoiserConfig)) and not hasattr(denoiser, "__fspath__"):
+    elif not isinstance(denoiser, DiffusionDenoiser):
         raise ConfigError(
             f"denoiser must be a diffusers folder, an hf:// id or a DiffusionDenoiser, got {type(denoiser).__name__}"
-        )
-    if not isinstance(denoiser, DiffusionDenoiser):
-        denoiser = load_denoiser(
-            {"path": str(denoiser)} if isinstance(denoiser, str) or hasattr(denoiser, "__fspath__") else denoiser
         )
     return DenoiseThenClassify(denoiser, clf, shape)
 
