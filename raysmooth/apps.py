@@ -373,10 +373,8 @@ def sweep_report(cfg: SweepCfg) -> int:
             f", not the {result.partial} with only some of their counts" if result.partial else "",
         )
     print(format_markdown(curves_from_certificates(result.table), cfg.radii))
-    print(
-        f"\n{result.settings} settings × {result.images} images from stored counts in {result.seconds:.2f} s",
-        file=sys.stderr,
-    )
+    settings = f"{result.settings} setting{'s' if result.settings != 1 else ''}"
+    print(f"\n{settings} × {result.images} images from stored counts in {result.seconds:.2f} s", file=sys.stderr)
     print(f"sweep certificates: {result.out_dir}", file=sys.stderr)
     return 0
 

@@ -539,6 +539,7 @@ def lazy_cascade_note(sm: SmoothingCfg) -> str | None:
 
 def validate_certify(cfg: CertifyCfg) -> None:
     from . import stats
+    from .data import check_names
 
     sm, en, ry, da, mo = cfg.smoothing, cfg.engine, cfg.ray, cfg.data, cfg.model
     _check(
@@ -635,6 +636,12 @@ def validate_certify(cfg: CertifyCfg) -> None:
     _check("data.skip", da.skip >= 1, f"must be at least 1, got {da.skip}")
     _check("data.max_images", da.max_images is None or da.max_images >= 1, f"must be at least 1, got {da.max_images}")
     _check("data.indices", da.indices is None or len(da.indices) > 0, "is empty: name at least one image, or null")
+    _check(
+        "data.indices",
+        da.indices is None or min(da.indices) >= 0,
+        f"must be image indices (0 or more), got {da.indices}",
+    )
+    check_names(da)
     _check(
         "data.max_images",
         da.indices is None or da.max_images is None,

@@ -23,6 +23,7 @@ __all__ = [
     "subsample",
     "digits_split",
     "load_test_set",
+    "check_names",
     "fingerprint",
 ]
 
@@ -145,13 +146,26 @@ def _check_options(name: str, options: dict) -> None:
             raise ConfigError(f"data.options: {name} takes no {key!r} ({offered})")
 
 
+def check_names(data) -> None:
+    """What a ``DataCfg`` names, checked without reading a file (the dataset, its split, its options):
+    the config's one validation runs it, so a typo stops before any folder or log line is made."""
+    if data.name not in _DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {data.name!r}; choose one of {', '.join(list_datasets())}")
+    splits = getattr(_DATASETS[data.name], "splits", None)
+    if splits and data.split not in splits:
+        raise ConfigError(f"data.split must be {' or '.join(splits)} for {data.name}, got {data.split!r}")
+    options = dict(data.options or {})
+    if misplaced := sorted(set(options) & set(_SET_BY_KEYS)):
+        raise ConfigError(f"data.options.{misplaced[0]}: set it as data.{misplaced[0]}")
+    _check_options(data.name, options)
+
+
 def load_test_set(data) -> TestSet:
     """The test set a ``DataCfg`` describes, subsampled (disk loaders skip unread images themselves)."""
     from .config import resolve_path
 
+    check_names(data)
     options = dict(data.options or {})
-    if misplaced := sorted(set(options) & set(_SET_BY_KEYS)):
-        raise ConfigError(f"data.options.{misplaced[0]}: set it as data.{misplaced[0]}")
     root = resolve_path(data.root)
     if subsamples_itself(data.name) and not data.indices:
         options.update(skip=data.skip, max_images=data.max_images)
@@ -177,7 +191,7 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2) -> dict[str, tuple[n
 def digits(split: str = "test", **_: object) -> TestSet:
     """8×8 handwritten digits from scikit-learn; the test split is fixed (seed 0, 20%)."""
     parts = digits_split()
-    if split not in parts:
+    if split not in digits.splits:
         raise ConfigError(f"data.split must be train or test for digits, got {split!r}")
     images, labels, ids = parts[split]
     return TestSet(f"digits-{split}", images, labels, ids.astype(np.int64), 10)
@@ -413,5 +427,6 @@ def _image_size(size: object) -> tuple[int, int]:
     return hw
 
 
+digits.splits = cifar10.splits = ("train", "test")  # type: ignore[attr-defined]  # checked before loading
 imagenet.subsamples = True  # type: ignore[attr-defined]
 image_folder.subsamples = True  # type: ignore[attr-defined]

@@ -155,8 +155,8 @@ def test_a_printed_override_reads_back_as_the_path_through_the_shell_and_hydra(t
 
 
 def test_keys_added_inside_the_open_sections_stay_the_users():
-    cfg = compose("certify", ["+model.options.width=3", "+data.options.num_images=5"])
-    assert cfg.model.options == {"width": 3} and cfg.data.options["num_images"] == 5
+    cfg = compose("certify", ["data=synthetic", "+model.options.width=3", "+data.options.seed=5"])
+    assert cfg.model.options == {"width": 3} and cfg.data.options["seed"] == 5
 
 
 def test_one_value_for_a_list_key_says_the_key_takes_a_list():
@@ -177,6 +177,25 @@ def test_the_job_prints_one_line_and_exits_2_on_a_config_mistake(capsys):
     assert certify_main(["smoothing.alpha=1.5", "data=synthetic", "model=linear", "out=/nonexistent/x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "alpha" in err
+
+
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("data.name=imagenett", "data.name: unknown dataset 'imagenett'; choose one of cifar10, digits"),
+        ("data.split=validation", "data.split must be train or test for digits, got 'validation'"),
+        ("+data.options.num_imags=3", r"data.options: digits takes no 'num_imags' \(it takes no options\)"),
+        ("data.indices=[3,-1]", r"data.indices must be image indices \(0 or more\)"),
+    ],
+)
+def test_a_data_mistake_is_refused_before_hydra_makes_a_folder_or_a_model_starts(override, says, tmp_path, capsys):
+    """Found by hand: these stopped only when the first model's run loaded the data, after hydra had
+    made its records folder and the job had logged 'certifying dds (1 of 3)'."""
+    with pytest.raises(ConfigError, match=says):
+        compose("certify", [override])
+    assert certify_main([override, f"out={tmp_path / 'run'}"]) == 2
+    assert not (tmp_path / "run").exists()
+    assert capsys.readouterr().err.strip().count("\n") == 0
 
 
 def test_cluster_yaml_validates_against_the_schema_in_the_ray_package():
