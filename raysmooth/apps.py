@@ -392,7 +392,10 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 def finetune_task(dcfg: Any) -> int:
     from .finetune import finetune
 
-    folder = finetune(_job_out(typed(dcfg, "finetune")))
+    cfg = _job_out(typed(dcfg, "finetune"))
+    if warning := large_sigma_warning(cfg.sigmas):
+        log.warning("sigmas: %s", warning)
+    folder = finetune(cfg)
     print(f"fine-tuned denoiser: {folder}")
     print(f"use it with: raysmooth certify model=toy_dds {override_text('model.denoiser.path', folder)}")
     return 0

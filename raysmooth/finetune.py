@@ -223,7 +223,6 @@ def _finetune_into(out: Path, cfg: FinetuneConfig, progress: Callable[[int, dict
             f"{out} holds a fine-tuning run already at step {done}, past finetune.steps={cfg.steps}; give "
             f"finetune.steps={done} or more to go on, or a new finetune.out"
         )
-    replace_text(config_file, json.dumps(asdict(cfg), indent=2) + "\n")
 
     den_cfg = {k: resolve_path(v) if k in PATH_KEYS and v else v for k, v in cfg.denoiser.items()}
     denoiser = load_denoiser(den_cfg)
@@ -234,6 +233,8 @@ def _finetune_into(out: Path, cfg: FinetuneConfig, progress: Callable[[int, dict
     unet.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_train, y_train = _training_images(cfg.data)
+    # Written once the models load: a start that failed on a wrong path binds the folder to nothing.
+    replace_text(config_file, json.dumps(asdict(cfg), indent=2) + "\n")
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from raysmooth.errors import ConfigError, UserError
+from raysmooth.errors import ConfigError, ModelLoadError, UserError
 from raysmooth.finetune import (
     FinetuneConfig,
     anti_consistency_loss,
@@ -151,6 +151,15 @@ def test_another_config_in_the_same_folder_is_refused_naming_what_changed(tmp_pa
         finetune(_cfg(tmp_path, steps=1, lr=1e-3), progress=lambda s, row: None)
 
 
+def test_a_start_that_failed_on_a_wrong_path_does_not_bind_the_folder_to_it(tmp_path):
+    """Found by hand: a mistyped denoiser.path wrote its config into out before failing, and the
+    corrected command was then refused as another config ('/nope' there)."""
+    with pytest.raises(ModelLoadError, match="no such denoiser folder"):
+        finetune(_cfg(tmp_path, steps=1, denoiser={"path": str(tmp_path / "nope")}), progress=lambda s, row: None)
+    finetune(_cfg(tmp_path, steps=1), progress=lambda s, row: None)
+    assert (tmp_path / "ft" / "denoiser").is_dir()
+
+
 @pytest.mark.parametrize("damaged", ["state.pt", "trainable.safetensors"])
 def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, damaged):
     finetune(_cfg(tmp_path, steps=1), progress=lambda s, row: None)
@@ -232,6 +241,15 @@ def test_choosing_a_data_set_for_finetuning_says_only_digits_is_trained_on(capsy
 
     assert finetune_main(["data=cifar10"]) == 2
     assert "trains on the digits training split" in capsys.readouterr().err
+
+
+def test_finetuning_at_a_sigma_in_what_looks_like_0_255_units_runs_and_says_so(tmp_path, capsys):
+    """As the certify job says it: the denoiser would be trained for noise 64x the pixel range."""
+    from raysmooth.apps import finetune_main
+
+    args = ["steps=1", "batch_size=4", "draws=2", "threads=1", "sigmas=[0.25,64]", f"out={tmp_path}"]
+    assert finetune_main(args) == 0
+    assert capsys.readouterr().err.count("σ = 64 in [0, 1] pixel units") == 1
 
 
 @pytest.mark.parametrize("fails", ["weights", "state"])
