@@ -284,6 +284,8 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
             f"{path} is {inside or 'a Parquet file'}; analyze takes a run directory, a sweep directory or a certify "
             f"TSV{f' (here: raysmooth analyze {run})' if inside else ''}"
         )
+    if path.is_file() and path.name == RunStore.MANIFEST:
+        raise AnalysisError(f"{path} is the manifest of the run {path.parent}; analyze the run itself")
     if path.is_file():
         curve = _read_tsv(path)
         return [Curve(prefix + curve.source, curve.radius, curve.correct, curve.abstained)]

@@ -144,6 +144,8 @@ def test_analyze_of_a_table_inside_a_run_points_at_the_run_not_at_a_damaged_file
     assert main(["analyze", str(root / "counts")]) == 2
     err = capsys.readouterr().err
     assert f"is the counts table of the run {root}; analyze the run itself" in err and "aside" not in err
+    assert main(["analyze", str(root / "manifest.json")]) == 2  # was read as a TSV missing its columns
+    assert f"is the manifest of the run {root}; analyze the run itself" in capsys.readouterr().err
 
 
 def test_analyze_of_one_parquet_part_names_the_run_it_belongs_to(run_dir, tmp_path, capsys):
