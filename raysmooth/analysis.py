@@ -212,14 +212,6 @@ def _check_unique_ids(idx: np.ndarray, path: Path) -> None:
     )
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _read_tsv(path: Path) -> Curve:
     _check_text(path)
     try:
