@@ -36,6 +36,16 @@ def test_the_readme_notebook_example_runs(monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
 
 
+def test_the_readme_batch_example_prints_the_certified_accuracy_of_its_certificates(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    scope: dict = {}
+    exec(compile(_readme_block("example: api") + _readme_block("example: api-batch"), "README.md", "exec"), scope)
+    certs, labels = scope["certs"], scope["digits"].labels[:20]
+    printed = [float(v) for v in capsys.readouterr().out.strip().splitlines()[-1].strip("[]").split()]
+    by_hand = [np.mean([c.prediction == y and c.radius >= r for c, y in zip(certs, labels)]) for r in (0, 0.25, 0.5)]
+    assert printed == pytest.approx(by_hand) and len(certs) == 20 and printed[0] > 0.5
+
+
 def _linear_module(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
