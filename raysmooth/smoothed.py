@@ -42,7 +42,7 @@ from .data import TestSet
 from .engine import EngineConfig, Replica, resolve_device, validate_images
 from .errors import ConfigError, InputError, one_line, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
-from .units import WorkUnit, budget_units, split_budget
+from .units import PHASES, WorkUnit, budget_units, split_budget
 
 __all__ = ["Smoothed", "Certificate", "Prediction"]
 
@@ -460,6 +460,8 @@ class Smoothed:
     ) -> np.ndarray:
         """Dense counts (N, classes) of ``n`` draws per image in ``phase`` at σ number ``sigma_index``,
         split into chunks and seeded exactly as the job's work units."""
+        if phase not in PHASES:
+            raise ConfigError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
         batch = self._stack(xs)
         n = self._samples("the number of samples", n)
         sigma_index = whole_number("sigma_index", sigma_index, minimum=0)
@@ -585,6 +587,10 @@ class Smoothed:
             raise ConfigError(
                 f"n_max={n_max:,} in units of unit={unit:,} is {n_max // unit:,} work units, more than the "
                 f"{MAX_CALL_UNITS:,} one call lists; raise unit or lower n_max"
+            )
+        if not len(radii):  # the job refuses an empty grid too; [0] is the grid that asks only for a prediction
+            raise ConfigError(
+                "radii is empty: give the radii to decide, e.g. radii=[0.25, 0.5] ([0]: certified at all)"
             )
         xs = _batch_input(xs)
         if _no_images(xs, ids):

@@ -699,3 +699,23 @@ def test_a_sequential_schedule_of_more_units_than_a_call_lists_is_refused_before
     monkeypatch.setattr(smoothed, "_draw", lambda *a, **k: pytest.fail("sampled"))
     with pytest.raises(ConfigError, match=r"n_max=125,000,000,000 in units of unit=125 is 1,000,000,000 work units"):
         smoothed.certify_sequential([np.zeros((1, 8, 8), np.float32)], n0=5, n_max=125 * 10**9)
+
+
+@pytest.mark.parametrize(
+    "radii,says",
+    [
+        ([], r"radii is empty: give the radii to decide"),  # was taken as [0]: stopped at the first certificate
+        ([0.5, -1], r"the radius grid must hold non-negative numbers, got \[0.5, -1.0\]$"),  # as given, not with 0
+    ],
+)
+def test_a_sequential_radius_grid_that_is_empty_or_negative_is_refused_before_sampling(monkeypatch, radii, says):
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    monkeypatch.setattr(smoothed, "_draw", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(ConfigError, match=says):
+        smoothed.certify_sequential([np.zeros((1, 8, 8), np.float32)], n0=5, n_max=1000, radii=radii)
+
+
+def test_counts_in_a_phase_that_does_not_exist_is_a_config_error_not_a_bare_value_error():
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match="phase must be one of selection, estimation, got 'bogus'"):
+        smoothed.counts(np.zeros((1, 1, 8, 8), np.float32), phase="bogus", n=10, sigma_index=0, ids=[0])

@@ -178,9 +178,10 @@ def design(
     margin = check_margin(margin)
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"the futility level beta must lie in [0, 1), got {beta}")
-    radii = np.unique(np.append(np.asarray(radii, dtype=np.float64), 0.0))
-    if np.any(~np.isfinite(radii)) or np.any(radii < 0):
-        raise ValueError(f"the radius grid must hold non-negative numbers, got {radii.tolist()}")
+    given = np.asarray(radii, dtype=np.float64).ravel()
+    if np.any(~np.isfinite(given)) or np.any(given < 0):
+        raise ValueError(f"the radius grid must hold non-negative numbers, got {given.tolist()}")
+    radii = np.unique(np.append(given, 0.0))
     if precision is not None and not precision > 0:
         raise ValueError(f"precision must be positive, got {precision}")
     if r_cap is not None and not r_cap > 0:
