@@ -132,6 +132,17 @@ def test_bf16_counts_agree_with_fp32_to_within_two_percent_of_the_samples(model,
     assert sum(c.sum() for c in low.values()) == 8 * 500
 
 
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_the_analytic_linear_model_runs_in_bf16_and_counts_like_fp32(precision):
+    """Found by hand: `model=linear engine.precision=bf16` failed on every batch, its input cast to fp32
+    against weights the engine had cast to bf16."""
+    w, images, units = _linear_case()
+    fp32 = Replica(LinearBase(w, np.zeros(5), (1, 4, 4)), [0.5], 3, EngineConfig(batch_size=64)).run(units, images)
+    config = EngineConfig(batch_size=64, precision=precision)
+    low = Replica(LinearBase(w, np.zeros(5), (1, 4, 4)), [0.5], 3, config).run(units, images)
+    assert _flip_bound(fp32, low) <= 0.02 and all(low[u.key].sum() == 300 for u in units)
+
+
 def test_a_compiled_model_counts_like_the_eager_one_and_padding_is_never_counted(digits):
     units = _units(digits, n=150)  # 1,200 samples in batches of 512: the last one is padded
     eager = Replica(_embedded("toy_onestep"), [0.5], 0, EngineConfig(batch_size=512)).run(units, digits)

@@ -251,7 +251,7 @@ class LinearBase(BaseClassifier):
         self.input_shape = tuple(input_shape)
 
     def logits(self, z, sigma, aux_noise=None):
-        return z.flatten(1).float() @ self.weight.T + self.bias
+        return z.flatten(1).to(self.weight.dtype) @ self.weight.T + self.bias
 
 
 # ---- registered builders (config data in, module out) --------------------------------------------
