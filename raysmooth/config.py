@@ -346,6 +346,12 @@ def _with_hint(text: str, config_name: str | None) -> str:
     listed = re.search(r"is not a ListConfig, list or tuple.*\(key: ([\w.]+)\)", text)
     if listed:
         text += f"; {listed.group(1)} is a list: {listed.group(1)}=[…]"
+    whole = re.search(r"Value '([^']+)' of type 'float' could not be converted to Integer \(key: ([\w.]+)\)", text)
+    if whole:  # the Python API takes n=1e5; hydra's typed int does not, and does not say what would do
+        key, value = whole.group(2), float(whole.group(1))
+        text += f"; {key} takes a whole number, written without an exponent or a point"
+        if _finite(value) and value == int(value):
+            text += f": {key}={int(value)}" + (f" (or {int(value):_})" if abs(value) >= 10_000 else "")
     return text
 
 

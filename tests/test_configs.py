@@ -103,6 +103,8 @@ def test_a_report_method_that_does_not_exist_is_refused_not_an_empty_table():
     [
         ("data=image_folder", r"data= takes one of cifar10, digits, imagenet, synthetic, or data\.name=image_folder"),
         ("+data.options.num_images=3", r"set it without the \+: data\.options\.num_images=…"),
+        ("smoothing.n=1e5", r"smoothing\.n takes a whole number, .*: smoothing\.n=100000 \(or 100_000\)$"),
+        ("smoothing.n0=2.5", r"smoothing\.n0 takes a whole number, written without an exponent or a point$"),
     ],
 )
 def test_a_group_option_or_key_mistake_says_what_to_write_instead(override, says):
