@@ -1,4 +1,4 @@
-"""Cascade certificates for a grid of p0 (and α) from a run's stored counts; no sampling.
+"""Certificates for a grid of p0 and α (the cascade, each σ's CERTIFY) from a run's stored counts; no sampling.
 
 python jobs/sweep.py run_dir=RUN_DIR p0=0.5:0.95:0.05 [alpha=[0.001]] [policy=strict|reference]
 """

@@ -356,7 +356,7 @@ def certify_main(argv: Sequence[str] | None = None) -> int:
 
 # ---- sweep -----------------------------------------------------------------------------------------
 def sweep_report(cfg: SweepCfg) -> int:
-    """Cascade certificates for a grid of p0 (and α) from a run's stored counts: the table on stdout,
+    """Certificates for a grid of p0 and α from a run's stored counts: the table on stdout,
     where the certificates went on stderr. ``raysmooth sweep`` and ``jobs/sweep.py`` both end here."""
     from .analysis import curves_from_certificates, format_markdown
     from .certificates import run_sweep
@@ -374,7 +374,12 @@ def sweep_report(cfg: SweepCfg) -> int:
         )
     print(format_markdown(curves_from_certificates(result.table), cfg.radii))
     settings = f"{result.settings} setting{'s' if result.settings != 1 else ''}"
-    print(f"\n{settings} × {result.images} images from stored counts in {result.seconds:.2f} s", file=sys.stderr)
+    alphas = ", ".join(f"{a:g}" for a in sorted(set(result.table.column("alpha").to_pylist())))
+    print(
+        f"\n{settings} (α = {alphas}, {cfg.policy}) × {result.images} images from stored counts in "
+        f"{result.seconds:.2f} s",
+        file=sys.stderr,
+    )
     print(f"sweep certificates: {result.out_dir}", file=sys.stderr)
     return 0
 

@@ -347,10 +347,13 @@ def _cascade_rows(
 def sweep_certificates(
     view: CountsView, p0: Sequence[float], alphas: Sequence[float], policy: str, noise: NoiseInfo | None = None
 ) -> pa.Table:
-    """Cascade certificates for every (α, p0) of a grid; the counts are summarised once."""
+    """Each σ's CERTIFY at every α, and the cascade at every (α, p0) of a grid (the counts are summarised
+    once): an α the run was not certified at is answered from its counts too, never by sampling again."""
     if len(view.levels) < 2:
         raise StoreError(f"a p0 sweep needs counts at two or more σ; this run has σ = {view.sigmas}")
-    return _table(_cascade_rows(view, p0, alphas, (policy,), noise or NoiseInfo({}, {})))
+    noise = noise or NoiseInfo({}, {})
+    single = [derive_certificates(view, alpha=a, methods=("certify",), noise=noise) for a in alphas]
+    return _table(single + _cascade_rows(view, p0, alphas, (policy,), noise))
 
 
 # ---- what a resumed run finds ---------------------------------------------------------------------
@@ -450,9 +453,9 @@ def complete_images(table: pa.Table, sigmas: Sequence[float] | None = None) -> t
 
 
 def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | None, policy: str) -> SweepResult:
-    """Cascade certificates for every (α, p0) from a run's stored counts; written as a new sweep
-    directory under ``RUN_DIR/sweeps``. Never samples. Parameters are validated by the caller
-    (``config.validate_sweep``)."""
+    """Cascade certificates for every (α, p0), and each σ's CERTIFY at every α, from a run's stored
+    counts; written as a new sweep directory under ``RUN_DIR/sweeps``. Never samples. Parameters are
+    validated by the caller (``config.validate_sweep``)."""
     store = RunStore.open(run_dir)
     mode = ((store.manifest.get("config") or {}).get("smoothing") or {}).get("mode")
     if mode == "sequential":

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = SweepCfg()
     what = (
-        "cascade certificates for a grid of p0 from stored counts (no sampling); the same job as python jobs/sweep.py"
+        "certificates for a grid of p0 and α (the cascade; each σ's CERTIFY at every α) from stored counts (no "
+        "sampling); the same job as python jobs/sweep.py"
     )
     p = sub.add_parser("sweep", help=what, description=_sentence(what) + ".")
     p.add_argument(

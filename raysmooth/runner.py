@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from .config import (
 )
 from .data import fingerprint, load_test_set
 from .errors import InputError, ModelLoadError
-from .store import COMPACT_ABOVE, RunStore
+from .store import COMPACT_ABOVE, RunStore, StoreError
 
 __all__ = ["certify", "CertifyResult", "report", "run_noise", "engine_settings"]
 
@@ -267,9 +268,47 @@ def _cascade_rule(cfg: CertifyCfg, num_levels: int, noise: NoiseInfo):
     return stops
 
 
+_THRESHOLDS = ("alpha", "p0", "policies")  # smoothing keys a full run's counts do not depend on
+
+
 def _run_store(out: Path, cfg: CertifyCfg) -> RunStore:
-    """The run directory for ``cfg``'s counts; a refused resume names the keys as the user sets them."""
-    return RunStore.for_run(out, counts_relevant_config(cfg), names=IDENTITY_NAMES, absent=IDENTITY_ABSENT)
+    """The run directory for ``cfg``'s counts; a refused resume names the keys as the user sets them, and
+    says when a sweep of the stored counts answers what was asked."""
+    identity = counts_relevant_config(cfg)
+    try:
+        return RunStore.for_run(out, identity, names=IDENTITY_NAMES, absent=IDENTITY_ABSENT)
+    except StoreError as exc:
+        if (hint := _sweep_instead(out, identity)) is None:
+            raise
+        refusal = str(exc).split("; use a new output directory")[0]
+        raise StoreError(f"{refusal}: {hint}") from None
+
+
+def _sweep_instead(out: Path, identity: dict) -> str | None:
+    """A full run asked again at another α, p0 or policy needs no new samples: the sweep command that
+    answers it from the stored counts, else None."""
+    try:
+        stored = dict(RunStore.open(out).manifest.get("config") or {})
+    except (OSError, ValueError, StoreError):
+        return None
+    if not isinstance(stored.get("smoothing"), dict):
+        return None
+
+    def without_thresholds(config: dict) -> dict:
+        smoothing = {k: v for k, v in config["smoothing"].items() if k not in _THRESHOLDS}
+        return {**config, "smoothing": smoothing}
+
+    smoothing = identity["smoothing"]
+    if smoothing["mode"] != "full" or without_thresholds(stored) != without_thresholds(identity):
+        return None
+    p0 = ",".join(f"{p:g}" for p in smoothing["p0"])
+    first, *others = smoothing["policies"]
+    sweep = f"raysmooth sweep {shlex.quote(str(out))} --alpha {smoothing['alpha']:g} --p0 {p0} --policy {first}"
+    also = "".join(f" (and --policy {p})" for p in others)
+    return (
+        f"α, p0 and the policy do not change a full run's counts, so nothing needs sampling again: {sweep}{also} "
+        "certifies from the stored ones (or certify into a new out)"
+    )
 
 
 def _check_same_inputs(store: RunStore, identity: dict) -> None:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysmooth.cli import main
-from raysmooth.stats import cascade_sweep
+from raysmooth.stats import cascade_sweep, certify
 from raysmooth.store import CountsRecord, RunStore
 
 from helpers import random_levels, write_run
@@ -168,6 +169,7 @@ def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
     assert "cascade strict p0=0.9" in out.out
     sweep_dirs = sorted((root / "sweeps").iterdir())
     table = pq.read_table(next(sweep_dirs[-1].glob("part-*.parquet")))
+    table = table.filter(pc.equal(table["method"].cast("string"), "cascade"))
     expect = cascade_sweep(levels, [0.5, 0.6, 0.7, 0.8, 0.9], 0.001, "strict")
     assert table.num_rows == 5 * len(labels)
     for i, p0 in enumerate(expect.p0):
@@ -178,6 +180,24 @@ def test_sweep_recomputes_certificates_from_stored_counts(run_dir, capsys):
             rows.column("correct").to_numpy(zero_copy_only=False),
             (expect.prediction[i] == labels) & (expect.prediction[i] >= 0),
         )
+
+
+def test_a_sweep_over_alpha_gives_each_sigmas_certify_at_that_alpha_from_the_stored_counts(run_dir, capsys):
+    """A run certified at α = 0.001 answers α = 0.01 from its counts: each σ's Clopper-Pearson certificate
+    at the new α, not only the cascade's (its own certificates table is fixed at the run's α)."""
+    root, levels, labels = run_dir
+    assert main(["sweep", str(root), "--p0", "0.5", "--alpha", "0.001,0.01"]) == 0
+    out, err = capsys.readouterr()
+    assert "certify σ=0.5 α=0.01" in out
+    folder = Path(err.split("sweep certificates: ")[1].strip())
+    table = pq.read_table(next(folder.glob("part-*.parquet")))
+    for level in levels:
+        for alpha in (0.001, 0.01):
+            mine = (pc.field("method").cast("string") == "certify") & (pc.field("sigma") == level.sigma)
+            rows = table.filter(mine & (pc.field("alpha") == alpha)).sort_by("image_id")
+            expect = certify(level.selection, level.estimation, level.sigma, alpha)
+            assert np.array_equal(rows.column("prediction").to_numpy(), expect.prediction)
+            np.testing.assert_allclose(rows.column("radius").to_numpy(), expect.radius)
 
 
 def _unfinished_run(root, levels, labels, *, finished, started=(), sigmas=None):

@@ -710,3 +710,35 @@ def test_a_full_disk_is_one_line_that_keeps_the_stored_rows_and_says_how_to_resu
     resumed = RunStore.open(tmp_path / "full" / "linear").read_counts().select(columns).sort_by(order)
     whole = RunStore.open(tmp_path / "whole" / "linear").read_counts().select(columns).sort_by(order)
     assert resumed.equals(whole)
+
+
+@pytest.mark.parametrize(
+    "changed, hint",
+    [
+        (
+            ["smoothing.alpha=0.01"],
+            "raysmooth sweep {out} --alpha 0.01 --p0 0.5,0.8 --policy strict (and --policy reference)",
+        ),
+        (
+            ["smoothing.p0=[0.6,0.7]", "smoothing.policies=[reference]"],
+            "--alpha 0.001 --p0 0.6,0.7 --policy reference ",
+        ),
+        (["smoothing.n=400"], None),  # other counts: nothing to sweep
+        (["smoothing.alpha=0.01", "smoothing.n=400"], None),
+    ],
+)
+def test_a_full_run_asked_again_at_another_alpha_or_p0_is_pointed_at_the_sweep(tmp_path, changed, hint):
+    """Certifying the same counts at α = 0.01 was refused as 'another config' with the advice to use a new
+    directory, which samples every image again; a sweep of the stored counts answers it."""
+    from raysmooth import runner
+    from raysmooth.config import compose
+
+    base = ["data=synthetic", "model=linear", f"out={tmp_path}"]
+    with runner._run_store(tmp_path / "linear", compose("certify", base)) as store:
+        store.commit_manifest()
+    with pytest.raises(StoreError, match="another config") as info:
+        runner._run_store(tmp_path / "linear", compose("certify", base + changed))
+    if hint is None:
+        assert "sweep" not in str(info.value)
+    else:
+        assert hint.format(out=tmp_path / "linear") in str(info.value) and "nothing needs sampling" in str(info.value)
