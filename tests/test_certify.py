@@ -30,6 +30,20 @@ def test_certify_matches_a_per_image_reference():
             assert cert.radius[i] == pytest.approx(sigma * norm.ppf(lo), rel=1e-9, abs=1e-12)
 
 
+def test_a_certificate_at_a_smaller_alpha_never_claims_more_than_at_a_larger_one():
+    """What lets a sweep over α choose after the fact at the largest α swept (docs/methods.md §4.5): from
+    the same counts, the class is the same and bound and radius only grow with α."""
+    rng = np.random.default_rng(9)
+    probs = rng.dirichlet(np.full(10, 0.3), size=500)
+    sel = SparseCounts.from_dense(rng.multinomial(100, probs))
+    est = SparseCounts.from_dense(rng.multinomial(1000, probs))
+    certs = [certify(sel, est, 0.5, a) for a in (1e-5, 1e-3, 0.01, 0.1)]
+    for small, large in zip(certs, certs[1:]):
+        assert np.all(small.p_lower <= large.p_lower) and np.all(small.radius <= large.radius)
+        certified = small.prediction != ABSTAIN
+        assert np.array_equal(small.prediction[certified], large.prediction[certified])
+
+
 def test_predict_matches_a_per_image_binomial_test():
     rng = np.random.default_rng(8)
     probs = rng.dirichlet(np.full(6, 0.5), size=300)
