@@ -119,7 +119,16 @@ def test_multi_step_ddim_runs_the_configured_number_of_unet_calls(tmp_path):
     assert float(out.detach().min()) >= 0 and float(out.detach().max()) <= 1
 
 
-@pytest.mark.parametrize(("kwargs", "says"), [({"steps": 2.5}, "steps must be a whole number"), ({"eta": 2}, "eta")])
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"steps": 2.5}, "steps must be a whole number"),
+        ({"eta": 2}, "eta"),
+        ({"timestep_scale": -1}, "timestep_scale must be a positive number, got -1.0"),  # the UNet saw -t
+        ({"timestep_scale": "fast"}, "timestep_scale must be a finite number, got 'fast'"),
+        ({"eta": None}, "eta must be a finite number, got None"),
+    ],
+)
 def test_a_denoising_schedule_that_cannot_be_run_as_given_is_refused(kwargs, says):
     with pytest.raises(ConfigError, match=says):
         DiffusionDenoiser(tiny_unet(), alphas_cumprod(linear_betas(1000)), **kwargs)
