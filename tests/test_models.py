@@ -380,6 +380,20 @@ def test_linear_base_rejects_weights_of_the_wrong_shape():
         create_base_classifier("linear", weight=np.zeros((2, 10)), bias=np.zeros(2), input_shape=(1, 8, 8))
 
 
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"num_classes": 2.5}, "num_classes must be a whole number of at least 2, got 2.5"),  # was a TypeError
+        ({"num_classes": 1}, "num_classes must be a whole number of at least 2, got 1"),
+        ({"scale": 0}, "scale must be a positive number, got 0"),  # zero weights: class 0 for every input
+        ({"seed": -1}, "seed must be a whole number of at least 0, got -1"),
+    ],
+)
+def test_the_random_linear_model_refuses_options_it_cannot_build_from(options, says):
+    with pytest.raises(ConfigError, match=f"model.options.{says}"):
+        create_base_classifier("linear", input_shape=(1, 8, 8), **options)
+
+
 def test_a_classifier_folder_describes_itself_and_loads_back(tmp_path):
     from raysmooth.models import save_classifier
     from raysmooth.models.classifier import create_timm_model

@@ -301,6 +301,10 @@ def linear(input_shape, weight=None, bias=None, num_classes: int = 10, seed: int
     """Given weights, or random ones (seeded, times ``scale``) centred on the mid-grey image."""
     shape = _shape(input_shape)
     if weight is None:
+        num_classes = whole_number("model.options.num_classes", num_classes, minimum=2, error=ConfigError)
+        seed = whole_number("model.options.seed", seed, minimum=0, error=ConfigError)
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"model.options.scale must be a positive number, got {scale!r}")  # 0: class 0 always
         rng = np.random.default_rng(seed)
         weight = scale * rng.standard_normal((num_classes, int(np.prod(shape)))) / np.sqrt(np.prod(shape))
         bias = -weight @ np.full(int(np.prod(shape)), 0.5) if bias is None else bias
