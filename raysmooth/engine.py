@@ -175,11 +175,16 @@ def _logits_problem(model_id: str, logits: object, width: int, classes: int) -> 
 
 
 def _model_failure(
-    model_id: str, shape: tuple[int, ...], exc: BaseException, weights: tuple[torch.dtype, torch.dtype] | None = None
+    model_id: str,
+    shape: tuple[int, ...],
+    exc: BaseException,
+    weights: tuple[torch.dtype, torch.dtype] | None = None,
+    resized: tuple[int, int] | None = None,
 ) -> str:
     """One line for a model that raised on a batch: what it was given, what it said, and the innermost
     line of code outside torch and raysmooth (the user's module, usually) that was running. ``weights``:
-    (a weight dtype, the input dtype) when they differ, the likelier cause than the shape."""
+    (a weight dtype, the input dtype) when they differ, the likelier cause than the shape; ``resized``:
+    the (H, W) a classifier's input contract resized the batch to, which its module really received."""
     import traceback
     from pathlib import Path
 
@@ -197,6 +202,9 @@ def _model_failure(
             f"{str(weights[1]).removeprefix('torch.')} (engine.precision): convert the model (model.float() for "
             "fp32) or choose the precision its weights have"
             if weights is not None
+            else f"does it take images of shape {(shape[1], *resized)} (resized from {shape[2]}×{shape[3]} by its "
+            "input_size)?"
+            if resized is not None
             else f"does it take images of shape {shape[1:]}?"
         )
     )
@@ -286,6 +294,14 @@ class Replica:
         if self.config.batch_size == "auto":
             self.config.batch_size = self.probe_batch_size()
         self.batch_size = int(self.config.batch_size)
+
+    def _resized_to(self, shape: Sequence[int]) -> tuple[int, int] | None:
+        """The (H, W) a classifier's input contract resizes a batch of ``shape`` to, when it does."""
+        for module in self.base.modules():
+            size = getattr(getattr(module, "contract", None), "input_size", None)
+            if size is not None and tuple(size) != tuple(shape[-2:]):
+                return int(size[0]), int(size[1])
+        return None
 
     def _weight_dtypes(self) -> tuple[torch.dtype, torch.dtype] | None:
         """(a floating weight dtype, the input dtype) when a weight is not in the input's dtype."""
@@ -547,7 +563,9 @@ class Replica:
                     if self._forward is not self.base or _is_oom(exc) or isinstance(exc, RaySmoothError):
                         raise
                     raise ModelError(
-                        _model_failure(self.base.model_id, tuple(z.shape), exc, self._weight_dtypes())
+                        _model_failure(
+                            self.base.model_id, tuple(z.shape), exc, self._weight_dtypes(), self._resized_to(z.shape)
+                        )
                     ) from exc
                 if not isinstance(logits, torch.Tensor) or logits.shape != (width, c):
                     raise InputError(_logits_problem(self.base.model_id, logits, width, c))

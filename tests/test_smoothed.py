@@ -385,6 +385,13 @@ def test_a_module_that_cannot_take_the_images_is_one_model_error_keeping_its_own
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+def test_a_failure_after_an_input_size_resize_names_the_size_the_module_really_got():
+    """It asked "does it take images of shape (1, 8, 8)?" of a module that was handed 16×16 images."""
+    smoothed = Smoothed(_linear_module(), 0.25, num_classes=10, input_size=(16, 16), progress=False)
+    with pytest.raises(ModelError, match=r"shape \(1, 16, 16\) \(resized from 8×8 by its input_size\)\?$"):
+        smoothed.certify(np.zeros((1, 8, 8), np.float32), n0=5, n=20)
+
+
 def test_a_first_image_the_model_cannot_take_does_not_fix_the_shape_for_later_images():
     """The shape comes from the first image; if the model fails on it, the next image's shape is tried
     afresh (a colour image into a grey model made every later, right image an error)."""
