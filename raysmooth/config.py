@@ -919,9 +919,11 @@ def resolve_model_paths(model: ModelCfg) -> ModelCfg:
                 continue
             section[key] = resolve_path(str(value))
             if not Path(section[key]).exists():
+                own = CONFIG_DIR / "model" / f"{model.name}.yaml"  # a committed config names what to provide
+                where = f"configs/model/{model.name}.yaml" if own.is_file() else "the model's config file"
                 raise ConfigError(
                     f"model.{f.name}.{key}: {value} not found (relative paths are tried from the working "
-                    f"directory and from {REPO_ROOT}; see the comments in the model's config file)"
+                    f"directory and from {REPO_ROOT}; see the comments in {where})"
                 )
         sections[f.name] = section
     return dataclasses.replace(model, **sections)

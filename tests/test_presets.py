@@ -3,6 +3,8 @@ an ADM .pt converted with convert-adm, a transformers ViT folder, CIFAR-10 pytho
 ImageNet-style class-folder tree, timm safetensors."""
 
 import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from raysmooth.store import RunStore
 from test_adm import random_adm
 
 transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("local_ray_per_module")
@@ -158,3 +161,6 @@ def test_a_preset_without_its_files_names_them_in_one_line(experiment, capsys, t
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not found" in err
     assert not any(tmp_path.iterdir())  # nothing was created for a run that could not start
+    # the committed config whose comments say how to make the missing file, by name
+    missing, named = re.search(r": (\S+) not found .*see the comments in (configs/model/\w+\.yaml)\)$", err).groups()
+    assert missing in (ROOT / named).read_text()
