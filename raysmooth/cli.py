@@ -92,8 +92,17 @@ def cmd_train_toy(args: argparse.Namespace) -> int:
     cfg = ToyConfig(seed=args.seed)
     if args.quick:  # a smoke run: minutes become seconds, the models are poor
         cfg = ToyConfig(seed=args.seed, denoiser_steps=200, classifier_epochs=3, onestep_epochs=3)
-    if out.exists() and any(out.iterdir()) and not args.overwrite and out != EMBEDDED_DIR:
+    embedded = out.resolve() == EMBEDDED_DIR.resolve()
+    if out.exists() and any(out.iterdir()) and not args.overwrite and not embedded:
         raise UserError(f"{out} is not empty; choose another --out or pass --overwrite")
+    if embedded and (args.quick or args.seed != 0) and not args.overwrite:
+        # the committed models are the full recipe at seed 0: anything else would replace what every
+        # default run (and the recorded results) uses
+        recipe = "--quick (smoke-test models)" if args.quick else f"--seed {args.seed}"
+        raise UserError(
+            f"{recipe} would replace the embedded models that raysmooth certify runs by default; give --out DIR, "
+            "or --overwrite to replace them"
+        )
     cards = train_all(cfg, out)
     print(
         json.dumps(

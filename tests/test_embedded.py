@@ -29,6 +29,20 @@ def test_the_training_job_writes_the_embedded_models_as_folders_that_load(tmp_pa
     assert load_onestep({"path": str(tmp_path / "onestep")}).num_classes == 10
 
 
+@pytest.mark.parametrize("args", [["--quick"], ["--seed", "3"], ["--out", "{embedded}", "--quick"]])
+def test_a_smoke_or_other_seed_training_never_replaces_the_embedded_models_unasked(args, tmp_path, monkeypatch, capsys):
+    """Found by hand: `raysmooth train-toy --quick` wrote smoke-test models over the committed ones that
+    every default run uses. (The embedded folder is a stand-in here, and training would fail the test.)"""
+    from raysmooth import toy
+
+    stand_in = tmp_path / "embedded"
+    stand_in.mkdir()
+    monkeypatch.setattr(toy, "EMBEDDED_DIR", stand_in)
+    monkeypatch.setattr(toy, "train_all", lambda *a, **k: pytest.fail("trained into the embedded folder"))
+    assert cli(["train-toy", *(a.format(embedded=stand_in) for a in args)]) == 2
+    assert "would replace the embedded models that raysmooth certify runs by default" in capsys.readouterr().err
+
+
 def test_the_committed_models_are_safetensors_with_cards_and_fit_the_budget():
     files = [p for p in EMBEDDED.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20e6
