@@ -201,6 +201,13 @@ def _finetune_into(out: Path, cfg: FinetuneConfig, progress: Callable[[int, dict
     config_file = out / "finetune_config.json"
     current = json.loads(json.dumps(asdict(cfg)))  # as it reads back
     settings = {k: v for k, v in current.items() if k != "steps"}  # a longer run into the same folder continues it
+    if not config_file.exists() and (held := sorted(p.name for p in out.iterdir() if not p.name.startswith("."))):
+        # the run writes out/denoiser and out/checkpoint: into the embedded models' folder (or any other) it
+        # would replace what is there, the source denoiser included
+        raise UserError(
+            f"{out} is not empty ({', '.join(held[:3])}{', …' if len(held) > 3 else ''}) and holds no fine-tuning "
+            "run; use a new finetune.out (the fine-tuned denoiser is written to out/denoiser)"
+        )
     if config_file.exists():
         try:
             previous = json.loads(config_file.read_text())

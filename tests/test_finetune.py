@@ -151,6 +151,18 @@ def test_another_config_in_the_same_folder_is_refused_naming_what_changed(tmp_pa
         finetune(_cfg(tmp_path, steps=1, lr=1e-3), progress=lambda s, row: None)
 
 
+def test_an_out_holding_other_things_is_refused_not_its_denoiser_replaced(tmp_path):
+    """Found by hand: `raysmooth finetune out=raysmooth/embedded/digits` replaced the embedded denoiser (its
+    own source) with the fine-tuned one; any folder with a denoiser/ in it lost it."""
+    cfg = _cfg(tmp_path, steps=1)
+    out = tmp_path / "ft"
+    (out / "denoiser").mkdir(parents=True)
+    (out / "denoiser" / "mine.txt").write_text("not yours")
+    with pytest.raises(UserError, match=r"ft is not empty \(denoiser\) and holds no fine-tuning run; use a new"):
+        finetune(cfg, progress=lambda s, row: None)
+    assert (out / "denoiser" / "mine.txt").read_text() == "not yours"
+
+
 def test_a_start_that_failed_on_a_wrong_path_does_not_bind_the_folder_to_it(tmp_path):
     """Found by hand: a mistyped denoiser.path wrote its config into out before failing, and the
     corrected command was then refused as another config ('/nope' there)."""
