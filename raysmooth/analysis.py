@@ -88,8 +88,9 @@ def _label(method: str, sigma: float, policy: str, p0: float, alpha: float, with
     return f"{model} {text}" if model else text
 
 
-def curves_from_certificates(table: pa.Table, prefix: str = "") -> list[Curve]:
-    """Split a certificates table into one curve per (model, method, σ, policy, p0, α)."""
+def curves_from_certificates(table: pa.Table, prefix: str = "", with_alpha: bool = False) -> list[Curve]:
+    """Split a certificates table into one curve per (model, method, σ, policy, p0, α); labels name α
+    when the table holds several, or ``with_alpha`` (a sweep's, whose α is what it was run for)."""
     if table.num_rows == 0:
         return []
     cols = {
@@ -110,7 +111,7 @@ def curves_from_certificates(table: pa.Table, prefix: str = "") -> list[Curve]:
     correct = table.column("correct").to_numpy(zero_copy_only=False).astype(bool)
     abstained = table.column("prediction").to_numpy() < 0
     several_models = len(np.unique(cols["model_id"])) > 1
-    several_alphas = len(np.unique(cols["alpha"])) > 1
+    several_alphas = with_alpha or len(np.unique(cols["alpha"])) > 1
     order = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[order], np.arange(len(first) + 1))
     # certify and sequential rows of one σ side by side (an audit run computes both on the same noise)
@@ -302,7 +303,7 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
         where = str(path)
     if table.num_rows == 0:
         raise AnalysisError(f"{where}: no certificates found (is this a raysmooth run or sweep directory?)")
-    return curves_from_certificates(table, prefix)
+    return curves_from_certificates(table, prefix, with_alpha=(path / "sweep.json").is_file())
 
 
 # ---- reporting -----------------------------------------------------------------------------------

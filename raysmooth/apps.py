@@ -372,7 +372,7 @@ def sweep_report(cfg: SweepCfg) -> int:
             result.images,
             f", not the {result.partial} with only some of their counts" if result.partial else "",
         )
-    print(format_markdown(curves_from_certificates(result.table), cfg.radii))
+    print(format_markdown(curves_from_certificates(result.table, with_alpha=True), cfg.radii))
     settings = f"{result.settings} setting{'s' if result.settings != 1 else ''}"
     alphas = ", ".join(f"{a:g}" for a in sorted(set(result.table.column("alpha").to_pylist())))
     print(

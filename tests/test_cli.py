@@ -200,6 +200,17 @@ def test_a_sweep_over_alpha_gives_each_sigmas_certify_at_that_alpha_from_the_sto
             np.testing.assert_allclose(rows.column("radius").to_numpy(), expect.radius)
 
 
+def test_a_sweeps_rows_name_their_alpha_when_printed_and_when_analyzed(run_dir, capsys):
+    """A sweep is run for its α: one at α = 0.01 printed rows that read like the run's own at 0.001."""
+    root, _, _ = run_dir
+    assert main(["sweep", str(root), "--p0", "0.5", "--alpha", "0.01"]) == 0
+    out, err = capsys.readouterr()
+    rows = [ln for ln in out.splitlines() if ln.startswith("| c")]
+    assert rows and all(" α=0.01 |" in ln for ln in rows)
+    assert main(["analyze", err.split("sweep certificates: ")[1].strip()]) == 0
+    assert [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| c")] == rows
+
+
 def _unfinished_run(root, levels, labels, *, finished, started=(), sigmas=None):
     """A run stopped part-way: every count of the ``finished`` images, and for the ``started`` ones only
     the selection counts at the first σ; its manifest names the run's σ and image count."""

@@ -99,7 +99,7 @@ def test_analyze_recomputes_the_reported_table(demo, capsys):
     assert set(job_table[2:]) <= set(analyzed[2:]) and len(job_table) > 10
 
 
-def test_sweep_from_counts_reproduces_the_stored_cascade_certificates(demo):
+def test_sweep_from_counts_reproduces_the_stored_cascade_and_certify_certificates(demo):
     run = demo / "dds"
     assert cli(["sweep", str(run), "--p0", "0.5:0.8:0.3", "--policy", "strict"]) == 0
     sweep_dir = sorted((run / "sweeps").iterdir())[-1]
@@ -112,3 +112,9 @@ def test_sweep_from_counts_reproduces_the_stored_cascade_certificates(demo):
         assert a.num_rows == b.num_rows == 24
         assert np.array_equal(a["prediction"].to_numpy()[ia], b["prediction"].to_numpy()[ib])
         assert np.array_equal(a["radius"].to_numpy()[ia], b["radius"].to_numpy()[ib])
+    for sigma in (0.25, 0.5, 1.0):  # each σ's CERTIFY at the run's α, recomputed by the sweep, is the stored one
+        certify_rows = pc.field("method").cast("string") == "certify"
+        a = stored.filter(certify_rows & (pc.field("sigma") == sigma)).sort_by("image_id")
+        b = swept.filter(certify_rows & (pc.field("sigma") == sigma)).sort_by("image_id")
+        assert a.num_rows == b.num_rows == 24
+        assert a["prediction"].to_pylist() == b["prediction"].to_pylist() and a["radius"] == b["radius"]
