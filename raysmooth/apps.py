@@ -376,7 +376,7 @@ def sweep_report(cfg: SweepCfg) -> int:
     settings = f"{result.settings} setting{'s' if result.settings != 1 else ''}"
     alphas = ", ".join(f"{a:g}" for a in sorted(set(result.table.column("alpha").to_pylist())))
     print(
-        f"\n{settings} (α = {alphas}, {cfg.policy}) × {result.images} images from stored counts in "
+        f"\n{settings} (α = {alphas}, {result.policy}) × {result.images} images from stored counts in "
         f"{result.seconds:.2f} s",
         file=sys.stderr,
     )

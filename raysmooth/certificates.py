@@ -348,12 +348,12 @@ def sweep_certificates(
     view: CountsView, p0: Sequence[float], alphas: Sequence[float], policy: str, noise: NoiseInfo | None = None
 ) -> pa.Table:
     """Each σ's CERTIFY at every α, and the cascade at every (α, p0) of a grid (the counts are summarised
-    once): an α the run was not certified at is answered from its counts too, never by sampling again."""
-    if len(view.levels) < 2:
-        raise StoreError(f"a p0 sweep needs counts at two or more σ; this run has σ = {view.sigmas}")
+    once): an α the run was not certified at is answered from its counts too, never by sampling again.
+    A run of one σ has no cascade: its sweep is over α alone."""
     noise = noise or NoiseInfo({}, {})
     single = [derive_certificates(view, alpha=a, methods=("certify",), noise=noise) for a in alphas]
-    return _table(single + _cascade_rows(view, p0, alphas, (policy,), noise))
+    cascade = _cascade_rows(view, p0, alphas, (policy,), noise) if len(view.levels) >= 2 else []
+    return _table(single + cascade)
 
 
 # ---- what a resumed run finds ---------------------------------------------------------------------
@@ -420,6 +420,7 @@ class SweepResult:
     seconds: float
     run_images: int | None = None  # the images the run was started on (its manifest)
     partial: int = 0  # images with only some of their counts, left out
+    policy: str = "strict"  # the cascade's; "one σ, no cascade" for a run of one σ
 
 
 def complete_images(table: pa.Table, sigmas: Sequence[float] | None = None) -> tuple[pa.Table, int]:
@@ -477,9 +478,12 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     # One setting per distinct value: a repeated α or p0 would pool its rows twice into one summary.
     alphas, p0 = sorted({float(a) for a in alphas}), np.unique(np.asarray(p0, dtype=np.float64))
     view = counts_view(counts, sigmas=sigmas)
+    cascade = len(view.levels) >= 2
+    if not cascade:  # one σ: the thresholds and the policy sweep nothing, α alone is swept
+        p0 = np.array([])
     table = sweep_certificates(view, p0, alphas, policy, noise_info(store.manifest, store.manifest_path))
     elapsed = time.perf_counter() - started
-    params = {"p0": [float(x) for x in p0], "alpha": list(alphas), "policy": policy}
+    params = {"p0": [float(x) for x in p0], "alpha": list(alphas), "policy": policy if cascade else None}
     out_dir = (
         store.root / "sweeps" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config_hash(params)[:8]}-{uuid.uuid4().hex[:4]}"
     )
@@ -490,7 +494,9 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     )
     run_images = store.manifest.get("images")
     run_images = run_images if isinstance(run_images, int) and not isinstance(run_images, bool) else None
-    return SweepResult(table, out_dir, len(p0) * len(alphas), len(view.image_ids), elapsed, run_images, partial)
+    settings = len(alphas) * max(len(p0), 1)  # one σ: α alone
+    shown = policy if cascade else "one σ, no cascade"
+    return SweepResult(table, out_dir, settings, len(view.image_ids), elapsed, run_images, partial, shown)
 
 
 # ---- sequential runs ------------------------------------------------------------------------------

@@ -211,6 +211,24 @@ def test_a_sweeps_rows_name_their_alpha_when_printed_and_when_analyzed(run_dir, 
     assert [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| c")] == rows
 
 
+def test_a_run_of_one_sigma_is_swept_over_alpha_alone(tmp_path, capsys):
+    """Cohen's setting, one σ per run: its α sweep was refused ('a p0 sweep needs counts at two or more σ')."""
+    import json
+
+    levels, _ = random_levels(np.random.default_rng(5), 40, [0.5], 10, concentration=0.15)
+    write_run(tmp_path / "run", levels, np.zeros(40, np.int64), alpha=0.001)
+    assert main(["sweep", str(tmp_path / "run"), "--alpha", "0.001,0.01"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 settings (α = 0.001, 0.01, one σ, no cascade)" in err and "cascade" not in out
+    folder = Path(err.split("sweep certificates: ")[1].strip())
+    assert json.loads((folder / "sweep.json").read_text())["p0"] == []
+    table = pq.read_table(next(folder.glob("part-*.parquet")))
+    for alpha in (0.001, 0.01):
+        rows = table.filter(pc.field("alpha") == alpha).sort_by("image_id")
+        expect = certify(levels[0].selection, levels[0].estimation, 0.5, alpha)
+        assert np.array_equal(rows.column("prediction").to_numpy(), expect.prediction)
+
+
 def _unfinished_run(root, levels, labels, *, finished, started=(), sigmas=None):
     """A run stopped part-way: every count of the ``finished`` images, and for the ``started`` ones only
     the selection counts at the first σ; its manifest names the run's σ and image count."""
