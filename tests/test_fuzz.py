@@ -55,8 +55,8 @@ def _run_dir_cases(tmp: Path) -> list[tuple[str, Path]]:
     rng = np.random.default_rng(1)
     cases = []
 
-    def fresh(name, sigmas=(0.25, 0.5)):
-        levels, _ = random_levels(rng, 12, list(sigmas), 6)
+    def fresh(name):
+        levels, _ = random_levels(rng, 12, [0.25, 0.5], 6)
         store = write_run(tmp / name, levels, np.zeros(12, int))
         store.append_certificates(derive_certificates(counts_view(store.read_counts()), alpha=0.001))
         cases.append((name, tmp / name))
@@ -85,7 +85,6 @@ def _run_dir_cases(tmp: Path) -> list[tuple[str, Path]]:
     d = fresh("counts_empty")
     for p in (d / "counts").glob("part-*.parquet"):
         p.unlink()
-    fresh("one_sigma", sigmas=(0.5,))
     d = fresh("mixed_runs")
     other = write_run(tmp / "other", random_levels(rng, 12, [0.25, 0.5], 6)[0], np.zeros(12, int), config={"other": 1})
     for p in (other.root / "counts").glob("part-*.parquet"):
@@ -121,7 +120,6 @@ def test_analyze_and_sweep_refuse_every_damaged_run_directory_in_one_line(tmp_pa
             "counts_random_bytes",
             "counts_foreign_schema",
             "counts_empty",
-            "one_sigma",
             "mixed_runs",
         ) or name.startswith(("manifest_sigmas", "manifest_noise")):
             # analyze reads only the certificates, which are intact here; the counts are the sweep's business
