@@ -303,8 +303,11 @@ def _sweep_instead(out: Path, identity: dict) -> str | None:
         return None
     p0 = ",".join(f"{p:g}" for p in smoothing["p0"])
     first, *others = smoothing["policies"]
-    sweep = f"raysmooth sweep {shlex.quote(str(out))} --alpha {smoothing['alpha']:g} --p0 {p0} --policy {first}"
-    also = "".join(f" (and --policy {p})" for p in others)
+    sweep = f"raysmooth sweep {shlex.quote(str(out))} --alpha {smoothing['alpha']:g}"
+    also = ""
+    if len(smoothing["sigmas"]) > 1:  # one σ has no cascade: its sweep is over α alone
+        sweep += f" --p0 {p0} --policy {first}"
+        also = "".join(f" (and --policy {p})" for p in others)
     return (
         f"α, p0 and the policy do not change a full run's counts, so nothing needs sampling again: {sweep}{also} "
         "certifies from the stored ones (or certify into a new out)"

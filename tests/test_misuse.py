@@ -725,6 +725,7 @@ def test_a_full_disk_is_one_line_that_keeps_the_stored_rows_and_says_how_to_resu
         ),
         (["smoothing.n=400"], None),  # other counts: nothing to sweep
         (["smoothing.alpha=0.01", "smoothing.n=400"], None),
+        (["smoothing.sigmas=[0.5]", "smoothing.alpha=0.01"], "raysmooth sweep {out} --alpha 0.01 certifies"),  # one σ
     ],
 )
 def test_a_full_run_asked_again_at_another_alpha_or_p0_is_pointed_at_the_sweep(tmp_path, changed, hint):
@@ -733,7 +734,7 @@ def test_a_full_run_asked_again_at_another_alpha_or_p0_is_pointed_at_the_sweep(t
     from raysmooth import runner
     from raysmooth.config import compose
 
-    base = ["data=synthetic", "model=linear", f"out={tmp_path}"]
+    base = ["data=synthetic", "model=linear", f"out={tmp_path}", *[c for c in changed if "sigmas" in c]]
     with runner._run_store(tmp_path / "linear", compose("certify", base)) as store:
         store.commit_manifest()
     with pytest.raises(StoreError, match="another config") as info:
