@@ -374,7 +374,7 @@ def sweep_report(cfg: SweepCfg) -> int:
         )
     print(format_markdown(curves_from_certificates(result.table, with_alpha=True), cfg.radii))
     settings = f"{result.settings} setting{'s' if result.settings != 1 else ''}"
-    alphas = ", ".join(f"{a:g}" for a in sorted(set(result.table.column("alpha").to_pylist())))
+    alphas = ", ".join(f"{a:g}" for a in result.alphas)
     print(
         f"\n{settings} (α = {alphas}, {result.policy}) × {result.images} images from stored counts in "
         f"{result.seconds:.2f} s",

@@ -421,6 +421,7 @@ class SweepResult:
     run_images: int | None = None  # the images the run was started on (its manifest)
     partial: int = 0  # images with only some of their counts, left out
     policy: str = "strict"  # the cascade's; "one σ, no cascade" for a run of one σ
+    alphas: Sequence[float] = ()  # the α swept
 
 
 def complete_images(table: pa.Table, sigmas: Sequence[float] | None = None) -> tuple[pa.Table, int]:
@@ -496,7 +497,7 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     run_images = run_images if isinstance(run_images, int) and not isinstance(run_images, bool) else None
     settings = len(alphas) * max(len(p0), 1)  # one σ: α alone
     shown = policy if cascade else "one σ, no cascade"
-    return SweepResult(table, out_dir, settings, len(view.image_ids), elapsed, run_images, partial, shown)
+    return SweepResult(table, out_dir, settings, len(view.image_ids), elapsed, run_images, partial, shown, alphas)
 
 
 # ---- sequential runs ------------------------------------------------------------------------------

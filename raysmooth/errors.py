@@ -27,6 +27,7 @@ __all__ = [
     "naming",
     "logits_hint",
     "whole_number",
+    "finite_number",
     "check_keys",
 ]
 
@@ -136,6 +137,16 @@ def whole_number(name: str, value: object, minimum: int | None = 1, error: type[
         least = "" if minimum is None else f" of at least {minimum}"
         raise error(f"{name} must be a whole number{least}, got {value!r}")
     return whole
+
+
+def finite_number(name: str, value: object, error: type[RaySmoothError] = InputError) -> float:
+    """``value`` as a float when it is a finite real number (not text, None, a bool, NaN or inf): a config
+    value YAML handed over as text is refused rather than failing later inside a comparison."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise error(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def pixel_size(value: object) -> tuple[int, int] | None:

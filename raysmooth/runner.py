@@ -40,7 +40,7 @@ from .config import (
 )
 from .data import fingerprint, load_test_set
 from .errors import InputError, ModelLoadError
-from .store import COMPACT_ABOVE, RunStore, StoreError
+from .store import COMPACT_ABOVE, RunStore
 
 __all__ = ["certify", "CertifyResult", "report", "run_noise", "engine_settings"]
 
@@ -275,22 +275,18 @@ def _run_store(out: Path, cfg: CertifyCfg) -> RunStore:
     """The run directory for ``cfg``'s counts; a refused resume names the keys as the user sets them, and
     says when a sweep of the stored counts answers what was asked."""
     identity = counts_relevant_config(cfg)
-    try:
-        return RunStore.for_run(out, identity, names=IDENTITY_NAMES, absent=IDENTITY_ABSENT)
-    except StoreError as exc:
-        if (hint := _sweep_instead(out, identity)) is None:
-            raise
-        refusal = str(exc).split("; use a new output directory")[0]
-        raise StoreError(f"{refusal}: {hint}") from None
+    return RunStore.for_run(
+        out,
+        identity,
+        names=IDENTITY_NAMES,
+        absent=IDENTITY_ABSENT,
+        advice=functools.partial(_sweep_instead, out, identity),
+    )
 
 
-def _sweep_instead(out: Path, identity: dict) -> str | None:
+def _sweep_instead(out: Path, identity: dict, stored: dict) -> str | None:
     """A full run asked again at another α, p0 or policy needs no new samples: the sweep command that
-    answers it from the stored counts, else None."""
-    try:
-        stored = dict(RunStore.open(out).manifest.get("config") or {})
-    except (OSError, ValueError, StoreError):
-        return None
+    answers it from the stored counts (``stored``: the run's config), else None."""
     if not isinstance(stored.get("smoothing"), dict):
         return None
 

@@ -25,7 +25,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,11 +436,13 @@ class RunStore:
         lock: bool = True,
         names: Mapping[str, str] | None = None,
         absent: Mapping[str, Any] | None = None,
+        advice: Callable[[dict], str | None] | None = None,
     ) -> RunStore:
         """Take the run directory for a run of ``config``: lock it, refuse another config's run or a
         foreign folder, and clear staging files a crash left behind. A new run's manifest is written
         by ``commit_manifest`` once the run has really started. ``names`` and ``absent`` word a refusal
-        in the caller's terms (``config_differences``)."""
+        in the caller's terms (``config_differences``); ``advice``, given the stored config, may say what
+        to do instead of the refusal's usual advice."""
         root = Path(root)
         digest = config_hash(config)
         if root.exists() and not root.is_dir():
@@ -455,9 +457,11 @@ class RunStore:
                 if store.manifest.get("config_hash") != digest:
                     changed = config_differences(store.manifest.get("config"), config, names=names, absent=absent)
                     what = changed or f"hash {store.manifest.get('config_hash')}, this one {digest}"
+                    stored = store.manifest.get("config")
+                    instead = advice(stored) if advice and isinstance(stored, dict) else None
                     raise StoreError(
-                        f"{root} holds a run of another config ({what}); use a new output directory, or the same "
-                        "config to resume"
+                        f"{root} holds a run of another config ({what}); "
+                        + (instead or "use a new output directory, or the same config to resume")
                     )
             elif any(p for p in root.iterdir() if not p.name.startswith((".", "_"))):
                 raise StoreError(f"{root} is not empty and is not a raysmooth run directory")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, one_line, whole_number
+from ..errors import ConfigError, finite_number, one_line, whole_number
 from .classifier import ClassifierConfig, NormalizedClassifier, load_classifier
 from .denoiser import DenoiserConfig, DiffusionDenoiser, load_denoiser
 from .onestep import NoiseConditionedClassifier, OneStepConfig, load_onestep
@@ -303,8 +303,8 @@ def linear(input_shape, weight=None, bias=None, num_classes: int = 10, seed: int
     if weight is None:
         num_classes = whole_number("model.options.num_classes", num_classes, minimum=2, error=ConfigError)
         seed = whole_number("model.options.seed", seed, minimum=0, error=ConfigError)
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ConfigError(f"model.options.scale must be a positive number, got {scale!r}")  # 0: class 0 always
+        if not finite_number("model.options.scale", scale, error=ConfigError) > 0:  # 0: class 0 for every input
+            raise ConfigError(f"model.options.scale must be a positive number, got {scale!r}")
         rng = np.random.default_rng(seed)
         weight = scale * rng.standard_normal((num_classes, int(np.prod(shape)))) / np.sqrt(np.prod(shape))
         bias = -weight @ np.full(int(np.prod(shape)), 0.5) if bias is None else bias

@@ -7,7 +7,6 @@ denoiser maps z ↦ u = 2z − 1, scales by √ᾱ_{t*} and predicts x̂₀ — 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError, check_keys, whole_number
+from ..errors import ConfigError, ModelLoadError, check_keys, finite_number, whole_number
 from .checkpoints import folder_kind, load_state_dict_file, load_strict
 from .schedule import noise_ratio, schedule_from_config
 
@@ -61,7 +60,8 @@ class DiffusionDenoiser(nn.Module):
     ):
         super().__init__()
         steps = whole_number("model.denoiser.steps", steps, error=ConfigError)  # 2.5 would run 2, unsaid
-        eta, timestep_scale = _number("eta", eta), _number("timestep_scale", timestep_scale)
+        eta = finite_number("model.denoiser.eta", eta, error=ConfigError)
+        timestep_scale = finite_number("model.denoiser.timestep_scale", timestep_scale, error=ConfigError)
         if not 0.0 <= eta <= 1.0:
             raise ConfigError(f"model.denoiser.eta must lie in [0, 1], got {eta}")
         if not timestep_scale > 0:  # t·scale is the UNet's time input
@@ -126,17 +126,6 @@ class DiffusionDenoiser(nn.Module):
             t = t_next
             x0 = self._x0(x_t, t)
         return ((x0 + 1.0) / 2.0).to(z.dtype)  # float32 math inside; the caller's dtype out
-
-
-def _number(key: str, value: Any) -> float:
-    """A finite float from a config value (YAML may hand over text or null)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not math.isfinite(number) or isinstance(value, bool):
-        raise ConfigError(f"model.denoiser.{key} must be a finite number, got {value!r}")
-    return number
 
 
 def _scheduler_config(cfg: DenoiserConfig) -> dict[str, Any]:
