@@ -11,8 +11,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
-	@# pip compiles what it installs on one core; compileall writes the same bytecode on every core (about a
-	@# quarter of the install on 2 cores: 92 s, not 124). Files no Python 3 compiles (a few ship them) are skipped, as pip does.
+	@# pip compiles what it installs on one core; compileall writes the same bytecode on every core. Files no
+	@# Python 3 compiles (a few packages ship them) are skipped, as pip skips them.
 	$(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
 		> /dev/null || true
 	touch $(STAMP)
