@@ -647,6 +647,10 @@ def validate_certify(cfg: CertifyCfg) -> None:
         da.indices is None or min(da.indices) >= 0,
         f"must be image indices (0 or more), got {da.indices}",
     )
+    repeated = sorted(i for i, k in Counter(da.indices or []).items() if k > 1)
+    _check(
+        "data.indices", not repeated, f"lists {', '.join(map(str, repeated[:3]))} more than once: name each image once"
+    )
     check_names(da)
     _check(
         "data.max_images",

@@ -39,7 +39,7 @@ from .config import (
     resolve_model_paths,
 )
 from .data import fingerprint, load_test_set
-from .errors import InputError, ModelLoadError
+from .errors import ConfigError, InputError, ModelLoadError
 from .store import COMPACT_ABOVE, RunStore
 
 __all__ = ["certify", "CertifyResult", "report", "run_noise", "engine_settings"]
@@ -103,6 +103,12 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
     data = load_test_set(cfg.data)
     if len(data) == 0:
         raise InputError("the test set is empty after subsampling")
+    shape = tuple(int(s) for s in data.images.shape[1:])
+    if shape != tuple(cfg.model.input_shape):  # said before the replicas start (seconds to minutes each)
+        raise ConfigError(
+            f"model.input_shape is {list(cfg.model.input_shape)} but data={cfg.data.name} gives images of "
+            f"(C, H, W) = {shape}: set model.input_shape={list(shape)} if the model takes them, or choose its data"
+        )
     model = resolve_model_paths(cfg.model)
     out = Path(cfg.out).expanduser().resolve() / cfg.model.name
     sigmas = sorted(float(s) for s in sm.sigmas)  # index order = ascending σ: the cascade walks it down

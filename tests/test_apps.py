@@ -204,6 +204,21 @@ def test_indices_and_max_images_together_are_refused_not_one_silently_ignored():
         compose("certify", ["data.indices=[3,4,5]", "data.max_images=2"])
 
 
+def test_images_of_another_shape_than_the_model_input_shape_are_refused_before_replicas_start(
+    tmp_path, monkeypatch, capsys
+):
+    """Found by hand: the mismatch was found only after every replica had loaded its models."""
+    import raysmooth.distributed
+
+    def no_replicas(*args, **kwargs):
+        raise AssertionError("replicas started")
+
+    monkeypatch.setattr(raysmooth.distributed, "start_replicas", no_replicas)
+    assert certify_main(["model=linear", "model.input_shape=[1,16,16]", f"out={tmp_path}", "plot=false"]) == 2
+    err = capsys.readouterr().err
+    assert "model.input_shape is [1, 16, 16] but data=digits gives images of (C, H, W) = (1, 8, 8)" in err
+
+
 def test_statistics_commands_never_import_torch(tmp_path):
     levels, _ = random_levels(np.random.default_rng(0), 10, [0.25, 0.5], 10)
     write_run(tmp_path / "run", levels, np.zeros(10, int))

@@ -188,6 +188,7 @@ def test_the_job_prints_one_line_and_exits_2_on_a_config_mistake(capsys):
         ("data.split=validation", "data.split must be train or test for digits, got 'validation'"),
         ("+data.options.num_imags=3", r"data.options: digits takes no 'num_imags' \(it takes no options\)"),
         ("data.indices=[3,-1]", r"data.indices must be image indices \(0 or more\)"),
+        ("data.indices=[0,5,0]", "data.indices lists 0 more than once"),
     ],
 )
 def test_a_data_mistake_is_refused_before_hydra_makes_a_folder_or_a_model_starts(override, says, tmp_path, capsys):

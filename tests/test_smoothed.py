@@ -189,6 +189,16 @@ def test_colour_images_into_a_greyscale_denoiser_are_one_config_error():
         Smoothed(colour, 0.25, denoiser=str(EMBEDDED / "denoiser"), input_shape=(3, 8, 8))
 
 
+@pytest.mark.parametrize("folder", ["onestep", "classifier"])
+def test_colour_images_into_a_greyscale_model_folder_are_one_error_and_the_next_right_image_certifies(folder):
+    """Found by hand: a one-step or classifier folder declares in_chans, yet 3-channel images reached
+    the network and failed inside the first batch as a convolution error about 4 channels."""
+    smoothed = Smoothed(str(EMBEDDED / folder), 0.25, progress=False)
+    with pytest.raises(ConfigError, match=r"classifier .*takes 1-channel images but the input shape is \(3, 8, 8\)"):
+        smoothed.certify(np.zeros((3, 8, 8), np.float32), 5, 20)
+    assert smoothed.certify(np.zeros((1, 8, 8), np.float32), 5, 20).counts.sum() == 20
+
+
 def test_a_model_folder_certifies_like_the_module_it_holds(tmp_path):
     cfg = ClassifierConfig(
         name="resnet18",

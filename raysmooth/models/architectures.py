@@ -63,7 +63,9 @@ def paper_pair(name: str, device: str | torch.device = "cpu", seed: int = 0) -> 
         model_id=f"adm-{spec['adm']} (random)",
     )
     contract = InputContract(tuple(clf_cfg.input_size), clf_cfg.interpolation, clf_cfg.mean, clf_cfg.std)
-    classifier = NormalizedClassifier(model, contract, clf_cfg.num_classes, model_id=f"{clf_cfg.name} (random)")
+    classifier = NormalizedClassifier(
+        model, contract, clf_cfg.num_classes, model_id=f"{clf_cfg.name} (random)", in_channels=clf_cfg.in_chans
+    )
     return DenoiseThenClassify(denoiser, classifier, spec["input_shape"]).to(device)
 
 

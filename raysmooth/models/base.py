@@ -147,6 +147,7 @@ class PlainBase(BaseClassifier):
 
     def __init__(self, classifier: NormalizedClassifier, input_shape: tuple[int, int, int]):
         super().__init__()
+        _check_channels(input_shape, classifier)
         self.classifier = classifier
         self.num_classes = classifier.num_classes
         self.input_shape = tuple(input_shape)
@@ -155,14 +156,18 @@ class PlainBase(BaseClassifier):
         return self.classifier(z)
 
 
-def _check_channels(denoiser: DiffusionDenoiser, input_shape: Sequence[int]) -> None:
-    """A denoiser sees the images themselves: their channels must be its channels (3-channel images into
-    a greyscale denoiser was a convolution error from inside the first batch)."""
-    if int(input_shape[0]) != denoiser.in_channels:
-        raise ConfigError(
-            f"the denoiser {denoiser.model_id or ''} takes {denoiser.in_channels}-channel images but the input "
-            f"shape is {tuple(input_shape)} (C, H, W)"
-        )
+def _check_channels(input_shape: Sequence[int], *modules: nn.Module) -> None:
+    """The images' channels must be those each model was built for (3-channel images into a greyscale
+    denoiser or classifier was a convolution error from inside the first batch). A module that does not
+    say (a user's own, wrapped by the adapter) is not checked."""
+    for module in modules:
+        channels = getattr(module, "in_channels", None)
+        if channels is not None and int(input_shape[0]) != int(channels):
+            kind = "denoiser" if isinstance(module, DiffusionDenoiser) else "classifier"
+            raise ConfigError(
+                f"the {kind} {getattr(module, 'model_id', '') or ''} takes {channels}-channel images but the "
+                f"input shape is {tuple(input_shape)} (C, H, W)"
+            )
 
 
 class DenoiseThenClassify(BaseClassifier):
@@ -172,7 +177,7 @@ class DenoiseThenClassify(BaseClassifier):
         self, denoiser: DiffusionDenoiser, classifier: NormalizedClassifier, input_shape: tuple[int, int, int]
     ):
         super().__init__()
-        _check_channels(denoiser, input_shape)
+        _check_channels(input_shape, denoiser, classifier)
         self.denoiser = denoiser
         self.classifier = classifier
         self.num_classes = classifier.num_classes
@@ -204,7 +209,7 @@ class DiffSmoothBase(BaseClassifier):
         local_seed = whole_number("model.options.local_seed", local_seed, minimum=None, error=ConfigError)
         if not (isinstance(local_sigma, (int, float)) and math.isfinite(local_sigma) and local_sigma >= 0):
             raise ConfigError(f"model.options.local_sigma must be a finite number >= 0, got {local_sigma!r}")
-        _check_channels(denoiser, input_shape)
+        _check_channels(input_shape, denoiser, classifier)
         self.denoiser = denoiser
         self.classifier = classifier
         self.num_classes = classifier.num_classes
@@ -227,6 +232,7 @@ class OneStepBase(BaseClassifier):
 
     def __init__(self, model: NoiseConditionedClassifier, input_shape: tuple[int, int, int]):
         super().__init__()
+        _check_channels(input_shape, model)
         self.model = model
         self.num_classes = model.num_classes
         self.input_shape = tuple(input_shape)

@@ -63,7 +63,14 @@ class InputContract:
 class NormalizedClassifier(nn.Module):
     """Resize and normalise images in [0,1], then classify: returns logits."""
 
-    def __init__(self, model: nn.Module, contract: InputContract, num_classes: int, model_id: str = "classifier"):
+    def __init__(
+        self,
+        model: nn.Module,
+        contract: InputContract,
+        num_classes: int,
+        model_id: str = "classifier",
+        in_channels: int | None = None,
+    ):
         super().__init__()
         # Statistics of images in [0, 1]: a mean above 1 or a std above 1 is a contract in 0-255 units,
         # which would feed the model inputs ~255x too large with no error (silently wrong accuracy).
@@ -77,6 +84,7 @@ class NormalizedClassifier(nn.Module):
         self.contract = contract
         self.num_classes = num_classes
         self.model_id = model_id
+        self.in_channels = in_channels  # the images' channels the model was built for (None: not known)
         self.register_buffer("mean", torch.tensor(contract.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(contract.std).view(1, -1, 1, 1), persistent=False)
 
@@ -172,7 +180,11 @@ def load_classifier(cfg: ClassifierConfig | dict) -> NormalizedClassifier:
         raise ModelLoadError(f"classifier.checkpoint_format must be timm or hf_vit, got {cfg.checkpoint_format!r}")
     model.eval().requires_grad_(False)
     return NormalizedClassifier(
-        model, contract_for(model, cfg), cfg.num_classes, model_id=cfg.path or cfg.checkpoint or cfg.name
+        model,
+        contract_for(model, cfg),
+        cfg.num_classes,
+        model_id=cfg.path or cfg.checkpoint or cfg.name,
+        in_channels=cfg.in_chans,
     )
 
 

@@ -41,11 +41,12 @@ def noise_level_channel(sigma: torch.Tensor) -> torch.Tensor:
 class NoiseConditionedClassifier(nn.Module):
     """logits = model([ (2z−1), c(σ) ]) for a noisy image z in [0,1] and its σ."""
 
-    def __init__(self, model: nn.Module, num_classes: int, model_id: str = "onestep"):
+    def __init__(self, model: nn.Module, num_classes: int, model_id: str = "onestep", in_channels: int | None = None):
         super().__init__()
         self.model = model
         self.num_classes = num_classes
         self.model_id = model_id
+        self.in_channels = in_channels  # of the images, without the σ channel (None: not known)
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         cond = noise_level_channel(sigma).to(z.dtype).view(-1, 1, 1, 1).expand(-1, 1, *z.shape[-2:])
@@ -58,7 +59,9 @@ def build_onestep(cfg: OneStepConfig) -> NoiseConditionedClassifier:
             name=cfg.name, num_classes=cfg.num_classes, in_chans=cfg.in_chans + 1, model_kwargs=cfg.model_kwargs
         )
     )
-    return NoiseConditionedClassifier(model, cfg.num_classes, model_id=cfg.path or cfg.checkpoint or cfg.name)
+    return NoiseConditionedClassifier(
+        model, cfg.num_classes, model_id=cfg.path or cfg.checkpoint or cfg.name, in_channels=cfg.in_chans
+    )
 
 
 def save_onestep(net: NoiseConditionedClassifier, cfg: OneStepConfig, folder, card: dict | None = None):
