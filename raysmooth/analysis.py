@@ -267,7 +267,7 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
     """Curves from a run directory, a sweep directory or a reference-format TSV file."""
     path = Path(path)
     if not path.exists():
-        raise AnalysisError(f"{path}: no such file or directory")
+        raise AnalysisError(f"{path}: no such file or directory{RunStore.missing_hint(path)}")
     if path.is_file() and path.suffix == ".parquet":  # one part of a table: a run's rows span many
         run = path.parent.parent
         inside = (

@@ -500,13 +500,26 @@ class RunStore:
         return manifest
 
     @classmethod
+    def runs_in(cls, folder: Path) -> list[str]:
+        """The names of the run directories directly inside ``folder`` (an ``out`` of several models)."""
+        folder = Path(folder)
+        return sorted(d.name for d in folder.iterdir() if (d / cls.MANIFEST).is_file()) if folder.is_dir() else []
+
+    @classmethod
+    def missing_hint(cls, path: Path) -> str:
+        """For a path that does not exist: the runs beside it, since a run is named for ``model.name``
+        (dds), not for the config chosen with ``model=`` (toy_dds), which is what users type."""
+        runs = cls.runs_in(Path(path).parent)
+        return f"; {Path(path).parent} holds the runs {', '.join(runs)} (named for model.name)" if runs else ""
+
+    @classmethod
     def open(cls, root: Path | str) -> RunStore:
         root = Path(root).expanduser()  # run_dir="~/runs/x", quoted so that no shell expanded it
         path = root / cls.MANIFEST
         if not root.is_dir():
-            raise StoreError(f"{root}: no such run directory")
+            raise StoreError(f"{root}: no such run directory{cls.missing_hint(root)}")
         if not path.is_file():
-            runs = sorted(d.name for d in root.iterdir() if (d / cls.MANIFEST).is_file())
+            runs = cls.runs_in(root)
             inside = next((p for p in root.parents if (p / cls.MANIFEST).is_file()), None)
             hint = ""
             if runs:

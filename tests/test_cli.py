@@ -325,6 +325,11 @@ def test_sweep_of_a_folder_of_runs_or_of_a_folder_inside_a_run_names_the_run_to_
     assert f"it holds the runs dds, onestep: name one ({tmp_path / 'dds'})" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "dds" / "counts"), "--p0", "0.5"]) == 2
     assert f"it is inside the run {tmp_path / 'dds'}" in capsys.readouterr().err
+    # found by hand: model=toy_dds writes its run to OUT/dds (model.name), and OUT/toy_dds is what users try
+    assert main(["sweep", str(tmp_path / "toy_dds"), "--p0", "0.5"]) == 2
+    assert f"no such run directory; {tmp_path} holds the runs dds, onestep" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "toy_dds")]) == 2
+    assert f"no such file or directory; {tmp_path} holds the runs dds, onestep" in capsys.readouterr().err
 
 
 def test_the_console_script_prints_no_traceback_for_a_user_mistake(tmp_path):
