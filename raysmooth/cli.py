@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     what = "certified accuracy, ACR and abstention of runs or reference TSV files"
     p = sub.add_parser("analyze", help=what, description=_sentence(what) + ", as a table (and a plot).")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="run directory, sweep directory or certify TSV")
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="run directory, folder of runs, sweep directory or certify TSV"
+    )
     p.add_argument("--radii", help="comma-separated radii (default 0,0.25,...,2)")
     p.add_argument(
         "--format",

@@ -140,6 +140,25 @@ def test_analyze_tells_apart_runs_of_one_name_and_reads_a_path_given_twice_once(
     assert all(f"| {len(labels)} |" in r for r in rows)
 
 
+def test_analyze_of_a_multirun_folder_shows_every_run_by_its_path_below_it(run_dir, tmp_path, capsys):
+    """Found by hand: `certify -m` writes OUT/<override>/<model> per value, and analyze OUT found nothing."""
+    import shutil
+
+    from raysmooth.certificates import counts_view, derive_certificates
+    from raysmooth.store import RunStore
+
+    root, _, labels = run_dir
+    store = RunStore.open(root)
+    if store.read_certificates().num_rows == 0:
+        store.append_certificates(derive_certificates(counts_view(store.read_counts()), alpha=0.001))
+    for value in ("smoothing.seed=1", "smoothing.seed=2"):
+        shutil.copytree(root, tmp_path / value / "dds", ignore=shutil.ignore_patterns("sweeps", ".lock"))
+    (tmp_path / ".hydra" / "multirun").mkdir(parents=True)
+    assert main(["analyze", str(tmp_path)]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if "certify σ=0.25" in ln]
+    assert [r.split(": ")[0].strip("| ") for r in rows] == ["smoothing.seed=1/dds", "smoothing.seed=2/dds"]
+
+
 def test_analyze_of_a_table_inside_a_run_points_at_the_run_not_at_a_damaged_file(run_dir, capsys):
     root, _, _ = run_dir
     assert main(["analyze", str(root / "counts")]) == 2
