@@ -263,19 +263,6 @@ def _read_tsv(path: Path) -> Curve:
     return Curve(path.stem, radius, correct.astype(bool) & (predict >= 0), predict < 0)
 
 
-def _runs_below(folder: Path) -> list[Path]:
-    """The run directories in ``folder`` or one level further down (hydra's records folders skipped)."""
-    runs = []
-    for d in sorted(folder.iterdir()):
-        if not d.is_dir() or d.name.startswith("."):
-            continue
-        if (d / RunStore.MANIFEST).is_file():
-            runs.append(d)
-        else:
-            runs += [r for r in sorted(d.iterdir()) if r.is_dir() and (r / RunStore.MANIFEST).is_file()]
-    return runs
-
-
 def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
     """Curves from a run directory, a sweep directory or a reference-format TSV file."""
     path = Path(path)
@@ -298,7 +285,7 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
     if (path / RunStore.MANIFEST).is_file():
         table = RunStore.open(path).read_certificates()
         where = f"{path}/certificates"
-    elif not any(path.glob("part-*.parquet")) and (runs := _runs_below(path)):
+    elif not any(path.glob("part-*.parquet")) and (runs := RunStore.runs_below(path)):
         # A folder of runs, as `raysmooth certify` writes one per model (and `certify -m` one such folder
         # per value): every run, prefixed by its path below the folder.
         return [c for d in runs for c in load_curves(d, f"{prefix}{d.relative_to(path).as_posix()}: ")]

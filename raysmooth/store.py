@@ -353,6 +353,11 @@ def compact_table(
     return new
 
 
+def _some(names: list[str], shown: int = 6) -> str:
+    """A list for one line: the first few names, and how many in all when there are more."""
+    return ", ".join(names[:shown]) + (f" … ({len(names)} in all)" if len(names) > shown else "")
+
+
 class FolderLock:
     """An exclusive ``flock`` on FOLDER/.lock that says who holds it: the kernel releases it when the holding
     process ends, however it ends, so a crash never leaves the folder stuck. One writer per folder: two
@@ -500,17 +505,26 @@ class RunStore:
         return manifest
 
     @classmethod
-    def runs_in(cls, folder: Path) -> list[str]:
-        """The names of the run directories directly inside ``folder`` (an ``out`` of several models)."""
-        folder = Path(folder)
-        return sorted(d.name for d in folder.iterdir() if (d / cls.MANIFEST).is_file()) if folder.is_dir() else []
+    def runs_below(cls, folder: Path) -> list[Path]:
+        """The run directories in ``folder`` (an ``out`` of several models) or one level further down
+        (``certify -m`` writes such a folder per value); hidden folders (hydra's records) are skipped."""
+        folder, runs = Path(folder), []
+        for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            if (d / cls.MANIFEST).is_file():
+                runs.append(d)
+            else:
+                runs += [r for r in sorted(d.iterdir()) if r.is_dir() and (r / cls.MANIFEST).is_file()]
+        return runs
 
     @classmethod
     def missing_hint(cls, path: Path) -> str:
         """For a path that does not exist: the runs beside it, since a run is named for ``model.name``
         (dds), not for the config chosen with ``model=`` (toy_dds), which is what users type."""
-        runs = cls.runs_in(Path(path).parent)
-        return f"; {Path(path).parent} holds the runs {', '.join(runs)} (named for model.name)" if runs else ""
+        parent = Path(path).parent
+        runs = [r.relative_to(parent).as_posix() for r in cls.runs_below(parent)]
+        return f"; {parent} holds the runs {_some(runs)} (named for model.name)" if runs else ""
 
     @classmethod
     def open(cls, root: Path | str) -> RunStore:
@@ -519,11 +533,11 @@ class RunStore:
         if not root.is_dir():
             raise StoreError(f"{root}: no such run directory{cls.missing_hint(root)}")
         if not path.is_file():
-            runs = cls.runs_in(root)
+            runs = [r.relative_to(root).as_posix() for r in cls.runs_below(root)]
             inside = next((p for p in root.parents if (p / cls.MANIFEST).is_file()), None)
             hint = ""
             if runs:
-                hint = f"; it holds the runs {', '.join(runs)}: name one ({root / runs[0]})"
+                hint = f"; it holds the runs {_some(runs)}: name one ({root / runs[0]})"
             elif inside:
                 hint = f"; it is inside the run {inside}"
             raise StoreError(f"{root}: not a raysmooth run directory (no {cls.MANIFEST}){hint}")

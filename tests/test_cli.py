@@ -351,6 +351,16 @@ def test_sweep_of_a_folder_of_runs_or_of_a_folder_inside_a_run_names_the_run_to_
     assert f"no such file or directory; {tmp_path} holds the runs dds, onestep" in capsys.readouterr().err
 
 
+def test_sweep_of_a_multirun_folder_names_its_runs_and_a_long_list_is_cut(tmp_path, capsys):
+    levels, _ = random_levels(np.random.default_rng(4), 10, [0.25, 0.5], 10, concentration=0.15)
+    for seed in range(8):  # certify -m 'smoothing.seed=range(8)' writes OUT/smoothing.seed=K/dds
+        write_run(tmp_path / f"smoothing.seed={seed}" / "dds", levels, np.zeros(10, np.int64), alpha=0.001)
+    assert main(["sweep", str(tmp_path), "--p0", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "it holds the runs smoothing.seed=0/dds, smoothing.seed=1/dds," in err
+    assert f"… (8 in all): name one ({tmp_path / 'smoothing.seed=0' / 'dds'})" in err and err.count("\n") == 1
+
+
 def test_the_console_script_prints_no_traceback_for_a_user_mistake(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "raysmooth.cli", "analyze", str(tmp_path / "x.tsv")], capture_output=True, text=True
