@@ -648,6 +648,27 @@ def test_terminal_escape_codes_never_reach_our_messages(tmp_path):
     assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
 
 
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_pickle_would_run_a_command_is_refused_by_name_and_never_runs_it(tmp_path):
+    """Found by hand: torch 2.14 words a blocked function ("unsupported GLOBAL posix.system whose module
+    posix is blocked") unlike a class, and the refusal read as a damaged file."""
+    from raysmooth.errors import ModelLoadError
+    from raysmooth.models.checkpoints import load_state_dict_file
+
+    marker = tmp_path / "ran"
+    torch.save({"weight": _RunsACommand(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ModelLoadError, match=r"refused: the checkpoint holds a \S*system object.*arbitrary pickled"):
+        load_state_dict_file(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
 def test_convert_adm_has_no_image_size_option_that_could_not_work(capsys):
     with pytest.raises(SystemExit) as info:
         cli(["convert-adm", "in.pt", "out", "--preset", "cifar10", "--image-size", "64"])

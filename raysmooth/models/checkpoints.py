@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,18 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises its own error types
             raise ModelLoadError(f"{path}: not a valid safetensors file ({one_line(exc, 160)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle (not torch.save's) is refused below, in one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        found = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)", text)
+        found = re.search(  # torch's wordings: a class not allow-listed; a function of a blocked module
+            r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", text
+        )
         if found:
+            what = next(g for g in found.groups() if g)
             raise ModelLoadError(
-                f"{path}: refused: the checkpoint holds a {found.group(1) or found.group(2)} object, and loading "
+                f"{path}: refused: the checkpoint holds a {what} object, and loading "
                 "it would execute arbitrary pickled code; save only its tensors (a state dict), or convert it to "
                 "safetensors"
             ) from None
