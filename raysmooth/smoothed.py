@@ -236,8 +236,11 @@ class Smoothed:
         model_kwargs: Mapping[str, Any] | None = None,
         progress: bool = True,
     ):
-        try:
+        try:  # True would be σ = 1 and "0.25" a σ parsed from text: neither is a number given as one
             sigmas = [float(sigma)] if np.ndim(sigma) == 0 else [float(s) for s in np.ravel(sigma)]
+            given = sigma if isinstance(sigma, (list, tuple)) else [sigma]
+            if any(isinstance(s, (bool, np.bool_, str, bytes)) for s in given):
+                raise TypeError
         except (TypeError, ValueError):
             raise ConfigError(f"sigma must be a number or a list of numbers, got {sigma!r}") from None
         if not sigmas:

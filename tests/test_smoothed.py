@@ -335,6 +335,13 @@ def test_sigma_may_be_given_as_a_numpy_or_torch_number(sigma):
     assert len(smoothed.sigmas) == 1 and abs(smoothed.sigmas[0] - 0.1) < 1e-7
 
 
+@pytest.mark.parametrize("sigma", [True, "0.25", ["0.25", 0.5], b"0.5"])
+def test_a_sigma_given_as_a_bool_or_as_text_is_refused_not_read_as_a_number(sigma):
+    """Found by hand: sigma=True certified at σ = 1 and sigma="0.25" was parsed from text."""
+    with pytest.raises(ConfigError, match="sigma must be a number or a list of numbers"):
+        Smoothed(_linear_module(), sigma, input_shape=(1, 8, 8))
+
+
 @pytest.mark.parametrize("sigma", [np.float32(0.1), torch.tensor(0.1)])
 def test_a_float32_sigma_names_the_level_it_rounds(sigma):
     smoothed = Smoothed(_linear_module(), [0.1, 0.2], input_shape=(1, 8, 8))
