@@ -259,7 +259,7 @@ class Smoothed:
         if not fits_int64(self.seed):  # the job stores it as an int64: the same seed must name the same noise
             raise ConfigError(f"seed must fit in 64 bits, as the job stores it, got {self.seed}")
         self.chunk = whole_number("chunk", chunk, error=ConfigError)
-        for name, flag in (("compile", compile), ("channels_last", channels_last)):
+        for name, flag in (("compile", compile), ("channels_last", channels_last), ("progress", progress)):
             if not isinstance(flag, (bool, np.bool_)):  # bool("false") is True: a string would switch it on
                 raise ConfigError(f"{name} must be True or False, got {flag!r}")
         try:

@@ -258,6 +258,7 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": 0.5, "gelu": "tanh"}, InputError, r"^gelu must be one of native, epilogue, got 'tanh'"),
         ({"sigma": 0.5, "group_norm": "channels_last"}, InputError, r"^group_norm=channels_last needs compile=True"),
         ({"sigma": 0.5, "channels_last": "yes"}, ConfigError, "channels_last must be True or False"),
+        ({"sigma": 0.5, "progress": "off"}, ConfigError, "progress must be True or False"),
         ({"sigma": 0.5, "batch_size": 0}, InputError, r"^batch_size must be a positive integer or auto"),
         ({"sigma": 0.5, "compile": True, "compile_mode": "fast"}, InputError, "compile_mode must be one of"),
         ({"sigma": 0.5, "seed": 1.5}, ConfigError, "seed must be a whole number"),
