@@ -591,7 +591,8 @@ class Smoothed:
                 f"n_max={n_max:,} in units of unit={unit:,} is {n_max // unit:,} work units, more than the "
                 f"{MAX_CALL_UNITS:,} one call lists; raise unit or lower n_max"
             )
-        if not len(radii):  # the job refuses an empty grid too; [0] is the grid that asks only for a prediction
+        radii = _radius_grid(radii)
+        if not radii:  # the job refuses an empty grid too; [0] is the grid that asks only for a prediction
             raise ConfigError(
                 "radii is empty: give the radii to decide, e.g. radii=[0.25, 0.5] ([0]: certified at all)"
             )
@@ -607,7 +608,7 @@ class Smoothed:
                 alpha,
                 unit,
                 n_max,
-                list(radii),
+                radii,
                 applied,
                 ratio=look_ratio,
                 spending=alpha_spending,
@@ -703,6 +704,19 @@ class Smoothed:
             stats.Reason.NAMES[cert.reason[0]],
             sel,
         )
+
+
+def _radius_grid(radii: Any) -> list[float]:
+    """``radii`` as a list of floats, one number being a grid of one: radii="0.5" was read character by
+    character and radii=0.5 was a TypeError."""
+    values = [radii] if np.ndim(radii) == 0 and not isinstance(radii, (str, bytes)) else radii
+    problem = ConfigError(f"radii must be a list of numbers, e.g. radii=[0.25, 0.5], got {radii!r}")
+    if isinstance(values, (str, bytes)) or any(isinstance(r, (str, bytes, bool, np.bool_)) for r in values):
+        raise problem
+    try:
+        return [float(r) for r in values]
+    except (TypeError, ValueError):
+        raise problem from None
 
 
 def _check_alpha(alpha: float) -> None:

@@ -731,6 +731,9 @@ def test_a_sequential_schedule_of_more_units_than_a_call_lists_is_refused_before
     [
         ([], r"radii is empty: give the radii to decide"),  # was taken as [0]: stopped at the first certificate
         ([0.5, -1], r"the radius grid must hold non-negative numbers, got \[0.5, -1.0\]$"),  # as given, not with 0
+        ("0.5", r"radii must be a list of numbers, e.g. radii=\[0.25, 0.5\], got '0.5'"),  # was read per character
+        ([True], r"radii must be a list of numbers"),
+        (None, r"radii must be a list of numbers"),
     ],
 )
 def test_a_sequential_radius_grid_that_is_empty_or_negative_is_refused_before_sampling(monkeypatch, radii, says):
@@ -738,6 +741,14 @@ def test_a_sequential_radius_grid_that_is_empty_or_negative_is_refused_before_sa
     monkeypatch.setattr(smoothed, "_draw", lambda *a, **k: pytest.fail("sampled"))
     with pytest.raises(ConfigError, match=says):
         smoothed.certify_sequential([np.zeros((1, 8, 8), np.float32)], n0=5, n_max=1000, radii=radii)
+
+
+def test_one_radius_given_as_a_number_is_a_grid_of_one():
+    """radii=0.5 was a TypeError from len()."""
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8), progress=False)
+    x = [np.full((1, 8, 8), 0.5, np.float32)]
+    one, listed = (smoothed.certify_sequential(x, n0=5, n_max=1000, radii=r)[0] for r in (0.5, [0.5]))
+    assert (one.prediction, one.radius, one.n_used) == (listed.prediction, listed.radius, listed.n_used)
 
 
 def test_counts_in_a_phase_that_does_not_exist_is_a_config_error_not_a_bare_value_error():
