@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from .config import DEFAULT_RADII
-from .errors import RaySmoothError
+from .errors import InputError, RaySmoothError
 from .store import CERTIFICATES_SCHEMA, RunStore, read_table
 
 __all__ = [
@@ -67,14 +67,32 @@ class Curve:
         return float(np.mean(self.abstained)) if len(self.abstained) else float("nan")
 
 
-def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: Sequence[float]) -> np.ndarray:
-    """Fraction of images that are correct with radius ≥ r, for every r (abstentions count as wrong)."""
-    radius = np.asarray(radius, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool)
-    r = np.asarray(radii, dtype=np.float64)
+def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: Sequence[float] | float) -> np.ndarray:
+    """Fraction of images that are correct with radius ≥ r, for every r (abstentions count as wrong).
+    The inputs are checked: one radius and one True/False per image (predictions passed for ``correct``
+    would read as True wherever nonzero), finite, and numbers rather than text."""
+    radius, correct = _numbers("radius", radius), np.asarray(correct)
+    if radius.ndim != 1 or correct.shape != radius.shape:
+        raise InputError(f"radius and correct need one value per image, got shapes {radius.shape} and {correct.shape}")
+    if correct.dtype != bool and not np.isin(correct, (0, 1)).all():
+        raise InputError("correct must be True or False per image (prediction == label), got other values")
+    correct = correct.astype(bool)
+    if np.isnan(radius).any():
+        raise InputError(f"radius holds NaN for {int(np.isnan(radius).sum())} image(s)")
+    r = np.atleast_1d(_numbers("radii", radii))
+    if r.ndim != 1 or not np.isfinite(r).all():
+        raise InputError(f"radii must be finite numbers, got {radii!r}")
     if len(radius) == 0:
         return np.full(len(r), np.nan)
     return ((radius[None, :] >= r[:, None]) & correct[None, :]).mean(axis=1)
+
+
+def _numbers(name: str, values: object) -> np.ndarray:
+    """``values`` as float64, refusing text and bools, which numpy would read as numbers or fail on deep inside."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iuf":
+        raise InputError(f"{name} must be numbers, got {values!r}" if array.size < 8 else f"{name} must be numbers")
+    return array.astype(np.float64)
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -591,7 +591,7 @@ class Smoothed:
                 f"n_max={n_max:,} in units of unit={unit:,} is {n_max // unit:,} work units, more than the "
                 f"{MAX_CALL_UNITS:,} one call lists; raise unit or lower n_max"
             )
-        radii = _radius_grid(radii)
+        radii = _number_list("radii", radii)
         if not radii:  # the job refuses an empty grid too; [0] is the grid that asks only for a prediction
             raise ConfigError(
                 "radii is empty: give the radii to decide, e.g. radii=[0.25, 0.5] ([0]: certified at all)"
@@ -677,7 +677,7 @@ class Smoothed:
             raise ConfigError(str(exc)) from None
         if policy not in stats.POLICIES:
             raise ConfigError(f"policy must be one of {stats.POLICIES}, got {policy!r}")
-        asked = [float(s) for s in sigmas] if sigmas is not None else self.sigmas
+        asked = _number_list("sigmas", sigmas) if sigmas is not None else self.sigmas
         chosen = sorted(self._sigma_index(s) for s in asked)
         if len(chosen) < 2 or len(set(chosen)) != len(chosen):
             raise ConfigError(f"the cascade needs two or more distinct σ, got {asked}")
@@ -706,15 +706,15 @@ class Smoothed:
         )
 
 
-def _radius_grid(radii: Any) -> list[float]:
-    """``radii`` as a list of floats, one number being a grid of one: radii="0.5" was read character by
-    character and radii=0.5 was a TypeError."""
-    values = [radii] if np.ndim(radii) == 0 and not isinstance(radii, (str, bytes)) else radii
-    problem = ConfigError(f"radii must be a list of numbers, e.g. radii=[0.25, 0.5], got {radii!r}")
-    if isinstance(values, (str, bytes)) or any(isinstance(r, (str, bytes, bool, np.bool_)) for r in values):
+def _number_list(name: str, given: Any) -> list[float]:
+    """``given`` as a list of floats, one number being a list of one: radii="0.5" was read character by
+    character, radii=0.5 was a TypeError from len(), and cascade(sigmas=0.25) one from iterating it."""
+    values = [given] if np.ndim(given) == 0 and not isinstance(given, (str, bytes)) else given
+    problem = ConfigError(f"{name} must be a list of numbers, e.g. {name}=[0.25, 0.5], got {given!r}")
+    if isinstance(values, (str, bytes)) or any(isinstance(v, (str, bytes, bool, np.bool_)) for v in values):
         raise problem
     try:
-        return [float(r) for r in values]
+        return [float(v) for v in values]
     except (TypeError, ValueError):
         raise problem from None
 

@@ -118,6 +118,17 @@ def test_linear_classifier_radius_approaches_the_distance_from_below_as_n_grows(
     assert medians[2] > 0.97 * d
 
 
+@pytest.mark.parametrize("as_given", [str, lambda v: str(v).encode(), lambda v: True, lambda v: np.bool_(True)])
+def test_parameters_given_as_text_or_bools_are_not_numbers(as_given):
+    """float() reads "0.7" and True; a threshold parsed from text or a σ of True is a caller's mistake."""
+    from raysmooth.stats.checks import check_alpha, check_p0, check_sigma
+
+    for check, valid in ((check_alpha, 0.01), (check_p0, 0.7), (check_sigma, 1.0)):
+        assert check(valid) == valid and check(np.float32(valid)) == pytest.approx(valid)
+        with pytest.raises(ValueError, match="must"):
+            check(as_given(valid))
+
+
 def test_certify_refuses_bad_parameters():
     s = SparseCounts.from_dense(np.array([[3, 1]]))
     with pytest.raises(ValueError):

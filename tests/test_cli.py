@@ -419,3 +419,27 @@ def test_every_plain_command_says_what_it_does_and_what_each_argument_is():
         assert sub.description and sub.description[0].isupper() and sub.description.endswith("."), name
         unexplained = [a.dest for a in sub._actions if not a.help and a.dest != "help"]
         assert unexplained == [], f"{name}: {unexplained}"
+
+
+@pytest.mark.parametrize(
+    "radius,correct,radii,says",
+    [
+        ([0.1, 0.3], [True], [0], r"one value per image, got shapes \(2,\) and \(1,\)"),  # was 100%: broadcast
+        ([0.1, 0.2], [3, 1], [0], "correct must be True or False per image"),  # predictions, read as True
+        ([0.1, float("nan")], [True, True], [0], "radius holds NaN for 1 image"),
+        ([0.1], [True], "0.25", "radii must be numbers"),
+    ],
+)
+def test_certified_accuracy_refuses_inputs_it_would_count_wrongly(radius, correct, radii, says):
+    from raysmooth.analysis import certified_accuracy
+    from raysmooth.errors import InputError
+
+    with pytest.raises(InputError, match=says):
+        certified_accuracy(radius, correct, radii)
+
+
+def test_certified_accuracy_at_one_radius_and_with_zero_one_correct():
+    from raysmooth.analysis import certified_accuracy
+
+    assert certified_accuracy([0.1, 0.3, 0.0], [1, 1, 0], 0.2).tolist() == [1 / 3]
+    assert certified_accuracy([0.1, 0.3, 0.0], [True, True, False], [0, 0.2]).tolist() == [2 / 3, 1 / 3]

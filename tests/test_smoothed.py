@@ -542,6 +542,21 @@ def test_a_cascade_over_fewer_than_two_distinct_sigmas_is_refused(sigmas):
         smoothed.cascade(np.zeros((1, 8, 8), np.float32), sigmas=sigmas, n0=5, n=50)
 
 
+@pytest.mark.parametrize(
+    "kwargs,says",
+    [
+        ({"sigmas": "0.25,0.5"}, r"sigmas must be a list of numbers, e.g. sigmas=\[0.25, 0.5\], got '0.25,0.5'"),
+        ({"sigmas": [0.25, "0.5"]}, "sigmas must be a list of numbers"),
+        ({"sigmas": 0.25}, "two or more distinct σ"),  # one number is a list of one (was a TypeError)
+        ({"p0": "0.7"}, r"p0 must lie in \[0.5, 1\), got '0.7'"),  # was parsed from the text
+    ],
+)
+def test_a_cascade_given_text_or_one_sigma_is_one_config_error(kwargs, says):
+    smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match=says):
+        smoothed.cascade(np.zeros((1, 8, 8), np.float32), n0=5, n=50, **kwargs)
+
+
 def test_a_device_this_process_cannot_use_is_refused_at_construction():
     with pytest.raises(ConfigError, match="device 'tpu' cannot be used"):
         Smoothed(_linear_module(), 0.25, device="tpu")
