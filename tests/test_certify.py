@@ -129,6 +129,12 @@ def test_parameters_given_as_text_or_bools_are_not_numbers(as_given):
             check(as_given(valid))
 
 
+def test_certify_refuses_selection_and_estimation_counts_of_different_classifiers():
+    two, three = SparseCounts.from_dense(np.array([[90, 10]])), SparseCounts.from_dense(np.array([[90, 10, 0]]))
+    with pytest.raises(ValueError, match="same number of classes, got 2 and 3"):
+        certify(two, three, 0.5, 0.001)
+
+
 def test_certify_refuses_bad_parameters():
     s = SparseCounts.from_dense(np.array([[3, 1]]))
     with pytest.raises(ValueError):

@@ -56,6 +56,16 @@ def test_from_flat_sorts_rows_and_refuses_a_class_twice():
         SparseCounts.from_flat([0, 2], [1, 1], [1, 2], 5)
 
 
+@pytest.mark.parametrize("bad", [[[3.5, 1.0]], [[np.nan, 1.0]], [[True, False]], [["3", "1"]]])
+def test_counts_that_a_cast_would_change_are_refused_not_cut(bad):
+    """3.5 samples became 3 and True one sample, without a word."""
+    with pytest.raises(ValueError, match="counts must be whole numbers of samples"):
+        SparseCounts.from_dense(np.array(bad))
+    with pytest.raises(ValueError, match="counts must be whole numbers of samples"):
+        SparseCounts.from_coo([0, 0], [0, 1], np.array(bad)[0], 1, 2)
+    assert SparseCounts.from_dense(np.array([[3.0, 1.0]])).to_dense().tolist() == [[3, 1]]
+
+
 def _paper_reduction(counts: np.ndarray, c: int) -> list[int]:
     """docs/methods.md §4.3, transcribed literally: the oracle for the vectorised version."""
     counts = counts.copy()

@@ -52,6 +52,11 @@ def certify(
     check_margin(margin)
     if selection.num_rows != estimation.num_rows:
         raise ValueError("selection and estimation counts must cover the same images")
+    if selection.num_classes != estimation.num_classes:  # as the cascade's levels: one classifier's classes
+        raise ValueError(
+            f"selection and estimation counts must use the same number of classes, got "
+            f"{selection.num_classes} and {estimation.num_classes}"
+        )
     c_hat = selection.argmax()
     n = estimation.totals()
     n_a = estimation.count_of(c_hat)
