@@ -77,3 +77,13 @@ def test_ten_samples_at_alpha_one_in_a_thousand_cannot_certify():
     # locuslab/smoothing issue #8: n=10 with alpha=0.001 abstains on every input.
     assert min_samples_to_certify(0.001) == 10
     assert cp_lower(9, 9, 0.001) < 0.5
+
+
+def test_fractional_counts_are_refused_by_every_bound():
+    for bound in (cp_lower, cp_upper):
+        with pytest.raises(ValueError, match="whole numbers"):
+            bound(2.5, 10, 0.001)
+        with pytest.raises(ValueError, match="whole numbers"):
+            bound(2, 10.5, 0.001)
+    with pytest.raises(ValueError, match="whole numbers"):
+        binomial_test_pvalue(2.5, 3)
