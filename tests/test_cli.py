@@ -122,18 +122,23 @@ def test_analyze_of_a_runs_sweeps_folder_shows_every_sweep_by_name(tmp_path, cap
     assert sorted(r.split("p0=")[1].split(" ")[0] for r in rows) == ["0.5", "0.7"]
 
 
-def test_analyze_tells_apart_runs_of_one_name_and_reads_a_path_given_twice_once(run_dir, tmp_path, capsys):
+def _copies_of_the_run(run_dir, *places: Path) -> None:
+    """The module's run, with its certificates derived, copied to each place (its sweeps left out)."""
     import shutil
 
     from raysmooth.certificates import counts_view, derive_certificates
     from raysmooth.store import RunStore
 
-    root, _, labels = run_dir
-    store = RunStore.open(root)
+    store = RunStore.open(run_dir[0])
     if store.read_certificates().num_rows == 0:
         store.append_certificates(derive_certificates(counts_view(store.read_counts()), alpha=0.001))
-    for parent in ("a", "b"):
-        shutil.copytree(root, tmp_path / parent / "run", ignore=shutil.ignore_patterns("sweeps", ".lock"))
+    for place in places:
+        shutil.copytree(run_dir[0], place, ignore=shutil.ignore_patterns("sweeps", ".lock"))
+
+
+def test_analyze_tells_apart_runs_of_one_name_and_reads_a_path_given_twice_once(run_dir, tmp_path, capsys):
+    labels = run_dir[2]
+    _copies_of_the_run(run_dir, tmp_path / "a" / "run", tmp_path / "b" / "run")
     assert main(["analyze", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), str(tmp_path / "b" / "run")]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if "certify σ=0.25" in ln]
     assert [r.split(":")[0].strip("| ") for r in rows] == ["a/run", "b/run"]
@@ -142,17 +147,7 @@ def test_analyze_tells_apart_runs_of_one_name_and_reads_a_path_given_twice_once(
 
 def test_analyze_of_a_multirun_folder_shows_every_run_by_its_path_below_it(run_dir, tmp_path, capsys):
     """Found by hand: `certify -m` writes OUT/<override>/<model> per value, and analyze OUT found nothing."""
-    import shutil
-
-    from raysmooth.certificates import counts_view, derive_certificates
-    from raysmooth.store import RunStore
-
-    root, _, labels = run_dir
-    store = RunStore.open(root)
-    if store.read_certificates().num_rows == 0:
-        store.append_certificates(derive_certificates(counts_view(store.read_counts()), alpha=0.001))
-    for value in ("smoothing.seed=1", "smoothing.seed=2"):
-        shutil.copytree(root, tmp_path / value / "dds", ignore=shutil.ignore_patterns("sweeps", ".lock"))
+    _copies_of_the_run(run_dir, tmp_path / "smoothing.seed=1" / "dds", tmp_path / "smoothing.seed=2" / "dds")
     (tmp_path / ".hydra" / "multirun").mkdir(parents=True)
     assert main(["analyze", str(tmp_path)]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if "certify σ=0.25" in ln]
