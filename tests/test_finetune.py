@@ -204,6 +204,7 @@ def test_bad_finetuning_settings_are_refused(tmp_path):
         ({"brier_weight": 0.0, "anti_consistency_weight": 0.0}, "nothing would be learned"),
         ({"checkpoint_every": 0}, "finetune.checkpoint_every must be at least 1"),
         ({"threads": 0}, "finetune.threads must be at least 1"),
+        ({"sigmas": [0.25, 0.5, 0.25]}, r"finetune.sigmas lists a σ twice"),  # was trained on twice as often
     ],
 )
 def test_settings_that_would_train_nothing_or_nans_are_refused_before_training(tmp_path, bad, says):
