@@ -40,7 +40,7 @@ from .config import (
 )
 from .data import TestSet
 from .engine import EngineConfig, Replica, resolve_device, validate_images
-from .errors import ConfigError, InputError, one_line, whole_number
+from .errors import ConfigError, InputError, finite_number, one_line, whole_number
 from .models.base import BaseClassifier, create_base_classifier, list_base_classifiers
 from .units import PHASES, WorkUnit, budget_units, split_budget
 
@@ -709,14 +709,11 @@ class Smoothed:
 def _number_list(name: str, given: Any) -> list[float]:
     """``given`` as a list of floats, one number being a list of one: radii="0.5" was read character by
     character, radii=0.5 was a TypeError from len(), and cascade(sigmas=0.25) one from iterating it."""
-    values = [given] if np.ndim(given) == 0 and not isinstance(given, (str, bytes)) else given
-    problem = ConfigError(f"{name} must be a list of numbers, e.g. {name}=[0.25, 0.5], got {given!r}")
-    if isinstance(values, (str, bytes)) or any(isinstance(v, (str, bytes, bool, np.bool_)) for v in values):
-        raise problem
+    values = [given] if np.ndim(given) == 0 else given  # text is 0-d too: refused as a number below
     try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise problem from None
+        return [finite_number(name, v, error=ConfigError) for v in values]
+    except (ConfigError, TypeError):
+        raise ConfigError(f"{name} must be a list of numbers, e.g. {name}=[0.25, 0.5], got {given!r}") from None
 
 
 def _check_alpha(alpha: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special, stats
 
-from .checks import check_alpha
+from .checks import check_alpha, whole_counts
 
 __all__ = [
     "cp_lower",
@@ -21,19 +21,14 @@ __all__ = [
 ]
 
 
-def _check_whole(*counts: np.ndarray) -> None:
-    """Sample counts are whole: the bounds of 2.5 successes are numbers, but of no experiment."""
-    if any(not np.all(np.isfinite(c) & (c == np.round(c))) for c in counts):
-        raise ValueError("counts must be whole numbers of samples")
-
-
 def _broadcast(k, n, alpha):
     k = np.asarray(k, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
     alpha = np.asarray(alpha, dtype=np.float64)
     if np.any(k < 0) or np.any(k > n):
         raise ValueError("counts must satisfy 0 <= k <= n")
-    _check_whole(k, n)
+    for counts in (k, n):
+        whole_counts(counts)  # raises on 2.5 successes: a number of no experiment
     if np.any(n < 1):
         raise ValueError("the number of samples n must be at least 1")
     if not np.all((alpha > 0) & (alpha < 1)):  # NaN fails this too
@@ -83,7 +78,8 @@ def binomial_test_pvalue(k1, k2) -> np.ndarray:
     k2 = np.asarray(k2, dtype=np.float64)
     if np.any(k1 < 0) or np.any(k2 < 0):
         raise ValueError("counts must be non-negative")
-    _check_whole(k1, k2)
+    for counts in (k1, k2):
+        whole_counts(counts)
     m = k1 + k2
     if np.any(m < 1):
         raise ValueError("the binomial test needs at least one sample")

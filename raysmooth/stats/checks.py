@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_alpha", "check_p0", "check_sigma", "check_margin"]
+import numpy as np
+
+__all__ = ["check_alpha", "check_p0", "check_sigma", "check_margin", "whole_counts"]
 
 
 def _real(x: object) -> float | None:
@@ -59,3 +61,17 @@ def check_margin(margin: object) -> float:
     if value is None or not 0.0 <= value < 0.5:
         raise ValueError(f"the margin on p_A must lie in [0, 0.5), got {_shown(margin)}")
     return value
+
+
+def whole_counts(values: object) -> np.ndarray:
+    """Sample counts as int64, refusing what a cast would change without a word: 3.5 samples (cut to 3,
+    and a bound of 2.5 successes is a number of no experiment), NaN, True/False, text."""
+    array = np.asarray(values)
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64)
+    if array.dtype.kind == "f" and np.isfinite(array).all() and (array == np.round(array)).all():
+        return array.astype(np.int64)
+    raise ValueError(
+        f"counts must be whole numbers of samples, got an array of {array.dtype}"
+        + (" with fractions or NaN" if array.dtype.kind == "f" else "")
+    )

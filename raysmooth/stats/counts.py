@@ -11,21 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import whole_counts
+
 __all__ = ["SparseCounts", "reference_groups"]
-
-
-def _whole_counts(values: object) -> np.ndarray:
-    """Counts as int64, refusing what a cast would change without a word: 3.5 samples (cut to 3), NaN,
-    True/False, text."""
-    array = np.asarray(values)
-    if array.dtype.kind in "iu":
-        return array.astype(np.int64)
-    if array.dtype.kind == "f" and np.isfinite(array).all() and (array == np.round(array)).all():
-        return array.astype(np.int64)
-    raise ValueError(
-        f"counts must be whole numbers of samples, got an array of {array.dtype}"
-        + (" with fractions or NaN" if array.dtype.kind == "f" else "")
-    )
 
 
 @dataclass(frozen=True)
@@ -55,7 +43,7 @@ class SparseCounts:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_dense(cls, dense: np.ndarray) -> SparseCounts:
-        dense = _whole_counts(dense)
+        dense = whole_counts(dense)
         if dense.ndim != 2:
             raise ValueError("dense counts must be a 2-d array (images, classes)")
         rows, cols = np.nonzero(dense)
@@ -75,7 +63,7 @@ class SparseCounts:
         """From (row, class, count) triplets in any order; rows without entries stay empty."""
         rows = np.asarray(rows, dtype=np.int64)
         classes = np.asarray(classes, dtype=np.int32)
-        counts = _whole_counts(counts)
+        counts = whole_counts(counts)
         order = np.lexsort((classes, rows))
         keep = counts[order] > 0
         rows, classes, counts = rows[order][keep], classes[order][keep], counts[order][keep]
