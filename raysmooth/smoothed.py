@@ -280,7 +280,9 @@ class Smoothed:
             raise type(exc)(_engine_words(str(exc))) from None
         self.device = str(resolve_device(device))
         self._model, self._denoiser = _own_copy(model, "model"), _own_copy(denoiser, "denoiser")
-        self._num_classes = num_classes
+        # Checked here, not only against the model's logits: num_classes=True or 2.5 would otherwise first be
+        # met as a puzzling mismatch, and num_classes=1 (nothing to smooth) only once a model agreed.
+        self._num_classes = None if num_classes is None else whole_number("num_classes", num_classes, 2, ConfigError)
         given = dict(mean=mean, std=std, input_size=input_size, interpolation=interpolation)
         self._adapter = {k: v for k, v in given.items() if v is not None}  # how a module was trained
         self._model_kwargs = dict(model_kwargs or {})
@@ -393,7 +395,10 @@ class Smoothed:
         # Relative float32 precision: sigma=np.float32(0.1) names the level 0.1 (its noise is float32 anyway).
         matches = [i for i, s in enumerate(self.sigmas) if np.isclose(s, float(sigma), rtol=1e-6, atol=0)]
         if not matches:
-            raise ConfigError(f"sigma={sigma} is not one of {self.sigmas}")
+            raise ConfigError(
+                f"sigma={sigma} is not one of this classifier's σ {self.sigmas}: build it with every σ it is to "
+                f"use, e.g. Smoothed(…, sigma={sorted({*self.sigmas, float(sigma)})})"
+            )
         return matches[0]
 
     def _stack(self, xs: Any) -> torch.Tensor:

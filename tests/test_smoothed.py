@@ -266,6 +266,9 @@ def test_predict_abstains_on_a_coin_flip():
         ({"sigma": 0.5, "noise_block": 2.5}, InputError, "noise_block must be a whole number"),
         ({"sigma": 0.5, "noise": "lattice", "levels": 0}, InputError, "levels must be a whole number of at least 1"),
         ({"sigma": 0.5, "num_classes": 0, "input_shape": (1, 8, 8)}, ConfigError, "num_classes must be a whole"),
+        ({"sigma": 0.5, "num_classes": True}, ConfigError, "num_classes must be a whole number of at least 2"),
+        ({"sigma": 0.5, "num_classes": 2.5}, ConfigError, "num_classes must be a whole number of at least 2"),
+        ({"sigma": 0.5, "num_classes": 1}, ConfigError, "num_classes must be a whole number of at least 2"),
         ({"sigma": 0.5, "model_kwargs": {"width": 3}, "input_shape": (1, 8, 8)}, ConfigError, "would be ignored"),
         ({"sigma": 0.5, "mean": [123.7], "std": [58.4], "input_shape": (1, 8, 8)}, ConfigError, "0-255 units"),
         ({"sigma": []}, ConfigError, "at least one noise level"),
@@ -549,6 +552,7 @@ def test_a_cascade_over_fewer_than_two_distinct_sigmas_is_refused(sigmas):
         ({"sigmas": [0.25, "0.5"]}, "sigmas must be a list of numbers"),
         ({"sigmas": 0.25}, "two or more distinct σ"),  # one number is a list of one (was a TypeError)
         ({"p0": "0.7"}, r"p0 must lie in \[0.5, 1\), got '0.7'"),  # was parsed from the text
+        ({"sigmas": [0.5, 1.0]}, r"sigma=1.0 is not one of this classifier's σ .*sigma=\[0.25, 0.5, 1.0\]"),
     ],
 )
 def test_a_cascade_given_text_or_one_sigma_is_one_config_error(kwargs, says):
