@@ -620,6 +620,12 @@ def validate_certify(cfg: CertifyCfg) -> None:
         _finite(ry.gpus_per_actor) and ry.gpus_per_actor >= 0,
         f"must be >= 0, got {ry.gpus_per_actor}",
     )
+    _check(  # with neither, one actor "per CPU slot" is unbounded: the job tried to start 2 billion of them
+        "ray.cpus_per_actor",
+        ry.num_actors is not None or ry.cpus_per_actor > 0 or ry.gpus_per_actor > 0,
+        "and ray.gpus_per_actor are both 0, which leaves nothing to count the actors by: set ray.num_actors, "
+        "or give each actor a CPU (ray.cpus_per_actor=1)",
+    )
     _check(
         "ray.max_in_flight_per_actor",
         ry.max_in_flight_per_actor >= 1,

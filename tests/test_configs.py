@@ -46,6 +46,10 @@ def test_a_wrong_key_or_value_is_one_line_naming_it(override, names):
         ("progress_seconds=inf", "progress_seconds must be a positive number of seconds"),
         ("ray.max_restarts=-2", r"ray.max_restarts must be -1 \(restart without limit\) or more"),
         ("ray.local_cpus=0", "ray.local_cpus must be at least 1, or null"),  # 0 took every CPU
+        (
+            "ray.cpus_per_actor=0",
+            r"ray.cpus_per_actor and ray.gpus_per_actor are both 0, which leaves nothing to count",
+        ),
         ("radii=[]", r"radii must be non-negative numbers, at least one"),  # a table without a radius
     ],
 )

@@ -10,6 +10,7 @@ ray = pytest.importorskip("ray")
 
 from raysmooth.distributed import ActorSpec, Driver, Planner, start_actors, stop_actors  # noqa: E402
 from raysmooth.engine import EngineConfig, Replica  # noqa: E402
+from raysmooth.errors import ConfigError  # noqa: E402
 from raysmooth.models import create_base_classifier, model_sections  # noqa: E402
 from raysmooth.store import RunStore  # noqa: E402
 
@@ -339,3 +340,15 @@ def test_replicas_kept_off_the_gpus_a_cluster_has_say_so(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="raysmooth"):
         assert actor_spec(None, 4.0, 1.0, -1).num_actors == 2
     assert caplog.text == ""
+
+
+def test_actors_of_no_cpu_and_no_gpu_are_never_counted_by_the_cluster(monkeypatch):
+    """cpus_per_actor=0, gpus_per_actor=0 and no num_actors: 2 CPUs // 1e-9 started two billion actors."""
+    import ray
+
+    from raysmooth.distributed.session import actor_spec
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="set ray.num_actors"):
+        actor_spec(None, 0.0, 0.0, -1)
+    assert actor_spec(3, 0.0, 0.0, -1).num_actors == 3  # a count given is a count

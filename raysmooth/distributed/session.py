@@ -153,8 +153,10 @@ def actor_spec(num_actors: int | None, cpus_per_actor: float, gpus_per_actor: fl
                     f"ray.gpus_per_actor={gpus_per_actor:g} but the cluster has {resources.get('GPU', 0):g} "
                     "GPU(s); use engine=cpu ray=local on a machine without a GPU"
                 )
+        elif cpus_per_actor > 0:
+            num_actors = int(resources.get("CPU", 1) // cpus_per_actor)
         else:
-            num_actors = int(resources.get("CPU", 1) // max(cpus_per_actor, 1e-9))
+            raise ConfigError("an actor of 0 CPUs and 0 GPUs gives no count of actors: set ray.num_actors")
         num_actors = max(1, num_actors)
     return ActorSpec(int(num_actors), cpus_per_actor, gpus_per_actor, max_restarts)
 
