@@ -103,8 +103,14 @@ def subsample(
     """Every ``skip``-th image (Cohen's --skip), then at most ``max_images``; or explicit ``indices``."""
     if indices is not None:
         idx = np.asarray(indices, dtype=np.int64)
-        if len(idx) == 0 or idx.min() < 0 or idx.max() >= len(data):
-            raise ConfigError(f"data.indices must lie in [0, {len(data)}), got {list(indices)[:5]}…")
+        outside = idx[(idx < 0) | (idx >= len(data))]
+        if len(idx) == 0 or len(outside):
+            shown = ", ".join(str(i) for i in outside[:5]) + (
+                f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+            )
+            raise ConfigError(
+                f"data.indices must lie in [0, {len(data)}) ({data.name} has {len(data)} images), got {shown or 'none'}"
+            )
         if len(np.unique(idx)) != len(idx):
             raise ConfigError("data.indices lists an image twice")
         return data.take(idx)

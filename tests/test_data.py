@@ -192,3 +192,12 @@ def test_the_fingerprint_names_which_images_the_ids_mean(tmp_path):
     digits = load_dataset("digits")
     assert fingerprint(digits) == fingerprint(load_dataset("digits"))
     assert fingerprint(digits) != fingerprint(subsample(digits, skip=2))
+
+
+def test_indices_outside_the_split_are_named_with_its_size():
+    """It printed the first five indices given, in range or not, and an ellipsis after any list."""
+    d = load_dataset("digits")
+    with pytest.raises(ConfigError, match=r"must lie in \[0, 359\) \(digits-test has 359 images\), got 5000$"):
+        subsample(d, indices=[1, 2, 3, 4, 5, 5000])
+    with pytest.raises(ConfigError, match=r"got 359, 360, 361, 362, 363 and 2 more$"):
+        subsample(d, indices=list(range(352, 366)))
