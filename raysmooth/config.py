@@ -580,7 +580,7 @@ def validate_certify(cfg: CertifyCfg) -> None:
     # one row of twice the images.
     _check_distinct("smoothing.p0", sm.p0)
     _check_distinct("smoothing.policies", sm.policies)
-    _check("smoothing.mode", sm.mode != "cascade" or len(sm.sigmas) >= 2, "=cascade needs two or more σ")
+    _check("smoothing.mode=cascade", sm.mode != "cascade" or len(sm.sigmas) >= 2, "needs two or more σ")
     if sm.mode == "sequential":
         _check_sequential(sm.sequential, cfg.radii)
 

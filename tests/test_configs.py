@@ -330,3 +330,8 @@ def test_a_model_or_data_path_under_an_unexpanded_tilde_is_found_at_home(tmp_pat
 
     cfg = compose("certify", ["model=toy_dds", 'model.denoiser.path="~/den"'])  # checked here: it exists
     assert resolve_model_paths(cfg.model).denoiser["path"] == str(tmp_path / "den")
+
+
+def test_a_cascade_of_one_sigma_is_refused_in_the_job_words():
+    with pytest.raises(ConfigError, match=r"^smoothing.mode=cascade needs two or more σ$"):
+        compose("certify", ["smoothing.mode=cascade", "smoothing.sigmas=[0.25]"])
