@@ -131,6 +131,38 @@ def _one_image(x: Any, method: str) -> torch.Tensor:
     return img[None]
 
 
+def _not_a_model(what: Any) -> ConfigError:
+    if isinstance(what, (str, Path)):
+        from .models.checkpoints import CONFIG_NAME
+
+        return ConfigError(
+            f"{what}: neither a registered base classifier ({', '.join(list_base_classifiers())}) "
+            f"nor a model folder with {CONFIG_NAME}"
+        )
+    return ConfigError(
+        f"model must be an nn.Module, a base-classifier name or a model folder, got {type(what).__name__}"
+    )
+
+
+def _check_references(model: Any, denoiser: Any) -> None:
+    """What the model and denoiser name, checked at construction without building anything: the model is
+    built lazily (on the first image, unless input_shape is given), so model=None or a mistyped folder
+    were first heard of at the first certify, far from the line that made the mistake."""
+    if not isinstance(model, (nn.Module, str, Path)):
+        raise _not_a_model(model)
+    if isinstance(model, (str, Path)):
+        from .models.checkpoints import CONFIG_NAME
+
+        name = str(model)
+        registered = name in list_base_classifiers() or (":" in name and not Path(name).exists())
+        if not registered and not (Path(name) / CONFIG_NAME).is_file():
+            raise _not_a_model(name)
+    if denoiser is not None:
+        from .models.adapter import check_denoiser
+
+        check_denoiser(denoiser)
+
+
 def _own_copy(obj: Any, what: str) -> Any:
     """A caller's module, copied: the engine puts its model in eval mode, freezes it and may cast it to bf16
     (a notebook would go on training a model left so), and a certificate is for the weights as given,
@@ -279,6 +311,7 @@ class Smoothed:
         except InputError as exc:  # said in the job's words (engine.compile=true); here they are arguments
             raise type(exc)(_engine_words(str(exc))) from None
         self.device = str(resolve_device(device))
+        _check_references(model, denoiser)
         self._model, self._denoiser = _own_copy(model, "model"), _own_copy(denoiser, "denoiser")
         # Checked here, not only against the model's logits: num_classes=True or 2.5 would otherwise first be
         # met as a puzzling mismatch, and num_classes=1 (nothing to smooth) only once a model agreed.
@@ -317,9 +350,7 @@ class Smoothed:
                 except ConfigError as exc:  # said in the job's words (model.denoiser); here they are model_kwargs
                     raise ConfigError(_model_kwargs_words(str(exc))) from None
             return self._from_folder(Path(name), shape)
-        raise ConfigError(
-            f"model must be an nn.Module, a base-classifier name or a model folder, got {type(model).__name__}"
-        )
+        raise _not_a_model(model)
 
     def _from_folder(self, folder: Path, shape: tuple[int, int, int]) -> BaseClassifier:
         from .models import OneStepBase, load_onestep
@@ -327,11 +358,8 @@ class Smoothed:
         from .models.checkpoints import CONFIG_NAME, folder_kind
         from .models.classifier import load_classifier
 
-        if not (folder / CONFIG_NAME).is_file():
-            raise ConfigError(
-                f"{folder}: neither a registered base classifier ({', '.join(list_base_classifiers())}) "
-                f"nor a model folder with {CONFIG_NAME}"
-            )
+        if not (folder / CONFIG_NAME).is_file():  # checked at construction too; the folder may have gone since
+            raise _not_a_model(folder)
         if folder_kind(folder) == "onestep":
             self._refuse_unused(
                 f"{folder}, a one-step model (no denoiser; it carries its own input contract)",

@@ -10,7 +10,7 @@ import torch
 
 from raysmooth import Certificate, Smoothed, stats
 from raysmooth.data import load_dataset
-from raysmooth.errors import ConfigError, InputError, ModelError
+from raysmooth.errors import ConfigError, InputError, ModelError, ModelLoadError
 from raysmooth.models import DenoiseThenClassify, PlainBase, save_classifier
 from raysmooth.models.classifier import ClassifierConfig, create_timm_model
 
@@ -559,6 +559,29 @@ def test_a_cascade_given_text_or_one_sigma_is_one_config_error(kwargs, says):
     smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8))
     with pytest.raises(ConfigError, match=says):
         smoothed.cascade(np.zeros((1, 8, 8), np.float32), n0=5, n=50, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "model,denoiser,error,says",
+    [
+        (None, None, ConfigError, "model must be an nn.Module, a base-classifier name or a model folder, got NoneType"),
+        (str(EMBEDDED / "onestp"), None, ConfigError, "onestp: neither a registered base classifier"),
+        ("os.path", None, ConfigError, "os.path: neither a registered base classifier"),
+        ("module", "/no/such/denoiser", ModelLoadError, "/no/such/denoiser: no such denoiser folder"),
+        (
+            "module",
+            0.5,
+            ConfigError,
+            "denoiser must be a diffusers folder, an hf:// id or a DiffusionDenoiser, got float",
+        ),
+        ("module", torch.nn.Identity(), ConfigError, "a Identity alone has no noise schedule"),
+    ],
+)
+def test_a_model_or_denoiser_that_names_nothing_is_refused_at_construction(model, denoiser, error, says):
+    """Without input_shape the model is built on the first image: these were first heard of at certify."""
+    model = _linear_module() if model == "module" else model
+    with pytest.raises(error, match=says):
+        Smoothed(model, 0.25, num_classes=10, denoiser=denoiser)
 
 
 def test_a_device_this_process_cannot_use_is_refused_at_construction():

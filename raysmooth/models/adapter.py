@@ -8,12 +8,13 @@ logits. With a denoiser in front it becomes denoised smoothing (``dds``) around 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, logits_hint, one_line, pixel_size, whole_number
+from ..errors import ConfigError, ModelLoadError, logits_hint, one_line, pixel_size, whole_number
 from .base import BaseClassifier, DenoiseThenClassify, PlainBase
 from .classifier import InputContract, NormalizedClassifier
 
@@ -93,23 +94,35 @@ def from_module(
     clf = module if isinstance(module, NormalizedClassifier) else as_classifier(module, input_shape=shape, **adapter)
     if denoiser is None:
         return PlainBase(clf, shape)
-    from .denoiser import DenoiserConfig, DiffusionDenoiser, load_denoiser
+    from .denoiser import DenoiserConfig, load_denoiser
 
+    check_denoiser(denoiser)
     if isinstance(denoiser, str) or hasattr(denoiser, "__fspath__"):
         denoiser = load_denoiser({"path": str(denoiser)})
     elif isinstance(denoiser, (dict, DenoiserConfig)):
         denoiser = load_denoiser(denoiser)
+    return DenoiseThenClassify(denoiser, clf, shape)
+
+
+def check_denoiser(denoiser: Any) -> None:
+    """What a denoiser argument names, checked without loading it: the Python API checks it when the
+    smoothed classifier is made, though the model is built only on the first image."""
+    from .denoiser import DenoiserConfig, DiffusionDenoiser
+
+    if isinstance(denoiser, str) or hasattr(denoiser, "__fspath__"):
+        path = str(denoiser)
+        if not path.startswith("hf://") and not Path(path).is_dir():
+            raise ModelLoadError(f"{path}: no such denoiser folder (for a hub id write hf://owner/name)")
     elif isinstance(denoiser, nn.Module) and not isinstance(denoiser, DiffusionDenoiser):
         raise ConfigError(
             f"denoiser: a {type(denoiser).__name__} alone has no noise schedule to pick t from; give its diffusers "
             "folder (unet/ and scheduler/, as pipeline.save_pretrained writes it) or "
             "raysmooth.models.DiffusionDenoiser(unet, scheduler.alphas_cumprod.numpy())"
         )
-    elif not isinstance(denoiser, DiffusionDenoiser):
+    elif not isinstance(denoiser, (dict, DenoiserConfig, DiffusionDenoiser)):
         raise ConfigError(
             f"denoiser must be a diffusers folder, an hf:// id or a DiffusionDenoiser, got {type(denoiser).__name__}"
         )
-    return DenoiseThenClassify(denoiser, clf, shape)
 
 
 _ADAPTER_KEYS = ("num_classes", "input_size", "mean", "std", "interpolation")
