@@ -717,6 +717,11 @@ def _check_out(out: str) -> None:
             "(runs go under ./runs) or set it to the folder the runs go in"
         )
     _check("out", not path.exists() or path.is_dir(), f"must be a directory; {path} is a file")
+    existing = next(p for p in [path, *path.parents] if p.exists())  # the folders out needs start under it
+    if not existing.is_dir():
+        raise ConfigError(f"out={out} cannot be made: {existing} is a file, not a folder")
+    if existing != path and not os.access(existing, os.W_OK):
+        raise ConfigError(f"out={out} cannot be made: the folder {existing} is not writable")
     if not path.is_absolute() and _in_ray_job_working_dir():
         raise ConfigError(
             f"out={out} is relative, and this Ray job runs in a temporary copy of its working_dir ({Path.cwd()}), "

@@ -232,7 +232,7 @@ def test_an_output_path_that_cannot_be_created_is_one_line(tmp_path, capsys):
     blocker.write_text("")
     assert certify_main(["data=synthetic", "model=linear", f"out={blocker / 'x'}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Not a directory" in err
+    assert err.count("\n") == 0 and f"out={blocker / 'x'} cannot be made: {blocker} is a file, not a folder" in err
 
 
 def test_the_readme_module_map_names_every_module_and_only_real_ones():
@@ -270,6 +270,14 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="out must be a directory; .* is a file"):
         compose("certify", [f"out={tmp_path / 'file'}"])
+
+
+@pytest.mark.parametrize("app", ["certify", "finetune"])
+def test_an_out_under_a_file_is_refused_naming_the_file(tmp_path, app):
+    """It was hydra's 'Not a directory' on a path of its own records, after the config was read."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=f"out={tmp_path}/file/a/b cannot be made: {tmp_path}/file is a file"):
+        compose(app, [f"out={tmp_path / 'file' / 'a' / 'b'}"])
 
 
 def test_a_relative_out_inside_a_ray_job_with_a_working_dir_is_refused(monkeypatch, tmp_path):
