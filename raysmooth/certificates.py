@@ -462,8 +462,9 @@ def run_sweep(run_dir: str | Path, p0: np.ndarray, alphas: Sequence[float] | Non
     mode = ((store.manifest.get("config") or {}).get("smoothing") or {}).get("mode")
     if mode == "sequential":
         raise StoreError(
-            f"{run_dir} is a sequential run: it samples each σ on its own, so it has no cascade to "
-            "sweep (run smoothing.mode=full for threshold sweeps)"
+            f"{run_dir} is a sequential run: each image stopped sampling when a rule that spent the run's own α "
+            "over its looks had decided it, so its counts answer no other α, and each σ is sampled on its own, "
+            "with no cascade to sweep over p0 (run smoothing.mode=full for threshold sweeps)"
         )
     if mode == "cascade":
         raise StoreError(

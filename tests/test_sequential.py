@@ -391,6 +391,9 @@ def test_a_threshold_sweep_of_a_sequential_run_is_refused_in_one_line(reference_
 
     assert main(["sweep", str(reference_run), "--p0", "0.5"]) == 2
     assert "sequential run" in capsys.readouterr().err
+    assert main(["sweep", str(reference_run), "--alpha", "0.01"]) == 2  # its stopping spent the run's own α
+    err = capsys.readouterr().err
+    assert "counts answer no other α" in err and err.count("\n") == 1
 
 
 def test_the_sequential_imagenet_preset_is_the_papers_budget_on_a_doubling_schedule(tmp_path):
