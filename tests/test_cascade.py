@@ -162,6 +162,15 @@ def test_a_sweep_equals_one_certification_per_threshold(policy):
         assert np.array_equal(sweep.radius[i], one.radius)
 
 
+@pytest.mark.parametrize("policy", ["strict", "reference"])
+def test_levels_of_dense_counts_certify_as_their_sparse_form(policy):
+    rng = np.random.default_rng(13)
+    levels, _ = random_levels(rng, 100, [0.25, 0.5, 1.0], 10, concentration=0.2)
+    dense = [Level(lv.sigma, lv.selection.to_dense(), lv.estimation.to_dense()) for lv in levels]
+    want, got = cascade_certify(levels, 0.7, 0.001, policy), cascade_certify(dense, 0.7, 0.001, policy)
+    assert np.array_equal(got.prediction, want.prediction) and np.array_equal(got.radius, want.radius)
+
+
 def test_strict_with_one_level_at_one_half_is_cohens_certify():
     rng = np.random.default_rng(13)
     levels, _ = random_levels(rng, 500, [0.5], 10, concentration=0.2)

@@ -1,6 +1,9 @@
 """CERTIFY and PREDICT: against an independent per-image reference, and against a linear classifier
 whose smoothed probability Φ(d/σ) and certified radius d are known in closed form."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.stats import binomtest, norm
@@ -141,3 +144,31 @@ def test_certify_refuses_bad_parameters():
         certify(s, s, 0.5, 1.5)
     with pytest.raises(ValueError):
         certify(s, s, -0.5, 0.01)
+
+
+def test_dense_counts_certify_and_predict_as_their_sparse_form():
+    """A notebook holds counts as an (images, classes) array, or one image's (classes,) vector: both were
+    an AttributeError from deep inside (no num_rows, no top2)."""
+    rng = np.random.default_rng(11)
+    probs = rng.dirichlet(np.full(5, 0.3), size=50)
+    sel, est = rng.multinomial(50, probs), rng.multinomial(500, probs)
+    sparse = certify(SparseCounts.from_dense(sel), SparseCounts.from_dense(est), 0.5, 0.001)
+    dense = certify(sel, est, 0.5, 0.001)
+    assert np.array_equal(dense.prediction, sparse.prediction) and np.array_equal(dense.radius, sparse.radius)
+    one = certify(sel[3], est[3], 0.5, 0.001)
+    assert one.prediction.tolist() == [sparse.prediction[3]] and one.radius.tolist() == [sparse.radius[3]]
+    assert np.array_equal(predict(est, 0.01).prediction, predict(SparseCounts.from_dense(est), 0.01).prediction)
+    with pytest.raises(ValueError, match="whole numbers"):
+        certify(sel + 0.5, est, 0.5, 0.001)
+
+
+def test_the_readme_stats_example_certifies_what_scipy_says(capsys):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- example: stats -->\s*```python\n(.*?)```", text, flags=re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    cert = scope["cert"]
+    lower = proportion_confint(980, 1000, alpha=2 * 0.001, method="beta")[0]
+    assert cert.prediction.tolist() == [1, ABSTAIN]
+    assert cert.radius.tolist() == pytest.approx([0.5 * norm.ppf(lower), 0.0], rel=1e-9)
+    assert capsys.readouterr().out.strip()

@@ -62,6 +62,10 @@ class Level:
     estimation: SparseCounts
     present: np.ndarray | None = None
 
+    def __post_init__(self) -> None:  # dense (images, classes) counts are taken too
+        object.__setattr__(self, "selection", SparseCounts.of(self.selection))
+        object.__setattr__(self, "estimation", SparseCounts.of(self.estimation))
+
 
 class MissingLevelError(ValueError):
     """The certificate needs a level that was not sampled for some images (a lazy-cascade run asked

@@ -40,7 +40,11 @@ class Certificates:
 
 
 def certify(
-    selection: SparseCounts, estimation: SparseCounts, sigma: float, alpha: float, margin: float = 0.0
+    selection: SparseCounts | np.ndarray,
+    estimation: SparseCounts | np.ndarray,
+    sigma: float,
+    alpha: float,
+    margin: float = 0.0,
 ) -> Certificates:
     """Cohen's CERTIFY: pick ĉ from the selection counts, bound its probability from the estimation
     counts, and certify radius σ·Φ⁻¹(p̲) when p̲ ≥ 1/2 (p̲ = 1/2 gives the class with radius 0).
@@ -50,6 +54,7 @@ def certify(
     check_alpha(alpha)
     check_sigma(sigma)
     check_margin(margin)
+    selection, estimation = SparseCounts.of(selection), SparseCounts.of(estimation)
     if selection.num_rows != estimation.num_rows:
         raise ValueError("selection and estimation counts must cover the same images")
     if selection.num_classes != estimation.num_classes:  # as the cascade's levels: one classifier's classes
@@ -72,9 +77,10 @@ def certify(
     )
 
 
-def predict(counts: SparseCounts, alpha: float) -> Certificates:
+def predict(counts: SparseCounts | np.ndarray, alpha: float) -> Certificates:
     """Cohen's PREDICT: the top class if the binomial test separates it from the runner-up at ``alpha``."""
     check_alpha(alpha)
+    counts = SparseCounts.of(counts)
     c1, n1, _c2, n2 = counts.top2()
     ok = binomial_test_pvalue(n1, n2) <= alpha
     return Certificates(

@@ -42,6 +42,15 @@ class SparseCounts:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
+    def of(cls, counts: SparseCounts | np.ndarray) -> SparseCounts:
+        """``counts`` as SparseCounts: dense (images, classes) counts are converted, and one image's
+        (classes,) vector is a batch of one, so the statistics take what a notebook naturally holds."""
+        if isinstance(counts, SparseCounts):
+            return counts
+        dense = np.asarray(counts)
+        return cls.from_dense(dense[None] if dense.ndim == 1 else dense)
+
+    @classmethod
     def from_dense(cls, dense: np.ndarray) -> SparseCounts:
         dense = whole_counts(dense)
         if dense.ndim != 2:
