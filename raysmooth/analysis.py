@@ -80,8 +80,8 @@ def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: Sequence[
     if np.isnan(radius).any():
         raise InputError(f"radius holds NaN for {int(np.isnan(radius).sum())} image(s)")
     r = np.atleast_1d(_numbers("radii", radii))
-    if r.ndim != 1 or not np.isfinite(r).all():
-        raise InputError(f"radii must be finite numbers, got {radii!r}")
+    if r.ndim != 1 or not np.isfinite(r).all() or (r < 0).any():  # as analyze --radii: no radius is negative
+        raise InputError(f"radii must be finite non-negative numbers, got {radii!r}")
     if len(radius) == 0:
         return np.full(len(r), np.nan)
     return ((radius[None, :] >= r[:, None]) & correct[None, :]).mean(axis=1)

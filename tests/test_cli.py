@@ -423,6 +423,7 @@ def test_every_plain_command_says_what_it_does_and_what_each_argument_is():
         ([0.1, 0.2], [3, 1], [0], "correct must be True or False per image"),  # predictions, read as True
         ([0.1, float("nan")], [True, True], [0], "radius holds NaN for 1 image"),
         ([0.1], [True], "0.25", "radii must be numbers"),
+        ([0.1], [True], [-1, 0], "radii must be finite non-negative numbers"),  # as analyze --radii
     ],
 )
 def test_certified_accuracy_refuses_inputs_it_would_count_wrongly(radius, correct, radii, says):
