@@ -216,7 +216,7 @@ class FinetuneConfig:
         if self.draws < 2:
             raise ConfigError(f"finetune.draws must be at least 2, got {self.draws}")
         if not self.sigmas or any(not (math.isfinite(s) and s > 0) for s in self.sigmas):
-            raise ConfigError(f"finetune.sigmas must be positive, got {self.sigmas}")
+            raise ConfigError(f"finetune.sigmas must be one or more positive finite numbers, got {self.sigmas}")
         # σ are drawn uniformly from the list: one listed twice would be trained on twice as often, silently
         _check("finetune.sigmas", len(set(self.sigmas)) == len(self.sigmas), f"lists a σ twice: {self.sigmas}")
         for key in ("steps", "batch_size", "checkpoint_every"):

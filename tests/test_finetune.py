@@ -205,6 +205,8 @@ def test_bad_finetuning_settings_are_refused(tmp_path):
         ({"checkpoint_every": 0}, "finetune.checkpoint_every must be at least 1"),
         ({"threads": 0}, "finetune.threads must be at least 1"),
         ({"sigmas": [0.25, 0.5, 0.25]}, r"finetune.sigmas lists a σ twice"),  # was trained on twice as often
+        ({"sigmas": []}, r"finetune.sigmas must be one or more positive finite numbers, got \[\]"),
+        ({"sigmas": [0.25, float("nan")]}, "finetune.sigmas must be one or more positive finite numbers"),
     ],
 )
 def test_settings_that_would_train_nothing_or_nans_are_refused_before_training(tmp_path, bad, says):
