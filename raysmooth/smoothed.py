@@ -144,6 +144,11 @@ def _not_a_model(what: Any) -> ConfigError:
     )
 
 
+def _names_a_builder(name: str) -> bool:
+    """A registered base classifier (``dds``) or an import path (``pkg.module:builder``), not a folder."""
+    return name in list_base_classifiers() or (":" in name and not Path(name).exists())
+
+
 def _check_references(model: Any, denoiser: Any) -> None:
     """What the model and denoiser name, checked at construction without building anything: the model is
     built lazily (on the first image, unless input_shape is given), so model=None or a mistyped folder
@@ -153,10 +158,8 @@ def _check_references(model: Any, denoiser: Any) -> None:
     if isinstance(model, (str, Path)):
         from .models.checkpoints import CONFIG_NAME
 
-        name = str(model)
-        registered = name in list_base_classifiers() or (":" in name and not Path(name).exists())
-        if not registered and not (Path(name) / CONFIG_NAME).is_file():
-            raise _not_a_model(name)
+        if not _names_a_builder(str(model)) and not (Path(model) / CONFIG_NAME).is_file():
+            raise _not_a_model(model)
     if denoiser is not None:
         from .models.adapter import check_denoiser
 
@@ -342,7 +345,7 @@ class Smoothed:
             return from_module(model, shape, denoiser=self._denoiser, num_classes=self._num_classes, **self._adapter)
         if isinstance(model, (str, Path)):
             name = str(model)
-            if name in list_base_classifiers() or (":" in name and not Path(name).exists()):
+            if _names_a_builder(name):
                 what = f"{name}, configured by model_kwargs (dds: model_kwargs={{'denoiser': {{'path': …}}}})"
                 self._refuse_unused(what, denoiser=True, adapter=True)
                 try:
