@@ -489,7 +489,10 @@ class Smoothed:
         for g in range(0, len(rows), per_group):
             row_of = {ids[r]: r for r in rows[g : g + per_group]}
             units = [WorkUnit(i, sigma_index, phase, c, size) for i in row_of for c, size in chunks]
-            counts = self._replica.run(units, {i: batch[r] for i, r in row_of.items()}, progress)
+            try:
+                counts = self._replica.run(units, {i: batch[r] for i, r in row_of.items()}, progress)
+            except InputError as exc:  # the engine's advice (engine.levels=255) as this API's arguments
+                raise type(exc)(_engine_words(str(exc))) from exc.__cause__
             self._shape_proven = True
             for u in units:
                 out[row_of[u.image_id]] += counts[u.key]

@@ -797,3 +797,12 @@ def test_counts_in_a_phase_that_does_not_exist_is_a_config_error_not_a_bare_valu
     smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
     with pytest.raises(ConfigError, match="phase must be one of selection, estimation, got 'bogus'"):
         smoothed.counts(np.zeros((1, 1, 8, 8), np.float32), phase="bogus", n=10, sigma_index=0, ids=[0])
+
+
+def test_lattice_noise_on_images_off_its_grid_says_so_in_the_api_words():
+    """The engine's advice named the job's keys (engine.levels=255), not the argument levels=."""
+    smoothed = Smoothed(_linear_module(), 0.25, num_classes=10, noise="lattice", progress=False)
+    with pytest.raises(InputError, match=r"^noise=lattice needs images on the grid k/255 \(levels=255\).*set levels"):
+        smoothed.certify(np.full((1, 8, 8), 0.5, np.float32), n0=5, n=50)
+    on_grid = np.full((1, 8, 8), 8 / 16, np.float32)
+    assert Smoothed(_linear_module(), 0.25, noise="lattice", levels=16, progress=False).certify(on_grid, 5, 50).n_used
