@@ -484,6 +484,7 @@ class Smoothed:
         """Add to ``out[r]``, for every row ``r``, the counts of the work units (chunk index, size) in
         ``chunks`` of image ``ids[r]``: the job's units, so the job's noise. Images go to the engine in
         groups of about ``group_samples`` samples, so memory stays bounded."""
+        group_samples = whole_number("group_samples", group_samples, error=ConfigError)
         per_group = max(1, group_samples // max(1, sum(size for _, size in chunks)))
         progress = bar.update if bar is not None else None
         for g in range(0, len(rows), per_group):
@@ -630,6 +631,11 @@ class Smoothed:
                 f"n_max={n_max:,} in units of unit={unit:,} is {n_max // unit:,} work units, more than the "
                 f"{MAX_CALL_UNITS:,} one call lists; raise unit or lower n_max"
             )
+        # Numbers, not text: look_ratio="2" and precision="0.1" were TypeErrors from inside the design.
+        look_ratio = finite_number("look_ratio", look_ratio, ConfigError)
+        futility_beta = finite_number("futility_beta", futility_beta, ConfigError)
+        precision = None if precision is None else finite_number("precision", precision, ConfigError)
+        r_cap = None if r_cap is None else finite_number("r_cap", r_cap, ConfigError)
         radii = _number_list("radii", radii)
         if not radii:  # the job refuses an empty grid too; [0] is the grid that asks only for a prediction
             raise ConfigError(

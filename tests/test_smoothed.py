@@ -600,6 +600,22 @@ def test_a_sequential_schedule_that_cannot_work_is_one_clear_error():
         smoothed.certify_sequential(x, n0=5, n_max=400, unit=100, alpha_spending="greedy")
 
 
+@pytest.mark.parametrize(
+    "kwargs,says",
+    [
+        ({"look_ratio": "2"}, "look_ratio must be a finite number, got '2'"),  # these four were TypeErrors
+        ({"futility_beta": "0.05"}, "futility_beta must be a finite number"),
+        ({"precision": "0.1"}, "precision must be a finite number"),
+        ({"r_cap": "2"}, "r_cap must be a finite number"),
+        ({"group_samples": 0.5}, "group_samples must be a whole number of at least 1"),
+    ],
+)
+def test_a_sequential_setting_given_as_text_is_one_config_error(kwargs, says):
+    smoothed = Smoothed(_linear_module(), 0.25, input_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match=says):
+        smoothed.certify_sequential(np.zeros((1, 1, 8, 8), np.float32), n0=5, n_max=400, unit=100, **kwargs)
+
+
 def test_certify_sequential_stops_early_where_the_answer_is_clear():
     digits = load_dataset("digits")
     smoothed = Smoothed(_linear_module(), 0.25)
