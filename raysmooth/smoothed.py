@@ -423,12 +423,13 @@ class Smoothed:
             if len(self.sigmas) != 1:
                 raise ConfigError(f"this smoothed classifier has σ = {self.sigmas}: say which (sigma=…)")
             return 0
+        sigma = finite_number("sigma", sigma, ConfigError)  # as at construction: text is no σ
         # Relative float32 precision: sigma=np.float32(0.1) names the level 0.1 (its noise is float32 anyway).
-        matches = [i for i, s in enumerate(self.sigmas) if np.isclose(s, float(sigma), rtol=1e-6, atol=0)]
+        matches = [i for i, s in enumerate(self.sigmas) if np.isclose(s, sigma, rtol=1e-6, atol=0)]
         if not matches:
             raise ConfigError(
                 f"sigma={sigma} is not one of this classifier's σ {self.sigmas}: build it with every σ it is to "
-                f"use, e.g. Smoothed(…, sigma={sorted({*self.sigmas, float(sigma)})})"
+                f"use, e.g. Smoothed(…, sigma={sorted({*self.sigmas, sigma})})"
             )
         return matches[0]
 

@@ -822,3 +822,10 @@ def test_lattice_noise_on_images_off_its_grid_says_so_in_the_api_words():
         smoothed.certify(np.full((1, 8, 8), 0.5, np.float32), n0=5, n=50)
     on_grid = np.full((1, 8, 8), 8 / 16, np.float32)
     assert Smoothed(_linear_module(), 0.25, noise="lattice", levels=16, progress=False).certify(on_grid, 5, 50).n_used
+
+
+def test_a_sigma_named_as_text_at_a_call_is_refused_as_at_construction():
+    smoothed = Smoothed(_linear_module(), [0.25, 0.5], input_shape=(1, 8, 8), progress=False)
+    with pytest.raises(ConfigError, match="sigma must be a finite number, got '0.25'"):
+        smoothed.predict(np.zeros((1, 8, 8), np.float32), n=50, sigma="0.25")
+    assert smoothed.predict(np.zeros((1, 8, 8), np.float32), n=50, sigma=np.float32(0.25)).n_used == 50
