@@ -7,6 +7,7 @@ Reads our run directories and sweep directories, and the TSV files of the refere
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import pyarrow.csv as pacsv
 from .config import DEFAULT_RADII
 from .errors import InputError, RaySmoothError
 from .store import CERTIFICATES_SCHEMA, RunStore, read_table
+
+log = logging.getLogger("raysmooth")
 
 __all__ = [
     "AnalysisError",
@@ -398,6 +401,9 @@ def check_plot_path(path: Path | str) -> Path:
     return path
 
 
+LEGEND_MAX = 20  # curves per panel that a legend can name legibly
+
+
 def plot_curves(curves: Sequence[Curve], path: Path | str, title: str = "") -> Path:
     """Certified accuracy against radius as PNG: one panel per model (the part of a source before
     ': '), single-σ curves solid, strict cascades dashed, reference cascades dotted."""
@@ -416,14 +422,23 @@ def plot_curves(curves: Sequence[Curve], path: Path | str, title: str = "") -> P
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), dpi=110, squeeze=False, sharey=True)
     for ax, (group, members) in zip(axes[0], panels.items()):
         colors = plt.get_cmap("tab10")
+        crowded = len(members) > LEGEND_MAX
         for i, c in enumerate(members):
             style = ":" if "reference" in c.source else "--" if c.source.startswith("cascade") else "-"
-            ax.plot(grid, c.certified_accuracy(grid), style, color=colors(i % 10), label=c.source, linewidth=1.6)
+            width, alpha = (0.6, 0.4) if crowded else (1.6, 1.0)
+            ax.plot(
+                grid, c.certified_accuracy(grid), style, color=colors(i % 10), label=c.source, lw=width, alpha=alpha
+            )
         ax.set_xlabel("L2 radius (pixels in [0, 1])")
         ax.set_title(group or title)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
+        if crowded:  # a legend of thousands of lines (a sweep's settings) overflowed the figure for minutes
+            note = f"{len(members):,} curves: no legend past {LEGEND_MAX} (--format csv has every one)"
+            ax.text(0.98, 0.98, note, transform=ax.transAxes, ha="right", va="top", fontsize=7)
+            log.warning("plot: %s%s", f"{group}: " if group else "", note)
+        else:
+            ax.legend(fontsize=7, loc="upper right")
     axes[0][0].set_ylabel("certified accuracy")
     if title and len(panels) > 1:
         fig.suptitle(title)

@@ -439,3 +439,28 @@ def test_certified_accuracy_at_one_radius_and_with_zero_one_correct():
 
     assert certified_accuracy([0.1, 0.3, 0.0], [1, 1, 0], 0.2).tolist() == [1 / 3]
     assert certified_accuracy([0.1, 0.3, 0.0], [True, True, False], [0, 0.2]).tolist() == [2 / 3, 1 / 3]
+
+
+@pytest.mark.parametrize("count", [3, 60])
+def test_a_plot_names_its_curves_in_a_legend_only_while_it_can_hold_them(tmp_path, caplog, monkeypatch, count):
+    """A sweep's thousands of settings made a legend taller than the figure: minutes of drawing, and
+    matplotlib's 'Tight layout not applied' warning printed with its source line."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from raysmooth.analysis import LEGEND_MAX, Curve, plot_curves
+
+    rng = np.random.default_rng(0)
+    curves = [
+        Curve(f"cascade strict p0={0.5 + i / 1000:g}", rng.random(8), rng.random(8) < 0.5, np.zeros(8, bool))
+        for i in range(count)
+    ]
+    legends, real_close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (legends.append(fig.axes[0].get_legend()), real_close(fig)))
+    with warnings.catch_warnings(record=True) as said, caplog.at_level("WARNING", logger="raysmooth"):
+        warnings.simplefilter("always")
+        plot_curves(curves, tmp_path / "p.png")
+    assert [str(w.message) for w in said] == []
+    assert (legends[0] is not None) is (count <= LEGEND_MAX)
+    assert ("60 curves: no legend past 20" in caplog.text) is (count > LEGEND_MAX)
