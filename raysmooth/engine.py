@@ -48,7 +48,9 @@ def _recompile_room() -> int:
 @dataclass
 class EngineConfig:
     """How a replica runs. ``noise_block``, ``noise`` and ``levels`` are part of the noise definition
-    (changing them changes the counts); everything else only changes speed."""
+    (changing them changes the counts); everything else leaves the noise as it is and changes the model's
+    arithmetic only (precision, layout, kernels), which can flip the label of a sample near a decision
+    boundary (bf16: at most 0.8% of the counts on the embedded models; a layout change, fewer)."""
 
     batch_size: int | str = DEFAULT_BATCH_SIZE  # an int, or "auto": probe the device once at start
     noise_block: int = EngineCfg.noise_block
