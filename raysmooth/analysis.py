@@ -314,6 +314,11 @@ def load_curves(path: Path | str, prefix: str = "") -> list[Curve]:
         # a run's sweeps/ folder: every sweep, prefixed by its folder's name
         sweeps = sorted(d for d in path.iterdir() if (d / "sweep.json").is_file())
         return [c for d in sweeps for c in load_curves(d, f"{prefix}{d.name}: ")]
+    elif (path.parent / RunStore.MANIFEST).is_file() and path.name == "sweeps":
+        raise AnalysisError(
+            f"{path} holds no finished sweep of the run {path.parent} yet; `raysmooth sweep {path.parent}` "
+            "writes one (its certificates are analysed here, the run's own with the run)"
+        )
     elif (path.parent / RunStore.MANIFEST).is_file() and path.name != "certificates":
         # the counts (or another table) inside a run: its parts are not certificates, and not damaged
         raise AnalysisError(f"{path} is the {path.name} table of the run {path.parent}; analyze the run itself")

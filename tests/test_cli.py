@@ -163,6 +163,15 @@ def test_analyze_of_a_table_inside_a_run_points_at_the_run_not_at_a_damaged_file
     assert f"is the manifest of the run {root}; analyze the run itself" in capsys.readouterr().err
 
 
+def test_analyze_of_a_runs_sweeps_folder_before_any_sweep_says_how_to_make_one(run_dir, tmp_path, capsys):
+    """It said the folder was 'the sweeps table of the run; analyze the run itself', which shows no sweep."""
+    root = tmp_path / "run"
+    _copies_of_the_run(run_dir, root)
+    (root / "sweeps" / "crashed-before-its-sweep-json").mkdir(parents=True)
+    assert main(["analyze", str(root / "sweeps")]) == 2
+    assert f"holds no finished sweep of the run {root} yet; `raysmooth sweep {root}`" in capsys.readouterr().err
+
+
 def test_analyze_of_one_parquet_part_names_the_run_it_belongs_to(run_dir, tmp_path, capsys):
     """A run's rows span many part files: one part alone is a fraction of its images, never analysed."""
     root, _, _ = run_dir
