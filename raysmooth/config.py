@@ -932,6 +932,8 @@ def resolve_model_paths(model: ModelCfg) -> ModelCfg:
         section = dict(section)
         for key in PATH_KEYS:
             value = section.get(key)
+            if value is not None and not str(value).strip():  # '' would be read as the working directory
+                raise ConfigError(f"model.{f.name}.{key} is empty: give a path, or null")
             if not value or str(value).startswith("hf://"):
                 continue
             section[key] = resolve_path(str(value))
@@ -963,6 +965,8 @@ def model_fingerprints(model: ModelCfg) -> dict[str, str]:
         files = []
         for key in PATH_KEYS:
             value = section.get(key)
+            if value is not None and not str(value).strip():  # '' would be read as the working directory
+                raise ConfigError(f"model.{f.name}.{key} is empty: give a path, or null")
             if not value or str(value).startswith("hf://"):
                 continue
             root = Path(str(value))

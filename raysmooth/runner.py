@@ -110,6 +110,10 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
             f"(C, H, W) = {shape}: set model.input_shape={list(shape)} if the model takes them, or choose its data"
         )
     model = resolve_model_paths(cfg.model)
+    from .models import check_base_config, model_sections
+
+    base, sections = model_sections(model)
+    check_base_config(base, **sections)  # on the driver, before any actor starts
     out = Path(cfg.out).expanduser().resolve() / cfg.model.name
     sigmas = sorted(float(s) for s in sm.sigmas)  # index order = ascending σ: the cascade walks it down
     noise = run_noise(cfg, sigmas)

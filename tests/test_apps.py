@@ -219,6 +219,32 @@ def test_images_of_another_shape_than_the_model_input_shape_are_refused_before_r
     assert "model.input_shape is [1, 16, 16] but data=digits gives images of (C, H, W) = (1, 8, 8)" in err
 
 
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("model.base=resnet", "model.base: unknown base classifier 'resnet'; choose one of dds, diffsmooth"),
+        ("model.denoiser.path=null", "model.denoiser needs either path .* or weights"),
+        ("model.denoiser.path=''", "model.denoiser.path is empty: give a path, or null"),  # was read as '.'
+        ("+model.options.width=3", r"model.base=dds takes no 'width'"),
+    ],
+)
+def test_a_model_config_that_cannot_build_is_refused_before_replicas_start(
+    tmp_path, monkeypatch, capsys, override, says
+):
+    """Found by hand: these were a worker's error once the actors had started (and left out/dds behind)."""
+    import raysmooth.distributed
+
+    def no_replicas(*args, **kwargs):
+        raise AssertionError("replicas started")
+
+    monkeypatch.setattr(raysmooth.distributed, "start_replicas", no_replicas)
+    monkeypatch.setattr(raysmooth.distributed, "connect", no_replicas)
+    assert certify_main(["compare=[]", override, f"out={tmp_path}", "plot=false"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"^raysmooth certify: error: {says}", err, flags=re.M) and "Traceback" not in err, err
+    assert not (tmp_path / "dds").exists()
+
+
 def test_statistics_commands_never_import_torch(tmp_path):
     levels, _ = random_levels(np.random.default_rng(0), 10, [0.25, 0.5], 10)
     write_run(tmp_path / "run", levels, np.zeros(10, int))

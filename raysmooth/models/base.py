@@ -33,6 +33,7 @@ __all__ = [
     "OneStepBase",
     "LinearBase",
     "register_base_classifier",
+    "check_base_config",
     "create_base_classifier",
     "list_base_classifiers",
     "model_sections",
@@ -89,20 +90,33 @@ def _bind(name: str, fn: Callable, kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"model.base={name}: {text}") from None
 
 
-def create_base_classifier(name: str, **kwargs: Any) -> BaseClassifier:
-    """Build the base classifier registered as ``name`` (or a user's ``pkg.module:builder``) from
-    config sections: each builder takes the sections its parameters name."""
+def check_base_config(name: str, **kwargs: Any) -> None:
+    """What ``create_base_classifier`` checks before it builds: a known base (or an importable builder)
+    and sections that fit its parameters. The job runs it on the driver, so a mistyped ``model.base`` is
+    one line before any Ray actor starts rather than a worker's error seconds later."""
     if ":" in name and name not in _REGISTRY:
-        from .adapter import user_base_classifier
-
-        builder = import_builder(name)
-        return user_base_classifier(name, builder, **kwargs)
+        import_builder(name)
+        return
     if name not in _REGISTRY:
         raise ConfigError(
             f"model.base: unknown base classifier {name!r}; choose one of {', '.join(list_base_classifiers())} "
             "or give an import path pkg.module:builder"
         )
     _bind(name, _REGISTRY[name], kwargs)
+    if isinstance(kwargs.get("denoiser"), dict):
+        from .denoiser import denoiser_config
+
+        denoiser_config(kwargs["denoiser"])
+
+
+def create_base_classifier(name: str, **kwargs: Any) -> BaseClassifier:
+    """Build the base classifier registered as ``name`` (or a user's ``pkg.module:builder``) from
+    config sections: each builder takes the sections its parameters name."""
+    check_base_config(name, **kwargs)
+    if ":" in name and name not in _REGISTRY:
+        from .adapter import user_base_classifier
+
+        return user_base_classifier(name, import_builder(name), **kwargs)
     return _REGISTRY[name](**kwargs)
 
 

@@ -168,11 +168,20 @@ def _check_unet_folder(folder: Path, subfolder: str | None) -> None:
         raise ModelLoadError(f"{where}: a UNet config without its weights (no diffusion_pytorch_model.safetensors)")
 
 
-def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
-    """Build a denoiser from a diffusers folder / hub id, or from our own safetensors + config."""
+def denoiser_config(cfg: DenoiserConfig | dict) -> DenoiserConfig:
+    """``cfg`` as a DenoiserConfig whose keys are known and which names its weights (a folder or a
+    file): checked without loading, so the job can say so before any actor starts."""
     if isinstance(cfg, dict):
         check_keys("model.denoiser", cfg, DenoiserConfig)
         cfg = DenoiserConfig(**cfg)
+    if cfg.path is None and cfg.weights is None:
+        raise ConfigError("model.denoiser needs either path (a diffusers folder, or hf://owner/name) or weights")
+    return cfg
+
+
+def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
+    """Build a denoiser from a diffusers folder / hub id, or from our own safetensors + config."""
+    cfg = denoiser_config(cfg)
     from diffusers import UNet2DModel
 
     if cfg.path is not None and cfg.weights is None:
@@ -190,7 +199,7 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
                 f"{cfg.path}: cannot load a UNet2DModel from {cfg.subfolder or '.'} ({_first_line(exc)})"
             ) from None
         model_id = str(cfg.path)
-    elif cfg.weights is not None:
+    else:  # weights: denoiser_config made sure that one of the two is given
         if cfg.unet is None:
             config_file = Path(cfg.weights).with_name("config.json")
             if not config_file.is_file():
@@ -205,8 +214,6 @@ def load_denoiser(cfg: DenoiserConfig | dict) -> DiffusionDenoiser:
         state = load_state_dict_file(cfg.weights)
         load_strict(unet, state, cfg.weights)
         model_id = str(cfg.weights)
-    else:
-        raise ModelLoadError("a denoiser needs either denoiser.path (diffusers folder or hub id) or denoiser.weights")
     acp = schedule_from_config(_scheduler_config(cfg))
     scale = cfg.timestep_scale
     if scale is None:  # a converted ADM folder says how its model was told the timestep
