@@ -829,3 +829,16 @@ def test_a_sigma_named_as_text_at_a_call_is_refused_as_at_construction():
     with pytest.raises(ConfigError, match="sigma must be a finite number, got '0.25'"):
         smoothed.predict(np.zeros((1, 8, 8), np.float32), n=50, sigma="0.25")
     assert smoothed.predict(np.zeros((1, 8, 8), np.float32), n=50, sigma=np.float32(0.25)).n_used == 50
+
+
+@pytest.mark.parametrize(
+    "denoiser,says",
+    [
+        ({"path": ""}, r"model_kwargs\['denoiser'\].path is empty"),  # was read as the working directory
+        ({"subfolder": "unet"}, r"model_kwargs\['denoiser'\] needs either path .* or weights"),
+    ],
+)
+def test_a_registered_dds_given_a_denoiser_section_naming_no_weights_says_so(denoiser, says):
+    kwargs = {"denoiser": denoiser, "classifier": {"path": str(EMBEDDED / "classifier")}}
+    with pytest.raises(ConfigError, match=says):
+        Smoothed("dds", 0.25, model_kwargs=kwargs, input_shape=(1, 8, 8))

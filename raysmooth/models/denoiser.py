@@ -174,6 +174,9 @@ def denoiser_config(cfg: DenoiserConfig | dict) -> DenoiserConfig:
     if isinstance(cfg, dict):
         check_keys("model.denoiser", cfg, DenoiserConfig)
         cfg = DenoiserConfig(**cfg)
+    for key in ("path", "weights"):  # '' would be read as the working directory
+        if getattr(cfg, key) is not None and not str(getattr(cfg, key)).strip():
+            raise ConfigError(f"model.denoiser.{key} is empty: give a path, or null")
     if cfg.path is None and cfg.weights is None:
         raise ConfigError("model.denoiser needs either path (a diffusers folder, or hf://owner/name) or weights")
     return cfg
