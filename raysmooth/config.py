@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, UserError, one_line
+from .errors import ConfigError, UserError, check_paths_given, one_line
 
 __all__ = [
     "CONFIG_DIR",
@@ -932,8 +932,7 @@ def resolve_model_paths(model: ModelCfg) -> ModelCfg:
         section = dict(section)
         for key in PATH_KEYS:
             value = section.get(key)
-            if value is not None and not str(value).strip():  # '' would be read as the working directory
-                raise ConfigError(f"model.{f.name}.{key} is empty: give a path, or null")
+            check_paths_given(f"model.{f.name}", section, [key])
             if not value or str(value).startswith("hf://"):
                 continue
             section[key] = resolve_path(str(value))

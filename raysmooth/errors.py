@@ -11,7 +11,7 @@ import numbers
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 __all__ = [
     "RaySmoothError",
@@ -161,6 +161,17 @@ def pixel_size(value: object) -> tuple[int, int] | None:
     except RaySmoothError:
         return None
     return (values[0], values[-1]) if len(values) in (1, 2) else None
+
+
+def check_paths_given(
+    section: str, given: Mapping[str, object], keys: Iterable[str] = ("path", "weights", "checkpoint")
+) -> None:
+    """An empty path is refused: ``''`` reads as the working directory, or as no path at all (a
+    classifier then built from timm with random weights), never as what the user meant."""
+    for key in keys:
+        value = given.get(key)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"{section}.{key} is empty: give a path, or null")
 
 
 def check_keys(section: str, given: Iterable[str], schema: type) -> None:

@@ -842,3 +842,19 @@ def test_a_registered_dds_given_a_denoiser_section_naming_no_weights_says_so(den
     kwargs = {"denoiser": denoiser, "classifier": {"path": str(EMBEDDED / "classifier")}}
     with pytest.raises(ConfigError, match=says):
         Smoothed("dds", 0.25, model_kwargs=kwargs, input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,says",
+    [
+        ("dds", {"classifier": {"path": ""}}, r"model_kwargs\['classifier'\].path is empty"),
+        ("dds", {"classifier": {"checkpoint": " "}}, r"model_kwargs\['classifier'\].checkpoint is empty"),
+        ("onestep", {"onestep": {"path": ""}}, r"model_kwargs\['onestep'\].path is empty"),
+    ],
+)
+def test_an_empty_model_path_never_builds_a_random_timm_model(name, kwargs, says):
+    """Found by hand: classifier.path='' read as no path, so timm built resnet18 with random weights."""
+    if name == "dds":
+        kwargs = {"denoiser": {"path": str(EMBEDDED / "denoiser")}, **kwargs}
+    with pytest.raises(ConfigError, match=says):
+        Smoothed(name, 0.25, model_kwargs=kwargs, input_shape=(1, 8, 8))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError, check_keys, whole_number
+from ..errors import ConfigError, ModelLoadError, check_keys, check_paths_given, whole_number
 from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 
 __all__ = [
@@ -137,6 +137,7 @@ def _folder_config(cfg: ClassifierConfig | dict) -> ClassifierConfig:
     section's own fields on top, and the folder's weights as the checkpoint."""
     given = dict(cfg) if isinstance(cfg, dict) else {k: v for k, v in cfg.__dict__.items()}
     check_keys("model.classifier", given, ClassifierConfig)
+    check_paths_given("model.classifier", given)
     path = given.get("path")
     if not path:
         return cfg if isinstance(cfg, ClassifierConfig) else ClassifierConfig(**given)

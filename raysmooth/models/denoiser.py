@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError, check_keys, finite_number, whole_number
+from ..errors import ConfigError, ModelLoadError, check_keys, check_paths_given, finite_number, whole_number
 from .checkpoints import folder_kind, load_state_dict_file, load_strict
 from .schedule import noise_ratio, schedule_from_config
 
@@ -174,9 +174,7 @@ def denoiser_config(cfg: DenoiserConfig | dict) -> DenoiserConfig:
     if isinstance(cfg, dict):
         check_keys("model.denoiser", cfg, DenoiserConfig)
         cfg = DenoiserConfig(**cfg)
-    for key in ("path", "weights"):  # '' would be read as the working directory
-        if getattr(cfg, key) is not None and not str(getattr(cfg, key)).strip():
-            raise ConfigError(f"model.denoiser.{key} is empty: give a path, or null")
+    check_paths_given("model.denoiser", vars(cfg))
     if cfg.path is None and cfg.weights is None:
         raise ConfigError("model.denoiser needs either path (a diffusers folder, or hf://owner/name) or weights")
     return cfg

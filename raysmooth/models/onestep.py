@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelLoadError, check_keys, whole_number
+from ..errors import ConfigError, ModelLoadError, check_keys, check_paths_given, whole_number
 from .checkpoints import load_state_dict_file, load_strict, read_folder_config, save_folder, unwrap_state_dict
 from .classifier import ClassifierConfig, create_timm_model
 
@@ -73,6 +73,7 @@ def save_onestep(net: NoiseConditionedClassifier, cfg: OneStepConfig, folder, ca
 def load_onestep(cfg: OneStepConfig | dict) -> NoiseConditionedClassifier:
     given = dict(cfg) if isinstance(cfg, dict) else dict(cfg.__dict__)
     check_keys("model.onestep", given, OneStepConfig)
+    check_paths_given("model.onestep", given)
     if given.get("path"):
         saved, weights = read_folder_config(given["path"], "onestep")
         overrides = {
