@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, UserError, check_paths_given, one_line
+from .errors import PATH_KEYS, ConfigError, UserError, check_paths_given, one_line
 
 __all__ = [
     "CONFIG_DIR",
@@ -73,7 +73,6 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduc
 DEFAULT_BATCH_SIZE = 1000  # samples per forward pass when neither the engine nor the model config says
 GIVE_UP_AFTER_S = 600.0  # a run stops (resumably) when no actor has finished a task for this long
 REPORT_METHODS = ("certify", "cascade", "predict", "sequential")  # the methods of the job's certificate rows
-PATH_KEYS = ("path", "weights", "checkpoint")  # keys of a model section that name files or folders
 
 
 # ---- schemas --------------------------------------------------------------------------------------
@@ -930,9 +929,9 @@ def resolve_model_paths(model: ModelCfg) -> ModelCfg:
         if f.name in ("options",) or not isinstance(section, dict):
             continue
         section = dict(section)
+        check_paths_given(f"model.{f.name}", section)
         for key in PATH_KEYS:
             value = section.get(key)
-            check_paths_given(f"model.{f.name}", section, [key])
             if not value or str(value).startswith("hf://"):
                 continue
             section[key] = resolve_path(str(value))
@@ -964,8 +963,6 @@ def model_fingerprints(model: ModelCfg) -> dict[str, str]:
         files = []
         for key in PATH_KEYS:
             value = section.get(key)
-            if value is not None and not str(value).strip():  # '' would be read as the working directory
-                raise ConfigError(f"model.{f.name}.{key} is empty: give a path, or null")
             if not value or str(value).startswith("hf://"):
                 continue
             root = Path(str(value))

@@ -163,9 +163,10 @@ def pixel_size(value: object) -> tuple[int, int] | None:
     return (values[0], values[-1]) if len(values) in (1, 2) else None
 
 
-def check_paths_given(
-    section: str, given: Mapping[str, object], keys: Iterable[str] = ("path", "weights", "checkpoint")
-) -> None:
+PATH_KEYS = ("path", "weights", "checkpoint")  # keys of a model section that name files or folders
+
+
+def check_paths_given(section: str, given: Mapping[str, object], keys: Iterable[str] = PATH_KEYS) -> None:
     """An empty path is refused: ``''`` reads as the working directory, or as no path at all (a
     classifier then built from timm with random weights), never as what the user meant."""
     for key in keys:

@@ -113,8 +113,7 @@ def certify(cfg: CertifyCfg) -> CertifyResult:
     from .models import check_base_config, model_sections
 
     base, sections = model_sections(model)
-    if ":" not in base:  # a user's builder is imported where it runs (the workers), not on the driver
-        check_base_config(base, **sections)  # on the driver, before any actor starts
+    check_base_config(base, **sections)  # on the driver, before any actor starts
     out = Path(cfg.out).expanduser().resolve() / cfg.model.name
     sigmas = sorted(float(s) for s in sm.sigmas)  # index order = ascending σ: the cascade walks it down
     noise = run_noise(cfg, sigmas)

@@ -90,12 +90,17 @@ def _bind(name: str, fn: Callable, kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"model.base={name}: {text}") from None
 
 
+def _user_builder(name: str) -> bool:
+    return ":" in name and name not in _REGISTRY
+
+
 def check_base_config(name: str, **kwargs: Any) -> None:
-    """What ``create_base_classifier`` checks before it builds: a known base (or an importable builder)
-    and sections that fit its parameters. The job runs it on the driver, so a mistyped ``model.base`` is
-    one line before any Ray actor starts rather than a worker's error seconds later."""
-    if ":" in name and name not in _REGISTRY:
-        import_builder(name)
+    """What ``create_base_classifier`` checks before it builds a registered base: a known name and
+    sections that fit its parameters. The job runs it on the driver, so a mistyped ``model.base`` is one
+    line before any Ray actor starts rather than a worker's error seconds later. A user's
+    ``pkg.module:builder`` is left to where it is imported and built (the workers: a module that needs
+    their packages or GPUs must not be imported on a CPU head node just to be checked)."""
+    if _user_builder(name):
         return
     if name not in _REGISTRY:
         raise ConfigError(
@@ -112,11 +117,11 @@ def check_base_config(name: str, **kwargs: Any) -> None:
 def create_base_classifier(name: str, **kwargs: Any) -> BaseClassifier:
     """Build the base classifier registered as ``name`` (or a user's ``pkg.module:builder``) from
     config sections: each builder takes the sections its parameters name."""
-    check_base_config(name, **kwargs)
-    if ":" in name and name not in _REGISTRY:
+    if _user_builder(name):
         from .adapter import user_base_classifier
 
         return user_base_classifier(name, import_builder(name), **kwargs)
+    check_base_config(name, **kwargs)
     return _REGISTRY[name](**kwargs)
 
 
